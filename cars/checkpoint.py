@@ -1,0 +1,89 @@
+"""Checkpoints: written atomically with clean keys, read safely whatever wrote them."""
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from cars.errors import UserError
+
+PREFIXES = ("_orig_mod.", "module.")  # torch.compile, DistributedDataParallel
+
+
+def clean_state_dict(state: dict) -> dict:
+    """Strip compile and DDP prefixes, in either order or both."""
+    cleaned = {}
+    for key, value in state.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix) :], True
+        cleaned[key] = value
+    return cleaned
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model under torch.compile and DDP wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(file) into a temporary file beside `path`, fsync, then rename over `path`:
+    a crash at any instant leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: Path, checkpoint: dict) -> None:
+    atomic_write(path, lambda file: torch.save(checkpoint, file))
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint is untrusted input: weights_only=True never runs code from the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0]
+        raise UserError(f"refusing to load {path}: it holds more than tensors and plain data ({first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+        raise UserError(f"cannot read checkpoint {path}: {error}; the file is damaged or not a PyTorch checkpoint") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path} holds a {type(loaded).__name__}, not a state dict or checkpoint dict")
+    return loaded
+
+
+def read_state_dict(path: Path) -> dict:
+    """The model weights of any common checkpoint form, with clean keys: a bare state dict,
+    ours ('model'), the PyTorch ImageNet example's or timm's ('state_dict'), torchvision references' ('model')."""
+    loaded = load_checkpoint(path)
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+            break
+    state = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise UserError(f"{path} holds no tensors; it is not a model checkpoint")
+    return clean_state_dict(state)

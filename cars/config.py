@@ -1,0 +1,146 @@
+"""Every knob of a run in one dataclass.
+
+Precedence: the defaults below (= the seed's run 7), then a TOML preset (`--config`),
+then command-line flags. The resolved config is saved in the run folder as config.toml.
+"""
+
+import argparse
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from cars.errors import UserError
+
+
+def knob(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Config:
+    # data
+    data: str = knob("tanganke/stanford_cars", "hub id, local folder (save_to_disk, parquet, ImageFolder, devkit) or 'demo'")
+    val_split: float = knob(0.0, "hold out this stratified fraction of train to choose the best epoch (0: use the test split, as the seed did)")
+    skip_bad_images: bool = knob(False, "skip unreadable images (and count them) instead of stopping at the first one")
+    # model
+    arch: str = knob("resnet50", "any torchvision classification model, e.g. resnet18/34/50/101, efficientnet_b0..b4")
+    weights: str = knob("DEFAULT", "torchvision weights name (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT), 'none', or a state-dict file")
+    dropout: float = knob(0.0, "dropout probability before the new classification head")
+    # input
+    resolution: int = knob(224, "training crop size; eval resizes to resolution*256/224 and centre-crops")
+    crop_scale: float = knob(0.08, "smallest RandomResizedCrop area, as a fraction of the image")
+    augment: str = knob("basic", "basic: RandomResizedCrop + flip; heavy: adds rotation, colour jitter, random erasing", ["basic", "heavy"])
+    color_jitter: float = knob(0.0, "extra colour jitter strength (brightness, contrast, saturation), 0 = off")
+    # optimisation
+    epochs: int = knob(90, "number of epochs")
+    batch_size: int = knob(128, "images per optimisation step")
+    optimizer: str = knob("sgd", "optimizer", ["sgd", "adamw"])
+    lr: float = knob(0.1, "learning rate (of the head when --backbone-lr-mult is not 1)")
+    momentum: float = knob(0.9, "SGD momentum")
+    weight_decay: float = knob(1e-4, "weight decay")
+    scheduler: str = knob("step", "lr schedule, stepped once per epoch", ["step", "cosine"])
+    step_size: int = knob(30, "step schedule: epochs between lr drops")
+    gamma: float = knob(0.1, "step schedule: factor of each lr drop")
+    freeze_epochs: int = knob(0, "two-stage training: only the new head trains for the first N epochs")
+    backbone_lr_mult: float = knob(1.0, "differential lr: backbone lr = lr x this")
+    # speed and hardware
+    amp: bool = knob(True, "mixed precision (CUDA only)")
+    compile: bool = knob(True, "torch.compile the model (CUDA only)")
+    channels_last: bool = knob(True, "channels-last memory format (CUDA only)")
+    workers: int = knob(-1, "DataLoader worker processes (-1: one per CPU core, at most 8)")
+    seed: int = knob(0, "random seed")
+    device: str = knob("auto", "where to train (auto: CUDA, then MPS, then CPU)", ["auto", "cuda", "mps", "cpu"])
+    run_dir: str = knob("", "run folder (default runs/<preset name>)")
+
+    def validate(self) -> "Config":
+        positive = ["epochs", "batch_size", "resolution", "lr", "step_size"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
+        non_negative = ["momentum", "weight_decay", "gamma", "freeze_epochs", "backbone_lr_mult", "color_jitter", "dropout"]
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise UserError(f"--{flag(name)} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.val_split < 1:
+            raise UserError(f"--val-split must be in [0, 1), got {self.val_split}")
+        if self.dropout >= 1:
+            raise UserError(f"--dropout must be below 1, got {self.dropout}")
+        if self.freeze_epochs >= self.epochs:
+            raise UserError(f"--freeze-epochs ({self.freeze_epochs}) must be smaller than --epochs ({self.epochs}), or nothing but the head is ever trained")
+        if not 0 < self.crop_scale <= 1:
+            raise UserError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
+        if self.resolution < 32:
+            raise UserError(f"--resolution must be at least 32, got {self.resolution}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata["choices"]
+            if choices and getattr(self, f.name) not in choices:
+                raise UserError(f"--{flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+        return self
+
+    def save(self, path: Path) -> None:
+        path.write_text(tomli_w.dumps(dataclasses.asdict(self)))
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def from_dict(values: dict, source: str) -> dict:
+    """Check keys and types of a preset against Config; return the checked values."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    checked = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise UserError(f"{source}: unknown key {key!r}; known keys are the flags of train.py --help with '_' for '-'")
+        expected = fields[key].type
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not expected:
+            raise UserError(f"{source}: {key} must be {expected.__name__}, got {value!r}")
+        checked[key] = value
+    return checked
+
+
+def load_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"config file {path} is not valid TOML: {error}") from None
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Config field; unset flags stay out of the namespace so presets show through."""
+    defaults = Config()
+    for f in dataclasses.fields(Config):
+        default = getattr(defaults, f.name)
+        help = f"{f.metadata['help']} (default: {default if default != '' else 'see above'})"
+        options = dict(default=argparse.SUPPRESS, help=help)
+        if f.type is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = f.type
+            options["choices"] = f.metadata["choices"]
+            options["metavar"] = f.name.split("_")[-1].upper() if not f.metadata["choices"] else None
+        parser.add_argument(f"--{flag(f.name)}", **options)
+
+
+def resolve(args: argparse.Namespace) -> tuple[Config, str]:
+    """Defaults, then the preset, then flags. Returns the config and the preset's name."""
+    values, name = {}, "default"
+    if getattr(args, "config", None):
+        values = from_dict(load_toml(args.config), args.config)
+        name = Path(args.config).stem
+    names = {f.name for f in dataclasses.fields(Config)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return Config(**values).validate(), name
+
+
+def load_saved(path: Path) -> Config:
+    """The config a run folder was trained with."""
+    return Config(**from_dict(load_toml(str(path)), str(path)))

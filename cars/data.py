@@ -1,0 +1,288 @@
+"""Where images come from: every source becomes (train, eval[, test]) splits plus class names.
+
+Sources (`--data`): a hub id, a `save_to_disk` folder, a folder of parquet files laid out like
+the hub repo, an ImageFolder tree, the Stanford Cars devkit layout, or `demo`. Images stay
+encoded until a DataLoader worker needs them, and every one becomes RGB there.
+"""
+
+import io
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from cars.errors import UserError
+
+HUB_SPLIT_FILES = "data/{split}-*.parquet"  # the hub's layout; loading by pattern fetches only these splits
+
+
+class HubSplit:
+    """A split of a Hugging Face dataset, images kept as undecoded bytes."""
+
+    def __init__(self, dataset, name: str):
+        from datasets import Image as ImageFeature
+
+        self.dataset = dataset.cast_column("image", ImageFeature(decode=False))
+        self.name = name
+        self.labels = list(dataset["label"])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def open(self, i: int) -> Image.Image:
+        image = self.dataset[i]["image"]
+        return Image.open(io.BytesIO(image["bytes"])) if image["bytes"] else Image.open(image["path"])
+
+    def where(self, i: int) -> str:
+        return f"row {i} of the {self.name} split"
+
+
+class FileSplit:
+    """A split of image files on disk: (path, label) pairs."""
+
+    def __init__(self, samples: list[tuple[str, int]], name: str):
+        self.paths = [path for path, _ in samples]
+        self.labels = [label for _, label in samples]
+        self.name = name
+
+    def __len__(self):
+        return len(self.labels)
+
+    def open(self, i: int) -> Image.Image:
+        return Image.open(self.paths[i])
+
+    def where(self, i: int) -> str:
+        return self.paths[i]
+
+
+class SubsetSplit:
+    """Some rows of another split (the held-out validation fraction, or what is left of train)."""
+
+    def __init__(self, parent, indices: list[int], name: str):
+        self.parent, self.indices, self.name = parent, indices, name
+        self.labels = [parent.labels[i] for i in indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def open(self, i: int) -> Image.Image:
+        return self.parent.open(self.indices[i])
+
+    def where(self, i: int) -> str:
+        return self.parent.where(self.indices[i])
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB: transparency onto white, 16/32-bit grayscale rescaled to 8 bits."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        span = max(pixels.max() - pixels.min(), 1e-12)
+        image = Image.fromarray(((pixels - pixels.min()) / span * 255).round().astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def read_rgb(split, i: int) -> Image.Image:
+    try:
+        with split.open(i) as image:
+            image.load()
+            return to_rgb(image)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+        raise UserError(
+            f"cannot read image {split.where(i)}: {error}. Replace or remove it, or pass --skip-bad-images to skip unreadable images"
+        ) from None
+
+
+class TransformedSplit(torch.utils.data.Dataset):
+    """(tensor, label) pairs for a DataLoader; None for an unreadable image when skipping."""
+
+    def __init__(self, split, transform, skip_bad_images: bool = False):
+        self.split, self.transform, self.skip_bad_images = split, transform, skip_bad_images
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        try:
+            image = read_rgb(self.split, i)
+        except UserError:
+            if self.skip_bad_images:
+                return None
+            raise
+        return self.transform(image), self.split.labels[i]
+
+
+def collate_readable(batch):
+    """default_collate without the samples that could not be read (None); None if none is left."""
+    batch = [sample for sample in batch if sample is not None]
+    return torch.utils.data.default_collate(batch) if batch else None
+
+
+@dataclass
+class Splits:
+    train: object
+    eval: object  # chooses the best epoch: the test split, or the held-out validation split
+    test: object | None  # the test split when it is not the eval split (with --val-split)
+    class_names: list[str]
+
+    @property
+    def eval_name(self) -> str:
+        return self.eval.name
+
+
+def load_splits(data: str, val_split: float = 0.0, seed: int = 0) -> Splits:
+    train, test, class_names = open_source(data)
+    for split in (train, test):
+        check_labels(split, len(class_names))
+    if val_split == 0:
+        return Splits(train, test, None, class_names)
+    keep, held_out = stratified_split(train.labels, val_split, seed)
+    return Splits(SubsetSplit(train, keep, "train"), SubsetSplit(train, held_out, "val"), test, class_names)
+
+
+def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Hold out `fraction` of each class (at least one image where a class has two or more)."""
+    by_class = defaultdict(list)
+    for i, label in enumerate(labels):
+        by_class[label].append(i)
+    rng = random.Random(seed)
+    keep, held_out = [], []
+    for label in sorted(by_class):
+        indices = by_class[label]
+        rng.shuffle(indices)
+        n = min(max(1, round(len(indices) * fraction)), len(indices) - 1)
+        held_out += indices[:n]
+        keep += indices[n:]
+    return sorted(keep), sorted(held_out)
+
+
+def check_labels(split, num_classes: int) -> None:
+    if len(split) == 0:
+        raise UserError(f"the {split.name} split is empty: the dataset needs images in both train and test")
+    for i, label in enumerate(split.labels):
+        if not 0 <= label < num_classes:
+            raise UserError(f"label {label} of {split.where(i)} is outside the {num_classes} classes (0..{num_classes - 1}); fix the dataset's labels")
+
+
+def open_source(data: str):
+    """Recognise what `data` names and open its train and test splits."""
+    if data == "demo":
+        from cars.demo import ensure_demo
+
+        return open_hub_dataset(str(ensure_demo()), "the demo dataset")
+    path = Path(data).expanduser()
+    if path.is_dir():
+        if (path / "dataset_dict.json").exists():
+            return open_saved_dataset(path)
+        if any(path.glob("data/train-*.parquet")):
+            return open_hub_dataset(str(path), str(path))
+        if (path / "train").is_dir():
+            return open_image_folder(path)
+        if (path / "stanford_cars" / "devkit").is_dir() or (path / "devkit").is_dir():
+            return open_devkit(path)
+        raise UserError(
+            f"{path} is not a dataset folder I know: expected dataset_dict.json (save_to_disk), data/train-*.parquet (hub layout), "
+            "train/<class>/*.jpg and test/<class>/*.jpg (ImageFolder), or stanford_cars/devkit (the original devkit)"
+        )
+    if path.exists():
+        raise UserError(f"--data {data} is a file; give the folder that holds the dataset")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", data) and not data.startswith("."):
+        return open_hub_dataset(data, f"the Hugging Face hub dataset {data}")
+    raise UserError(f"dataset folder {data} does not exist; give a local folder, a hub id such as tanganke/stanford_cars, or 'demo'")
+
+
+def open_hub_dataset(location: str, description: str, splits=("train", "test")):
+    """A hub id or a local folder in the hub's layout: only the named splits' files are read."""
+    import datasets
+
+    data_files = {split: HUB_SPLIT_FILES.format(split=split) for split in splits}
+    try:
+        loaded = datasets.load_dataset(location, data_files=data_files)
+    except Exception as error:  # the hub raises many kinds (offline, not found, gated): all mean the same to the user
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"could not load {description}: {first_line}. Check the name and your network, or pass a local folder with --data") from None
+    return from_hf(loaded, description, splits)
+
+
+def open_saved_dataset(path: Path):
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as error:
+        raise UserError(f"could not read the saved dataset {path}: {error}") from None
+    missing = [s for s in ("train", "test") if s not in loaded]
+    if missing:
+        raise UserError(f"{path} has splits {list(loaded)}; it needs train and test (missing: {', '.join(missing)})")
+    return from_hf(loaded, str(path), ("train", "test"))
+
+
+def from_hf(loaded, description: str, splits):
+    first = loaded[splits[0]]
+    missing = {"image", "label"} - set(first.column_names)
+    if missing:
+        raise UserError(f"{description} has columns {first.column_names}; it needs 'image' and 'label' (missing: {', '.join(sorted(missing))})")
+    label_feature = first.features["label"]
+    if hasattr(label_feature, "names"):
+        class_names = list(label_feature.names)
+    else:
+        top = max(max(loaded[s]["label"]) for s in splits)
+        class_names = [f"class {i}" for i in range(top + 1)]
+        print(f"note: {description} has no class names (its label column is not a ClassLabel); using 'class 0'..'class {top}'")
+    return *(HubSplit(loaded[s], s) for s in splits), class_names
+
+
+def open_image_folder(path: Path):
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    eval_dir = next((path / name for name in ("test", "val", "validation") if (path / name).is_dir()), None)
+    if eval_dir is None:
+        raise UserError(f"{path} has train/ but no test/ (or val/) folder next to it")
+    try:
+        class_names, class_to_idx = find_classes(str(path / "train"))
+    except FileNotFoundError as error:
+        raise UserError(f"{path / 'train'}: {error}") from None
+    unknown = sorted({d.name for d in eval_dir.iterdir() if d.is_dir()} - set(class_names))
+    if unknown:
+        raise UserError(f"{eval_dir} has classes that train/ lacks: {', '.join(unknown[:5])}")
+    splits = []
+    for name, folder in (("train", path / "train"), ("test", eval_dir)):
+        samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+        splits.append(FileSplit(samples, name))
+    return *splits, class_names
+
+
+def open_devkit(path: Path):
+    from torchvision.datasets import StanfordCars
+
+    root = path if (path / "stanford_cars").is_dir() else path.parent
+    splits = []
+    for name in ("train", "test"):
+        try:
+            dataset = StanfordCars(str(root), split=name)
+        except (RuntimeError, OSError, ValueError, KeyError) as error:
+            raise UserError(f"{path} does not hold a complete Stanford Cars devkit ({name} split: {error})") from None
+        splits.append(FileSplit(dataset._samples, name))
+    return *splits, [str(name) for name in dataset.classes]
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int, pin_memory: bool = False):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        generator=generator,
+        collate_fn=collate_readable,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+    )

@@ -1,0 +1,87 @@
+"""train_one_epoch and evaluate: the only places that run batches."""
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from cars.checkpoint import unwrap
+from cars.models import set_backbone_frozen
+
+
+@dataclass
+class Device:
+    """Where batches run, and how: memory format and mixed precision."""
+
+    type: str  # cuda, mps or cpu
+    channels_last: bool = False
+    amp: bool = False
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
+
+    def put(self, images, labels):
+        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
+        images = images.to(self.type, non_blocking=True, memory_format=memory_format)
+        return images, labels.to(self.type, non_blocking=True)
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    accuracy: float  # percent
+    images: int  # how many were seen (fewer than the split when unreadable ones were skipped)
+
+
+def train_one_epoch(model, loader, optimizer, scaler, device: Device, frozen_backbone: bool = False,
+                    description: str = "train") -> EpochResult:
+    model.train()
+    set_backbone_frozen(unwrap(model), frozen_backbone)  # after train(): a frozen backbone keeps its BatchNorm statistics
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = tqdm(loader, desc=description, leave=False, dynamic_ncols=True)
+    for batch in bar:
+        if batch is None:  # every image of the batch was unreadable and skipped
+            continue
+        images, labels = device.put(*batch)
+        with device.autocast():
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+        total_loss += loss.item() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100 * correct / seen:.1f}%")
+    return EpochResult(total_loss / max(seen, 1), 100 * correct / max(seen, 1), seen)
+
+
+@torch.no_grad()
+def predict(model, loader, device: Device, description: str = "eval"):
+    """Logits and labels for every readable image of the loader, in order, on the CPU."""
+    model.eval()
+    all_logits, all_labels = [], []
+    for batch in tqdm(loader, desc=description, leave=False, dynamic_ncols=True):
+        if batch is None:
+            continue
+        images, labels = device.put(*batch)
+        with device.autocast():
+            logits = model(images)
+        all_logits.append(logits.float().cpu())
+        all_labels.append(labels.cpu())
+    if not all_logits:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def evaluate(model, loader, device: Device, description: str = "eval") -> EpochResult:
+    logits, labels = predict(model, loader, device, description)
+    if len(labels) == 0:
+        return EpochResult(float("nan"), 0.0, 0)
+    loss = F.cross_entropy(logits, labels).item()
+    accuracy = 100 * (logits.argmax(1) == labels).float().mean().item()
+    return EpochResult(loss, accuracy, len(labels))

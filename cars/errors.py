@@ -1,0 +1,31 @@
+"""One exception for every mistake a user can fix, and one way to report it."""
+
+import sys
+
+
+class UserError(Exception):
+    """Bad input: the message says what is wrong and what to do. Printed as one line."""
+
+
+def message_of(error: BaseException) -> str:
+    """The user-facing line of an error, also when it crossed a DataLoader worker.
+
+    DataLoader re-raises a worker's exception with the worker's traceback as its
+    message; the line the user needs is the last one, after "UserError: ".
+    """
+    text = str(error).strip()
+    if "Traceback (most recent call last)" in text:
+        text = text.splitlines()[-1].split("UserError: ", 1)[-1]
+    return text
+
+
+def run_cli(main, argv=None) -> None:
+    """Run an entry point; a UserError becomes one line on stderr and exit status 2."""
+    try:
+        main(argv)
+    except UserError as error:
+        print(f"error: {message_of(error)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,147 @@
+"""Build a torchvision classifier with a fresh head, split its parameters, clean state dicts."""
+
+import difflib
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from cars.errors import UserError
+
+
+class DropoutLinear(nn.Linear):
+    """nn.Linear with dropout on its input. Keeps the plain Linear's keys (`fc.weight`), so a
+    checkpoint loads whatever dropout it was trained with."""
+
+    def __init__(self, in_features: int, out_features: int, dropout: float = 0.0):
+        super().__init__(in_features, out_features)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return super().forward(self.dropout(x))
+
+
+def classification_archs() -> list[str]:
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def head_name(model: nn.Module) -> str:
+    """The dotted name of the final classification layer: `fc` for ResNets, `classifier.1` for EfficientNets."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not names:
+        raise UserError(f"{type(model).__name__} has no linear classification layer to replace")
+    return names[-1]
+
+
+def replace_head(model: nn.Module, num_classes: int, dropout: float) -> None:
+    name = head_name(model)
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, DropoutLinear(old.in_features, num_classes, dropout))
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return list(model.get_submodule(head_name(model)).parameters())
+
+
+def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
+    head = {id(p) for p in head_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in head]
+
+
+def set_backbone_frozen(model: nn.Module, frozen: bool) -> None:
+    """Two-stage training: a frozen backbone gets no gradients and keeps its BatchNorm statistics."""
+    for p in backbone_parameters(model):
+        p.requires_grad_(not frozen)
+    if frozen:
+        head = model.get_submodule(head_name(model))
+        for module in model.modules():
+            if module is not head and module is not model:
+                module.eval()
+
+
+def resolve_weights(arch: str, weights: str):
+    """A torchvision weights enum for `arch`, None for 'none', or a Path to a state-dict file."""
+    if weights.lower() == "none":
+        return None
+    if weights.endswith((".pt", ".pth", ".bin", ".ckpt")) or "/" in weights or Path(weights).exists():
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise UserError(f"weights file {weights} does not exist")
+        return path
+    enum = torchvision.models.get_model_weights(arch)
+    try:
+        return enum[weights] if weights != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        names = ", ".join(["DEFAULT", *enum.__members__])
+        raise UserError(f"{arch} has no weights named {weights!r}; choose one of {names}, 'none', or a state-dict file") from None
+
+
+def check_arch(arch: str) -> None:
+    archs = classification_archs()
+    if arch not in archs:
+        close = difflib.get_close_matches(arch, archs, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()"
+        raise UserError(f"unknown architecture {arch!r}{hint}")
+
+
+def build_model(arch: str, weights: str, num_classes: int, dropout: float = 0.0) -> nn.Module:
+    """ImageNet model with its 1000-way head replaced by a fresh `num_classes`-way one.
+
+    torchvision refuses num_classes != 1000 together with ImageNet weights, so the model is
+    built as published and the head swapped afterwards.
+    """
+    check_arch(arch)
+    resolved = resolve_weights(arch, weights)
+    if isinstance(resolved, Path):
+        model = torchvision.models.get_model(arch, weights=None)
+        replace_head(model, num_classes, dropout)
+        load_weights_file(model, resolved, arch)
+        return model
+    try:
+        model = torchvision.models.get_model(arch, weights=resolved)
+    except (OSError, RuntimeError) as error:  # URLError is an OSError: no network, no cached file
+        filename = Path(resolved.url).name
+        raise UserError(
+            f"could not get the {resolved} weights ({error}); put {filename} into $TORCH_HOME/hub/checkpoints/ "
+            "(default ~/.cache/torch/hub/checkpoints/), or use --weights none or a state-dict file"
+        ) from None
+    replace_head(model, num_classes, dropout)
+    return model
+
+
+def load_weights_file(model: nn.Module, path: Path, arch: str) -> None:
+    """Load a state dict into the backbone; the head too when its shape fits (a fine-tuned model)."""
+    from cars.checkpoint import read_state_dict
+
+    state = read_state_dict(path)
+    head = head_name(model)
+    own = model.state_dict()
+    head_keys = [k for k in state if k.startswith(head + ".")]
+    if any(k not in own or own[k].shape != state[k].shape for k in head_keys):
+        state = {k: v for k, v in state.items() if k not in head_keys}  # e.g. an ImageNet 1000-way head
+    load_checked(model, state, f"weights file {path}", arch, allow_missing_head=True)
+
+
+def load_checked(model: nn.Module, state: dict, what: str, arch: str, allow_missing_head: bool = False) -> None:
+    """load_state_dict with one clear line instead of a wall of missing keys."""
+    own = model.state_dict()
+    head = head_name(model)
+    missing = [k for k in own if k not in state and not (allow_missing_head and k.startswith(head + "."))]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong_shape:
+        if wrong_shape and all(k.startswith(head + ".") for k in wrong_shape) and not (missing or unexpected):
+            k = wrong_shape[0]
+            raise UserError(
+                f"{what} has {state[k].shape[0]} classes but the model has {own[k].shape[0]}; "
+                "pass the matching --num-classes / dataset"
+            )
+        detail = (missing or unexpected or wrong_shape)[0]
+        raise UserError(
+            f"{what} does not fit {arch}: {len(missing)} missing, {len(unexpected)} unexpected, {len(wrong_shape)} "
+            f"wrongly shaped tensors (first: {detail}); it was probably saved from another architecture"
+        )
+    model.load_state_dict(state, strict=not allow_missing_head)

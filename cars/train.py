@@ -1,0 +1,193 @@
+"""Fine-tune an ImageNet model on Stanford Cars; readable top to bottom in `main`."""
+
+import argparse
+import dataclasses
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cars import config as config_module
+from cars.checkpoint import save_checkpoint, unwrap
+from cars.data import TransformedSplit, load_splits, make_loader
+from cars.engine import Device, evaluate, train_one_epoch
+from cars.errors import UserError
+from cars.models import backbone_parameters, build_model, head_parameters
+from cars.report import METRIC_COLUMNS, plot_curves, write_csv, write_json
+from cars.transforms import eval_transform, train_transform
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Fine-tune an ImageNet-pretrained model on Stanford Cars. Defaults are the seed's run 7 "
+        "(ResNet-50, SGD lr 0.1, lr /10 every 30 epochs, 90 epochs, batch 128, 224 px).",
+    )
+    parser.add_argument("--config", help="TOML preset (e.g. configs/demo.toml); flags override its values")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder instead of refusing")
+    config_module.add_config_flags(parser)
+    return parser.parse_args(argv)
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if not available[name]:
+        raise UserError(f"--device {name} is not available on this machine; use --device auto")
+    return name
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(cfg, model) -> torch.optim.Optimizer:
+    """Two parameter groups so the backbone can learn slower than the new head (--backbone-lr-mult)."""
+    groups = [
+        {"params": backbone_parameters(model), "lr": cfg.lr * cfg.backbone_lr_mult, "name": "backbone"},
+        {"params": head_parameters(model), "lr": cfg.lr, "name": "head"},
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(cfg, optimizer):
+    """Stepped once per epoch, after it."""
+    if cfg.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+
+
+def rng_state() -> dict:
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class RunLog:
+    """Prints a line (above any progress bar) and keeps it in the run folder's train.log."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "a", buffering=1)
+
+    def __call__(self, line: str = "") -> None:
+        tqdm.write(line)
+        self.file.write(line + "\n")
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise UserError(f"run folder {run_dir} already exists; pass --overwrite to replace it or --run-dir to choose another")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    cfg, preset = config_module.resolve(args)
+    run_dir = Path(cfg.run_dir or f"runs/{preset}")
+    if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:  # fail before any slow work
+        prepare_run_dir(run_dir, overwrite=False)
+    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
+    device_type = pick_device(cfg.device)
+    on_cuda = device_type == "cuda"
+    device = Device(device_type, channels_last=cfg.channels_last and on_cuda, amp=cfg.amp and on_cuda)
+    seed_everything(cfg.seed)
+
+    # Data and model first: every input is checked before the run folder is touched.
+    splits = load_splits(cfg.data, cfg.val_split, cfg.seed)
+    model = build_model(cfg.arch, cfg.weights, len(splits.class_names), cfg.dropout)
+    prepare_run_dir(run_dir, args.overwrite)
+    cfg.save(run_dir / "config.toml")
+    log = RunLog(run_dir / "train.log")
+    log(f"$ {' '.join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)])}")
+    log(f"run folder {run_dir}; data {cfg.data}: {len(splits.train)} train / {len(splits.eval)} {splits.eval_name} images, "
+        f"{len(splits.class_names)} classes")
+    log(f"{cfg.arch} ({cfg.weights} weights), {cfg.resolution} px, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:g}, "
+        f"{cfg.scheduler} schedule, {cfg.epochs} epochs on {device_type} "
+        f"(amp {device.amp}, compile {cfg.compile and on_cuda}, channels_last {device.channels_last})")
+
+    model = model.to(device_type, memory_format=torch.channels_last if device.channels_last else torch.preserve_format)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer)
+    scaler = torch.amp.GradScaler(device_type, enabled=device.amp)
+    trained = torch.compile(model) if cfg.compile and on_cuda else model
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True
+
+    workers = min(8, os.cpu_count() or 1) if cfg.workers < 0 else cfg.workers
+    train_set = TransformedSplit(splits.train, train_transform(cfg.resolution, cfg.augment, cfg.color_jitter, cfg.crop_scale), cfg.skip_bad_images)
+    eval_set = TransformedSplit(splits.eval, eval_transform(cfg.resolution), cfg.skip_bad_images)
+    train_loader = make_loader(train_set, cfg.batch_size, True, workers, cfg.seed, pin_memory=on_cuda)
+    eval_loader = make_loader(eval_set, cfg.batch_size, False, workers, cfg.seed, pin_memory=on_cuda)
+
+    rows, best, started = [], None, time.time()
+    plotted = started
+    for epoch in range(1, cfg.epochs + 1):
+        epoch_start = time.time()
+        frozen = epoch <= cfg.freeze_epochs
+        if cfg.freeze_epochs and epoch == cfg.freeze_epochs + 1:
+            log(f"epoch {epoch}: unfreezing the backbone; all layers train from now on")
+        lr = optimizer.param_groups[-1]["lr"]
+        train = train_one_epoch(trained, train_loader, optimizer, scaler, device, frozen_backbone=frozen,
+                                description=f"epoch {epoch}/{cfg.epochs}")
+        scheduler.step()
+        result = evaluate(trained, eval_loader, device, description=splits.eval_name)
+        seconds = time.time() - epoch_start
+        rows.append(dict(epoch=epoch, lr=lr, train_loss=train.loss, train_acc=train.accuracy,
+                         eval_loss=result.loss, eval_acc=result.accuracy, seconds=round(seconds, 2)))
+
+        improved = best is None or result.accuracy > best["eval_acc"]
+        checkpoint = {"model": unwrap(model).state_dict(), "config": dataclasses.asdict(cfg), "class_names": splits.class_names,
+                      "epoch": epoch, "metric": result.accuracy, "metric_name": f"{splits.eval_name}_acc"}
+        if improved:
+            best = rows[-1]
+            save_checkpoint(run_dir / "best.pt", checkpoint)
+        save_checkpoint(run_dir / "last.pt", {**checkpoint, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                              "scaler": scaler.state_dict(), "rng": rng_state()})
+        write_csv(run_dir / "metrics.csv", rows, METRIC_COLUMNS)
+        if time.time() - plotted > 30 or epoch == cfg.epochs:  # a plot costs about a second: not every short epoch
+            plot_curves(rows, run_dir / "curves.png", splits.eval_name, title=f"{preset}: {cfg.arch} {cfg.resolution}px")
+            plotted = time.time()
+
+        eta = (time.time() - started) / epoch * (cfg.epochs - epoch)
+        log(f"epoch {epoch:3d}/{cfg.epochs} lr {lr:.4g} | train loss {train.loss:.4f} acc {train.accuracy:5.2f}% | "
+            f"{splits.eval_name} loss {result.loss:.4f} acc {result.accuracy:5.2f}% | {seconds:.1f}s | ETA {duration(eta)}"
+            + (" *" if improved else ""))
+
+    total = time.time() - started
+    summary = {"status": "finished", "epochs": cfg.epochs, "seconds": round(total, 1), "selected_on": splits.eval_name,
+               "best_epoch": int(best["epoch"]), "best_eval_acc": best["eval_acc"], "final_eval_acc": rows[-1]["eval_acc"]}
+    skipped = {name: len(s) - r.images for name, s, r in (("train", splits.train, train), (splits.eval_name, splits.eval, result))}
+    if any(skipped.values()):
+        summary["skipped_images"] = skipped
+        log(f"skipped unreadable images: {skipped}")
+    log(f"done in {duration(total)}: best {splits.eval_name} accuracy {best['eval_acc']:.2f}% at epoch {int(best['epoch'])} "
+        f"(final epoch {rows[-1]['eval_acc']:.2f}%)")
+    if splits.test is not None:  # the held-out val split chose the epoch; the test split was never looked at until now
+        unwrap(model).load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)["model"])
+        test_set = TransformedSplit(splits.test, eval_transform(cfg.resolution), cfg.skip_bad_images)
+        test = evaluate(model, make_loader(test_set, cfg.batch_size, False, workers, cfg.seed, on_cuda), device, "test")
+        summary["test_acc_of_best"] = test.accuracy
+        log(f"test accuracy of the best epoch (chosen on val): {test.accuracy:.2f}%")
+    write_json(run_dir / "summary.json", summary)
+    log(f"run folder: {run_dir} (best.pt, last.pt, metrics.csv, curves.png)")
