@@ -54,7 +54,7 @@ def plot_curves(rows: list[dict], path: Path, eval_name: str = "test", title: st
         handles = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
         ax.legend(handles=handles, loc="center right")
     best = max(rows, key=lambda r: r["eval_acc"])
-    acc_ax.annotate(f"best {best['eval_acc']:.2f}%", (best["epoch"], best["eval_acc"]), textcoords="offset points", xytext=(-40, -25),
+    acc_ax.annotate(f"best {best['eval_acc']:.2f}%", (best["epoch"], best["eval_acc"]), textcoords="offset points", xytext=(-80, -45),
                     arrowprops=dict(arrowstyle="->"))
     if title:
         fig.suptitle(title)

@@ -1,0 +1,133 @@
+"""Offline fixtures: tiny datasets in every supported layout, caches in temporary folders."""
+
+import io
+import os
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+CLASSES = ["AM General Hummer SUV 2000", "Audi S5 Coupe 2012", "BMW M3 Coupe 2012"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_caches(tmp_path_factory):
+    """Every cache the code touches lives in a temporary folder; nothing reaches a network."""
+    root = tmp_path_factory.mktemp("caches")
+    env = {
+        "CARS_CACHE": str(root / "cars"),
+        "HF_DATASETS_CACHE": str(root / "hf_datasets"),
+        "HF_HOME": str(root / "hf_home"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TORCH_HOME": str(root / "torch"),
+        "MPLBACKEND": "Agg",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield root
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def car_image(label: int, rng: random.Random, mode: str = "RGB") -> Image.Image:
+    """A small image whose colour depends on the label, so a model can learn it."""
+    colour = [(220, 40, 40), (40, 200, 40), (40, 40, 220)][label % 3]
+    size = (rng.randint(24, 60), rng.randint(20, 44))
+    image = Image.new("RGB", size, tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in colour))
+    return image.convert(mode)
+
+
+def jpeg_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def split_rows(per_class: int, seed: int, grayscale_every: int = 7):
+    rng = random.Random(seed)
+    images, labels = [], []
+    for i in range(per_class * len(CLASSES)):
+        label = i % len(CLASSES)
+        images.append(car_image(label, rng, "L" if i % grayscale_every == 0 else "RGB"))
+        labels.append(label)
+    return images, labels
+
+
+def write_hub_folder(root: Path, per_class=(6, 3), columns=("image", "label"), classes=CLASSES, rows=None) -> Path:
+    """A folder laid out like the hub repo: data/train-*.parquet and data/test-*.parquet."""
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+
+    (root / "data").mkdir(parents=True)
+    features = Features({columns[0]: ImageFeature(), columns[1]: ClassLabel(names=list(classes))})
+    for split, n, seed in (("train", per_class[0], 1), ("test", per_class[1], 2)):
+        images, labels = rows[split] if rows and split in rows else split_rows(n, seed)
+        encoded = [{"bytes": image if isinstance(image, bytes) else jpeg_bytes(image), "path": None} for image in images]
+        Dataset.from_dict({columns[0]: encoded, columns[1]: labels}, features=features).to_parquet(
+            str(root / "data" / f"{split}-00000-of-00001.parquet")
+        )
+    return root
+
+
+@pytest.fixture
+def hub_folder(tmp_path):
+    return write_hub_folder(tmp_path / "hub")
+
+
+def write_image_folder(root: Path, per_class=(6, 3)) -> Path:
+    for split, n, seed in (("train", per_class[0], 1), ("test", per_class[1], 2)):
+        images, labels = split_rows(n, seed)
+        for i, (image, label) in enumerate(zip(images, labels)):
+            folder = root / split / CLASSES[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            image.save(folder / f"{i:04d}.jpg")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return write_image_folder(tmp_path / "imagefolder")
+
+
+@pytest.fixture
+def devkit_folder(tmp_path):
+    """The original Stanford Cars devkit layout that torchvision.datasets.StanfordCars reads."""
+    import numpy as np
+    import scipy.io
+
+    base = tmp_path / "devkit_root" / "stanford_cars"
+    (base / "devkit").mkdir(parents=True)
+    names = np.array(CLASSES, dtype=object)
+    scipy.io.savemat(base / "devkit" / "cars_meta.mat", {"class_names": names.reshape(1, -1)})
+    for split, n, seed, mat in (("train", 6, 1, base / "devkit" / "cars_train_annos.mat"),
+                                ("test", 3, 2, base / "cars_test_annos_withlabels.mat")):
+        images, labels = split_rows(n, seed)
+        (base / f"cars_{split}").mkdir()
+        records = []
+        for i, (image, label) in enumerate(zip(images, labels)):
+            fname = f"{i + 1:05d}.jpg"
+            image.save(base / f"cars_{split}" / fname)
+            records.append((0, 0, image.width, image.height, label + 1, fname))  # devkit classes count from 1
+        dtype = [("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"), ("bbox_y2", "O"), ("class", "O"), ("fname", "O")]
+        scipy.io.savemat(mat, {"annotations": np.array(records, dtype=dtype).reshape(1, -1)})
+    return tmp_path / "devkit_root"
+
+
+@pytest.fixture
+def saved_folder(tmp_path, hub_folder):
+    import datasets
+
+    path = tmp_path / "saved"
+    datasets.load_dataset(str(hub_folder), data_files={"train": "data/train-*", "test": "data/test-*"}).save_to_disk(str(path))
+    return path
+
+
+def tiny_args(data, run_dir, *extra) -> list[str]:
+    """Flags for a run that takes a second or two on a CPU."""
+    return ["--data", str(data), "--run-dir", str(run_dir), "--arch", "resnet18", "--weights", "none",
+            "--resolution", "32", "--batch-size", "6", "--epochs", "2", "--workers", "0", "--lr", "0.01", *extra]

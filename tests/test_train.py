@@ -1,0 +1,255 @@
+import json
+import math
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import jpeg_bytes, split_rows, tiny_args, write_hub_folder
+
+from cars import train
+from cars.checkpoint import load_checkpoint, read_state_dict
+from cars.config import Config
+from cars.data import TransformedSplit, load_splits, make_loader
+from cars.engine import Device, train_one_epoch
+from cars.errors import run_cli
+from cars.models import build_model
+from cars.report import read_metrics
+from cars.transforms import train_transform
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_preset_trains_past_90_percent(tmp_path):
+    run_dir = tmp_path / "demo"
+    train.main(["--config", str(ROOT / "configs" / "demo.toml"), "--run-dir", str(run_dir)])
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["selected_on"] == "test"
+    assert summary["best_eval_acc"] >= 90.0, summary
+
+    rows = read_metrics(run_dir / "metrics.csv")
+    assert list(rows[0]) == ["epoch", "lr", "train_loss", "train_acc", "eval_loss", "eval_acc", "seconds"]
+    assert [r["epoch"] for r in rows] == list(range(1, 25))
+    for r in rows:  # the cosine schedule, as configured, read back from the run
+        assert r["lr"] == pytest.approx(0.01 * (1 + math.cos(math.pi * (r["epoch"] - 1) / 24)) / 2, rel=1e-6)
+    best_row = max(rows, key=lambda r: r["eval_acc"])
+    assert summary["best_epoch"] == best_row["epoch"] and summary["final_eval_acc"] == rows[-1]["eval_acc"]
+
+    best = load_checkpoint(run_dir / "best.pt")
+    assert best["epoch"] == summary["best_epoch"] and best["metric"] == pytest.approx(summary["best_eval_acc"])
+    assert best["config"]["arch"] == "shufflenet_v2_x0_5" and len(best["class_names"]) == 10
+    last = load_checkpoint(run_dir / "last.pt")
+    assert last["epoch"] == 24 and {"optimizer", "scheduler", "scaler", "rng"} <= set(last)
+
+    saved = tomllib.loads((run_dir / "config.toml").read_text())
+    assert saved["epochs"] == 24 and saved["lr"] == 0.01 and saved["run_dir"] == str(run_dir)
+    assert Config(**saved).validate() is not None
+    assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    log = (run_dir / "train.log").read_text()
+    assert log.count("| train loss") == 24 and "done in" in log and "best test accuracy" in log
+
+
+def run_tiny(tmp_path, data, *extra):
+    run_dir = tmp_path / "run"
+    train.main(tiny_args(data, run_dir, *extra))
+    return run_dir
+
+
+def test_val_split_selects_on_val_and_reports_test(tmp_path, hub_folder):
+    run_dir = run_tiny(tmp_path, hub_folder, "--val-split", "0.34")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["selected_on"] == "val" and 0 <= summary["test_acc_of_best"] <= 100
+    assert "val loss" in (run_dir / "train.log").read_text()
+    assert load_checkpoint(run_dir / "best.pt")["metric_name"] == "val_acc"
+
+
+def test_freeze_epochs_keep_backbone_then_release_it():
+    splits = load_splits("demo")
+    model = build_model("resnet18", "none", len(splits.class_names))
+    optimizer = train.make_optimizer(Config(lr=0.05), model)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    subset = torch.utils.data.Subset(TransformedSplit(splits.train, train_transform(32)), range(24))
+    loader = make_loader(subset, 8, True, 0, 0)
+
+    def snapshot():
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    before = snapshot()
+    train_one_epoch(model, loader, optimizer, scaler, Device("cpu"), frozen_backbone=True)
+    frozen = snapshot()
+    backbone = [k for k in before if not k.startswith("fc.")]
+    assert all(torch.equal(before[k], frozen[k]) for k in backbone), "weights and BatchNorm statistics stay put"
+    assert not torch.equal(before["fc.weight"], frozen["fc.weight"]), "the head learns"
+
+    train_one_epoch(model, loader, optimizer, scaler, Device("cpu"), frozen_backbone=False)
+    after = snapshot()
+    assert not torch.equal(frozen["conv1.weight"], after["conv1.weight"])
+    assert not torch.equal(frozen["layer1.0.bn1.running_mean"], after["layer1.0.bn1.running_mean"])
+
+
+def test_backbone_lr_mult_gives_two_learning_rates():
+    model = build_model("resnet18", "none", 5)
+    optimizer = train.make_optimizer(Config(lr=0.01, backbone_lr_mult=0.1), model)
+    assert [(g["name"], g["lr"]) for g in optimizer.param_groups] == [("backbone", pytest.approx(0.001)), ("head", 0.01)]
+    adamw = train.make_optimizer(Config(optimizer="adamw", lr=1e-3, weight_decay=0.05), model)
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["weight_decay"] == 0.05
+
+
+def lr_per_epoch(cfg: Config) -> list[float]:
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    scheduler = train.make_scheduler(cfg, optimizer)
+    lrs = []
+    for _ in range(cfg.epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_step_schedule_is_the_seeds_run_7():
+    lrs = lr_per_epoch(Config())  # lr 0.1, /10 every 30 epochs, 90 epochs
+    assert lrs[0] == lrs[29] == pytest.approx(0.1)
+    assert lrs[30] == lrs[59] == pytest.approx(0.01)
+    assert lrs[60] == lrs[89] == pytest.approx(0.001)
+
+
+def test_cosine_schedule():
+    lrs = lr_per_epoch(Config(scheduler="cosine", lr=0.2, epochs=10))
+    assert lrs == pytest.approx([0.2 * (1 + math.cos(math.pi * e / 10)) / 2 for e in range(10)])
+
+
+# --- bad input: one clear line, exit status 2, nothing written to an existing run -----------------
+
+
+@pytest.fixture
+def cli(capsys):
+    """train.py's entry point in this process (a subprocess would spend 20 s importing torch here)."""
+
+    def run(*args):
+        capsys.readouterr()
+        try:
+            run_cli(train.main, [str(a) for a in args])
+            code = 0
+        except SystemExit as exit:
+            code = exit.code
+        return subprocess.CompletedProcess(args, code, "", capsys.readouterr().err)
+
+    return run
+
+
+def assert_clear_error(result, pattern):
+    import re
+
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and result.stderr.strip().endswith(errors[0]), result.stderr  # progress bars may come first
+    assert re.search(pattern, errors[0]), errors[0]
+
+
+@pytest.mark.parametrize("flags, pattern", [
+    (["--data", "/no/such/folder"], "dataset folder /no/such/folder does not exist"),
+    (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+    (["--lr", "-0.1"], "--lr must be positive"),
+    (["--val-split", "1.5"], r"--val-split must be in \[0, 1\)"),
+    (["--freeze-epochs", "5", "--epochs", "5"], "--freeze-epochs .* must be smaller than --epochs"),
+    (["--arch", "resnet500", "--data", "demo"], "unknown architecture 'resnet500'"),
+    (["--weights", "IMAGENET9K", "--data", "demo"], "resnet50 has no weights named 'IMAGENET9K'"),
+])
+def test_bad_flags(cli, tmp_path, flags, pattern):
+    assert_clear_error(cli("--run-dir", str(tmp_path / "r"), *flags), pattern)
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_config_files(cli, tmp_path):
+    (tmp_path / "unknown.toml").write_text('learning_rate = 0.1\n')
+    assert_clear_error(cli("--config", str(tmp_path / "unknown.toml")), "unknown key 'learning_rate'")
+    (tmp_path / "type.toml").write_text('epochs = "ninety"\n')
+    assert_clear_error(cli("--config", str(tmp_path / "type.toml")), "epochs must be int, got 'ninety'")
+    assert_clear_error(cli("--config", str(tmp_path / "none.toml")), "config file .*none.toml does not exist")
+
+
+def test_not_a_dataset_folder(cli, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_clear_error(cli("--data", str(tmp_path / "empty")), "is not a dataset folder I know")
+
+
+def test_dataset_without_image_and_label_columns(cli, tmp_path):
+    folder = write_hub_folder(tmp_path / "cols", columns=("picture", "target"))
+    assert_clear_error(cli("--data", str(folder)), r"needs 'image' and 'label' \(missing: image, label\)")
+
+
+def test_label_outside_class_range(cli, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = write_hub_folder(tmp_path / "labels")
+    path = folder / "data" / "train-00000-of-00001.parquet"
+    table = pq.read_table(path)  # ClassLabel refuses to encode 7, so edit the stored column directly
+    labels = table.column("label").to_pylist()
+    labels[4] = 7
+    field = table.schema.field("label")
+    pq.write_table(table.set_column(table.schema.get_field_index("label"), field, pa.array(labels, field.type)), path)
+    assert_clear_error(cli("--data", str(folder)), r"label 7 of row 4 of the train split is outside the 3 classes \(0..2\)")
+
+
+def corrupt_dataset(tmp_path) -> Path:
+    images, labels = split_rows(6, 1)
+    images = [jpeg_bytes(im) for im in images]
+    images[5] = images[5][: len(images[5]) // 2]  # truncated JPEG
+    images[8] = b"not an image at all"
+    return write_hub_folder(tmp_path / "corrupt", rows={"train": (images, labels)})
+
+
+def test_corrupt_image_names_the_image(cli, tmp_path):
+    folder = corrupt_dataset(tmp_path)
+    # --workers 1: the error crosses a DataLoader worker and still arrives as one line
+    result = cli(*tiny_args(folder, tmp_path / "run", "--workers", "1"))
+    assert_clear_error(result, r"cannot read image row (5|8) of the train split: .*--skip-bad-images")
+
+
+def test_skip_bad_images_skips_and_counts(tmp_path):
+    run_dir = run_tiny(tmp_path, corrupt_dataset(tmp_path), "--skip-bad-images")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["skipped_images"] == {"train": 2, "test": 0}
+    assert "skipped unreadable images" in (run_dir / "train.log").read_text()
+
+
+def test_existing_run_is_never_overwritten_without_flag(cli, tmp_path, hub_folder):
+    run_dir = run_tiny(tmp_path, hub_folder)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    result = cli(*tiny_args(hub_folder, run_dir, "--epochs", "1"))
+    assert_clear_error(result, "run folder .* already exists; pass --overwrite")
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+    # an input error found later (bad weights) must not cost the run either, even with --overwrite
+    result = cli(*tiny_args(hub_folder, run_dir, "--overwrite", "--weights", str(tmp_path / "missing.pth")))
+    assert_clear_error(result, "weights file .*missing.pth does not exist")
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+    train.main(tiny_args(hub_folder, run_dir, "--overwrite", "--epochs", "1"))
+    assert len(read_metrics(run_dir / "metrics.csv")) == 1
+
+
+def test_two_stage_run_end_to_end(tmp_path, hub_folder):
+    run_dir = run_tiny(tmp_path, hub_folder, "--freeze-epochs", "1", "--backbone-lr-mult", "0.1", "--optimizer", "adamw",
+                       "--lr", "0.001", "--augment", "heavy", "--dropout", "0.2", "--color-jitter", "0.2")
+    assert "unfreezing the backbone" in (run_dir / "train.log").read_text()
+    model = build_model("resnet18", "none", 3)
+    model.load_state_dict(read_state_dict(run_dir / "last.pt"))
+
+
+def test_train_py_help_documents_every_knob_and_bad_input_exits_2(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    bad = subprocess.run([sys.executable, str(ROOT / "train.py"), "--batch-size", "0"], capture_output=True, text=True, cwd=tmp_path)
+    assert (bad.returncode, bad.stderr) == (2, "error: --batch-size must be positive, got 0\n")
+    import dataclasses
+
+    for field in dataclasses.fields(Config):
+        assert f"--{field.name.replace('_', '-')}" in result.stdout
+    assert "--no-amp" in result.stdout and "--overwrite" in result.stdout
