@@ -96,9 +96,7 @@ def read_rgb(split, i: int) -> Image.Image:
             image.load()
             return to_rgb(image)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
-        raise UserError(
-            f"cannot read image {split.where(i)}: {error}. Replace or remove it, or pass --skip-bad-images to skip unreadable images"
-        ) from None
+        raise UserError(f"cannot read image {split.where(i)}: {error}") from None
 
 
 class TransformedSplit(torch.utils.data.Dataset):
@@ -113,10 +111,10 @@ class TransformedSplit(torch.utils.data.Dataset):
     def __getitem__(self, i):
         try:
             image = read_rgb(self.split, i)
-        except UserError:
+        except UserError as error:
             if self.skip_bad_images:
                 return None
-            raise
+            raise UserError(f"{error}. Replace or remove it, or pass --skip-bad-images to skip unreadable images") from None
         return self.transform(image), self.split.labels[i]
 
 
@@ -172,12 +170,19 @@ def check_labels(split, num_classes: int) -> None:
             raise UserError(f"label {label} of {split.where(i)} is outside the {num_classes} classes (0..{num_classes - 1}); fix the dataset's labels")
 
 
-def open_source(data: str):
-    """Recognise what `data` names and open its train and test splits."""
+def dataset_location(data: str) -> str:
+    """`demo` is a local folder in the hub layout, written on first use; anything else is itself."""
     if data == "demo":
         from cars.demo import ensure_demo
 
-        return open_hub_dataset(str(ensure_demo()), "the demo dataset")
+        return str(ensure_demo())
+    return data
+
+
+def open_source(data: str):
+    """Recognise what `data` names and open its train and test splits."""
+    if data == "demo":
+        return open_hub_dataset(dataset_location(data), "the demo dataset")
     path = Path(data).expanduser()
     if path.is_dir():
         if (path / "dataset_dict.json").exists():

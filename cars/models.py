@@ -1,6 +1,7 @@
 """Build a torchvision classifier with a fresh head, split its parameters, clean state dicts."""
 
 import difflib
+import warnings
 from pathlib import Path
 
 import torch
@@ -139,9 +140,30 @@ def load_checked(model: nn.Module, state: dict, what: str, arch: str, allow_miss
                 f"{what} has {state[k].shape[0]} classes but the model has {own[k].shape[0]}; "
                 "pass the matching --num-classes / dataset"
             )
+        guess = guess_arch(state)
+        if guess and guess != arch:
+            raise UserError(f"{what} holds a {guess} model, not {arch}; pass --arch {guess}")
         detail = (missing or unexpected or wrong_shape)[0]
         raise UserError(
             f"{what} does not fit {arch}: {len(missing)} missing, {len(unexpected)} unexpected, {len(wrong_shape)} "
             f"wrongly shaped tensors (first: {detail}); it was probably saved from another architecture"
         )
     model.load_state_dict(state, strict=not allow_missing_head)
+
+
+def guess_arch(state: dict) -> str | None:
+    """The torchvision architecture whose backbone has exactly these tensor names and shapes.
+    Models are built on the meta device: no memory, no weights, a few seconds for all of them."""
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    for arch in classification_archs():
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # googlenet and inception warn about their initialisation
+                model = torchvision.models.get_model(arch)
+        except Exception:  # some architectures need arguments; they are not guessed
+            continue
+        head = head_name(model) + "."
+        own = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(head)}
+        if own == {k: v for k, v in shapes.items() if not k.startswith(head)}:
+            return arch
+    return None

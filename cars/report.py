@@ -63,3 +63,76 @@ def plot_curves(rows: list[dict], path: Path, eval_name: str = "test", title: st
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     atomic_write(path, lambda file: file.write(buffer.getvalue()))
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write(path, lambda file: file.write(buffer.getvalue()))
+
+
+def plot_per_class(classes, path: Path) -> None:
+    """Every class's accuracy, sorted, worst at the top, names readable."""
+    order = sorted((c for c in classes if c.total), key=lambda c: (c.accuracy, c.index))
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.2 * len(order)))
+    accuracies = [c.accuracy for c in order]
+    colours = plt.cm.RdYlGn([a / 100 for a in accuracies])
+    ax.barh(range(len(order)), accuracies, color=colours)
+    ax.set_yticks(range(len(order)), [f"{c.name} ({c.correct}/{c.total})" for c in order], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("accuracy (%)")
+    ax.grid(axis="x", alpha=0.3)
+    mean = sum(accuracies) / len(accuracies)
+    ax.axvline(mean, color="black", ls="--", lw=1)
+    ax.set_title(f"per-class accuracy, worst first (dashed: mean over classes, {mean:.1f}%)")
+    save_figure(fig, path)
+
+
+def plot_confusion(matrix, class_names: list[str], pairs, path: Path) -> None:
+    """The confusion matrix restricted to the classes of the most confused pairs: 196x196 is unreadable."""
+    import numpy as np
+
+    involved = sorted({c for t, p, _ in pairs for c in (t, p)}) or list(range(min(len(class_names), 10)))
+    sub = matrix[np.ix_(involved, involved)]
+    names = [class_names[i] for i in involved]
+    size = 2.5 + 0.45 * len(involved)
+    fig, ax = plt.subplots(figsize=(size + 2, size))
+    image = ax.imshow(sub, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (i, j), count in np.ndenumerate(sub):
+        if count:
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                    color="white" if count > sub.max() / 2 else ("crimson" if i != j else "black"))
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    ax.set_title("confusions among the most confused classes (off-diagonal in red)")
+    save_figure(fig, path)
+
+
+def plot_cam_grid(tiles: list[dict], path: Path, title: str, columns: int = 4) -> None:
+    """tiles: {"image": HxWx3 uint8 overlay, "true": name, "predicted": name, "confidence": 0..1}."""
+    import textwrap
+
+    rows = max(1, -(-len(tiles) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, tile in zip(axes.flat, tiles):
+        right = tile["true"] == tile["predicted"]
+        ax.imshow(tile["image"])
+        label = (f"{'✓' if right else '✗'} true: {tile['true']}\npred: {tile['predicted']} ({100 * tile['confidence']:.0f}%)")
+        ax.set_title("\n".join(textwrap.fill(line, 34) for line in label.split("\n")), fontsize=8,
+                     color="darkgreen" if right else "crimson")
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -28,5 +28,19 @@ def train_transform(resolution: int, augment: str = "basic", color_jitter: float
     return v2.Compose(ops)
 
 
+def eval_crop(resolution: int) -> list:
+    return [v2.Resize(eval_resize(resolution), antialias=True), v2.CenterCrop(resolution)]
+
+
 def eval_transform(resolution: int) -> v2.Compose:
-    return v2.Compose([v2.Resize(eval_resize(resolution), antialias=True), v2.CenterCrop(resolution), *to_normalized_tensor()])
+    return v2.Compose([*eval_crop(resolution), *to_normalized_tensor()])
+
+
+def display_transform(resolution: int) -> v2.Compose:
+    """What eval_transform shows the model, as uint8 pixels a person can look at."""
+    return v2.Compose([*eval_crop(resolution), v2.PILToTensor()])
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels from display_transform -> the model's input, exactly as eval_transform makes it."""
+    return v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)(v2.ToDtype(torch.float32, scale=True)(pixels))

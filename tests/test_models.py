@@ -71,7 +71,7 @@ def test_weights_file_with_imagenet_head_loads_backbone(tmp_path):
 
 def test_weights_file_for_another_arch_is_one_clear_line(tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
-    with pytest.raises(UserError, match=r"does not fit resnet34: .*another architecture"):
+    with pytest.raises(UserError, match=r"holds a resnet18 model, not resnet34; pass --arch resnet18"):
         build_model("resnet34", str(tmp_path / "r18.pth"), num_classes=3)
 
 

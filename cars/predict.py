@@ -1,0 +1,74 @@
+"""predict.py: what car is this? Top-k classes for your own photos, optionally with a CAM overlay."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from cars.checkpoint import load_trained
+from cars.data import FileSplit, read_rgb
+from cars.errors import UserError, message_of
+from cars.explain import CAM_METHODS, class_activation_maps, overlay
+from cars.train import pick_device
+from cars.transforms import display_transform, normalize
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Classify images with a trained model.")
+    parser.add_argument("checkpoint", help="a run folder, one of its .pt files, or any state-dict file")
+    parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, ...; any size, grayscale or colour)")
+    parser.add_argument("--topk", type=int, default=5, help="how many classes to show per image (default 5)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--cam", metavar="DIR", help="write a CAM overlay of the top class per image into DIR")
+    parser.add_argument("--cam-method", default="gradcam", choices=list(CAM_METHODS))
+    parser.add_argument("--arch", help="architecture, for a checkpoint that does not carry it")
+    parser.add_argument("--num-classes", type=int, help="class count, for a bare state dict (default: its head's)")
+    parser.add_argument("--resolution", type=int, help="input size (default: the run's, else 224)")
+    parser.add_argument("--data", help="dataset to take class names from, for a bare state dict")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    args = parser.parse_args(argv)
+    if args.topk < 1:
+        raise UserError(f"--topk must be at least 1, got {args.topk}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    trained = load_trained(args.checkpoint, args.arch, args.num_classes, args.resolution, args.data)
+    device_type = pick_device(args.device)
+    model = trained.model.to(device_type)
+    transform = display_transform(trained.resolution)
+    images = FileSplit([(path, -1) for path in args.images], "input")
+    cam_dir = Path(args.cam) if args.cam else None
+    if cam_dir:
+        cam_dir.mkdir(parents=True, exist_ok=True)
+
+    results, failures = [], 0
+    for i, path in enumerate(args.images):
+        try:
+            pixels = transform(read_rgb(images, i))
+        except UserError as error:
+            print(f"error: {message_of(error)}", file=sys.stderr)
+            failures += 1
+            continue
+        with torch.no_grad():
+            probabilities = model(normalize(pixels)[None].to(device_type)).float().softmax(1)[0].cpu()
+        top = probabilities.topk(min(args.topk, len(probabilities)))
+        result = {"image": path, "predictions": [{"class": trained.class_names[c], "index": int(c), "probability": round(float(p), 6)}
+                                                 for p, c in zip(top.values, top.indices)]}
+        if cam_dir:
+            cam = class_activation_maps(model, normalize(pixels)[None], [int(top.indices[0])], args.cam_method)[0]
+            result["cam"] = str(cam_dir / f"{Path(path).stem}_cam.png")
+            Image.fromarray(overlay(pixels.permute(1, 2, 0).numpy(), cam)).save(result["cam"])
+        results.append(result)
+        if not args.json:
+            print(path)
+            for rank, prediction in enumerate(result["predictions"], 1):
+                print(f"  {rank}. {prediction['class']:<48} {100 * prediction['probability']:6.2f}%")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    if failures:
+        sys.exit(1)
