@@ -51,6 +51,16 @@ def test_demo_preset_trains_past_90_percent(tmp_path):
     log = (run_dir / "train.log").read_text()
     assert log.count("| train loss") == 24 and "done in" in log and "best test accuracy" in log
 
+    # and eval.py explains it, as the README shows
+    from cars import evaluate
+
+    evaluate.main([str(run_dir), "--corruptions"])
+    report = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert report["top1"] == pytest.approx(summary["best_eval_acc"], abs=0.01) and report["images"] == 300
+    assert set(report["corruptions"]["accuracy"]) == {"gaussian_noise", "motion_blur", "pixelate"}
+    for name in ("report.md", "per_class.png", "confusion.png", "gradcam_samples.png", "gradcam_worst.png"):
+        assert (run_dir / "eval" / name).exists(), name
+
 
 def run_tiny(tmp_path, data, *extra):
     run_dir = tmp_path / "run"

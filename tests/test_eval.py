@@ -1,0 +1,227 @@
+import csv
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CLASSES, write_hub_folder
+
+from cars import analysis, evaluate, predict, train
+from cars.checkpoint import read_state_dict, save_checkpoint
+from cars.data import load_splits, read_rgb
+from cars.errors import UserError, run_cli
+from cars.explain import class_activation_maps
+from cars.models import build_model
+from cars.transforms import eval_transform
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A resnet18 trained for two epochs on a 3-class dataset that has two corrupted test copies;
+    `gaussian_noise` is an exact copy of test, so its accuracy must equal the clean one."""
+    root = tmp_path_factory.mktemp("evalrun")
+    data = write_hub_folder(root / "data", per_class=(8, 5))
+    shutil.copy(data / "data" / "test-00000-of-00001.parquet", data / "data" / "gaussian_noise-00000-of-00001.parquet")
+    from datasets import load_dataset
+
+    test = load_dataset(str(data), data_files={"test": "data/test-*"})["test"]
+    test.map(lambda row: {"image": row["image"].rotate(90, expand=True)}).to_parquet(str(data / "data" / "motion_blur-00000-of-00001.parquet"))
+    run_dir = root / "run"
+    train.main(["--data", str(data), "--run-dir", str(run_dir), "--arch", "resnet18", "--weights", "none", "--resolution", "64",
+                "--batch-size", "8", "--epochs", "2", "--workers", "0", "--lr", "0.01"])
+    return run_dir, data
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def independent_predictions(run_dir: Path, data: Path):
+    """Logits computed without eval.py's code path: one image at a time, no DataLoader."""
+    model = build_model("resnet18", "none", 3)
+    model.load_state_dict(read_state_dict(run_dir / "best.pt"))
+    model.eval()
+    test = load_splits(str(data)).eval
+    transform = eval_transform(64)
+    with torch.no_grad():
+        logits = torch.stack([model(transform(read_rgb(test, i))[None])[0] for i in range(len(test))])
+    return logits, test.labels
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained_run):
+    run_dir, data = trained_run
+    evaluate.main([str(run_dir), "--tta", "--corruptions", "--num-gradcam", "4", "--workers", "0"])
+    return run_dir / "eval"
+
+
+def test_numbers_equal_an_independent_computation(trained_run, evaluated):
+    logits, labels = independent_predictions(*trained_run)
+    predicted = logits.argmax(1).tolist()
+    summary = json.loads((evaluated / "summary.json").read_text())
+    assert summary["images"] == len(labels) == 15
+    assert summary["top1"] == pytest.approx(100 * sum(p == t for p, t in zip(predicted, labels)) / 15, abs=1e-4)
+    top3 = logits.topk(3, 1).indices.tolist()
+    assert summary["top5"] == pytest.approx(100.0)  # 3 classes: the true one is always among the top 5
+    assert all(t in row for t, row in zip(labels, top3))
+
+    rows = read_csv(evaluated / "predictions.csv")
+    assert [int(r["predicted"]) for r in rows] == predicted
+    assert [int(r["true"]) for r in rows] == labels
+
+    per_class = read_csv(evaluated / "per_class.csv")
+    for row in per_class:
+        c = int(row["id"])
+        assert row["name"] == CLASSES[c]
+        assert int(row["total"]) == labels.count(c)
+        assert int(row["correct"]) == sum(1 for p, t in zip(predicted, labels) if t == c and p == c)
+
+    counts = Counter(zip(labels, predicted))
+    matrix = read_csv(evaluated / "confusion_matrix.csv")
+    for i, row in enumerate(matrix):
+        assert row["true \\ predicted"] == CLASSES[i]
+        assert [int(row[CLASSES[j]]) for j in range(3)] == [counts[(i, j)] for j in range(3)]
+
+    expected_pairs = sorted(((t, p, n) for (t, p), n in counts.items() if t != p), key=lambda x: (-x[2], x[0], x[1]))
+    pairs = [(int(r["true_id"]), int(r["predicted_id"]), int(r["count"])) for r in read_csv(evaluated / "confused_pairs.csv")]
+    assert pairs == expected_pairs[:10]
+
+
+def test_report_files_are_complete(evaluated):
+    for name in ("summary.json", "per_class.csv", "per_class.png", "predictions.csv", "confused_pairs.csv", "confusion_matrix.csv",
+                 "confusion.png", "gradcam_samples.png", "report.md"):
+        assert (evaluated / name).stat().st_size > 0, name
+    report = (evaluated / "report.md").read_text()
+    for part in ("## Per-class accuracy", "### Bottom 10", "### Top 10", "## Most confused pairs", "![CAM on random test images](gradcam_samples.png)",
+                 "## Test-time augmentation", "## Robustness"):
+        assert part in report
+
+
+def test_tta_and_corruption_rows(trained_run, evaluated):
+    summary = json.loads((evaluated / "summary.json").read_text())
+    assert summary["tta"]["scales"] == [56, 64, 72] and summary["tta"]["top1_without"] == summary["top1"]
+    assert 0 <= summary["tta"]["top1"] <= 100
+    corruptions = summary["corruptions"]
+    assert list(corruptions["accuracy"]) == ["gaussian_noise", "motion_blur"]  # the dataset's, in the hub's order
+    assert corruptions["accuracy"]["gaussian_noise"] == pytest.approx(summary["top1"])  # an exact copy of test
+    assert corruptions["mean"] == pytest.approx(sum(corruptions["accuracy"].values()) / 2)
+    assert corruptions["mean_drop"] == pytest.approx(summary["top1"] - corruptions["mean"])
+    report = (evaluated / "report.md").read_text()
+    tta_table = report.split("## Test-time augmentation")[1].split("## Robustness")[0]
+    assert sum(1 for line in tta_table.splitlines() if line.startswith("| Audi") or line.startswith("| AM") or line.startswith("| BMW")) == 3
+    assert "| **mean** |" in report
+
+
+def test_eval_output_is_not_overwritten_without_flag(trained_run, evaluated, capsys):
+    before = (evaluated / "summary.json").read_bytes()
+    with pytest.raises(SystemExit) as exit:
+        run_cli(evaluate.main, [str(trained_run[0]), "--workers", "0"])
+    assert exit.value.code == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert (evaluated / "summary.json").read_bytes() == before
+
+
+def test_no_corrupted_splits_is_a_clear_error(tmp_path, trained_run):
+    plain = write_hub_folder(tmp_path / "plain")
+    with pytest.raises(UserError, match="has no corrupted copies of its test split"):
+        evaluate.main([str(trained_run[0] / "best.pt"), "--data", str(plain), "--corruptions", "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("prefix, wrapper", [("_orig_mod.", None), ("module.", "state_dict"), ("module._orig_mod.", "model")])
+def test_bare_compiled_and_ddp_state_dicts_give_identical_predictions(tmp_path, trained_run, evaluated, prefix, wrapper):
+    run_dir, data = trained_run
+    state = {prefix + k: v for k, v in read_state_dict(run_dir / "best.pt").items()}
+    save_checkpoint(tmp_path / "best_model.pth", {wrapper: state} if wrapper else state)
+    out = tmp_path / "eval"
+    evaluate.main([str(tmp_path / "best_model.pth"), "--arch", "resnet18", "--num-classes", "3", "--resolution", "64",
+                   "--data", str(data), "--out", str(out), "--num-gradcam", "0", "--workers", "0"])
+    assert read_csv(out / "predictions.csv") == read_csv(evaluated / "predictions.csv")
+    assert read_csv(out / "per_class.csv") == read_csv(evaluated / "per_class.csv")
+
+
+def test_mismatched_checkpoints_name_both_sides(tmp_path, trained_run):
+    best = str(trained_run[0] / "best.pt")
+    with pytest.raises(UserError, match="holds a resnet18 model, not resnet34; pass --arch resnet18"):
+        evaluate.main([best, "--arch", "resnet34", "--out", str(tmp_path / "a")])
+    state = read_state_dict(trained_run[0] / "best.pt")
+    torch.save(state, tmp_path / "bare.pth")
+    with pytest.raises(UserError, match="has 3 classes but the model has 5"):
+        evaluate.main([str(tmp_path / "bare.pth"), "--arch", "resnet18", "--num-classes", "5", "--out", str(tmp_path / "b")])
+    with pytest.raises(UserError, match="does not say which architecture it holds; pass --arch"):
+        evaluate.main([str(tmp_path / "bare.pth"), "--out", str(tmp_path / "c")])
+
+
+def test_cam_maps_are_non_blank_image_sized_and_follow_the_target(trained_run):
+    run_dir, data = trained_run
+    model = build_model("resnet18", "none", 3)
+    model.load_state_dict(read_state_dict(run_dir / "best.pt"))
+    test = load_splits(str(data)).eval
+    images = torch.stack([eval_transform(96)(read_rgb(test, i)) for i in range(3)])  # layer4 is 3x3 at 96 px
+    for method in ("gradcam", "gradcam++", "eigencam", "finercam", "scorecam"):
+        maps = class_activation_maps(model, images, [0, 1, 2], method)
+        assert maps.shape == (3, 96, 96), method
+        assert all(m.max() > 0 and m.std() > 0.01 for m in maps), f"{method} gave a blank map"
+    for method in ("gradcam", "finercam"):
+        as_class_0 = class_activation_maps(model, images[:1], [0], method)[0]
+        as_class_2 = class_activation_maps(model, images[:1], [2], method)[0]
+        assert np.abs(as_class_0 - as_class_2).mean() > 0.01, method
+
+
+def test_unknown_cam_method():
+    with pytest.raises(UserError, match="unknown --cam-method 'magic'"):
+        class_activation_maps(build_model("resnet18", "none", 3), torch.zeros(1, 3, 64, 64), [0], "magic")
+
+
+def test_predict_top1_matches_eval_and_reports_unreadable_files(tmp_path, trained_run, evaluated, capsys):
+    run_dir, data = trained_run
+    test = load_splits(str(data)).eval
+    paths = []
+    for i in (0, 4):
+        path = tmp_path / f"car{i}.png"  # PNG: lossless, the same pixels eval decoded
+        test.open(i).save(path)
+        paths.append(str(path))
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        run_cli(predict.main, [str(run_dir), paths[0], str(tmp_path / "broken.jpg"), paths[1], "--json", "--topk", "2",
+                               "--cam", str(tmp_path / "cams")])
+    assert exit.value.code == 1
+    captured = capsys.readouterr()
+    errors = captured.err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: cannot read image") and "broken.jpg" in errors[0]
+    results = json.loads(captured.out)
+    rows = read_csv(evaluated / "predictions.csv")
+    assert [r["image"] for r in results] == paths
+    for result, i in zip(results, (0, 4)):
+        assert result["predictions"][0]["index"] == int(rows[i]["predicted"])
+        assert result["predictions"][0]["probability"] == pytest.approx(float(rows[i]["confidence"]), abs=1e-3)
+        assert len(result["predictions"]) == 2 and Path(result["cam"]).exists()
+
+
+def test_predict_table_for_a_bare_state_dict_with_class_names_from_data(tmp_path, trained_run, capsys):
+    run_dir, data = trained_run
+    torch.save({"_orig_mod." + k: v for k, v in read_state_dict(run_dir / "best.pt").items()}, tmp_path / "best_model.pth")
+    image = tmp_path / "grey.jpg"
+    load_splits(str(data)).eval.open(0).convert("L").save(image)
+    capsys.readouterr()
+    predict.main([str(tmp_path / "best_model.pth"), str(image), "--arch", "resnet18", "--resolution", "64", "--data", str(data), "--topk", "3"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == str(image) and len(out) == 4
+    assert sorted(line.split(". ", 1)[1].rsplit(" ", 1)[0].strip() for line in out[1:]) == sorted(CLASSES)
+
+
+def test_analysis_helpers_by_hand():
+    matrix = analysis.confusion_matrix([0, 1, 1, 2, 2, 0], [0, 0, 1, 2, 1, 1], 3)
+    assert matrix.tolist() == [[1, 1, 0], [1, 1, 1], [0, 0, 1]]
+    classes = analysis.per_class_accuracy(matrix, ["a", "b", "c"])
+    assert [(c.correct, c.total) for c in classes] == [(1, 2), (1, 3), (1, 1)]
+    assert [c.name for c in analysis.ranked(classes, 2, worst=True)] == ["b", "a"]
+    assert [c.name for c in analysis.ranked(classes, 3, worst=False)] == ["c", "a", "b"]
+    assert analysis.confused_pairs(matrix, 10) == [(0, 1, 1), (1, 0, 1), (1, 2, 1)]
+    logits = torch.tensor([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]])
+    assert analysis.topk_accuracy(logits, torch.tensor([1, 1]), 1) == 0.0
+    assert analysis.topk_accuracy(logits, torch.tensor([1, 1]), 2) == 100.0
