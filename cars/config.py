@@ -31,9 +31,16 @@ class Config:
     dropout: float = knob(0.0, "dropout probability before the new classification head")
     # input
     resolution: int = knob(224, "training crop size; eval resizes to resolution*256/224 and centre-crops")
+    train_crop: str = knob("random-resized", "random-resized: RandomResizedCrop; resize-randomcrop: Resize(resolution*256/224) + RandomCrop",
+                           ["random-resized", "resize-randomcrop"])
     crop_scale: float = knob(0.08, "smallest RandomResizedCrop area, as a fraction of the image")
-    augment: str = knob("basic", "basic: RandomResizedCrop + flip; heavy: adds rotation, colour jitter, random erasing", ["basic", "heavy"])
+    augment: str = knob("basic", "basic: crop + flip; heavy: adds rotation, colour jitter, random erasing; trivialaugment: adds TrivialAugmentWide",
+                        ["basic", "heavy", "trivialaugment"])
     color_jitter: float = knob(0.0, "extra colour jitter strength (brightness, contrast, saturation), 0 = off")
+    random_erasing: float = knob(0.0, "probability of RandomErasing on each training image")
+    mixup: float = knob(0.0, "MixUp alpha, 0 = off (with --cutmix too, each batch gets one of the two)")
+    cutmix: float = knob(0.0, "CutMix alpha, 0 = off")
+    label_smoothing: float = knob(0.0, "label smoothing of the training loss")
     # optimisation
     epochs: int = knob(90, "number of epochs")
     batch_size: int = knob(128, "images per optimisation step")
@@ -41,11 +48,15 @@ class Config:
     lr: float = knob(0.1, "learning rate (of the head when --backbone-lr-mult is not 1)")
     momentum: float = knob(0.9, "SGD momentum")
     weight_decay: float = knob(1e-4, "weight decay")
-    scheduler: str = knob("step", "lr schedule, stepped once per epoch", ["step", "cosine"])
+    lr_scaling: str = knob("none", "linear: lr x batch-size/128, the seed's lesson 4 (batch and lr go together)", ["none", "linear"])
+    scheduler: str = knob("step", "lr schedule, updated every step", ["step", "cosine"])
+    warmup_epochs: int = knob(0, "linear lr warmup over the first N epochs, before the schedule")
     step_size: int = knob(30, "step schedule: epochs between lr drops")
     gamma: float = knob(0.1, "step schedule: factor of each lr drop")
     freeze_epochs: int = knob(0, "two-stage training: only the new head trains for the first N epochs")
     backbone_lr_mult: float = knob(1.0, "differential lr: backbone lr = lr x this")
+    ema: bool = knob(False, "keep an exponential moving average of the weights; evaluate and save it")
+    ema_decay: float = knob(0.9998, "EMA decay per optimisation step")
     # speed and hardware
     amp: bool = knob(True, "mixed precision (CUDA only)")
     compile: bool = knob(True, "torch.compile the model (CUDA only)")
@@ -60,14 +71,18 @@ class Config:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
-        non_negative = ["momentum", "weight_decay", "gamma", "freeze_epochs", "backbone_lr_mult", "color_jitter", "dropout"]
+        non_negative = ["momentum", "weight_decay", "gamma", "freeze_epochs", "backbone_lr_mult", "color_jitter", "dropout",
+                        "mixup", "cutmix", "warmup_epochs"]
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise UserError(f"--{flag(name)} must not be negative, got {getattr(self, name)}")
         if not 0 <= self.val_split < 1:
             raise UserError(f"--val-split must be in [0, 1), got {self.val_split}")
-        if self.dropout >= 1:
-            raise UserError(f"--dropout must be below 1, got {self.dropout}")
+        for name in ("dropout", "label_smoothing", "random_erasing", "ema_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"--{flag(name)} must be in [0, 1), got {getattr(self, name)}")
+        if self.warmup_epochs >= self.epochs:
+            raise UserError(f"--warmup-epochs ({self.warmup_epochs}) must be smaller than --epochs ({self.epochs})")
         if self.freeze_epochs >= self.epochs:
             raise UserError(f"--freeze-epochs ({self.freeze_epochs}) must be smaller than --epochs ({self.epochs}), or nothing but the head is ever trained")
         if not 0 < self.crop_scale <= 1:

@@ -35,8 +35,10 @@ class EpochResult:
     images: int  # how many were seen (fewer than the split when unreadable ones were skipped)
 
 
-def train_one_epoch(model, loader, optimizer, scaler, device: Device, frozen_backbone: bool = False,
-                    description: str = "train") -> EpochResult:
+def train_one_epoch(model, loader, optimizer, scaler, device: Device, scheduler=None, ema=None, mixer=None,
+                    label_smoothing: float = 0.0, frozen_backbone: bool = False, description: str = "train") -> EpochResult:
+    """One pass over the loader. The scheduler and the EMA advance every step; accuracy is
+    counted against the true labels, also when MixUp/CutMix blend them."""
     model.train()
     set_backbone_frozen(unwrap(model), frozen_backbone)  # after train(): a frozen backbone keeps its BatchNorm statistics
     total_loss, correct, seen = 0.0, 0, 0
@@ -45,13 +47,20 @@ def train_one_epoch(model, loader, optimizer, scaler, device: Device, frozen_bac
         if batch is None:  # every image of the batch was unreadable and skipped
             continue
         images, labels = device.put(*batch)
+        targets = labels
+        if mixer is not None:
+            images, targets = mixer(images, labels)
         with device.autocast():
             logits = model(images)
-            loss = F.cross_entropy(logits, labels)
+            loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if scheduler is not None:
+            scheduler.step()
+        if ema is not None:
+            ema.update_parameters(unwrap(model))
 
         total_loss += loss.item() * len(labels)
         correct += (logits.argmax(1) == labels).sum().item()

@@ -167,3 +167,11 @@ def guess_arch(state: dict) -> str | None:
         if own == {k: v for k, v in shapes.items() if not k.startswith(head)}:
             return arch
     return None
+
+
+def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of the weights (and BatchNorm statistics), updated every step:
+    ema = decay * ema + (1 - decay) * weights."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)

@@ -2,9 +2,11 @@
 
 import argparse
 import dataclasses
+import math
 import os
 import random
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -18,9 +20,9 @@ from cars.checkpoint import save_checkpoint, unwrap
 from cars.data import TransformedSplit, load_splits, make_loader
 from cars.engine import Device, evaluate, train_one_epoch
 from cars.errors import UserError
-from cars.models import backbone_parameters, build_model, head_parameters
+from cars.models import backbone_parameters, build_model, head_parameters, make_ema
 from cars.report import METRIC_COLUMNS, plot_curves, write_csv, write_json
-from cars.transforms import eval_transform, train_transform
+from cars.transforms import batch_mixer, eval_transform, train_transform
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,22 +51,42 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def base_lr(cfg) -> float:
+    """--lr, scaled by batch/128 with --lr-scaling linear (lr 0.1 was tuned for batch 128)."""
+    return cfg.lr * cfg.batch_size / 128 if cfg.lr_scaling == "linear" else cfg.lr
+
+
 def make_optimizer(cfg, model) -> torch.optim.Optimizer:
     """Two parameter groups so the backbone can learn slower than the new head (--backbone-lr-mult)."""
+    lr = base_lr(cfg)
     groups = [
-        {"params": backbone_parameters(model), "lr": cfg.lr * cfg.backbone_lr_mult, "name": "backbone"},
-        {"params": head_parameters(model), "lr": cfg.lr, "name": "head"},
+        {"params": backbone_parameters(model), "lr": lr * cfg.backbone_lr_mult, "name": "backbone"},
+        {"params": head_parameters(model), "lr": lr, "name": "head"},
     ]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(cfg, optimizer):
-    """Stepped once per epoch, after it."""
-    if cfg.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+def lr_factor(cfg, steps_per_epoch: int):
+    """The learning rate as a multiple of the base lr after `step` optimisation steps:
+    linear warmup first, then the step decay (/10 every 30 epochs) or a cosine down to 0."""
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    total = cfg.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.scheduler == "step":
+            return cfg.gamma ** (step // (cfg.step_size * steps_per_epoch))
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return factor
+
+
+def make_scheduler(cfg, optimizer, steps_per_epoch: int):
+    """Stepped after every optimisation step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
 
 
 def rng_state() -> dict:
@@ -126,20 +148,28 @@ def main(argv=None) -> None:
         f"{cfg.scheduler} schedule, {cfg.epochs} epochs on {device_type} "
         f"(amp {device.amp}, compile {cfg.compile and on_cuda}, channels_last {device.channels_last})")
 
-    model = model.to(device_type, memory_format=torch.channels_last if device.channels_last else torch.preserve_format)
-    optimizer = make_optimizer(cfg, model)
-    scheduler = make_scheduler(cfg, optimizer)
-    scaler = torch.amp.GradScaler(device_type, enabled=device.amp)
-    trained = torch.compile(model) if cfg.compile and on_cuda else model
-    if on_cuda:
-        torch.backends.cudnn.benchmark = True
+    if cfg.lr_scaling == "linear":
+        log(f"linear lr scaling: lr {cfg.lr:g} x batch {cfg.batch_size} / 128 = {base_lr(cfg):g}")
 
     workers = min(8, os.cpu_count() or 1) if cfg.workers < 0 else cfg.workers
-    train_set = TransformedSplit(splits.train, train_transform(cfg.resolution, cfg.augment, cfg.color_jitter, cfg.crop_scale), cfg.skip_bad_images)
+    train_set = TransformedSplit(splits.train, train_transform(cfg), cfg.skip_bad_images)
     eval_set = TransformedSplit(splits.eval, eval_transform(cfg.resolution), cfg.skip_bad_images)
     train_loader = make_loader(train_set, cfg.batch_size, True, workers, cfg.seed, pin_memory=on_cuda)
     eval_loader = make_loader(eval_set, cfg.batch_size, False, workers, cfg.seed, pin_memory=on_cuda)
 
+    model = model.to(device_type, memory_format=torch.channels_last if device.channels_last else torch.preserve_format)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=len(train_loader))
+    scaler = torch.amp.GradScaler(device_type, enabled=device.amp)
+    ema = make_ema(model, cfg.ema_decay) if cfg.ema else None  # when on, the EMA weights are evaluated and kept
+    mixer = batch_mixer(cfg.mixup, cfg.cutmix, len(splits.class_names))
+    trained = torch.compile(model) if cfg.compile and on_cuda else model
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True
+
+    # compare.py tells a running run from a crashed one by this: a live process on this host
+    write_json(run_dir / "summary.json", {"status": "running", "pid": os.getpid(), "host": socket.gethostname(), "epochs": cfg.epochs,
+                                          "selected_on": splits.eval_name})
     rows, best, started = [], None, time.time()
     plotted = started
     for epoch in range(1, cfg.epochs + 1):
@@ -148,22 +178,25 @@ def main(argv=None) -> None:
         if cfg.freeze_epochs and epoch == cfg.freeze_epochs + 1:
             log(f"epoch {epoch}: unfreezing the backbone; all layers train from now on")
         lr = optimizer.param_groups[-1]["lr"]
-        train = train_one_epoch(trained, train_loader, optimizer, scaler, device, frozen_backbone=frozen,
-                                description=f"epoch {epoch}/{cfg.epochs}")
-        scheduler.step()
-        result = evaluate(trained, eval_loader, device, description=splits.eval_name)
+        train = train_one_epoch(trained, train_loader, optimizer, scaler, device, scheduler, ema, mixer, cfg.label_smoothing,
+                                frozen_backbone=frozen, description=f"epoch {epoch}/{cfg.epochs}")
+        evaluated = ema.module if ema else trained
+        result = evaluate(evaluated, eval_loader, device, description=splits.eval_name)
         seconds = time.time() - epoch_start
         rows.append(dict(epoch=epoch, lr=lr, train_loss=train.loss, train_acc=train.accuracy,
                          eval_loss=result.loss, eval_acc=result.accuracy, seconds=round(seconds, 2)))
 
         improved = best is None or result.accuracy > best["eval_acc"]
-        checkpoint = {"model": unwrap(model).state_dict(), "config": dataclasses.asdict(cfg), "class_names": splits.class_names,
+        checkpoint = {"model": unwrap(evaluated).state_dict(), "config": dataclasses.asdict(cfg), "class_names": splits.class_names,
                       "epoch": epoch, "metric": result.accuracy, "metric_name": f"{splits.eval_name}_acc"}
         if improved:
             best = rows[-1]
             save_checkpoint(run_dir / "best.pt", checkpoint)
-        save_checkpoint(run_dir / "last.pt", {**checkpoint, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                              "scaler": scaler.state_dict(), "rng": rng_state()})
+        training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                          "rng": rng_state()}
+        if ema:  # "model" holds the EMA weights; the raw ones are needed to go on training
+            training_state.update(raw_model=unwrap(model).state_dict(), ema=ema.state_dict())
+        save_checkpoint(run_dir / "last.pt", {**checkpoint, **training_state})
         write_csv(run_dir / "metrics.csv", rows, METRIC_COLUMNS)
         if time.time() - plotted > 30 or epoch == cfg.epochs:  # a plot costs about a second: not every short epoch
             plot_curves(rows, run_dir / "curves.png", splits.eval_name, title=f"{preset}: {cfg.arch} {cfg.resolution}px")
@@ -184,9 +217,9 @@ def main(argv=None) -> None:
     log(f"done in {duration(total)}: best {splits.eval_name} accuracy {best['eval_acc']:.2f}% at epoch {int(best['epoch'])} "
         f"(final epoch {rows[-1]['eval_acc']:.2f}%)")
     if splits.test is not None:  # the held-out val split chose the epoch; the test split was never looked at until now
-        unwrap(model).load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)["model"])
+        unwrap(evaluated).load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)["model"])
         test_set = TransformedSplit(splits.test, eval_transform(cfg.resolution), cfg.skip_bad_images)
-        test = evaluate(model, make_loader(test_set, cfg.batch_size, False, workers, cfg.seed, on_cuda), device, "test")
+        test = evaluate(evaluated, make_loader(test_set, cfg.batch_size, False, workers, cfg.seed, on_cuda), device, "test")
         summary["test_acc_of_best"] = test.accuracy
         log(f"test accuracy of the best epoch (chosen on val): {test.accuracy:.2f}%")
     write_json(run_dir / "summary.json", summary)

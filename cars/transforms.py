@@ -16,16 +16,34 @@ def to_normalized_tensor() -> list:
     return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
-def train_transform(resolution: int, augment: str = "basic", color_jitter: float = 0.0, crop_scale: float = 0.08) -> v2.Compose:
-    ops = [v2.RandomResizedCrop(resolution, scale=(crop_scale, 1.0), antialias=True), v2.RandomHorizontalFlip()]
-    if augment == "heavy":
+def train_transform(cfg) -> v2.Compose:
+    """The per-image training augmentation a config asks for (see Config's input knobs)."""
+    if cfg.train_crop == "resize-randomcrop":
+        ops = [v2.Resize(eval_resize(cfg.resolution), antialias=True), v2.RandomCrop(cfg.resolution)]
+    else:
+        ops = [v2.RandomResizedCrop(cfg.resolution, scale=(cfg.crop_scale, 1.0), antialias=True)]
+    ops.append(v2.RandomHorizontalFlip())
+    if cfg.augment == "heavy":
         ops += [v2.RandomRotation(15), v2.ColorJitter(0.4, 0.4, 0.4, 0.1)]
-    if color_jitter > 0:
-        ops.append(v2.ColorJitter(color_jitter, color_jitter, color_jitter))
+    if cfg.augment == "trivialaugment":
+        ops.append(v2.TrivialAugmentWide())
+    if cfg.color_jitter > 0:
+        ops.append(v2.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter))
     ops += to_normalized_tensor()
-    if augment == "heavy":
-        ops.append(v2.RandomErasing(p=0.25))
+    erasing = 0.25 if cfg.augment == "heavy" else cfg.random_erasing
+    if erasing > 0:
+        ops.append(v2.RandomErasing(p=erasing))
     return v2.Compose(ops)
+
+
+def batch_mixer(mixup: float, cutmix: float, num_classes: int):
+    """MixUp and/or CutMix over a whole batch (labels become soft); None when both are off."""
+    mixers = []
+    if mixup > 0:
+        mixers.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
+    if cutmix > 0:
+        mixers.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
+    return v2.RandomChoice(mixers) if len(mixers) > 1 else (mixers[0] if mixers else None)
 
 
 def eval_crop(resolution: int) -> list:

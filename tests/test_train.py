@@ -81,7 +81,7 @@ def test_freeze_epochs_keep_backbone_then_release_it():
     model = build_model("resnet18", "none", len(splits.class_names))
     optimizer = train.make_optimizer(Config(lr=0.05), model)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    subset = torch.utils.data.Subset(TransformedSplit(splits.train, train_transform(32)), range(24))
+    subset = torch.utils.data.Subset(TransformedSplit(splits.train, train_transform(Config(resolution=32))), range(24))
     loader = make_loader(subset, 8, True, 0, 0)
 
     def snapshot():
@@ -108,16 +108,20 @@ def test_backbone_lr_mult_gives_two_learning_rates():
     assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["weight_decay"] == 0.05
 
 
-def lr_per_epoch(cfg: Config) -> list[float]:
+def lr_per_step(cfg: Config, steps_per_epoch: int) -> list[float]:
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    scheduler = train.make_scheduler(cfg, optimizer)
+    scheduler = train.make_scheduler(cfg, optimizer, steps_per_epoch)
     lrs = []
-    for _ in range(cfg.epochs):
+    for _ in range(cfg.epochs * steps_per_epoch):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
     return lrs
+
+
+def lr_per_epoch(cfg: Config, steps_per_epoch: int = 3) -> list[float]:
+    return lr_per_step(cfg, steps_per_epoch)[::steps_per_epoch]
 
 
 def test_step_schedule_is_the_seeds_run_7():
@@ -130,6 +134,25 @@ def test_step_schedule_is_the_seeds_run_7():
 def test_cosine_schedule():
     lrs = lr_per_epoch(Config(scheduler="cosine", lr=0.2, epochs=10))
     assert lrs == pytest.approx([0.2 * (1 + math.cos(math.pi * e / 10)) / 2 for e in range(10)])
+    per_step = lr_per_step(Config(scheduler="cosine", lr=0.2, epochs=2), steps_per_epoch=4)
+    assert per_step == pytest.approx([0.2 * (1 + math.cos(math.pi * s / 8)) / 2 for s in range(8)])
+
+
+def test_warmup_then_cosine_per_step():
+    lrs = lr_per_step(Config(scheduler="cosine", lr=0.1, epochs=4, warmup_epochs=1), steps_per_epoch=5)
+    assert lrs[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])  # linear warmup reaches the base lr
+    assert lrs[5:] == pytest.approx([0.1 * (1 + math.cos(math.pi * s / 15)) / 2 for s in range(15)])
+
+
+def test_warmup_then_step_decay_keeps_drops_on_epoch_boundaries():
+    lrs = lr_per_step(Config(lr=0.1, epochs=6, warmup_epochs=1, step_size=2, gamma=0.5), steps_per_epoch=2)
+    assert lrs == pytest.approx([0.05, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05, 0.025, 0.025, 0.025, 0.025])
+
+
+def test_linear_lr_scaling():
+    model = build_model("resnet18", "none", 5)
+    optimizer = train.make_optimizer(Config(lr=0.1, batch_size=32, lr_scaling="linear"), model)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.025, 0.025])
 
 
 # --- bad input: one clear line, exit status 2, nothing written to an existing run -----------------
