@@ -136,3 +136,35 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def plot_comparison(runs: dict[str, list[dict]], path: Path) -> None:
+    """Eval accuracy of every run on one chart, their lr schedules beneath on the same epochs."""
+    fig, (acc_ax, lr_ax) = plt.subplots(2, 1, figsize=(11, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
+    for name, rows in runs.items():
+        epochs = [r["epoch"] for r in rows]
+        line, = acc_ax.plot(epochs, [r["eval_acc"] for r in rows], "-", lw=1.5, label=f"{name} (best {max(r['eval_acc'] for r in rows):.2f}%)")
+        lr_ax.plot(epochs, [r["lr"] for r in rows], "-", lw=1.2, color=line.get_color())
+    acc_ax.set_ylabel("eval accuracy (%)")
+    acc_ax.grid(alpha=0.3)
+    acc_ax.legend(fontsize=8, loc="lower right")
+    lr_ax.set_yscale("log")
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.set_xlabel("epoch")
+    lr_ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def plot_lr_find(lrs: list[float], smoothed: list[float], suggestion: dict, path: Path, title: str = "") -> None:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(lrs, smoothed, lw=1.5)
+    for rule, marker, colour in (("valley", "o", "crimson"), ("steepest", "s", "darkorange")):
+        lr = suggestion[rule]
+        ax.plot([lr], [smoothed[lrs.index(lr)]], marker, color=colour, ms=8, label=f"{rule}: {lr:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("smoothed training loss")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    ax.set_title(title)
+    save_figure(fig, path)

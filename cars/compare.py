@@ -1,0 +1,120 @@
+"""compare.py: the experiment log, generated from run folders."""
+
+import argparse
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from cars.config import Config, load_saved
+from cars.errors import UserError
+from cars.report import markdown_table, plot_comparison, read_metrics, write_text
+from cars.train import base_lr
+
+
+@dataclass
+class Run:
+    name: str
+    config: Config
+    metrics: list[dict]
+    summary: dict
+    status: str
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def run_status(summary: dict) -> str:
+    """finished, running, or crashed (a run that says it is running but whose process is gone)."""
+    status = summary.get("status", "crashed")
+    if status != "running":
+        return status
+    if summary.get("host") != socket.gethostname():
+        return "running?"  # another machine's run: cannot check its process
+    return "running" if process_alive(int(summary.get("pid", -1))) else "crashed"
+
+
+def read_run(folder: Path) -> Run:
+    if not (folder / "config.toml").is_file():
+        raise UserError(f"{folder} is not a run folder (no config.toml)")
+    metrics = read_metrics(folder / "metrics.csv") if (folder / "metrics.csv").is_file() else []
+    summary_path = folder / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return Run(folder.name, load_saved(folder / "config.toml"), metrics, summary, run_status(summary))
+
+
+def strategy(cfg: Config) -> str:
+    parts = [f"two-stage ({cfg.freeze_epochs} frozen)" if cfg.freeze_epochs else "one-stage"]
+    if cfg.backbone_lr_mult != 1:
+        parts.append(f"backbone lr x{cfg.backbone_lr_mult:g}")
+    if cfg.ema:
+        parts.append("EMA")
+    return ", ".join(parts)
+
+
+def augmentation(cfg: Config) -> str:
+    parts = ["crop+flip" if cfg.augment == "basic" else cfg.augment]
+    if cfg.train_crop == "resize-randomcrop":
+        parts[0] = parts[0].replace("crop", "resize+randomcrop")
+    extras = [("cj", cfg.color_jitter), ("erase", cfg.random_erasing), ("mixup", cfg.mixup), ("cutmix", cfg.cutmix),
+              ("ls", cfg.label_smoothing)]
+    parts += [f"{name} {value:g}" for name, value in extras if value]
+    return ", ".join(parts)
+
+
+def row(run: Run) -> list[str]:
+    cfg, metrics, summary = run.config, run.metrics, run.summary
+    split = summary.get("selected_on", "val" if cfg.val_split else "test")
+    if metrics:
+        best = max(metrics, key=lambda r: r["eval_acc"])
+        best_text = f"{best['eval_acc']:.2f}% @{int(best['epoch'])} ({split})"
+        final_text = f"{metrics[-1]['eval_acc']:.2f}%"
+        seconds = summary.get("seconds", sum(r["seconds"] for r in metrics))
+    else:
+        best_text, final_text, seconds = "-", "-", 0
+    test_text = f"{summary['test_acc_of_best']:.2f}%" if "test_acc_of_best" in summary else ("(= best)" if split == "test" else "-")
+    minutes = f"{seconds / 60:.1f} min"
+    lr = f"{base_lr(cfg):g}" + (" (scaled)" if cfg.lr_scaling == "linear" else "")
+    return [run.name, run.status, cfg.arch, strategy(cfg), str(cfg.resolution), cfg.optimizer, lr, f"{cfg.weight_decay:g}",
+            str(cfg.batch_size), augmentation(cfg), f"{len(metrics)}/{cfg.epochs}", best_text, final_text, test_text, minutes]
+
+
+HEADER = ["run", "status", "arch", "strategy", "res", "optimizer", "lr", "wd", "batch", "augmentation", "epochs",
+          "best eval (epoch, split)", "final epoch", "test of best", "time"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Compare run folders: an experiment table and their accuracy curves overlaid.")
+    parser.add_argument("runs", nargs="+", help="run folders (e.g. runs/*)")
+    parser.add_argument("--out", help="folder to write compare.md and compare.png into (default: print only)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    folders = [Path(p) for p in args.runs if Path(p).is_dir() and (Path(p) / "config.toml").exists()]
+    skipped = [p for p in args.runs if Path(p) not in folders]
+    if not folders:
+        raise UserError(f"none of {', '.join(args.runs)} is a run folder (a folder with config.toml)")
+    runs = [read_run(folder) for folder in folders]
+    table = markdown_table(HEADER, [row(run) for run in runs])
+    notes = ("The best epoch is chosen on the split in brackets; chosen on test (the seed's practice), it flatters "
+             "the result: the final-epoch column is the honest one. With --val-split the test column is the test accuracy "
+             "of the epoch chosen on val.")
+    print(table + "\n\n" + notes)
+    if skipped:
+        print(f"\nnot run folders, skipped: {', '.join(skipped)}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        plot_comparison({run.name: run.metrics for run in runs if run.metrics}, out / "compare.png")
+        write_text(out / "compare.md", f"# Experiments\n\n{table}\n\n{notes}\n\n![eval accuracy and lr of every run](compare.png)\n")
+        print(f"\nwrote {out / 'compare.md'} and {out / 'compare.png'}")

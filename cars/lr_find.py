@@ -1,0 +1,137 @@
+"""lr_find.py: the learning-rate range test, before a run is wasted on a bad lr.
+
+The lr grows exponentially from --start-lr to --end-lr over --steps mini-batches, on a copy of the
+starting weights; the smoothed loss is recorded until it diverges. The suggestion follows fastai:
+the valley (about two thirds down the longest stretch of falling loss) and the steepest descent.
+"""
+
+import argparse
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cars import config as config_module
+from cars.checkpoint import unwrap
+from cars.data import TransformedSplit, load_splits, make_loader
+from cars.engine import Device
+from cars.errors import UserError
+from cars.models import build_model, set_backbone_frozen
+from cars.report import plot_lr_find, write_csv
+from cars.train import make_optimizer, pick_device, prepare_run_dir, seed_everything
+from cars.transforms import batch_mixer, train_transform
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Learning-rate range test for a preset; any train.py flag overrides it.")
+    parser.add_argument("--config", help="TOML preset (e.g. configs/run07_baseline.toml)")
+    parser.add_argument("--phase", choices=["full", "head"], default="full",
+                        help="full: every layer trains (one-stage, or stage 2); head: only the new head (stage 1 of a two-stage preset)")
+    parser.add_argument("--start-lr", type=float, default=1e-7, help="first lr of the sweep (default 1e-7)")
+    parser.add_argument("--end-lr", type=float, default=10.0, help="last lr of the sweep (default 10)")
+    parser.add_argument("--steps", type=int, default=200, help="mini-batches in the sweep (default 200)")
+    parser.add_argument("--out", help="output folder (default runs/lr_find-<preset>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    config_module.add_config_flags(parser)
+    args = parser.parse_args(argv)
+    if not 0 < args.start_lr < args.end_lr:
+        raise UserError(f"need 0 < --start-lr < --end-lr, got {args.start_lr} and {args.end_lr}")
+    if args.steps < 10:
+        raise UserError(f"--steps must be at least 10, got {args.steps}")
+    return args
+
+
+def smooth(losses: list[float], beta: float = 0.98) -> list[float]:
+    """Exponential moving average with bias correction, as fastai's recorder."""
+    average, smoothed = 0.0, []
+    for i, loss in enumerate(losses, 1):
+        average = beta * average + (1 - beta) * loss
+        smoothed.append(average / (1 - beta**i))
+    return smoothed
+
+
+def suggest(lrs: list[float], losses: list[float]) -> dict:
+    """fastai's valley and steepest-descent rules on the smoothed loss curve."""
+    n = len(losses)
+    longest = [1] * n  # longest strictly falling subsequence ending at i
+    for i in range(n):
+        for j in range(i):
+            if losses[i] < losses[j] and longest[i] < longest[j] + 1:
+                longest[i] = longest[j] + 1
+    end = int(np.argmax(longest))
+    start = end - longest[end] + 1
+    valley = start + (end - start) * 2 // 3
+    slopes = np.gradient(np.array(losses), np.log(np.array(lrs)))
+    first = n // 10  # the smoothed curve's first points are mostly its start-up
+    steepest = first + int(np.argmin(slopes[first : max(end, first) + 1]))
+    return {"valley": lrs[valley], "steepest": lrs[steepest]}
+
+
+def range_test(model, loader, cfg, device: Device, start_lr: float, end_lr: float, steps: int, phase: str, num_classes: int):
+    """Sweep on a deep copy: `model` itself is never touched. Returns the lrs and raw losses seen."""
+    model = copy.deepcopy(model).to(device.type)
+    optimizer = make_optimizer(cfg, model)
+    ratios = [group["lr"] / optimizer.param_groups[-1]["lr"] for group in optimizer.param_groups]  # keep --backbone-lr-mult
+    mixer = batch_mixer(cfg.mixup, cfg.cutmix, num_classes)
+    lrs, losses, best = [], [], math.inf
+    batches = iter(())
+    for step in range(steps):
+        lr = start_lr * (end_lr / start_lr) ** (step / (steps - 1))
+        for group, ratio in zip(optimizer.param_groups, ratios):
+            group["lr"] = lr * ratio
+        batch = next(batches, None)
+        if batch is None:  # the sweep may be longer than an epoch
+            batches = iter(loader)
+            batch = next(batches)
+        model.train()
+        set_backbone_frozen(unwrap(model), phase == "head")
+        images, labels = device.put(*batch)
+        targets = labels if mixer is None else None
+        if mixer is not None:
+            images, targets = mixer(images, labels)
+        with device.autocast():
+            loss = F.cross_entropy(model(images), targets, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lrs.append(lr)
+        losses.append(loss.item())
+        smoothed = smooth(losses)[-1]
+        best = min(best, smoothed)
+        if not math.isfinite(smoothed) or (step > 5 and smoothed > 4 * best):  # diverged: the rest tells nothing
+            break
+    return lrs, losses
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    cfg, preset = config_module.resolve(args)
+    out = Path(args.out or f"runs/lr_find-{preset}")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        prepare_run_dir(out, overwrite=False)
+    device_type = pick_device(cfg.device)
+    device = Device(device_type, amp=cfg.amp and device_type == "cuda")
+    seed_everything(cfg.seed)
+    splits = load_splits(cfg.data, cfg.val_split, cfg.seed)
+    model = build_model(cfg.arch, cfg.weights, len(splits.class_names), cfg.dropout)
+    loader = make_loader(TransformedSplit(splits.train, train_transform(cfg), cfg.skip_bad_images), cfg.batch_size, True,
+                         0 if cfg.workers < 0 else cfg.workers, cfg.seed)
+    prepare_run_dir(out, args.overwrite)
+
+    print(f"lr range test: {cfg.arch}, {cfg.optimizer}, batch {cfg.batch_size}, phase {args.phase}, "
+          f"lr {args.start_lr:g} -> {args.end_lr:g} over at most {args.steps} steps")
+    lrs, losses = range_test(model, loader, cfg, device, args.start_lr, args.end_lr, args.steps, args.phase, len(splits.class_names))
+    smoothed = smooth(losses)
+    stopped_early = len(lrs) < args.steps
+    suggestion = suggest(lrs, smoothed)
+    write_csv(out / "lr_find.csv", [dict(step=i, lr=lr, loss=loss, smoothed_loss=s) for i, (lr, loss, s) in enumerate(zip(lrs, losses, smoothed))],
+              ["step", "lr", "loss", "smoothed_loss"])
+    plot_lr_find(lrs, smoothed, suggestion, out / "lr_find.png", title=f"{preset}: {cfg.arch}, {cfg.optimizer}, phase {args.phase}")
+    if stopped_early:
+        print(f"stopped after {len(lrs)} steps: the loss diverged at lr {lrs[-1]:.3g}")
+    print(f"suggested lr: {suggestion['valley']:.3g} (valley rule: two thirds down the longest fall of the smoothed loss); "
+          f"steepest descent at {suggestion['steepest']:.3g}")
+    print(f"your preset's lr: {cfg.lr:g}. Plot and numbers: {out / 'lr_find.png'}, {out / 'lr_find.csv'}")
