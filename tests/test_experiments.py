@@ -1,0 +1,221 @@
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cars import compare, lr_find, train
+from cars.checkpoint import load_checkpoint
+from cars.config import Config
+from cars.data import TransformedSplit, load_splits, make_loader
+from cars.demo import write_demo
+from cars.engine import Device, train_one_epoch
+from cars.errors import UserError
+from cars.models import build_model, make_ema
+from cars.report import read_metrics
+from cars.transforms import batch_mixer, train_transform
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "configs").glob("*.toml"))
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    """The demo dataset at 2 train / 1 test images per class, through the same `--data demo` path."""
+    import os
+
+    root = tmp_path_factory.mktemp("tinydemo")
+    old = os.environ["CARS_CACHE"]
+    os.environ["CARS_CACHE"] = str(root)
+    from cars.demo import demo_root
+
+    write_demo(demo_root(), train_per_class=2, test_per_class=1)
+    yield root
+    os.environ["CARS_CACHE"] = old
+
+
+def test_every_seed_run_has_a_preset():
+    names = {p.stem for p in PRESETS}
+    assert {f"run0{i}" for i in range(1, 7)} | {"run07_baseline", "run08_r50_448", "run09_effb4_sgd", "run10_effb4_adamw",
+                                                 "plus_r50_224", "plus_r50_448", "demo"} <= names
+    assert tomllib.loads((ROOT / "configs" / "run07_baseline.toml").read_text()).items() <= vars(Config()).items(), \
+        "run 7 is the default recipe"
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_preset_parses_and_runs_a_short_epoch_on_the_demo(tmp_path, tiny_demo, preset):
+    text = preset.read_text()
+    assert text.startswith("#") and "%" in text.split("\n\n")[0], "a preset's comment names its source and accuracy"
+    values = tomllib.loads(text)
+    Config(**values).validate()
+    epochs = 2 if values.get("freeze_epochs") or values.get("warmup_epochs") else 1
+    shrink = ["--epochs", epochs, "--freeze-epochs", min(values.get("freeze_epochs", 0), 1),
+              "--warmup-epochs", min(values.get("warmup_epochs", 0), 1)]
+    run_dir = tmp_path / preset.stem
+    train.main([str(a) for a in ["--config", preset, "--data", "demo", "--weights", "none", "--resolution", 32, "--batch-size", 4,
+                                 "--workers", 0, "--run-dir", run_dir, *shrink]])
+    rows = read_metrics(run_dir / "metrics.csv")
+    assert len(rows) == epochs
+    saved = tomllib.loads((run_dir / "config.toml").read_text())
+    for key in set(values) - {"epochs", "freeze_epochs", "warmup_epochs", "weights", "resolution", "batch_size", "workers", "data"}:
+        assert saved[key] == values[key], key
+
+
+def test_ema_is_the_hand_computed_average():
+    model = torch.nn.Linear(2, 1, bias=False)
+    ema = make_ema(model, decay=0.9)
+    weights = [torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 0.0]]), torch.tensor([[-1.0, 4.0]])]
+    expected = None
+    for w in weights:
+        with torch.no_grad():
+            model.weight.copy_(w)
+        ema.update_parameters(model)
+        expected = w.clone() if expected is None else 0.9 * expected + 0.1 * w  # the first update copies
+    assert torch.allclose(ema.module.weight, expected)
+    assert not torch.equal(ema.module.weight, model.weight)
+
+
+def test_ema_run_keeps_ema_weights_apart_from_raw_ones(tmp_path, tiny_demo):
+    run_dir = tmp_path / "ema"
+    train.main(["--config", str(ROOT / "configs" / "demo.toml"), "--epochs", "2", "--ema", "--ema-decay", "0.9", "--run-dir", str(run_dir)])
+    last = load_checkpoint(run_dir / "last.pt")
+    assert set(last["raw_model"]) == set(last["model"])
+    differing = [k for k, v in last["model"].items() if v.is_floating_point() and not torch.equal(v, last["raw_model"][k])]
+    assert len(differing) > 10
+
+
+def linear_model_loss(label_smoothing=0.0, mixer=None):
+    """The loss train_one_epoch reports, at lr 0, on one fixed batch, for a model without BatchNorm."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    images, labels = torch.randn(6, 3, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    result = train_one_epoch(model, [(images, labels)], optimizer, torch.amp.GradScaler("cpu", enabled=False), Device("cpu"),
+                             mixer=mixer, label_smoothing=label_smoothing)
+    return result.loss, model(images.flatten(1).view(6, 3, 4, 4)).detach(), labels
+
+
+def test_label_smoothing_changes_the_loss_as_expected():
+    plain, logits, labels = linear_model_loss()
+    smoothed, _, _ = linear_model_loss(label_smoothing=0.1)
+    log_p = logits.log_softmax(1)
+    nll = -log_p[torch.arange(6), labels].mean()
+    uniform = -log_p.mean(1).mean()
+    assert plain == pytest.approx(nll.item(), rel=1e-5)
+    assert smoothed == pytest.approx((0.9 * nll + 0.1 * uniform).item(), rel=1e-5)
+
+
+def test_mixup_blends_two_labels_and_the_loss_follows():
+    torch.manual_seed(3)
+    mixer = batch_mixer(mixup=0.4, cutmix=0.0, num_classes=3)
+    images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
+    mixed, targets = mixer(images, labels)
+    assert targets.shape == (4, 3) and torch.allclose(targets.sum(1), torch.ones(4))
+    rolled = labels.roll(1)  # MixUp pairs each image with the previous one in the batch
+    lam = targets[1, 1].item()  # image 1 is class 1, its partner class 0: its target is lam * e1 + (1 - lam) * e0
+    assert targets[1, 0].item() == pytest.approx(1 - lam) and 0 < lam < 1
+    assert torch.allclose(mixed, lam * images + (1 - lam) * images.roll(1, 0), atol=1e-6)
+    logits = torch.randn(4, 3)
+    soft = F.cross_entropy(logits, targets)
+    assert soft.item() == pytest.approx((lam * F.cross_entropy(logits, labels) + (1 - lam) * F.cross_entropy(logits, rolled)).item(), rel=1e-5)
+    assert batch_mixer(0.0, 0.0, 3) is None
+
+
+def test_train_transform_options():
+    cfg = Config(resolution=32, train_crop="resize-randomcrop", augment="trivialaugment", random_erasing=0.5)
+    names = [type(t).__name__ for t in train_transform(cfg).transforms]
+    assert names[:3] == ["Resize", "RandomCrop", "RandomHorizontalFlip"] and "TrivialAugmentWide" in names and names[-1] == "RandomErasing"
+    assert [type(t).__name__ for t in train_transform(Config()).transforms][:2] == ["RandomResizedCrop", "RandomHorizontalFlip"]
+
+
+# --- compare.py ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def three_runs(tmp_path_factory, tiny_demo):
+    """Two finished demo runs and one that crashed after its first epoch."""
+    root = tmp_path_factory.mktemp("runs")
+    base = ["--config", str(ROOT / "configs" / "demo.toml"), "--epochs", "2"]
+    train.main([*base, "--run-dir", str(root / "a")])
+    train.main([*base, "--run-dir", str(root / "b"), "--lr", "0.003", "--freeze-epochs", "1", "--val-split", "0.5"])
+    crashed = root / "c"
+    train.main([*base, "--run-dir", str(crashed), "--label-smoothing", "0.1"])
+    lines = (crashed / "metrics.csv").read_text().splitlines()
+    (crashed / "metrics.csv").write_text("\n".join(lines[:2]) + "\n")  # it died during epoch 2
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    summary = {"status": "running", "pid": int(gone.stdout), "host": __import__("socket").gethostname(), "epochs": 2, "selected_on": "test"}
+    (crashed / "summary.json").write_text(json.dumps(summary))
+    return root
+
+
+def test_compare_rows(three_runs, tmp_path, capsys):
+    compare.main([str(three_runs / n) for n in ("a", "b", "c")] + ["--out", str(tmp_path / "cmp")])
+    lines = capsys.readouterr().out.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {cells[0]: dict(zip(header, cells)) for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:5])}
+    assert set(rows) == {"a", "b", "c"}
+
+    for name in ("a", "b"):
+        metrics = read_metrics(three_runs / name / "metrics.csv")
+        best = max(metrics, key=lambda r: r["eval_acc"])
+        split = "val" if name == "b" else "test"
+        assert rows[name]["status"] == "finished" and rows[name]["epochs"] == "2/2"
+        assert rows[name]["best eval (epoch, split)"] == f"{best['eval_acc']:.2f}% @{int(best['epoch'])} ({split})"
+        assert rows[name]["final epoch"] == f"{metrics[-1]['eval_acc']:.2f}%"
+    test_of_best = json.loads((three_runs / "b" / "summary.json").read_text())["test_acc_of_best"]
+    assert rows["b"]["test of best"] == f"{test_of_best:.2f}%" and rows["a"]["test of best"] == "(= best)"
+    assert rows["b"]["strategy"] == "two-stage (1 frozen)" and rows["a"]["strategy"] == "one-stage"
+    assert rows["b"]["lr"] == "0.003" and rows["a"]["arch"] == "shufflenet_v2_x0_5"
+
+    assert rows["c"]["status"] == "crashed" and rows["c"]["epochs"] == "1/2"
+    assert rows["c"]["augmentation"] == "crop+flip, ls 0.1"
+    assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| a | finished |" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_compare_without_run_folders_is_one_clear_line(tmp_path):
+    with pytest.raises(UserError, match="is a run folder"):
+        compare.main([str(tmp_path)])
+
+
+# --- lr_find.py ----------------------------------------------------------------------------------
+
+
+def test_lr_find_suggests_inside_the_range_and_leaves_weights_alone(tmp_path, tiny_demo, capsys):
+    torch.manual_seed(0)
+    weights = tmp_path / "start.pth"
+    torch.save(build_model("resnet18", "none", 10).state_dict(), weights)
+    before = weights.read_bytes()
+    out = tmp_path / "lr"
+    lr_find.main(["--config", str(ROOT / "configs" / "demo.toml"), "--arch", "resnet18", "--weights", str(weights),
+                  "--resolution", "32", "--batch-size", "8", "--steps", "30", "--start-lr", "1e-5", "--end-lr", "1", "--out", str(out)])
+    assert weights.read_bytes() == before
+    printed = capsys.readouterr().out
+    suggested = float(printed.split("suggested lr: ")[1].split()[0])
+    assert 1e-5 <= suggested <= 1
+    rows = read_metrics(out / "lr_find.csv")
+    assert rows[0]["lr"] == pytest.approx(1e-5) and all(a["lr"] < b["lr"] for a, b in zip(rows, rows[1:]))
+    assert (out / "lr_find.png").exists()
+
+
+def test_range_test_works_on_a_copy_and_stops_on_divergence(tiny_demo):
+    splits = load_splits("demo")
+    model = build_model("resnet18", "none", 10)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    loader = make_loader(TransformedSplit(splits.train, train_transform(Config(resolution=32))), 8, True, 0, 0)
+    cfg = Config(optimizer="sgd", momentum=0.9, weight_decay=0)
+    lrs, losses = lr_find.range_test(model, loader, cfg, Device("cpu"), 1e-3, 1e6, 60, "full", 10)
+    assert len(lrs) < 60, "a loss that explodes ends the sweep early"
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+
+
+def test_lr_find_suggestion_rules_on_a_known_curve():
+    lrs = [10 ** (i / 10 - 5) for i in range(60)]  # 1e-5 .. ~1e1
+    losses = [3.0] * 20 + [3.0 - 0.1 * i for i in range(25)] + [0.6 + 0.5 * i for i in range(15)]  # flat, falls, explodes
+    suggestion = lr_find.suggest(lrs, losses)
+    assert lrs[20] < suggestion["valley"] < lrs[44]
+    assert lrs[20] <= suggestion["steepest"] <= lrs[44]
