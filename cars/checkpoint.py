@@ -1,5 +1,6 @@
 """Checkpoints: written atomically with clean keys, read safely whatever wrote them."""
 
+import json
 import os
 import pickle
 import tempfile
@@ -43,15 +44,20 @@ def atomic_write(path: Path, write) -> None:
     """write(file) into a temporary file beside `path`, fsync, then rename over `path`:
     a crash at any instant leaves either the old file or the new one, never half of one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "wb") as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):  # a full disk, a read-only or vanished folder
+            raise UserError(f"cannot write {path}: {error.strerror or error}; free some space or choose another --run-dir. "
+                            "The previous files are intact") from None
         raise
 
 
@@ -105,26 +111,46 @@ class Trained:
     path: Path  # the checkpoint file
 
 
+def read_model_file(path: Path) -> tuple[dict, dict]:
+    """(state dict with clean keys, what the file says about the model: arch, resolution, data, class_names).
+    Our checkpoints carry these; an exported model.safetensors has them in the model.json beside it."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as error:
+            raise UserError(f"cannot read {path}: {error}; the file is damaged or not a safetensors file") from None
+        info = path.parent / "model.json"
+        return clean_state_dict(state), json.loads(info.read_text()) if info.is_file() else {}
+    loaded = load_checkpoint(path)
+    config = loaded.get("config") if isinstance(loaded.get("config"), dict) else {}
+    names = loaded.get("class_names") if isinstance(loaded.get("class_names"), list) else None
+    return state_dict_of(loaded, path), {**{k: config.get(k) for k in ("arch", "resolution", "data")}, "class_names": names}
+
+
 def load_trained(path, arch=None, num_classes=None, resolution=None, data=None) -> Trained:
-    """A run folder, one of our checkpoints, or any other state dict (then --arch, --num-classes,
-    --resolution and --data supply what our checkpoints carry). Flags win over the checkpoint."""
+    """A run folder, one of our checkpoints, an exported model (folder or model.safetensors), or any
+    other state dict (then --arch, --num-classes, --resolution and --data supply what our files
+    carry). Flags win over what the file says."""
     from cars.data import open_source
     from cars.models import build_model, head_name, load_checked
 
     path = Path(path)
     if path.is_dir():
-        path = next((p for p in (path / "best.pt", path / "last.pt") if p.exists()), None)
-        if path is None:
-            raise UserError(f"{path} has no best.pt or last.pt; give a run folder or a checkpoint file")
-    loaded = load_checkpoint(path)
-    state = state_dict_of(loaded, path)
-    config = loaded.get("config") if isinstance(loaded.get("config"), dict) else {}
-    arch = arch or config.get("arch")
+        candidates = [path / "model.safetensors", path / "best.pt", path / "last.pt"]
+        found = next((p for p in candidates if p.exists()), None)
+        if found is None:
+            raise UserError(f"{path} has no best.pt, last.pt or model.safetensors; give a run folder or a model file")
+        path = found
+    state, info = read_model_file(path)
+    arch = arch or info.get("arch")
     if not arch:
         raise UserError(f"{path} does not say which architecture it holds; pass --arch (e.g. --arch resnet50)")
-    resolution = resolution or config.get("resolution") or 224
-    data = data or config.get("data")
-    class_names = loaded.get("class_names") if isinstance(loaded.get("class_names"), list) else None
+    resolution = resolution or info.get("resolution") or 224
+    data = data or info.get("data")
+    class_names = info.get("class_names")
     if class_names is None and data:
         class_names = open_source(data)[2]
     if num_classes is None:
@@ -139,3 +165,18 @@ def load_trained(path, arch=None, num_classes=None, resolution=None, data=None) 
                         "check --num-classes and --data")
     load_checked(model, state, f"checkpoint {path}", arch)
     return Trained(model.eval(), arch, resolution, class_names, data, path)
+
+
+def export_safetensors(trained: Trained, out: Path) -> None:
+    """model.safetensors (weights only: loading it can never run code) and model.json (what it needs)."""
+    from safetensors.torch import save
+
+    from cars.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in unwrap(trained.model).state_dict().items()}
+    atomic_write(out / "model.safetensors", lambda file: file.write(save(state)))
+    info = {"arch": trained.arch, "resolution": trained.resolution, "eval_resize": eval_resize(trained.resolution),
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "num_classes": len(trained.class_names),
+            "class_names": trained.class_names, "data": trained.data}
+    atomic_write(out / "model.json", lambda file: file.write((json.dumps(info, indent=2) + "\n").encode()))

@@ -280,6 +280,8 @@ def open_devkit(path: Path):
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int, pin_memory: bool = False):
+    """Workers are started afresh each epoch, seeded from the generator, so that an epoch's data order
+    and augmentation depend on the generator's seed alone (train.py reseeds it every epoch)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
         dataset,
@@ -289,5 +291,4 @@ def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int
         generator=generator,
         collate_fn=collate_readable,
         pin_memory=pin_memory,
-        persistent_workers=workers > 0,
     )

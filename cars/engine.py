@@ -1,5 +1,6 @@
 """train_one_epoch and evaluate: the only places that run batches."""
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cars.checkpoint import unwrap
+from cars.errors import UserError
 from cars.models import set_backbone_frozen
 
 
@@ -28,6 +30,10 @@ class Device:
         return images, labels.to(self.type, non_blocking=True)
 
 
+class Diverged(UserError):
+    """The training loss stopped being a finite number: the lr is too high for this model and batch."""
+
+
 @dataclass
 class EpochResult:
     loss: float
@@ -43,7 +49,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device: Device, scheduler=
     set_backbone_frozen(unwrap(model), frozen_backbone)  # after train(): a frozen backbone keeps its BatchNorm statistics
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=description, leave=False, dynamic_ncols=True)
-    for batch in bar:
+    for step, batch in enumerate(bar, 1):
         if batch is None:  # every image of the batch was unreadable and skipped
             continue
         images, labels = device.put(*batch)
@@ -57,6 +63,9 @@ def train_one_epoch(model, loader, optimizer, scaler, device: Device, scheduler=
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if not math.isfinite(loss.item()):  # nothing after this step could be trusted; the checkpoints before it can
+            raise Diverged(f"the training loss became {loss.item()} at step {step} "
+                           f"(lr {optimizer.param_groups[-1]['lr']:.3g}); lower --lr, check --lr-scaling, or try lr_find.py")
         if scheduler is not None:
             scheduler.step()
         if ema is not None:

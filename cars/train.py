@@ -6,8 +6,10 @@ import math
 import os
 import random
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,9 +18,9 @@ import torch
 from tqdm import tqdm
 
 from cars import config as config_module
-from cars.checkpoint import save_checkpoint, unwrap
+from cars.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from cars.data import TransformedSplit, load_splits, make_loader
-from cars.engine import Device, evaluate, train_one_epoch
+from cars.engine import Device, Diverged, evaluate, train_one_epoch
 from cars.errors import UserError
 from cars.models import backbone_parameters, build_model, head_parameters, make_ema
 from cars.report import METRIC_COLUMNS, plot_curves, write_csv, write_json
@@ -32,6 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--config", help="TOML preset (e.g. configs/demo.toml); flags override its values")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder instead of refusing")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt, with its own config")
     config_module.add_config_flags(parser)
     return parser.parse_args(argv)
 
@@ -123,13 +126,52 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+RESUMABLE_FLAGS = {"epochs", "workers", "device"}  # the only flags that may come with --resume: none changes the recipe
+
+
+def resolve_run(args) -> tuple[config_module.Config, str, Path, dict | None]:
+    """The config, preset name, run folder, and (with --resume) the checkpoint to continue from."""
+    if not args.resume:
+        cfg, preset = config_module.resolve(args)
+        run_dir = Path(cfg.run_dir or f"runs/{preset}")
+        if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:  # fail before any slow work
+            prepare_run_dir(run_dir, overwrite=False)
+        return dataclasses.replace(cfg, run_dir=str(run_dir)), preset, run_dir, None
+    run_dir = Path(args.resume)
+    if not (run_dir / "last.pt").is_file() or not (run_dir / "config.toml").is_file():
+        raise UserError(f"{run_dir} has no last.pt and config.toml to resume from; give the run folder of an interrupted run")
+    if args.config or args.overwrite:
+        raise UserError("--resume continues a run with its own config.toml; drop --config and --overwrite")
+    saved = config_module.load_saved(run_dir / "config.toml")
+    given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(saved)}}
+    changed = sorted(k for k, v in given.items() if k not in RESUMABLE_FLAGS and v != getattr(saved, k))
+    if changed:
+        flags = ", ".join("--" + config_module.flag(k) for k in changed)
+        raise UserError(f"{flags} would change the recipe of {run_dir}; --resume only takes --epochs (to extend), --workers and --device. "
+                        "Start a new run (--run-dir) to change the recipe")
+    cfg = dataclasses.replace(saved, **{k: given[k] for k in RESUMABLE_FLAGS & set(given)}).validate()
+    checkpoint = load_checkpoint(run_dir / "last.pt")
+    if checkpoint.get("epoch", 0) >= cfg.epochs:
+        raise UserError(f"{run_dir} already trained {checkpoint['epoch']} of {cfg.epochs} epochs; pass --epochs N to extend it")
+    return cfg, run_dir.name, run_dir, checkpoint
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    numpy_state = dict(state["numpy"], state=dict(state["numpy"]["state"], key=state["numpy"]["state"]["key"].numpy().astype(np.uint32)))
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
-    cfg, preset = config_module.resolve(args)
-    run_dir = Path(cfg.run_dir or f"runs/{preset}")
-    if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:  # fail before any slow work
-        prepare_run_dir(run_dir, overwrite=False)
-    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
+    cfg, preset, run_dir, resumed = resolve_run(args)
     device_type = pick_device(cfg.device)
     on_cuda = device_type == "cuda"
     device = Device(device_type, channels_last=cfg.channels_last and on_cuda, amp=cfg.amp and on_cuda)
@@ -137,9 +179,10 @@ def main(argv=None) -> None:
 
     # Data and model first: every input is checked before the run folder is touched.
     splits = load_splits(cfg.data, cfg.val_split, cfg.seed)
-    model = build_model(cfg.arch, cfg.weights, len(splits.class_names), cfg.dropout)
-    prepare_run_dir(run_dir, args.overwrite)
-    cfg.save(run_dir / "config.toml")
+    model = build_model(cfg.arch, "none" if resumed else cfg.weights, len(splits.class_names), cfg.dropout)
+    if not resumed:
+        prepare_run_dir(run_dir, args.overwrite)
+    cfg.save(run_dir / "config.toml")  # on resume, records an extended --epochs
     log = RunLog(run_dir / "train.log")
     log(f"$ {' '.join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)])}")
     log(f"run folder {run_dir}; data {cfg.data}: {len(splits.train)} train / {len(splits.eval)} {splits.eval_name} images, "
@@ -147,7 +190,6 @@ def main(argv=None) -> None:
     log(f"{cfg.arch} ({cfg.weights} weights), {cfg.resolution} px, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:g}, "
         f"{cfg.scheduler} schedule, {cfg.epochs} epochs on {device_type} "
         f"(amp {device.amp}, compile {cfg.compile and on_cuda}, channels_last {device.channels_last})")
-
     if cfg.lr_scaling == "linear":
         log(f"linear lr scaling: lr {cfg.lr:g} x batch {cfg.batch_size} / 128 = {base_lr(cfg):g}")
 
@@ -163,63 +205,98 @@ def main(argv=None) -> None:
     scaler = torch.amp.GradScaler(device_type, enabled=device.amp)
     ema = make_ema(model, cfg.ema_decay) if cfg.ema else None  # when on, the EMA weights are evaluated and kept
     mixer = batch_mixer(cfg.mixup, cfg.cutmix, len(splits.class_names))
+    rows = []
+    if resumed:
+        model.load_state_dict(resumed["raw_model" if ema else "model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        scaler.load_state_dict(resumed["scaler"])
+        if ema:
+            ema.load_state_dict(resumed["ema"])
+        restore_rng(resumed["rng"])
+        rows = resumed["history"]
+        log(f"resuming after epoch {resumed['epoch']} of {cfg.epochs}")
     trained = torch.compile(model) if cfg.compile and on_cuda else model
     if on_cuda:
         torch.backends.cudnn.benchmark = True
 
-    # compare.py tells a running run from a crashed one by this: a live process on this host
-    write_json(run_dir / "summary.json", {"status": "running", "pid": os.getpid(), "host": socket.gethostname(), "epochs": cfg.epochs,
-                                          "selected_on": splits.eval_name})
-    rows, best, started = [], None, time.time()
-    plotted = started
-    for epoch in range(1, cfg.epochs + 1):
-        epoch_start = time.time()
-        frozen = epoch <= cfg.freeze_epochs
-        if cfg.freeze_epochs and epoch == cfg.freeze_epochs + 1:
-            log(f"epoch {epoch}: unfreezing the backbone; all layers train from now on")
-        lr = optimizer.param_groups[-1]["lr"]
-        train = train_one_epoch(trained, train_loader, optimizer, scaler, device, scheduler, ema, mixer, cfg.label_smoothing,
-                                frozen_backbone=frozen, description=f"epoch {epoch}/{cfg.epochs}")
-        evaluated = ema.module if ema else trained
-        result = evaluate(evaluated, eval_loader, device, description=splits.eval_name)
-        seconds = time.time() - epoch_start
-        rows.append(dict(epoch=epoch, lr=lr, train_loss=train.loss, train_acc=train.accuracy,
-                         eval_loss=result.loss, eval_acc=result.accuracy, seconds=round(seconds, 2)))
-
-        improved = best is None or result.accuracy > best["eval_acc"]
+    def save_last(epoch: int, evaluated) -> dict:
+        """last.pt: everything needed to go on exactly where this epoch ended."""
         checkpoint = {"model": unwrap(evaluated).state_dict(), "config": dataclasses.asdict(cfg), "class_names": splits.class_names,
-                      "epoch": epoch, "metric": result.accuracy, "metric_name": f"{splits.eval_name}_acc"}
-        if improved:
-            best = rows[-1]
-            save_checkpoint(run_dir / "best.pt", checkpoint)
-        training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                          "rng": rng_state()}
+                      "epoch": epoch, "metric": rows[-1]["eval_acc"] if rows else None, "metric_name": f"{splits.eval_name}_acc"}
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                 "rng": rng_state(), "history": rows}
         if ema:  # "model" holds the EMA weights; the raw ones are needed to go on training
-            training_state.update(raw_model=unwrap(model).state_dict(), ema=ema.state_dict())
-        save_checkpoint(run_dir / "last.pt", {**checkpoint, **training_state})
-        write_csv(run_dir / "metrics.csv", rows, METRIC_COLUMNS)
-        if time.time() - plotted > 30 or epoch == cfg.epochs:  # a plot costs about a second: not every short epoch
-            plot_curves(rows, run_dir / "curves.png", splits.eval_name, title=f"{preset}: {cfg.arch} {cfg.resolution}px")
-            plotted = time.time()
+            state.update(raw_model=unwrap(model).state_dict(), ema=ema.state_dict())
+        save_checkpoint(run_dir / "last.pt", {**checkpoint, **state})
+        return checkpoint
 
-        eta = (time.time() - started) / epoch * (cfg.epochs - epoch)
-        log(f"epoch {epoch:3d}/{cfg.epochs} lr {lr:.4g} | train loss {train.loss:.4f} acc {train.accuracy:5.2f}% | "
-            f"{splits.eval_name} loss {result.loss:.4f} acc {result.accuracy:5.2f}% | {seconds:.1f}s | ETA {duration(eta)}"
-            + (" *" if improved else ""))
+    first_epoch = resumed["epoch"] + 1 if resumed else 1
+    if not resumed:
+        save_last(0, ema.module if ema else model)  # resumable even if the first epoch never ends
+    # compare.py tells a running run from a crashed one by this: a live process on this host
+    status = {"status": "running", "pid": os.getpid(), "host": socket.gethostname(), "epochs": cfg.epochs, "selected_on": splits.eval_name}
+    write_json(run_dir / "summary.json", status)
+    previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt) if threading.current_thread() is threading.main_thread() else None
+    best = max(rows, key=lambda r: r["eval_acc"]) if rows else None
+    started, plotted, epoch = time.time(), time.time(), first_epoch
+    try:
+        for epoch in range(first_epoch, cfg.epochs + 1):
+            epoch_start = time.time()
+            train_loader.generator.manual_seed(cfg.seed * 1_000_003 + epoch)  # the data order depends on the epoch alone
+            frozen = epoch <= cfg.freeze_epochs
+            if cfg.freeze_epochs and epoch == cfg.freeze_epochs + 1:
+                log(f"epoch {epoch}: unfreezing the backbone; all layers train from now on")
+            lr = optimizer.param_groups[-1]["lr"]
+            train = train_one_epoch(trained, train_loader, optimizer, scaler, device, scheduler, ema, mixer, cfg.label_smoothing,
+                                    frozen_backbone=frozen, description=f"epoch {epoch}/{cfg.epochs}")
+            evaluated = ema.module if ema else trained
+            result = evaluate(evaluated, eval_loader, device, description=splits.eval_name)
+            seconds = time.time() - epoch_start
+            rows.append(dict(epoch=epoch, lr=lr, train_loss=train.loss, train_acc=train.accuracy,
+                             eval_loss=result.loss, eval_acc=result.accuracy, seconds=round(seconds, 2)))
 
-    total = time.time() - started
+            improved = best is None or result.accuracy > best["eval_acc"]
+            checkpoint = save_last(epoch, evaluated)
+            if improved:
+                best = rows[-1]
+                save_checkpoint(run_dir / "best.pt", checkpoint)
+            write_csv(run_dir / "metrics.csv", rows, METRIC_COLUMNS)
+            if time.time() - plotted > 30 or epoch == cfg.epochs:  # a plot costs about a second: not every short epoch
+                plot_curves(rows, run_dir / "curves.png", splits.eval_name, title=f"{preset}: {cfg.arch} {cfg.resolution}px")
+                plotted = time.time()
+
+            eta = (time.time() - started) / (epoch - first_epoch + 1) * (cfg.epochs - epoch)
+            log(f"epoch {epoch:3d}/{cfg.epochs} lr {lr:.4g} | train loss {train.loss:.4f} acc {train.accuracy:5.2f}% | "
+                f"{splits.eval_name} loss {result.loss:.4f} acc {result.accuracy:5.2f}% | {seconds:.1f}s | ETA {duration(eta)}"
+                + (" *" if improved else ""))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every file on disk is complete (atomic writes); say how to go on
+        write_json(run_dir / "summary.json", {**status, "status": "interrupted", "epochs_done": epoch - 1})
+        log(f"interrupted in epoch {epoch}; last.pt holds epoch {epoch - 1}. Resume with: uv run train.py --resume {run_dir}")
+        sys.exit(130)
+    except Diverged as error:
+        write_json(run_dir / "summary.json", {**status, "status": "diverged", "epochs_done": epoch - 1})
+        log(f"diverged in epoch {epoch}: {error}")
+        raise UserError(f"training diverged in epoch {epoch}: {error}. best.pt and last.pt from before are intact") from None
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+    total = sum(r["seconds"] for r in rows)
     summary = {"status": "finished", "epochs": cfg.epochs, "seconds": round(total, 1), "selected_on": splits.eval_name,
                "best_epoch": int(best["epoch"]), "best_eval_acc": best["eval_acc"], "final_eval_acc": rows[-1]["eval_acc"]}
-    skipped = {name: len(s) - r.images for name, s, r in (("train", splits.train, train), (splits.eval_name, splits.eval, result))}
-    if any(skipped.values()):
-        summary["skipped_images"] = skipped
-        log(f"skipped unreadable images: {skipped}")
+    if epoch >= first_epoch:  # this process trained at least one epoch: it knows what it skipped
+        skipped = {name: len(s) - r.images for name, s, r in (("train", splits.train, train), (splits.eval_name, splits.eval, result))}
+        if any(skipped.values()):
+            summary["skipped_images"] = skipped
+            log(f"skipped unreadable images: {skipped}")
     log(f"done in {duration(total)}: best {splits.eval_name} accuracy {best['eval_acc']:.2f}% at epoch {int(best['epoch'])} "
         f"(final epoch {rows[-1]['eval_acc']:.2f}%)")
     if splits.test is not None:  # the held-out val split chose the epoch; the test split was never looked at until now
-        unwrap(evaluated).load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)["model"])
+        final_model = ema.module if ema else model
+        unwrap(final_model).load_state_dict(load_checkpoint(run_dir / "best.pt")["model"])
         test_set = TransformedSplit(splits.test, eval_transform(cfg.resolution), cfg.skip_bad_images)
-        test = evaluate(evaluated, make_loader(test_set, cfg.batch_size, False, workers, cfg.seed, on_cuda), device, "test")
+        test = evaluate(final_model, make_loader(test_set, cfg.batch_size, False, workers, cfg.seed, on_cuda), device, "test")
         summary["test_acc_of_best"] = test.accuracy
         log(f"test accuracy of the best epoch (chosen on val): {test.accuracy:.2f}%")
     write_json(run_dir / "summary.json", summary)

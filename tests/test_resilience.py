@@ -1,0 +1,279 @@
+"""Never lose a run: resume, interruptions, divergence, full disks, hostile inputs."""
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_args
+from PIL import Image
+
+from cars import checkpoint as checkpoint_module
+from cars import engine, train
+from cars.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from cars.data import load_splits, read_rgb
+from cars.errors import UserError, run_cli
+from cars.report import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def comparable(run_dir: Path):
+    """Everything a run computed, without the wall-clock seconds."""
+    metrics = [{k: v for k, v in row.items() if k != "seconds"} for row in read_metrics(run_dir / "metrics.csv")]
+    return metrics, load_checkpoint(run_dir / "last.pt")["model"]
+
+
+def assert_same_run(a: Path, b: Path):
+    metrics_a, weights_a = comparable(a)
+    metrics_b, weights_b = comparable(b)
+    assert metrics_a == metrics_b
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a), "final weights must be bit-identical"
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """An uninterrupted 4-epoch run; the others must end exactly like it."""
+    from conftest import write_hub_folder
+
+    root = tmp_path_factory.mktemp("resume")
+    data = write_hub_folder(root / "data")
+    args = tiny_args(data, root / "reference", "--epochs", "4", "--augment", "heavy", "--dropout", "0.2")
+    train.main(args)
+    return root, data, args
+
+
+def run_args(reference_run, run_dir):
+    _, data, args = reference_run
+    return [str(run_dir) if a == str(reference_run[0] / "reference") else a for a in args]
+
+
+def test_resume_after_each_epoch_is_exact(reference_run, tmp_path):
+    run_dir = tmp_path / "stopped"
+    args = run_args(reference_run, run_dir)
+    train.main([*args, "--epochs", "1"])  # a run that stopped after epoch 1 ...
+    config = (run_dir / "config.toml").read_text().replace("epochs = 1\n", "epochs = 4\n")
+    (run_dir / "config.toml").write_text(config)  # ... of a 4-epoch plan
+    train.main(["--resume", str(run_dir), "--epochs", "2"])  # extend to 2, then to 4: each resume restores every state
+    assert "epochs = 2" in (run_dir / "config.toml").read_text()
+    train.main(["--resume", str(run_dir), "--epochs", "4"])
+    assert_same_run(reference_run[0] / "reference", run_dir)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+
+
+def start_training(args, cwd):
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=os.environ.copy())
+
+
+def wait_for_epoch(run_dir: Path, epoch: int, process, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        log = run_dir / "train.log"
+        if log.exists() and f"epoch {epoch:3d}/" in log.read_text():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"epoch {epoch} never finished")
+
+
+def test_kill_9_at_random_points_then_resume_is_exact(reference_run, tmp_path):
+    rng = random.Random(7)
+    run_dir = tmp_path / "killed"
+    process = start_training(run_args(reference_run, run_dir), tmp_path)
+    kills = 0
+    for after_epoch in (1, 2):  # kill at a random instant of the epoch after this one, twice
+        wait_for_epoch(run_dir, after_epoch, process)
+        time.sleep(rng.uniform(0, 1.0))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        kills += 1
+        assert load_checkpoint(run_dir / "last.pt")["epoch"] >= after_epoch  # never a half-written checkpoint
+        if after_epoch == 1:
+            process = start_training(["--resume", str(run_dir)], tmp_path)
+    train.main(["--resume", str(run_dir)])
+    assert kills == 2
+    assert_same_run(reference_run[0] / "reference", run_dir)
+
+
+def test_sigterm_leaves_a_resumable_run(reference_run, tmp_path):
+    run_dir = tmp_path / "terminated"
+    process = start_training(run_args(reference_run, run_dir), tmp_path)
+    wait_for_epoch(run_dir, 1, process)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert f"Resume with: uv run train.py --resume {run_dir}" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    train.main(["--resume", str(run_dir)])
+    assert_same_run(reference_run[0] / "reference", run_dir)
+
+
+def test_resume_refuses_recipe_changes(reference_run, capsys):
+    reference = str(reference_run[0] / "reference")
+    for flags, message in ((["--lr", "0.5"], "--lr would change the recipe"),
+                           (["--config", str(ROOT / "configs" / "demo.toml")], "drop --config"),
+                           ([], "already trained 4 of 4 epochs; pass --epochs N to extend it")):
+        with pytest.raises(SystemExit) as exit:
+            run_cli(train.main, ["--resume", reference, *flags])
+        assert exit.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_nan_loss_stops_the_run_and_keeps_best(reference_run, tmp_path, monkeypatch, capsys):
+    real = engine.F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):  # call 5: epoch 2, step 1 (each epoch is 3 training steps and 1 evaluation)
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(engine.F, "cross_entropy", poisoned)
+    run_dir = tmp_path / "nan"
+    with pytest.raises(SystemExit) as exit:
+        run_cli(train.main, run_args(reference_run, run_dir))
+    assert exit.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: training diverged in epoch 2: the training loss became nan at step 1 (lr ")
+    assert "lower --lr" in error and "lr_find.py" in error
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "diverged"
+    best = load_checkpoint(run_dir / "best.pt")
+    assert best["epoch"] == 1 and all(torch.isfinite(v).all() for v in best["model"].values() if v.is_floating_point())
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1
+
+
+def test_interrupted_atomic_write_keeps_the_old_file(tmp_path):
+    target = tmp_path / "metrics.csv"
+    target.write_text("old, complete\n")
+
+    def crash_midway(file):
+        file.write(b"new, half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, crash_midway)
+    assert target.read_text() == "old, complete\n"
+    assert os.listdir(tmp_path) == ["metrics.csv"], "no temporary file left behind"
+
+
+def test_full_disk_is_one_clear_line_and_keeps_checkpoints(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path / "last.pt", {"epoch": 3})
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.os, "fsync", no_space)
+    with pytest.raises(UserError, match=r"cannot write .*last.pt: No space left on device; free some space"):
+        save_checkpoint(tmp_path / "last.pt", {"epoch": 4})
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 3
+
+
+# --- hostile images ------------------------------------------------------------------------------
+
+
+def hostile_folder(root: Path) -> Path:
+    """An ImageFolder with every kind of image the wild has, in two classes."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls, colour in (("red car", (200, 30, 30)), ("blue car", (30, 30, 200))):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (40, 30), colour).save(folder / f"plain{i}.jpg")
+    odd = root / "train" / "red car"
+    Image.new("RGB", (40, 30), (200, 30, 30)).convert("CMYK").save(odd / "cmyk.jpg")
+    Image.new("RGBA", (40, 30), (200, 30, 30, 128)).save(odd / "rgba.png")
+    Image.new("RGB", (40, 30), (200, 30, 30)).convert("P").save(odd / "palette.png")
+    Image.fromarray(rng.integers(0, 65535, (30, 40), dtype=np.uint16)).save(odd / "sixteen.png")
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(odd / "tiny.png")
+    Image.new("RGB", (6000, 4000), (200, 30, 30)).save(odd / "huge.jpg", quality=50)
+    (odd / "empty.jpg").write_bytes(b"")
+    good = (root / "train" / "blue car" / "plain0.jpg").read_bytes()
+    (root / "train" / "blue car" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    return root
+
+
+def test_every_image_mode_and_size_becomes_rgb(tmp_path):
+    splits = load_splits(str(hostile_folder(tmp_path / "hostile")))
+    readable = {"cmyk.jpg", "rgba.png", "palette.png", "sixteen.png", "tiny.png", "huge.jpg"}
+    for i, path in enumerate(splits.train.paths):
+        if Path(path).name in readable:
+            image = read_rgb(splits.train, i)
+            assert image.mode == "RGB" and image.size[0] >= 1
+        elif Path(path).name in ("empty.jpg", "truncated.jpg"):
+            with pytest.raises(UserError, match=f"cannot read image .*{Path(path).name}"):
+                read_rgb(splits.train, i)
+
+
+def test_training_skips_and_counts_broken_images(tmp_path):
+    data = hostile_folder(tmp_path / "hostile")
+    run_dir = tmp_path / "run"
+    train.main(tiny_args(data, run_dir, "--epochs", "1", "--skip-bad-images"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["skipped_images"] == {"train": 2, "test": 0}
+
+
+def test_empty_split_and_missing_class_names(tmp_path, capsys):
+    data = hostile_folder(tmp_path / "hostile")
+    for image in (data / "test").rglob("*.*"):
+        image.unlink()
+    with pytest.raises(UserError, match="the test split is empty"):
+        load_splits(str(data))
+
+    from datasets import Dataset
+
+    from conftest import jpeg_bytes, split_rows
+
+    folder = tmp_path / "nameless" / "data"
+    folder.mkdir(parents=True)
+    images, labels = split_rows(2, 0)
+    for split in ("train", "test"):
+        Dataset.from_dict({"image": [{"bytes": jpeg_bytes(im), "path": None} for im in images], "label": labels}).to_parquet(
+            str(folder / f"{split}-00000-of-00001.parquet"))
+    splits = load_splits(str(folder.parent))
+    assert splits.class_names == ["class 0", "class 1", "class 2"]
+    assert "has no class names" in capsys.readouterr().out
+
+
+def test_export_safetensors_loads_in_predict_and_eval(reference_run, tmp_path, capsys):
+    from cars import evaluate, export, predict
+
+    reference = reference_run[0] / "reference"
+    export.main([str(reference), "--out", str(tmp_path / "export")])
+    info = json.loads((tmp_path / "export" / "model.json").read_text())
+    assert info["arch"] == "resnet18" and info["resolution"] == 32 and len(info["class_names"]) == 3
+    assert info["mean"] == [0.485, 0.456, 0.406]
+    with pytest.raises(UserError, match="already exists; pass --overwrite"):
+        export.main([str(reference), "--out", str(tmp_path / "export")])
+
+    image = tmp_path / "car.png"
+    load_splits(info["data"]).eval.open(0).save(image)
+    capsys.readouterr()
+    predict.main([str(reference), str(image), "--json"])
+    from_checkpoint = json.loads(capsys.readouterr().out)
+    predict.main([str(tmp_path / "export" / "model.safetensors"), str(image), "--json"])
+    from_safetensors = json.loads(capsys.readouterr().out)
+    assert from_safetensors == from_checkpoint
+
+    evaluate.main([str(tmp_path / "export"), "--out", str(tmp_path / "eval"), "--num-gradcam", "0", "--workers", "0"])
+    evaluate.main([str(reference), "--out", str(tmp_path / "eval_pt"), "--num-gradcam", "0", "--workers", "0"])
+    assert (tmp_path / "eval" / "predictions.csv").read_text() == (tmp_path / "eval_pt" / "predictions.csv").read_text()
+
+
+def test_damaged_safetensors_is_one_clear_line(tmp_path):
+    from cars.checkpoint import read_model_file
+
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    with pytest.raises(UserError, match="cannot read .*model.safetensors: .*damaged or not a safetensors file"):
+        read_model_file(tmp_path / "model.safetensors")
