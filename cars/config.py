@@ -43,7 +43,7 @@ class Config:
     label_smoothing: float = knob(0.0, "label smoothing of the training loss")
     # optimisation
     epochs: int = knob(90, "number of epochs")
-    batch_size: int = knob(128, "images per optimisation step")
+    batch_size: int = knob(128, "images per optimisation step, over all processes (torchrun splits it, so the lr needs no change)")
     optimizer: str = knob("sgd", "optimizer", ["sgd", "adamw"])
     lr: float = knob(0.1, "learning rate (of the head when --backbone-lr-mult is not 1)")
     momentum: float = knob(0.9, "SGD momentum")
@@ -61,6 +61,7 @@ class Config:
     amp: bool = knob(True, "mixed precision (CUDA only)")
     compile: bool = knob(True, "torch.compile the model (CUDA only)")
     channels_last: bool = knob(True, "channels-last memory format (CUDA only)")
+    sync_bn: bool = knob(False, "with torchrun on GPUs: BatchNorm statistics over the global batch, not each GPU's share")
     workers: int = knob(-1, "DataLoader worker processes (-1: one per CPU core, at most 8)")
     seed: int = knob(0, "random seed")
     device: str = knob("auto", "where to train (auto: CUDA, then MPS, then CPU)", ["auto", "cuda", "mps", "cpu"])

@@ -100,10 +100,14 @@ def read_rgb(split, i: int) -> Image.Image:
 
 
 class TransformedSplit(torch.utils.data.Dataset):
-    """(tensor, label) pairs for a DataLoader; None for an unreadable image when skipping."""
+    """(tensor, label) pairs for a DataLoader; None for an unreadable image when skipping.
 
-    def __init__(self, split, transform, skip_bad_images: bool = False):
-        self.split, self.transform, self.skip_bad_images = split, transform, skip_bad_images
+    With a `seed`, the random augmentation of image i in epoch `epoch` depends on (seed, epoch, i)
+    alone: not on the worker, the process (torchrun) or an interruption (resume)."""
+
+    def __init__(self, split, transform, skip_bad_images: bool = False, seed: int | None = None):
+        self.split, self.transform, self.skip_bad_images, self.seed = split, transform, skip_bad_images, seed
+        self.epoch = 0
 
     def __len__(self):
         return len(self.split)
@@ -115,7 +119,11 @@ class TransformedSplit(torch.utils.data.Dataset):
             if self.skip_bad_images:
                 return None
             raise UserError(f"{error}. Replace or remove it, or pass --skip-bad-images to skip unreadable images") from None
-        return self.transform(image), self.split.labels[i]
+        if self.seed is None:
+            return self.transform(image), self.split.labels[i]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, i)) % 2**62)
+            return self.transform(image), self.split.labels[i]
 
 
 def collate_readable(batch):
@@ -279,16 +287,36 @@ def open_devkit(path: Path):
     return *splits, [str(name) for name in dataset.classes]
 
 
-def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int, pin_memory: bool = False):
-    """Workers are started afresh each epoch, seeded from the generator, so that an epoch's data order
-    and augmentation depend on the generator's seed alone (train.py reseeds it every epoch)."""
+class GlobalBatches(torch.utils.data.Sampler):
+    """The epoch's global batches in an order drawn from `generator`; process `rank` of `world` takes
+    every world-th image of each. Every process draws the same order, so --batch-size is the global
+    batch whatever the number of processes, and a run learns as it would in one process."""
+
+    def __init__(self, length: int, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1):
+        self.length, self.batch_size, self.generator, self.rank, self.world = length, batch_size, generator, rank, world
+
+    def __iter__(self):
+        order = torch.randperm(self.length, generator=self.generator).tolist()
+        for start in range(0, self.length, self.batch_size):
+            batch = order[start : start + self.batch_size]
+            if len(batch) >= self.world:  # a last batch too small to give every process an image is dropped
+                yield batch[self.rank :: self.world]
+
+    def __len__(self):
+        full, rest = divmod(self.length, self.batch_size)
+        return full + (rest >= self.world and rest > 0)
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int, pin_memory: bool = False, rank: int = 0, world: int = 1):
+    """Training (shuffle): global batches, this process's share of each. Evaluation: this process's
+    share of the images (every world-th), each image exactly once over all processes.
+
+    Workers are started afresh each epoch, seeded from the generator, so that an epoch's data order
+    depends on the generator's seed alone (train.py reseeds it every epoch)."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=workers,
-        generator=generator,
-        collate_fn=collate_readable,
-        pin_memory=pin_memory,
-    )
+    options = dict(num_workers=workers, generator=generator, collate_fn=collate_readable, pin_memory=pin_memory)
+    if shuffle:
+        return torch.utils.data.DataLoader(dataset, batch_sampler=GlobalBatches(len(dataset), batch_size, generator, rank, world), **options)
+    if world > 1:
+        dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    return torch.utils.data.DataLoader(dataset, batch_size=max(1, batch_size // world), shuffle=False, **options)

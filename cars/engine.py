@@ -20,6 +20,7 @@ class Device:
     type: str  # cuda, mps or cpu
     channels_last: bool = False
     amp: bool = False
+    show_progress: bool = True  # only one process of a torchrun job draws progress bars
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
@@ -48,7 +49,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device: Device, scheduler=
     model.train()
     set_backbone_frozen(unwrap(model), frozen_backbone)  # after train(): a frozen backbone keeps its BatchNorm statistics
     total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(loader, desc=description, leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=description, leave=False, dynamic_ncols=True, disable=not device.show_progress)
     for step, batch in enumerate(bar, 1):
         if batch is None:  # every image of the batch was unreadable and skipped
             continue
@@ -83,7 +84,7 @@ def predict(model, loader, device: Device, description: str = "eval"):
     """Logits and labels for every readable image of the loader, in order, on the CPU."""
     model.eval()
     all_logits, all_labels = [], []
-    for batch in tqdm(loader, desc=description, leave=False, dynamic_ncols=True):
+    for batch in tqdm(loader, desc=description, leave=False, dynamic_ncols=True, disable=not device.show_progress):
         if batch is None:
             continue
         images, labels = device.put(*batch)
@@ -96,8 +97,11 @@ def predict(model, loader, device: Device, description: str = "eval"):
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
-def evaluate(model, loader, device: Device, description: str = "eval") -> EpochResult:
+def evaluate(model, loader, device: Device, description: str = "eval", world=None) -> EpochResult:
+    """Loss and accuracy over the loader; under torchrun, over every process's share together."""
     logits, labels = predict(model, loader, device, description)
+    if world is not None:
+        logits, labels = world.gather(logits, labels)
     if len(labels) == 0:
         return EpochResult(float("nan"), 0.0, 0)
     loss = F.cross_entropy(logits, labels).item()

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from cars import config as config_module
 from cars.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from cars.data import TransformedSplit, load_splits, make_loader
-from cars.engine import Device, Diverged, evaluate, train_one_epoch
+from cars.distributed import init_world, shutdown, world_size
+from cars.engine import Device, Diverged, EpochResult, evaluate, train_one_epoch
 from cars.errors import UserError
 from cars.models import backbone_parameters, build_model, head_parameters, make_ema
 from cars.report import METRIC_COLUMNS, plot_curves, write_csv, write_json
@@ -108,14 +110,16 @@ def duration(seconds: float) -> str:
 
 
 class RunLog:
-    """Prints a line (above any progress bar) and keeps it in the run folder's train.log."""
+    """Prints a line (above any progress bar) and keeps it in the run folder's train.log.
+    Under torchrun only the main process has one; the others stay quiet."""
 
-    def __init__(self, path: Path):
-        self.file = open(path, "a", buffering=1)
+    def __init__(self, path: Path, enabled: bool = True):
+        self.file = open(path, "a", buffering=1) if enabled else None
 
     def __call__(self, line: str = "") -> None:
-        tqdm.write(line)
-        self.file.write(line + "\n")
+        if self.file:
+            tqdm.write(line)
+            self.file.write(line + "\n")
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
@@ -165,6 +169,14 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def average_over_processes(result: EpochResult, world) -> EpochResult:
+    """One process's training loss and accuracy -> the whole job's, weighted by images seen."""
+    parts = world.all({"loss": result.loss, "accuracy": result.accuracy, "images": result.images})
+    images = sum(p["images"] for p in parts)
+    mean = lambda key: sum(p[key] * p["images"] for p in parts) / max(images, 1)  # noqa: E731
+    return EpochResult(mean("loss"), mean("accuracy"), images)
+
+
 def raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -174,32 +186,44 @@ def main(argv=None) -> None:
     cfg, preset, run_dir, resumed = resolve_run(args)
     device_type = pick_device(cfg.device)
     on_cuda = device_type == "cuda"
-    device = Device(device_type, channels_last=cfg.channels_last and on_cuda, amp=cfg.amp and on_cuda)
+    processes = world_size()
+    if cfg.batch_size % processes:  # checked before joining the others: a refused process must not leave them waiting
+        raise UserError(f"--batch-size {cfg.batch_size} is the global batch; it must divide evenly over {processes} processes")
+    if cfg.sync_bn and processes > 1 and not on_cuda:
+        raise UserError("--sync-bn needs CUDA (NCCL); on CPUs drop it")
+    world = init_world(device_type)  # one process, or one of torchrun's
+    device = Device(device_type, channels_last=cfg.channels_last and on_cuda, amp=cfg.amp and on_cuda, show_progress=world.main)
     seed_everything(cfg.seed)
 
     # Data and model first: every input is checked before the run folder is touched.
     splits = load_splits(cfg.data, cfg.val_split, cfg.seed)
     model = build_model(cfg.arch, "none" if resumed else cfg.weights, len(splits.class_names), cfg.dropout)
-    if not resumed:
-        prepare_run_dir(run_dir, args.overwrite)
-    cfg.save(run_dir / "config.toml")  # on resume, records an extended --epochs
-    log = RunLog(run_dir / "train.log")
+    world.barrier()  # every process has checked the run folder before the main one replaces it
+    if world.main:
+        if not resumed:
+            prepare_run_dir(run_dir, args.overwrite)
+        cfg.save(run_dir / "config.toml")  # on resume, records an extended --epochs
+    world.barrier()
+    log = RunLog(run_dir / "train.log", enabled=world.main)
     log(f"$ {' '.join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)])}")
     log(f"run folder {run_dir}; data {cfg.data}: {len(splits.train)} train / {len(splits.eval)} {splits.eval_name} images, "
         f"{len(splits.class_names)} classes")
     log(f"{cfg.arch} ({cfg.weights} weights), {cfg.resolution} px, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:g}, "
         f"{cfg.scheduler} schedule, {cfg.epochs} epochs on {device_type} "
-        f"(amp {device.amp}, compile {cfg.compile and on_cuda}, channels_last {device.channels_last})")
+        f"(amp {device.amp}, compile {cfg.compile and on_cuda}, channels_last {device.channels_last})"
+        + (f", {world.size} processes of {cfg.batch_size // world.size} images each" if world.size > 1 else ""))
     if cfg.lr_scaling == "linear":
         log(f"linear lr scaling: lr {cfg.lr:g} x batch {cfg.batch_size} / 128 = {base_lr(cfg):g}")
 
     workers = min(8, os.cpu_count() or 1) if cfg.workers < 0 else cfg.workers
-    train_set = TransformedSplit(splits.train, train_transform(cfg), cfg.skip_bad_images)
+    train_set = TransformedSplit(splits.train, train_transform(cfg), cfg.skip_bad_images, seed=cfg.seed)
     eval_set = TransformedSplit(splits.eval, eval_transform(cfg.resolution), cfg.skip_bad_images)
-    train_loader = make_loader(train_set, cfg.batch_size, True, workers, cfg.seed, pin_memory=on_cuda)
-    eval_loader = make_loader(eval_set, cfg.batch_size, False, workers, cfg.seed, pin_memory=on_cuda)
+    train_loader = make_loader(train_set, cfg.batch_size, True, workers, cfg.seed, on_cuda, world.rank, world.size)
+    eval_loader = make_loader(eval_set, cfg.batch_size, False, workers, cfg.seed, on_cuda, world.rank, world.size)
 
     model = model.to(device_type, memory_format=torch.channels_last if device.channels_last else torch.preserve_format)
+    if cfg.sync_bn and world.size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=len(train_loader))
     scaler = torch.amp.GradScaler(device_type, enabled=device.amp)
@@ -216,19 +240,25 @@ def main(argv=None) -> None:
         restore_rng(resumed["rng"])
         rows = resumed["history"]
         log(f"resuming after epoch {resumed['epoch']} of {cfg.epochs}")
-    trained = torch.compile(model) if cfg.compile and on_cuda else model
+    trained = model
+    if world.size > 1:  # gradients averaged over processes; a frozen backbone leaves parameters without gradients
+        trained = DistributedDataParallel(model, device_ids=[world.local_rank] if on_cuda else None,
+                                          find_unused_parameters=cfg.freeze_epochs > 0)
+    if cfg.compile and on_cuda:
+        trained = torch.compile(trained)
     if on_cuda:
         torch.backends.cudnn.benchmark = True
 
     def save_last(epoch: int, evaluated) -> dict:
-        """last.pt: everything needed to go on exactly where this epoch ended."""
+        """last.pt: everything needed to go on exactly where this epoch ended (written by the main process)."""
         checkpoint = {"model": unwrap(evaluated).state_dict(), "config": dataclasses.asdict(cfg), "class_names": splits.class_names,
                       "epoch": epoch, "metric": rows[-1]["eval_acc"] if rows else None, "metric_name": f"{splits.eval_name}_acc"}
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                  "rng": rng_state(), "history": rows}
         if ema:  # "model" holds the EMA weights; the raw ones are needed to go on training
             state.update(raw_model=unwrap(model).state_dict(), ema=ema.state_dict())
-        save_checkpoint(run_dir / "last.pt", {**checkpoint, **state})
+        if world.main:
+            save_checkpoint(run_dir / "last.pt", {**checkpoint, **state})
         return checkpoint
 
     first_epoch = resumed["epoch"] + 1 if resumed else 1
@@ -236,7 +266,8 @@ def main(argv=None) -> None:
         save_last(0, ema.module if ema else model)  # resumable even if the first epoch never ends
     # compare.py tells a running run from a crashed one by this: a live process on this host
     status = {"status": "running", "pid": os.getpid(), "host": socket.gethostname(), "epochs": cfg.epochs, "selected_on": splits.eval_name}
-    write_json(run_dir / "summary.json", status)
+    write_summary = (lambda summary: write_json(run_dir / "summary.json", summary)) if world.main else (lambda summary: None)
+    write_summary(status)
     previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt) if threading.current_thread() is threading.main_thread() else None
     best = max(rows, key=lambda r: r["eval_acc"]) if rows else None
     started, plotted, epoch = time.time(), time.time(), first_epoch
@@ -244,14 +275,16 @@ def main(argv=None) -> None:
         for epoch in range(first_epoch, cfg.epochs + 1):
             epoch_start = time.time()
             train_loader.generator.manual_seed(cfg.seed * 1_000_003 + epoch)  # the data order depends on the epoch alone
+            train_set.epoch = epoch  # and so does each image's augmentation
             frozen = epoch <= cfg.freeze_epochs
             if cfg.freeze_epochs and epoch == cfg.freeze_epochs + 1:
                 log(f"epoch {epoch}: unfreezing the backbone; all layers train from now on")
             lr = optimizer.param_groups[-1]["lr"]
             train = train_one_epoch(trained, train_loader, optimizer, scaler, device, scheduler, ema, mixer, cfg.label_smoothing,
                                     frozen_backbone=frozen, description=f"epoch {epoch}/{cfg.epochs}")
-            evaluated = ema.module if ema else trained
-            result = evaluate(evaluated, eval_loader, device, description=splits.eval_name)
+            train = average_over_processes(train, world)
+            evaluated = ema.module if ema else unwrap(trained) if world.size > 1 else trained
+            result = evaluate(evaluated, eval_loader, device, description=splits.eval_name, world=world)
             seconds = time.time() - epoch_start
             rows.append(dict(epoch=epoch, lr=lr, train_loss=train.loss, train_acc=train.accuracy,
                              eval_loss=result.loss, eval_acc=result.accuracy, seconds=round(seconds, 2)))
@@ -260,9 +293,11 @@ def main(argv=None) -> None:
             checkpoint = save_last(epoch, evaluated)
             if improved:
                 best = rows[-1]
+            if improved and world.main:
                 save_checkpoint(run_dir / "best.pt", checkpoint)
-            write_csv(run_dir / "metrics.csv", rows, METRIC_COLUMNS)
-            if time.time() - plotted > 30 or epoch == cfg.epochs:  # a plot costs about a second: not every short epoch
+            if world.main:
+                write_csv(run_dir / "metrics.csv", rows, METRIC_COLUMNS)
+            if world.main and (time.time() - plotted > 30 or epoch == cfg.epochs):  # a plot costs about a second
                 plot_curves(rows, run_dir / "curves.png", splits.eval_name, title=f"{preset}: {cfg.arch} {cfg.resolution}px")
                 plotted = time.time()
 
@@ -271,20 +306,22 @@ def main(argv=None) -> None:
                 f"{splits.eval_name} loss {result.loss:.4f} acc {result.accuracy:5.2f}% | {seconds:.1f}s | ETA {duration(eta)}"
                 + (" *" if improved else ""))
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every file on disk is complete (atomic writes); say how to go on
-        write_json(run_dir / "summary.json", {**status, "status": "interrupted", "epochs_done": epoch - 1})
+        write_summary({**status, "status": "interrupted", "epochs_done": epoch - 1})
         log(f"interrupted in epoch {epoch}; last.pt holds epoch {epoch - 1}. Resume with: uv run train.py --resume {run_dir}")
         sys.exit(130)
     except Diverged as error:
-        write_json(run_dir / "summary.json", {**status, "status": "diverged", "epochs_done": epoch - 1})
+        write_summary({**status, "status": "diverged", "epochs_done": epoch - 1})
         log(f"diverged in epoch {epoch}: {error}")
         raise UserError(f"training diverged in epoch {epoch}: {error}. best.pt and last.pt from before are intact") from None
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
+        shutdown(world)
 
     total = sum(r["seconds"] for r in rows)
     summary = {"status": "finished", "epochs": cfg.epochs, "seconds": round(total, 1), "selected_on": splits.eval_name,
-               "best_epoch": int(best["epoch"]), "best_eval_acc": best["eval_acc"], "final_eval_acc": rows[-1]["eval_acc"]}
+               "best_epoch": int(best["epoch"]), "best_eval_acc": best["eval_acc"], "final_eval_acc": rows[-1]["eval_acc"],
+               "eval_images": result.images if epoch >= first_epoch else None}
     if epoch >= first_epoch:  # this process trained at least one epoch: it knows what it skipped
         skipped = {name: len(s) - r.images for name, s, r in (("train", splits.train, train), (splits.eval_name, splits.eval, result))}
         if any(skipped.values()):
@@ -299,5 +336,5 @@ def main(argv=None) -> None:
         test = evaluate(final_model, make_loader(test_set, cfg.batch_size, False, workers, cfg.seed, on_cuda), device, "test")
         summary["test_acc_of_best"] = test.accuracy
         log(f"test accuracy of the best epoch (chosen on val): {test.accuracy:.2f}%")
-    write_json(run_dir / "summary.json", summary)
+    write_summary(summary)
     log(f"run folder: {run_dir} (best.pt, last.pt, metrics.csv, curves.png)")
