@@ -130,6 +130,19 @@ def read_model_file(path: Path) -> tuple[dict, dict]:
     return state_dict_of(loaded, path), {**{k: config.get(k) for k in ("arch", "resolution", "data")}, "class_names": names}
 
 
+def add_model_flags(parser, data_help: str = "dataset to take class names from, for a bare state dict") -> None:
+    """The positional model argument and what a bare state dict needs beside it (see load_trained)."""
+    parser.add_argument("checkpoint", help="a run folder, one of its .pt files, an export folder or model.safetensors, or any state-dict file")
+    parser.add_argument("--arch", help="architecture, for a checkpoint that does not carry it (e.g. resnet50)")
+    parser.add_argument("--num-classes", type=int, help="class count, for a bare state dict (default: its head's)")
+    parser.add_argument("--resolution", type=int, help="input size (default: the run's, else 224)")
+    parser.add_argument("--data", help=data_help)
+
+
+def load_trained_from(args) -> "Trained":
+    return load_trained(args.checkpoint, args.arch, args.num_classes, args.resolution, args.data)
+
+
 def load_trained(path, arch=None, num_classes=None, resolution=None, data=None) -> Trained:
     """A run folder, one of our checkpoints, an exported model (folder or model.safetensors), or any
     other state dict (then --arch, --num-classes, --resolution and --data supply what our files

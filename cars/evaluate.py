@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from cars import analysis
-from cars.checkpoint import load_trained
+from cars.checkpoint import add_model_flags, load_trained_from
 from cars.data import TransformedSplit, dataset_location, make_loader, open_hub_dataset, open_source, read_rgb
 from cars.engine import Device, predict
 from cars.errors import UserError
@@ -26,11 +26,7 @@ TTA_SCALES = (0.875, 1.0, 1.125)
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Evaluate a trained model: accuracy per class, confusions, GradCAM, TTA, robustness.")
-    parser.add_argument("checkpoint", help="a run folder, one of its .pt files, or any state-dict file")
-    parser.add_argument("--arch", help="architecture, for a checkpoint that does not carry it (e.g. resnet50)")
-    parser.add_argument("--num-classes", type=int, help="class count, for a bare state dict (default: its head's)")
-    parser.add_argument("--resolution", type=int, help="input size (default: the run's, else 224)")
-    parser.add_argument("--data", help="dataset to evaluate on and take class names from (default: the run's)")
+    add_model_flags(parser, data_help="dataset to evaluate on and take class names from (default: the run's)")
     parser.add_argument("--out", help="output folder (default: <run>/eval, or eval-<name> beside a checkpoint file)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--num-gradcam", type=int, default=16, help="random test images in gradcam_samples.png (default 16)")
@@ -74,7 +70,7 @@ def corruption_splits(data: str) -> list[str]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    trained = load_trained(args.checkpoint, args.arch, args.num_classes, args.resolution, args.data)
+    trained = load_trained_from(args)
     if not trained.data:
         raise UserError(f"{trained.path} does not say which dataset it was trained on; pass --data")
     corruptions = corruption_splits(trained.data) if args.corruptions else []

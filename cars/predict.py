@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from cars.checkpoint import load_trained
+from cars.checkpoint import add_model_flags, load_trained_from
 from cars.data import FileSplit, read_rgb
 from cars.errors import UserError, message_of
 from cars.explain import CAM_METHODS, class_activation_maps, overlay
@@ -18,16 +18,12 @@ from cars.transforms import display_transform, normalize
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Classify images with a trained model.")
-    parser.add_argument("checkpoint", help="a run folder, one of its .pt files, or any state-dict file")
+    add_model_flags(parser)
     parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, ...; any size, grayscale or colour)")
     parser.add_argument("--topk", type=int, default=5, help="how many classes to show per image (default 5)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--cam", metavar="DIR", help="write a CAM overlay of the top class per image into DIR")
     parser.add_argument("--cam-method", default="gradcam", choices=list(CAM_METHODS))
-    parser.add_argument("--arch", help="architecture, for a checkpoint that does not carry it")
-    parser.add_argument("--num-classes", type=int, help="class count, for a bare state dict (default: its head's)")
-    parser.add_argument("--resolution", type=int, help="input size (default: the run's, else 224)")
-    parser.add_argument("--data", help="dataset to take class names from, for a bare state dict")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     args = parser.parse_args(argv)
     if args.topk < 1:
@@ -37,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    trained = load_trained(args.checkpoint, args.arch, args.num_classes, args.resolution, args.data)
+    trained = load_trained_from(args)
     device_type = pick_device(args.device)
     model = trained.model.to(device_type)
     transform = display_transform(trained.resolution)

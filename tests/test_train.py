@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_preset_trains_past_90_percent(tmp_path):
+    preset = tomllib.loads((ROOT / "configs" / "demo.toml").read_text())
+    epochs, lr = preset["epochs"], preset["lr"]
     run_dir = tmp_path / "demo"
     train.main(["--config", str(ROOT / "configs" / "demo.toml"), "--run-dir", str(run_dir)])
 
@@ -32,9 +34,9 @@ def test_demo_preset_trains_past_90_percent(tmp_path):
 
     rows = read_metrics(run_dir / "metrics.csv")
     assert list(rows[0]) == ["epoch", "lr", "train_loss", "train_acc", "eval_loss", "eval_acc", "seconds"]
-    assert [r["epoch"] for r in rows] == list(range(1, 25))
+    assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
     for r in rows:  # the cosine schedule, as configured, read back from the run
-        assert r["lr"] == pytest.approx(0.01 * (1 + math.cos(math.pi * (r["epoch"] - 1) / 24)) / 2, rel=1e-6)
+        assert r["lr"] == pytest.approx(lr * (1 + math.cos(math.pi * (r["epoch"] - 1) / epochs)) / 2, rel=1e-6)
     best_row = max(rows, key=lambda r: r["eval_acc"])
     assert summary["best_epoch"] == best_row["epoch"] and summary["final_eval_acc"] == rows[-1]["eval_acc"]
 
@@ -42,14 +44,14 @@ def test_demo_preset_trains_past_90_percent(tmp_path):
     assert best["epoch"] == summary["best_epoch"] and best["metric"] == pytest.approx(summary["best_eval_acc"])
     assert best["config"]["arch"] == "shufflenet_v2_x0_5" and len(best["class_names"]) == 10
     last = load_checkpoint(run_dir / "last.pt")
-    assert last["epoch"] == 24 and {"optimizer", "scheduler", "scaler", "rng"} <= set(last)
+    assert last["epoch"] == epochs and {"optimizer", "scheduler", "scaler", "rng", "history"} <= set(last)
 
     saved = tomllib.loads((run_dir / "config.toml").read_text())
-    assert saved["epochs"] == 24 and saved["lr"] == 0.01 and saved["run_dir"] == str(run_dir)
+    assert saved["epochs"] == epochs and saved["lr"] == lr and saved["run_dir"] == str(run_dir)
     assert Config(**saved).validate() is not None
     assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
     log = (run_dir / "train.log").read_text()
-    assert log.count("| train loss") == 24 and "done in" in log and "best test accuracy" in log
+    assert log.count("| train loss") == epochs and "done in" in log and "best test accuracy" in log
 
     # and eval.py explains it, as the README shows
     from cars import evaluate
