@@ -11,7 +11,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 
 from cars import config as config_module
