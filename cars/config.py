@@ -63,6 +63,7 @@ class Config:
     channels_last: bool = knob(True, "channels-last memory format (CUDA only)")
     sync_bn: bool = knob(False, "with torchrun on GPUs: BatchNorm statistics over the global batch, not each GPU's share")
     workers: int = knob(-1, "DataLoader worker processes (-1: one per CPU core, at most 8)")
+    save_every_steps: int = knob(0, "also write last.pt every N steps within an epoch, for long epochs (0: at epoch ends only)")
     seed: int = knob(0, "random seed")
     device: str = knob("auto", "where to train (auto: CUDA, then MPS, then CPU)", ["auto", "cuda", "mps", "cpu"])
     run_dir: str = knob("", "run folder (default runs/<preset name>)")
@@ -73,7 +74,7 @@ class Config:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
         non_negative = ["momentum", "weight_decay", "gamma", "freeze_epochs", "backbone_lr_mult", "color_jitter", "dropout",
-                        "mixup", "cutmix", "warmup_epochs"]
+                        "mixup", "cutmix", "warmup_epochs", "save_every_steps"]
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise UserError(f"--{flag(name)} must not be negative, got {getattr(self, name)}")

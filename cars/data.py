@@ -294,10 +294,11 @@ class GlobalBatches(torch.utils.data.Sampler):
 
     def __init__(self, length: int, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1):
         self.length, self.batch_size, self.generator, self.rank, self.world = length, batch_size, generator, rank, world
+        self.skip = 0  # global batches already trained, when an epoch resumes from a mid-epoch checkpoint
 
     def __iter__(self):
         order = torch.randperm(self.length, generator=self.generator).tolist()
-        for start in range(0, self.length, self.batch_size):
+        for start in range(self.skip * self.batch_size, self.length, self.batch_size):
             batch = order[start : start + self.batch_size]
             if len(batch) >= self.world:  # a last batch too small to give every process an image is dropped
                 yield batch[self.rank :: self.world]

@@ -36,6 +36,17 @@ class Diverged(UserError):
 
 
 @dataclass
+class Progress:
+    """Where a training epoch stands: saved with a mid-epoch checkpoint, restored on resume."""
+
+    lr: float  # at the start of the epoch, for its metrics row
+    steps: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+
+
+@dataclass
 class EpochResult:
     loss: float
     accuracy: float  # percent
@@ -43,14 +54,16 @@ class EpochResult:
 
 
 def train_one_epoch(model, loader, optimizer, scaler, device: Device, scheduler=None, ema=None, mixer=None,
-                    label_smoothing: float = 0.0, frozen_backbone: bool = False, description: str = "train") -> EpochResult:
-    """One pass over the loader. The scheduler and the EMA advance every step; accuracy is
-    counted against the true labels, also when MixUp/CutMix blend them."""
+                    label_smoothing: float = 0.0, frozen_backbone: bool = False, description: str = "train",
+                    progress: Progress | None = None, on_step=None) -> EpochResult:
+    """One pass over the loader (the rest of it, when `progress` comes from a mid-epoch checkpoint).
+    The scheduler and the EMA advance every step; accuracy is counted against the true labels, also
+    when MixUp/CutMix blend them. `on_step(progress)` runs after every step."""
     model.train()
     set_backbone_frozen(unwrap(model), frozen_backbone)  # after train(): a frozen backbone keeps its BatchNorm statistics
-    total_loss, correct, seen = 0.0, 0, 0
+    progress = progress or Progress(lr=optimizer.param_groups[-1]["lr"])
     bar = tqdm(loader, desc=description, leave=False, dynamic_ncols=True, disable=not device.show_progress)
-    for step, batch in enumerate(bar, 1):
+    for batch in bar:
         if batch is None:  # every image of the batch was unreadable and skipped
             continue
         images, labels = device.put(*batch)
@@ -65,18 +78,22 @@ def train_one_epoch(model, loader, optimizer, scaler, device: Device, scheduler=
         scaler.step(optimizer)
         scaler.update()
         if not math.isfinite(loss.item()):  # nothing after this step could be trusted; the checkpoints before it can
-            raise Diverged(f"the training loss became {loss.item()} at step {step} "
+            raise Diverged(f"the training loss became {loss.item()} at step {progress.steps + 1} "
                            f"(lr {optimizer.param_groups[-1]['lr']:.3g}); lower --lr, check --lr-scaling, or try lr_find.py")
         if scheduler is not None:
             scheduler.step()
         if ema is not None:
             ema.update_parameters(unwrap(model))
 
-        total_loss += loss.item() * len(labels)
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += len(labels)
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100 * correct / seen:.1f}%")
-    return EpochResult(total_loss / max(seen, 1), 100 * correct / max(seen, 1), seen)
+        progress.steps += 1
+        progress.loss_sum += loss.item() * len(labels)
+        progress.correct += (logits.argmax(1) == labels).sum().item()
+        progress.seen += len(labels)
+        bar.set_postfix(loss=f"{progress.loss_sum / progress.seen:.3f}", acc=f"{100 * progress.correct / progress.seen:.1f}%")
+        if on_step is not None:
+            on_step(progress)
+    seen = max(progress.seen, 1)
+    return EpochResult(progress.loss_sum / seen, 100 * progress.correct / seen, progress.seen)
 
 
 @torch.no_grad()

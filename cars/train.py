@@ -22,7 +22,7 @@ from cars import config as config_module
 from cars.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from cars.data import TransformedSplit, load_splits, make_loader
 from cars.distributed import init_world, shutdown, world_size
-from cars.engine import Device, Diverged, EpochResult, evaluate, train_one_epoch
+from cars.engine import Device, Diverged, EpochResult, Progress, evaluate, train_one_epoch
 from cars.errors import UserError
 from cars.models import backbone_parameters, build_model, head_parameters, make_ema
 from cars.report import METRIC_COLUMNS, plot_curves, write_csv, write_json
@@ -130,7 +130,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-RESUMABLE_FLAGS = {"epochs", "workers", "device"}  # the only flags that may come with --resume: none changes the recipe
+RESUMABLE_FLAGS = {"epochs", "workers", "device", "save_every_steps"}  # the only flags that may come with --resume: none changes the recipe
 
 
 def resolve_run(args) -> tuple[config_module.Config, str, Path, dict | None]:
@@ -151,7 +151,8 @@ def resolve_run(args) -> tuple[config_module.Config, str, Path, dict | None]:
     changed = sorted(k for k, v in given.items() if k not in RESUMABLE_FLAGS and v != getattr(saved, k))
     if changed:
         flags = ", ".join("--" + config_module.flag(k) for k in changed)
-        raise UserError(f"{flags} would change the recipe of {run_dir}; --resume only takes --epochs (to extend), --workers and --device. "
+        raise UserError(f"{flags} would change the recipe of {run_dir}; --resume only takes --epochs (to extend), --workers, --device "
+                        "and --save-every-steps. "
                         "Start a new run (--run-dir) to change the recipe")
     cfg = dataclasses.replace(saved, **{k: given[k] for k in RESUMABLE_FLAGS & set(given)}).validate()
     checkpoint = load_checkpoint(run_dir / "last.pt")
@@ -249,12 +250,13 @@ def main(argv=None) -> None:
     if on_cuda:
         torch.backends.cudnn.benchmark = True
 
-    def save_last(epoch: int, evaluated) -> dict:
-        """last.pt: everything needed to go on exactly where this epoch ended (written by the main process)."""
+    def save_last(epoch: int, evaluated, progress: Progress | None = None) -> dict:
+        """last.pt: everything needed to go on exactly where `epoch` ended, or where the next epoch's
+        `progress` stands (written by the main process)."""
         checkpoint = {"model": unwrap(evaluated).state_dict(), "config": dataclasses.asdict(cfg), "class_names": splits.class_names,
                       "epoch": epoch, "metric": rows[-1]["eval_acc"] if rows else None, "metric_name": f"{splits.eval_name}_acc"}
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                 "rng": rng_state(), "history": rows}
+                 "rng": rng_state(), "history": rows, "progress": dataclasses.asdict(progress) if progress else None}
         if ema:  # "model" holds the EMA weights; the raw ones are needed to go on training
             state.update(raw_model=unwrap(model).state_dict(), ema=ema.state_dict())
         if world.main:
@@ -262,6 +264,11 @@ def main(argv=None) -> None:
         return checkpoint
 
     first_epoch = resumed["epoch"] + 1 if resumed else 1
+    progress = Progress(**resumed["progress"]) if resumed and resumed.get("progress") else None  # a mid-epoch checkpoint
+
+    def save_within_epoch(epoch_progress: Progress) -> None:
+        if cfg.save_every_steps and epoch_progress.steps % cfg.save_every_steps == 0 and epoch_progress.steps < len(train_loader):
+            save_last(epoch - 1, ema.module if ema else model, epoch_progress)
     if not resumed:
         save_last(0, ema.module if ema else model)  # resumable even if the first epoch never ends
     # compare.py tells a running run from a crashed one by this: a live process on this host
@@ -276,12 +283,15 @@ def main(argv=None) -> None:
             epoch_start = time.time()
             train_loader.generator.manual_seed(cfg.seed * 1_000_003 + epoch)  # the data order depends on the epoch alone
             train_set.epoch = epoch  # and so does each image's augmentation
+            progress = progress or Progress(lr=optimizer.param_groups[-1]["lr"])  # a fresh epoch, or the rest of one
+            train_loader.batch_sampler.skip = progress.steps
             frozen = epoch <= cfg.freeze_epochs
             if cfg.freeze_epochs and epoch == cfg.freeze_epochs + 1:
                 log(f"epoch {epoch}: unfreezing the backbone; all layers train from now on")
-            lr = optimizer.param_groups[-1]["lr"]
             train = train_one_epoch(trained, train_loader, optimizer, scaler, device, scheduler, ema, mixer, cfg.label_smoothing,
-                                    frozen_backbone=frozen, description=f"epoch {epoch}/{cfg.epochs}")
+                                    frozen_backbone=frozen, description=f"epoch {epoch}/{cfg.epochs}", progress=progress,
+                                    on_step=save_within_epoch)
+            lr, progress = progress.lr, None
             train = average_over_processes(train, world)
             evaluated = ema.module if ema else unwrap(trained) if world.size > 1 else trained
             result = evaluate(evaluated, eval_loader, device, description=splits.eval_name, world=world)
@@ -307,7 +317,9 @@ def main(argv=None) -> None:
                 + (" *" if improved else ""))
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every file on disk is complete (atomic writes); say how to go on
         write_summary({**status, "status": "interrupted", "epochs_done": epoch - 1})
-        log(f"interrupted in epoch {epoch}; last.pt holds epoch {epoch - 1}. Resume with: uv run train.py --resume {run_dir}")
+        log(f"interrupted in epoch {epoch}; last.pt holds epoch {epoch - 1}"
+            + (f" and the first steps of epoch {epoch} (--save-every-steps)" if cfg.save_every_steps else "")
+            + f". Resume with: uv run train.py --resume {run_dir}")
         sys.exit(130)
     except Diverged as error:
         write_summary({**status, "status": "diverged", "epochs_done": epoch - 1})

@@ -264,3 +264,25 @@ def test_damaged_safetensors_is_one_clear_line(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
     with pytest.raises(UserError, match="cannot read .*model.safetensors: .*damaged or not a safetensors file"):
         read_model_file(tmp_path / "model.safetensors")
+
+
+def test_mid_epoch_checkpoints_resume_exactly(reference_run, tmp_path, monkeypatch):
+    real = engine.F.cross_entropy
+    calls = {"n": 0}
+
+    def interrupt_in_epoch_2(*args, **kwargs):  # calls 1-3: epoch 1's steps, 4: its evaluation, 5-6: epoch 2's first steps
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.F, "cross_entropy", interrupt_in_epoch_2)
+    run_dir = tmp_path / "mid"
+    with pytest.raises(SystemExit) as exit:
+        train.main([*run_args(reference_run, run_dir), "--save-every-steps", "1"])
+    assert exit.value.code == 130
+    last = load_checkpoint(run_dir / "last.pt")
+    assert last["epoch"] == 1 and last["progress"]["steps"] == 2  # two of epoch 2's three steps are kept
+    monkeypatch.undo()
+    train.main(["--resume", str(run_dir)])
+    assert_same_run(reference_run[0] / "reference", run_dir)
