@@ -269,6 +269,7 @@ def main(argv=None) -> None:
     def save_within_epoch(epoch_progress: Progress) -> None:
         if cfg.save_every_steps and epoch_progress.steps % cfg.save_every_steps == 0 and epoch_progress.steps < len(train_loader):
             save_last(epoch - 1, ema.module if ema else model, epoch_progress)
+
     if not resumed:
         save_last(0, ema.module if ema else model)  # resumable even if the first epoch never ends
     # compare.py tells a running run from a crashed one by this: a live process on this host
