@@ -3,7 +3,6 @@
 import argparse
 import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from cars.errors import UserError
 from cars.explain import CAM_METHODS, class_activation_maps, overlay
 from cars.report import (markdown_table, plot_cam_grid, plot_confusion, plot_per_class, write_csv, write_json,
                          write_text)
-from cars.train import pick_device
+from cars.train import pick_device, prepare_folder
 from cars.transforms import display_transform, normalize
 
 CORRUPTIONS = ("contrast", "gaussian_noise", "impulse_noise", "jpeg_compression", "motion_blur", "pixelate", "spatter")
@@ -46,11 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def output_folder(args, checkpoint: Path) -> Path:
     given = Path(args.checkpoint)
     out = Path(args.out) if args.out else given / "eval" if given.is_dir() else checkpoint.parent / f"eval-{checkpoint.stem}"
-    if out.exists() and any(out.iterdir()):
-        if not args.overwrite:
-            raise UserError(f"{out} already exists; pass --overwrite to replace it or --out to write elsewhere")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_folder(out, args.overwrite, "output folder", "--out")
     return out
 
 

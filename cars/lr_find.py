@@ -20,7 +20,7 @@ from cars.engine import Device
 from cars.errors import UserError
 from cars.models import build_model, set_backbone_frozen
 from cars.report import plot_lr_find, write_csv
-from cars.train import make_optimizer, pick_device, prepare_run_dir, seed_everything
+from cars.train import check_folder_free, make_optimizer, pick_device, prepare_folder, seed_everything
 from cars.transforms import batch_mixer, train_transform
 
 
@@ -109,8 +109,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     cfg, preset = config_module.resolve(args)
     out = Path(args.out or f"runs/lr_find-{preset}")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        prepare_run_dir(out, overwrite=False)
+    check_folder_free(out, args.overwrite, "output folder", "--out")
     device_type = pick_device(cfg.device)
     device = Device(device_type, amp=cfg.amp and device_type == "cuda")
     seed_everything(cfg.seed)
@@ -118,7 +117,7 @@ def main(argv=None) -> None:
     model = build_model(cfg.arch, cfg.weights, len(splits.class_names), cfg.dropout)
     loader = make_loader(TransformedSplit(splits.train, train_transform(cfg), cfg.skip_bad_images), cfg.batch_size, True,
                          0 if cfg.workers < 0 else cfg.workers, cfg.seed)
-    prepare_run_dir(out, args.overwrite)
+    prepare_folder(out, args.overwrite, "output folder", "--out")
 
     print(f"lr range test: {cfg.arch}, {cfg.optimizer}, batch {cfg.batch_size}, phase {args.phase}, "
           f"lr {args.start_lr:g} -> {args.end_lr:g} over at most {args.steps} steps")

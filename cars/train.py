@@ -122,12 +122,18 @@ class RunLog:
             self.file.write(line + "\n")
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise UserError(f"run folder {run_dir} already exists; pass --overwrite to replace it or --run-dir to choose another")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def check_folder_free(folder: Path, overwrite: bool, what: str = "run folder", elsewhere: str = "--run-dir") -> None:
+    """A folder with files in it is never replaced without --overwrite."""
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise UserError(f"{what} {folder} already exists; pass --overwrite to replace it or {elsewhere} to choose another")
+
+
+def prepare_folder(folder: Path, overwrite: bool, what: str = "run folder", elsewhere: str = "--run-dir") -> None:
+    """An empty folder to write into (call it once every input has been checked)."""
+    check_folder_free(folder, overwrite, what, elsewhere)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
 
 
 RESUMABLE_FLAGS = {"epochs", "workers", "device", "save_every_steps"}  # the only flags that may come with --resume: none changes the recipe
@@ -138,8 +144,7 @@ def resolve_run(args) -> tuple[config_module.Config, str, Path, dict | None]:
     if not args.resume:
         cfg, preset = config_module.resolve(args)
         run_dir = Path(cfg.run_dir or f"runs/{preset}")
-        if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:  # fail before any slow work
-            prepare_run_dir(run_dir, overwrite=False)
+        check_folder_free(run_dir, args.overwrite)  # fail before any slow work
         return dataclasses.replace(cfg, run_dir=str(run_dir)), preset, run_dir, None
     run_dir = Path(args.resume)
     if not (run_dir / "last.pt").is_file() or not (run_dir / "config.toml").is_file():
@@ -202,7 +207,7 @@ def main(argv=None) -> None:
     world.barrier()  # every process has checked the run folder before the main one replaces it
     if world.main:
         if not resumed:
-            prepare_run_dir(run_dir, args.overwrite)
+            prepare_folder(run_dir, args.overwrite)
         cfg.save(run_dir / "config.toml")  # on resume, records an extended --epochs
     world.barrier()
     log = RunLog(run_dir / "train.log", enabled=world.main)
