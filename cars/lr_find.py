@@ -43,7 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def smooth(losses: list[float], beta: float = 0.98) -> list[float]:
+SMOOTHING = 0.98  # fastai's recorder
+
+
+def smooth(losses: list[float], beta: float = SMOOTHING) -> list[float]:
     """Exponential moving average with bias correction, as fastai's recorder."""
     average, smoothed = 0.0, []
     for i, loss in enumerate(losses, 1):
@@ -75,7 +78,7 @@ def range_test(model, loader, cfg, device: Device, start_lr: float, end_lr: floa
     optimizer = make_optimizer(cfg, model)
     ratios = [group["lr"] / optimizer.param_groups[-1]["lr"] for group in optimizer.param_groups]  # keep --backbone-lr-mult
     mixer = batch_mixer(cfg.mixup, cfg.cutmix, num_classes)
-    lrs, losses, best = [], [], math.inf
+    lrs, losses, best, average = [], [], math.inf, 0.0
     batches = iter(())
     for step in range(steps):
         lr = start_lr * (end_lr / start_lr) ** (step / (steps - 1))
@@ -88,7 +91,7 @@ def range_test(model, loader, cfg, device: Device, start_lr: float, end_lr: floa
         model.train()
         set_backbone_frozen(unwrap(model), phase == "head")
         images, labels = device.put(*batch)
-        targets = labels if mixer is None else None
+        targets = labels
         if mixer is not None:
             images, targets = mixer(images, labels)
         with device.autocast():
@@ -98,7 +101,8 @@ def range_test(model, loader, cfg, device: Device, start_lr: float, end_lr: floa
         optimizer.step()
         lrs.append(lr)
         losses.append(loss.item())
-        smoothed = smooth(losses)[-1]
+        average = SMOOTHING * average + (1 - SMOOTHING) * losses[-1]
+        smoothed = average / (1 - SMOOTHING ** len(losses))  # the last value of smooth(losses), without recomputing it all
         best = min(best, smoothed)
         if not math.isfinite(smoothed) or (step > 5 and smoothed > 4 * best):  # diverged: the rest tells nothing
             break
