@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cars.config import Config, load_saved
 from cars.errors import UserError
-from cars.report import markdown_table, plot_comparison, read_metrics, write_text
+from cars.report import evaluated, markdown_table, plot_comparison, read_metrics, write_text
 from cars.train import base_lr
 
 
@@ -73,10 +73,10 @@ def augmentation(cfg: Config) -> str:
 def row(run: Run) -> list[str]:
     cfg, metrics, summary = run.config, run.metrics, run.summary
     split = summary.get("selected_on", "val" if cfg.val_split else "test")
-    if metrics:
-        best = max(metrics, key=lambda r: r["eval_acc"])
+    if evaluated(metrics):
+        best = max(evaluated(metrics), key=lambda r: r["eval_acc"])
         best_text = f"{best['eval_acc']:.2f}% @{int(best['epoch'])} ({split})"
-        final_text = f"{metrics[-1]['eval_acc']:.2f}%"
+        final_text = f"{evaluated(metrics)[-1]['eval_acc']:.2f}%"
         seconds = summary.get("seconds", sum(r["seconds"] for r in metrics))
     else:
         best_text, final_text, seconds = "-", "-", 0

@@ -63,18 +63,22 @@ class Config:
     channels_last: bool = knob(True, "channels-last memory format (CUDA only)")
     sync_bn: bool = knob(False, "with torchrun on GPUs: BatchNorm statistics over the global batch, not each GPU's share")
     workers: int = knob(-1, "DataLoader worker processes (-1: one per CPU core, at most 8)")
+    cache: str = knob("auto", "preprocessing cache: every image decoded once and kept as pixels. auto ($CARS_CACHE/pixels, "
+                      "or ~/.cache/transfer-stanford-cars/pixels), a folder, or off (decode every image every epoch)")
+    cache_side: int = knob(0, "shorter side in px of the cached training images, random crops are cut from (0: resolution x 1.5, e.g. 336)")
+    eval_every: int = knob(1, "evaluate every N epochs (and always after the last one)")
     save_every_steps: int = knob(0, "also write last.pt every N steps within an epoch, for long epochs (0: at epoch ends only)")
     seed: int = knob(0, "random seed")
     device: str = knob("auto", "where to train (auto: CUDA, then MPS, then CPU)", ["auto", "cuda", "mps", "cpu"])
     run_dir: str = knob("", "run folder (default runs/<preset name>)")
 
     def validate(self) -> "Config":
-        positive = ["epochs", "batch_size", "resolution", "lr", "step_size"]
+        positive = ["epochs", "batch_size", "resolution", "lr", "step_size", "eval_every"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
         non_negative = ["momentum", "weight_decay", "gamma", "freeze_epochs", "backbone_lr_mult", "color_jitter", "dropout",
-                        "mixup", "cutmix", "warmup_epochs", "save_every_steps"]
+                        "mixup", "cutmix", "warmup_epochs", "save_every_steps", "cache_side"]
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise UserError(f"--{flag(name)} must not be negative, got {getattr(self, name)}")
@@ -89,6 +93,8 @@ class Config:
             raise UserError(f"--freeze-epochs ({self.freeze_epochs}) must be smaller than --epochs ({self.epochs}), or nothing but the head is ever trained")
         if not 0 < self.crop_scale <= 1:
             raise UserError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
+        if 0 < self.cache_side < self.resolution:
+            raise UserError(f"--cache-side ({self.cache_side}) must be at least --resolution ({self.resolution}), or 0 for the default")
         if self.resolution < 32:
             raise UserError(f"--resolution must be at least 32, got {self.resolution}")
         for f in dataclasses.fields(self):

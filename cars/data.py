@@ -9,6 +9,7 @@ import io
 import random
 import re
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,30 +100,53 @@ def read_rgb(split, i: int) -> Image.Image:
         raise UserError(f"cannot read image {split.where(i)}: {error}") from None
 
 
-class TransformedSplit(torch.utils.data.Dataset):
-    """(tensor, label) pairs for a DataLoader; None for an unreadable image when skipping.
+@contextmanager
+def seeded_torch_rng(seed: int):
+    """torch's global generator (which torchvision's random transforms draw from) seeded for a
+    block, then put back. torch.random.fork_rng does this too, but costs 100x more per image."""
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(state)
 
+
+class TransformedSplit(torch.utils.data.Dataset):
+    """(uint8 pixels, label) pairs for a DataLoader; None for an unreadable image when skipping.
+
+    Pixels come from the split's images, or from a preprocessing cache of them (`pixels`); a
+    `transform` of None takes cached pixels as they are (the eval cache holds finished crops).
     With a `seed`, the random augmentation of image i in epoch `epoch` depends on (seed, epoch, i)
     alone: not on the worker, the process (torchrun) or an interruption (resume)."""
 
-    def __init__(self, split, transform, skip_bad_images: bool = False, seed: int | None = None):
-        self.split, self.transform, self.skip_bad_images, self.seed = split, transform, skip_bad_images, seed
+    def __init__(self, split, transform, skip_bad_images: bool = False, seed: int | None = None, pixels=None):
+        self.split, self.transform, self.skip_bad_images, self.seed, self.pixels = split, transform, skip_bad_images, seed, pixels
         self.epoch = 0
 
     def __len__(self):
         return len(self.split)
 
-    def __getitem__(self, i):
+    def read(self, i):
+        if self.pixels is not None:
+            return self.pixels[i]  # None where the image could not be read (allowed only when skipping)
         try:
-            image = read_rgb(self.split, i)
+            return read_rgb(self.split, i)
         except UserError as error:
             if self.skip_bad_images:
                 return None
             raise UserError(f"{error}. Replace or remove it, or pass --skip-bad-images to skip unreadable images") from None
+
+    def __getitem__(self, i):
+        image = self.read(i)
+        if image is None:
+            return None
+        if self.transform is None:
+            return image, self.split.labels[i]
         if self.seed is None:
             return self.transform(image), self.split.labels[i]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, i)) % 2**62)
+        with seeded_torch_rng(hash((self.seed, self.epoch, i)) % 2**62):
             return self.transform(image), self.split.labels[i]
 
 
@@ -290,7 +314,10 @@ def open_devkit(path: Path):
 class GlobalBatches(torch.utils.data.Sampler):
     """The epoch's global batches in an order drawn from `generator`; process `rank` of `world` takes
     every world-th image of each. Every process draws the same order, so --batch-size is the global
-    batch whatever the number of processes, and a run learns as it would in one process."""
+    batch whatever the number of processes, and a run learns as it would in one process.
+
+    A ragged last batch is dropped (a different few images each epoch): every step then has the same
+    shape, so a compiled model never recompiles, and BatchNorm never sees a batch of one."""
 
     def __init__(self, length: int, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1):
         self.length, self.batch_size, self.generator, self.rank, self.world = length, batch_size, generator, rank, world
@@ -298,14 +325,17 @@ class GlobalBatches(torch.utils.data.Sampler):
 
     def __iter__(self):
         order = torch.randperm(self.length, generator=self.generator).tolist()
-        for start in range(self.skip * self.batch_size, self.length, self.batch_size):
-            batch = order[start : start + self.batch_size]
-            if len(batch) >= self.world:  # a last batch too small to give every process an image is dropped
-                yield batch[self.rank :: self.world]
+        for start in range(self.skip * self.batch_size, len(self) * self.batch_size, self.batch_size):
+            yield order[start : start + self.batch_size][self.rank :: self.world]
 
     def __len__(self):
-        full, rest = divmod(self.length, self.batch_size)
-        return full + (rest >= self.world and rest > 0)
+        # a split smaller than one batch still trains, as one smaller batch (if every process gets an image)
+        return self.length // self.batch_size or int(self.length >= self.world)
+
+    @property
+    def images_per_epoch(self) -> int:
+        """Over all processes."""
+        return min(len(self) * self.batch_size, self.length)
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int, pin_memory: bool = False, rank: int = 0, world: int = 1):

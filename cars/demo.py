@@ -7,13 +7,14 @@ direction, background, wheel size and details; a few images are grayscale.
 """
 
 import io
-import os
 import random
 import shutil
 import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
+
+from cars.cache import cache_home
 
 # Each body: the lower body's top edge, the cabin outline (x, y) and the wheel radius, in a
 # car box of width 1 and height 0.6 (y grows downwards; the body's bottom edge is at 0.5).
@@ -32,8 +33,7 @@ VERSION = "v1"
 
 
 def demo_root() -> Path:
-    cache = os.environ.get("CARS_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "transfer-stanford-cars"
-    return Path(cache) / f"demo-{VERSION}"
+    return cache_home() / f"demo-{VERSION}"
 
 
 def jitter(colour, rng, amount=30):

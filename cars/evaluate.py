@@ -17,7 +17,7 @@ from cars.explain import CAM_METHODS, class_activation_maps, overlay
 from cars.report import (markdown_table, plot_cam_grid, plot_confusion, plot_per_class, write_csv, write_json,
                          write_text)
 from cars.train import pick_device, prepare_folder
-from cars.transforms import display_transform, normalize
+from cars.transforms import eval_transform, normalize
 
 CORRUPTIONS = ("contrast", "gaussian_noise", "impulse_noise", "jpeg_compression", "motion_blur", "pixelate", "spatter")
 TTA_SCALES = (0.875, 1.0, 1.125)
@@ -83,8 +83,8 @@ def main(argv=None) -> None:
     print(f"evaluating {trained.path} ({trained.arch}, {trained.resolution} px) on {len(test_split)} test images of {trained.data}")
 
     def logits_of(split, resolution=trained.resolution, flip=False):
-        transform = display_transform(resolution)
-        dataset = TransformedSplit(split, lambda image: normalize(transform(image)).flip(-1) if flip else normalize(transform(image)))
+        transform = eval_transform(resolution)
+        dataset = TransformedSplit(split, (lambda image: transform(image).flip(-1)) if flip else transform)
         return predict(model, make_loader(dataset, args.batch_size, False, workers, args.seed), device)
 
     # 1-4: accuracy, per class, best and worst classes, confusions
@@ -186,7 +186,7 @@ def main(argv=None) -> None:
 
 def cam_tiles(model, split, indices, predicted, labels, confidence, names, resolution, method) -> list[dict]:
     """CAM overlays of the predicted class for some images of a split, one CAM object for all."""
-    transform = display_transform(resolution)
+    transform = eval_transform(resolution)
     pixels = torch.stack([transform(read_rgb(split, i)) for i in indices])
     maps = class_activation_maps(model, normalize(pixels), [int(predicted[i]) for i in indices], method)
     return [{"image": overlay(pixels[k].permute(1, 2, 0).numpy(), maps[k]), "true": names[int(labels[i])],

@@ -15,13 +15,14 @@ import torch.nn.functional as F
 
 from cars import config as config_module
 from cars.checkpoint import unwrap
-from cars.data import TransformedSplit, load_splits, make_loader
+from cars.cache import train_dataset
+from cars.data import load_splits, make_loader
 from cars.engine import Device
 from cars.errors import UserError
 from cars.models import build_model, set_backbone_frozen
 from cars.report import plot_lr_find, write_csv
 from cars.train import check_folder_free, make_optimizer, pick_device, prepare_folder, seed_everything
-from cars.transforms import batch_mixer, train_transform
+from cars.transforms import batch_mixer
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -119,8 +120,8 @@ def main(argv=None) -> None:
     seed_everything(cfg.seed)
     splits = load_splits(cfg.data, cfg.val_split, cfg.seed)
     model = build_model(cfg.arch, cfg.weights, len(splits.class_names), cfg.dropout)
-    loader = make_loader(TransformedSplit(splits.train, train_transform(cfg), cfg.skip_bad_images), cfg.batch_size, True,
-                         0 if cfg.workers < 0 else cfg.workers, cfg.seed)
+    workers = 0 if cfg.workers < 0 else cfg.workers
+    loader = make_loader(train_dataset(splits.train, cfg, workers), cfg.batch_size, True, workers, cfg.seed)
     prepare_folder(out, args.overwrite, "output folder", "--out")
 
     print(f"lr range test: {cfg.arch}, {cfg.optimizer}, batch {cfg.batch_size}, phase {args.phase}, "

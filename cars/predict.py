@@ -13,7 +13,7 @@ from cars.data import FileSplit, read_rgb
 from cars.errors import UserError, message_of
 from cars.explain import CAM_METHODS, class_activation_maps, overlay
 from cars.train import pick_device
-from cars.transforms import display_transform, normalize
+from cars.transforms import eval_transform, normalize
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,7 +36,7 @@ def main(argv=None) -> None:
     trained = load_trained_from(args)
     device_type = pick_device(args.device)
     model = trained.model.to(device_type)
-    transform = display_transform(trained.resolution)
+    transform = eval_transform(trained.resolution)
     images = FileSplit([(path, -1) for path in args.images], "input")
     cam_dir = Path(args.cam) if args.cam else None
     if cam_dir:

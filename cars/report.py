@@ -32,8 +32,14 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """metrics.csv rows as numbers; None for the eval columns of epochs that were not evaluated (--eval-every)."""
     with open(path, newline="") as file:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(file)]
+        return [{k: float(v) if v != "" else None for k, v in row.items()} for row in csv.DictReader(file)]
+
+
+def evaluated(rows: list[dict]) -> list[dict]:
+    """The epochs that were evaluated (all of them unless --eval-every skipped some)."""
+    return [r for r in rows if r["eval_acc"] is not None]
 
 
 def plot_curves(rows: list[dict], path: Path, eval_name: str = "test", title: str = "") -> None:
@@ -43,7 +49,7 @@ def plot_curves(rows: list[dict], path: Path, eval_name: str = "test", title: st
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, label in ((loss_ax, "loss", "loss"), (acc_ax, "acc", "accuracy (%)")):
         ax.plot(epochs, [r[f"train_{key}"] for r in rows], "o-", ms=3, label="train")
-        ax.plot(epochs, [r[f"eval_{key}"] for r in rows], "o-", ms=3, label=eval_name)
+        ax.plot([r["epoch"] for r in evaluated(rows)], [r[f"eval_{key}"] for r in evaluated(rows)], "o-", ms=3, label=eval_name)
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -53,7 +59,7 @@ def plot_curves(rows: list[dict], path: Path, eval_name: str = "test", title: st
         lr_ax.set_ylabel("learning rate", color="grey")
         handles = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
         ax.legend(handles=handles, loc="center right")
-    best = max(rows, key=lambda r: r["eval_acc"])
+    best = max(evaluated(rows), key=lambda r: r["eval_acc"])
     acc_ax.annotate(f"best {best['eval_acc']:.2f}%", (best["epoch"], best["eval_acc"]), textcoords="offset points", xytext=(-80, -45),
                     arrowprops=dict(arrowstyle="->"))
     if title:
@@ -142,9 +148,10 @@ def plot_comparison(runs: dict[str, list[dict]], path: Path) -> None:
     """Eval accuracy of every run on one chart, their lr schedules beneath on the same epochs."""
     fig, (acc_ax, lr_ax) = plt.subplots(2, 1, figsize=(11, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
     for name, rows in runs.items():
-        epochs = [r["epoch"] for r in rows]
-        line, = acc_ax.plot(epochs, [r["eval_acc"] for r in rows], "-", lw=1.5, label=f"{name} (best {max(r['eval_acc'] for r in rows):.2f}%)")
-        lr_ax.plot(epochs, [r["lr"] for r in rows], "-", lw=1.2, color=line.get_color())
+        scored = evaluated(rows)
+        best = f" (best {max(r['eval_acc'] for r in scored):.2f}%)" if scored else ""
+        line, = acc_ax.plot([r["epoch"] for r in scored], [r["eval_acc"] for r in scored], "-", lw=1.5, label=name + best)
+        lr_ax.plot([r["epoch"] for r in rows], [r["lr"] for r in rows], "-", lw=1.2, color=line.get_color())
     acc_ax.set_ylabel("eval accuracy (%)")
     acc_ax.grid(alpha=0.3)
     acc_ax.legend(fontsize=8, loc="lower right")

@@ -20,13 +20,14 @@ from tqdm import tqdm
 
 from cars import config as config_module
 from cars.checkpoint import load_checkpoint, save_checkpoint, unwrap
-from cars.data import TransformedSplit, load_splits, make_loader
+from cars.cache import eval_dataset, train_cache_side, train_dataset
+from cars.data import load_splits, make_loader
 from cars.distributed import init_world, shutdown, world_size
 from cars.engine import Device, Diverged, EpochResult, Progress, evaluate, train_one_epoch
 from cars.errors import UserError
 from cars.models import backbone_parameters, build_model, head_parameters, make_ema
-from cars.report import METRIC_COLUMNS, plot_curves, write_csv, write_json
-from cars.transforms import batch_mixer, eval_transform, train_transform
+from cars.report import METRIC_COLUMNS, evaluated, plot_curves, write_csv, write_json
+from cars.transforms import batch_mixer
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -136,7 +137,7 @@ def prepare_folder(folder: Path, overwrite: bool, what: str = "run folder", else
     folder.mkdir(parents=True)
 
 
-RESUMABLE_FLAGS = {"epochs", "workers", "device", "save_every_steps"}  # the only flags that may come with --resume: none changes the recipe
+RESUMABLE_FLAGS = {"epochs", "workers", "device", "save_every_steps", "cache", "eval_every"}  # the only flags that may come with --resume: none changes the recipe
 
 
 def resolve_run(args) -> tuple[config_module.Config, str, Path, dict | None]:
@@ -156,8 +157,8 @@ def resolve_run(args) -> tuple[config_module.Config, str, Path, dict | None]:
     changed = sorted(k for k, v in given.items() if k not in RESUMABLE_FLAGS and v != getattr(saved, k))
     if changed:
         flags = ", ".join("--" + config_module.flag(k) for k in changed)
-        raise UserError(f"{flags} would change the recipe of {run_dir}; --resume only takes --epochs (to extend), --workers, --device "
-                        "and --save-every-steps. "
+        raise UserError(f"{flags} would change the recipe of {run_dir}; --resume only takes --epochs (to extend), --workers, --device, "
+                        "--save-every-steps, --cache and --eval-every. "
                         "Start a new run (--run-dir) to change the recipe")
     cfg = dataclasses.replace(saved, **{k: given[k] for k in RESUMABLE_FLAGS & set(given)}).validate()
     checkpoint = load_checkpoint(run_dir / "last.pt")
@@ -204,6 +205,9 @@ def main(argv=None) -> None:
     # Data and model first: every input is checked before the run folder is touched.
     splits = load_splits(cfg.data, cfg.val_split, cfg.seed)
     model = build_model(cfg.arch, "none" if resumed else cfg.weights, len(splits.class_names), cfg.dropout)
+    workers = min(8, os.cpu_count() or 1) if cfg.workers < 0 else cfg.workers
+    train_set = train_dataset(splits.train, cfg, workers)  # the first run on a dataset fills the preprocessing cache
+    eval_set = eval_dataset(splits.eval, cfg.resolution, cfg.cache, cfg.skip_bad_images, workers)
     world.barrier()  # every process has checked the run folder before the main one replaces it
     if world.main:
         if not resumed:
@@ -218,12 +222,11 @@ def main(argv=None) -> None:
         f"{cfg.scheduler} schedule, {cfg.epochs} epochs on {device_type} "
         f"(amp {device.amp}, compile {cfg.compile and on_cuda}, channels_last {device.channels_last})"
         + (f", {world.size} processes of {cfg.batch_size // world.size} images each" if world.size > 1 else ""))
+    log(f"input: {workers} loader workers; " + (f"preprocessing cache {train_set.pixels.folder.parent} (training images at shorter side "
+        f"{train_cache_side(cfg)} px)" if train_set.pixels is not None else "no cache: every image decoded every epoch (--cache off)"))
     if cfg.lr_scaling == "linear":
         log(f"linear lr scaling: lr {cfg.lr:g} x batch {cfg.batch_size} / 128 = {base_lr(cfg):g}")
 
-    workers = min(8, os.cpu_count() or 1) if cfg.workers < 0 else cfg.workers
-    train_set = TransformedSplit(splits.train, train_transform(cfg), cfg.skip_bad_images, seed=cfg.seed)
-    eval_set = TransformedSplit(splits.eval, eval_transform(cfg.resolution), cfg.skip_bad_images)
     train_loader = make_loader(train_set, cfg.batch_size, True, workers, cfg.seed, on_cuda, world.rank, world.size)
     eval_loader = make_loader(eval_set, cfg.batch_size, False, workers, cfg.seed, on_cuda, world.rank, world.size)
 
@@ -255,10 +258,10 @@ def main(argv=None) -> None:
     if on_cuda:
         torch.backends.cudnn.benchmark = True
 
-    def save_last(epoch: int, evaluated, progress: Progress | None = None) -> dict:
+    def save_last(epoch: int, kept_model, progress: Progress | None = None) -> dict:
         """last.pt: everything needed to go on exactly where `epoch` ended, or where the next epoch's
         `progress` stands (written by the main process)."""
-        checkpoint = {"model": unwrap(evaluated).state_dict(), "config": dataclasses.asdict(cfg), "class_names": splits.class_names,
+        checkpoint = {"model": unwrap(kept_model).state_dict(), "config": dataclasses.asdict(cfg), "class_names": splits.class_names,
                       "epoch": epoch, "metric": rows[-1]["eval_acc"] if rows else None, "metric_name": f"{splits.eval_name}_acc"}
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                  "rng": rng_state(), "history": rows, "progress": dataclasses.asdict(progress) if progress else None}
@@ -282,7 +285,8 @@ def main(argv=None) -> None:
     write_summary = (lambda summary: write_json(run_dir / "summary.json", summary)) if world.main else (lambda summary: None)
     write_summary(status)
     previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt) if threading.current_thread() is threading.main_thread() else None
-    best = max(rows, key=lambda r: r["eval_acc"]) if rows else None
+    best = max(evaluated(rows), key=lambda r: r["eval_acc"]) if evaluated(rows) else None
+    pad_to = cfg.batch_size // world.size if cfg.compile and on_cuda and world.size == 1 else None  # only then is the eval model compiled
     started, plotted, epoch = time.time(), time.time(), first_epoch
     try:
         for epoch in range(first_epoch, cfg.epochs + 1):
@@ -299,14 +303,16 @@ def main(argv=None) -> None:
                                     on_step=save_within_epoch)
             lr, progress = progress.lr, None
             train = average_over_processes(train, world)
-            evaluated = ema.module if ema else unwrap(trained) if world.size > 1 else trained
-            result = evaluate(evaluated, eval_loader, device, description=splits.eval_name, world=world)
+            eval_model = ema.module if ema else unwrap(trained) if world.size > 1 else trained
+            result = None
+            if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+                result = evaluate(eval_model, eval_loader, device, description=splits.eval_name, world=world, pad_to=pad_to)
             seconds = time.time() - epoch_start
-            rows.append(dict(epoch=epoch, lr=lr, train_loss=train.loss, train_acc=train.accuracy,
-                             eval_loss=result.loss, eval_acc=result.accuracy, seconds=round(seconds, 2)))
+            rows.append(dict(epoch=epoch, lr=lr, train_loss=train.loss, train_acc=train.accuracy, seconds=round(seconds, 2),
+                             eval_loss=result.loss if result else None, eval_acc=result.accuracy if result else None))
 
-            improved = best is None or result.accuracy > best["eval_acc"]
-            checkpoint = save_last(epoch, evaluated)
+            improved = result is not None and (best is None or result.accuracy > best["eval_acc"])
+            checkpoint = save_last(epoch, eval_model)
             if improved:
                 best = rows[-1]
             if improved and world.main:
@@ -318,9 +324,9 @@ def main(argv=None) -> None:
                 plotted = time.time()
 
             eta = (time.time() - started) / (epoch - first_epoch + 1) * (cfg.epochs - epoch)
+            evaluation = f"{splits.eval_name} loss {result.loss:.4f} acc {result.accuracy:5.2f}%" if result else f"{splits.eval_name} not evaluated"
             log(f"epoch {epoch:3d}/{cfg.epochs} lr {lr:.4g} | train loss {train.loss:.4f} acc {train.accuracy:5.2f}% | "
-                f"{splits.eval_name} loss {result.loss:.4f} acc {result.accuracy:5.2f}% | {seconds:.1f}s | ETA {duration(eta)}"
-                + (" *" if improved else ""))
+                f"{evaluation} | {seconds:.1f}s | ETA {duration(eta)}" + (" *" if improved else ""))
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every file on disk is complete (atomic writes); say how to go on
         write_summary({**status, "status": "interrupted", "epochs_done": epoch - 1})
         log(f"interrupted in epoch {epoch}; last.pt holds epoch {epoch - 1}"
@@ -341,7 +347,8 @@ def main(argv=None) -> None:
                "best_epoch": int(best["epoch"]), "best_eval_acc": best["eval_acc"], "final_eval_acc": rows[-1]["eval_acc"],
                "eval_images": result.images if epoch >= first_epoch else None}
     if epoch >= first_epoch:  # this process trained at least one epoch: it knows what it skipped
-        skipped = {name: len(s) - r.images for name, s, r in (("train", splits.train, train), (splits.eval_name, splits.eval, result))}
+        # the last epoch's count: of the images it drew (a ragged last batch is not drawn), those that could not be read
+        skipped = {"train": train_loader.batch_sampler.images_per_epoch - train.images, splits.eval_name: len(splits.eval) - result.images}
         if any(skipped.values()):
             summary["skipped_images"] = skipped
             log(f"skipped unreadable images: {skipped}")
@@ -350,7 +357,7 @@ def main(argv=None) -> None:
     if splits.test is not None:  # the held-out val split chose the epoch; the test split was never looked at until now
         final_model = ema.module if ema else model
         unwrap(final_model).load_state_dict(load_checkpoint(run_dir / "best.pt")["model"])
-        test_set = TransformedSplit(splits.test, eval_transform(cfg.resolution), cfg.skip_bad_images)
+        test_set = eval_dataset(splits.test, cfg.resolution, cfg.cache, cfg.skip_bad_images, workers)
         test = evaluate(final_model, make_loader(test_set, cfg.batch_size, False, workers, cfg.seed, on_cuda), device, "test")
         summary["test_acc_of_best"] = test.accuracy
         log(f"test accuracy of the best epoch (chosen on val): {test.accuracy:.2f}%")

@@ -15,7 +15,7 @@ from cars.data import load_splits, read_rgb
 from cars.errors import UserError, run_cli
 from cars.explain import class_activation_maps
 from cars.models import build_model
-from cars.transforms import eval_transform
+from cars.transforms import eval_transform, normalize
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def independent_predictions(run_dir: Path, data: Path):
     test = load_splits(str(data)).eval
     transform = eval_transform(64)
     with torch.no_grad():
-        logits = torch.stack([model(transform(read_rgb(test, i))[None])[0] for i in range(len(test))])
+        logits = torch.stack([model(normalize(transform(read_rgb(test, i)))[None])[0] for i in range(len(test))])
     return logits, test.labels
 
 
@@ -160,7 +160,7 @@ def test_cam_maps_are_non_blank_image_sized_and_follow_the_target(trained_run):
     model = build_model("resnet18", "none", 3)
     model.load_state_dict(read_state_dict(run_dir / "best.pt"))
     test = load_splits(str(data)).eval
-    images = torch.stack([eval_transform(96)(read_rgb(test, i)) for i in range(3)])  # layer4 is 3x3 at 96 px
+    images = normalize(torch.stack([eval_transform(96)(read_rgb(test, i)) for i in range(3)]))  # layer4 is 3x3 at 96 px
     for method in ("gradcam", "gradcam++", "eigencam", "finercam", "scorecam"):
         maps = class_activation_maps(model, images, [0, 1, 2], method)
         assert maps.shape == (3, 96, 96), method

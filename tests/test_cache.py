@@ -1,0 +1,188 @@
+"""The preprocessing cache: same pixels as the seed's PIL pipeline, same crops, rebuilt exactly when it must be."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as v1
+
+import cars.cache
+from cars.cache import cached_pixels, eval_dataset, train_dataset
+from cars.config import Config
+from cars.data import load_splits, make_loader, read_rgb
+from cars.engine import Device
+from cars.errors import UserError
+from cars.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize, eval_transform, shrink_for_cache
+from conftest import write_hub_folder, write_image_folder
+
+
+def noise_images(sizes, seed=0):
+    """Images with detail everywhere (so resampling differences would show), some grayscale."""
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    return [image.convert("L") if i % 4 == 3 else image for i, image in enumerate(images)]
+
+
+@pytest.fixture
+def noisy_hub(tmp_path):
+    sizes = [(150, 100), (97, 131), (40, 28), (300, 170), (64, 64), (73, 200)]  # wide, tall, smaller than the eval size, ...
+    rows = {"train": (noise_images(sizes, 1), [0, 1, 2, 0, 1, 2]), "test": (noise_images(sizes, 2), [2, 1, 0, 2, 1, 0])}
+    return write_hub_folder(tmp_path / "hub", rows=rows)
+
+
+def test_cached_eval_batches_match_the_seeds_pil_pipeline(noisy_hub, tmp_path):
+    """The seed's eval path (PIL Resize + CenterCrop, ToTensor, Normalize) against ours: cache ->
+    DataLoader -> uint8 batch -> normalised on the device. Within 1/255 per pixel."""
+    resolution = 64
+    seed_transform = v1.Compose([v1.Resize(eval_resize(resolution)), v1.CenterCrop(resolution), v1.ToTensor(),
+                                 v1.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    test = load_splits(str(noisy_hub)).eval
+    expected = torch.stack([seed_transform(read_rgb(test, i)) for i in range(len(test))])
+    dataset = eval_dataset(test, resolution, str(tmp_path / "cache"), False, workers=0)
+    assert dataset.pixels is not None and dataset.transform is None  # really the cached path
+    images, labels = Device("cpu").put(*next(iter(make_loader(dataset, 16, False, 0, 0))))
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert images.shape == expected.shape == (6, 3, resolution, resolution)
+    assert ((images - expected) * std).abs().max().item() <= 1 / 255 + 1e-6
+    assert labels.tolist() == test.labels
+
+
+def coordinate_image(width: int, height: int) -> Image.Image:
+    """Red encodes x, green encodes y: a crop's pixels tell where in the image it was cut."""
+    x = np.linspace(0, 255, width)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height)[:, None].repeat(width, 1)
+    return Image.fromarray(np.stack([x, y, np.zeros_like(x)], -1).round().astype(np.uint8))
+
+
+def test_cached_train_crops_follow_random_resized_crops_distribution(tmp_path):
+    """Crops cut from the cache's shrunk image cover the same fractions and aspect ratios of the
+    image as torchvision's RandomResizedCrop draws on the full-size one."""
+    width, height = 240, 160  # the cache keeps it at 144 x 96 (shorter side 1.5 x 64)
+    for split in ("train", "test"):
+        (tmp_path / "coords" / split / "car").mkdir(parents=True)
+        coordinate_image(width, height).save(tmp_path / "coords" / split / "car" / "0.png")
+    cfg = Config(data=str(tmp_path / "coords"), resolution=64, cache=str(tmp_path / "cache"))
+    dataset = train_dataset(load_splits(cfg.data).train, cfg, workers=0)
+    assert dataset.pixels[0].shape == (3, 96, 144)
+
+    scales, ratios = [], []
+    for epoch in range(600):
+        dataset.epoch = epoch
+        crop = dataset[0][0].float()
+        assert crop.shape == (3, 64, 64)
+        x0, x1 = (crop[0].amin() / 255 * (width - 1)).item(), (crop[0].amax() / 255 * (width - 1)).item()
+        y0, y1 = (crop[1].amin() / 255 * (height - 1)).item(), (crop[1].amax() / 255 * (height - 1)).item()
+        crop_width, crop_height = x1 - x0 + 1, y1 - y0 + 1  # pixel centres span one pixel less than the crop
+        scales.append(crop_width * crop_height / (width * height))
+        ratios.append(crop_width / crop_height)
+    scales, ratios = np.array(scales), np.log(ratios)
+
+    full_size = torch.zeros(3, height, width, dtype=torch.uint8)
+    reference = [v1.RandomResizedCrop.get_params(full_size, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(4000)]
+    ref_scales = np.array([h * w / (width * height) for _, _, h, w in reference])
+    ref_ratios = np.log([w / h for _, _, h, w in reference])
+    assert 0.08 * 0.85 < scales.min() and scales.max() < 1.04  # the edge pixels are blurred by a pixel or so
+    assert np.log(3 / 4) - 0.06 < ratios.min() and ratios.max() < np.log(4 / 3) + 0.06
+    assert abs(scales.mean() - ref_scales.mean()) < 0.03  # standard error of the mean: about 0.011
+    assert abs(np.median(scales) - np.median(ref_scales)) < 0.05
+    assert abs(ratios.mean() - ref_ratios.mean()) < 0.025  # standard error: about 0.008
+    assert abs(ratios.std() - ref_ratios.std()) < 0.02
+
+
+def folder_of(cache) -> str:
+    return cache.folder.name
+
+
+def test_cache_is_reused_until_the_data_or_a_parameter_changes(tmp_path, monkeypatch):
+    builds = []
+    real_build = cars.cache.build
+    monkeypatch.setattr(cars.cache, "build", lambda *args: builds.append(args[2]) or real_build(*args))
+    root = tmp_path / "cache"
+    data = write_image_folder(tmp_path / "images")
+
+    def train_cache(side):
+        return cached_pixels(load_splits(str(data)).train, "train", side, lambda image: shrink_for_cache(image, side), root)
+
+    first = train_cache(48)
+    assert len(builds) == 1 and len(first) == 18
+    assert folder_of(train_cache(48)) == folder_of(first) and len(builds) == 1  # reused
+    assert folder_of(train_cache(40)) != folder_of(first) and len(builds) == 2  # a parameter changed
+
+    image_path = sorted((data / "train").rglob("*.jpg"))[0]
+    Image.new("RGB", (50, 30), (250, 10, 120)).save(image_path)  # the dataset changed
+    changed = train_cache(48)
+    assert folder_of(changed) != folder_of(first) and len(builds) == 3
+    position = load_splits(str(data)).train.paths.index(str(image_path))
+    assert np.allclose(changed[position].reshape(3, -1).float().mean(1), [250, 10, 120], atol=3)  # JPEG shifts a level or two
+
+    hub = write_hub_folder(tmp_path / "hub")
+    test_split = load_splits(str(hub)).eval
+    eval_cache = cached_pixels(test_split, "eval", 32, eval_transform(32), root)
+    assert folder_of(cached_pixels(load_splits(str(hub)).eval, "eval", 32, eval_transform(32), root)) == folder_of(eval_cache)
+    assert len(builds) == 4  # the hub dataset's fingerprint is the same when it is loaded again
+
+
+def test_interrupted_or_truncated_cache_is_detected_and_rebuilt(hub_folder, tmp_path, monkeypatch, capsys):
+    root = tmp_path / "cache"
+    test = load_splits(str(hub_folder)).eval
+    transform = eval_transform(32)
+    expected = torch.stack([transform(read_rgb(test, i)) for i in range(len(test))])
+    real_getitem = cars.cache.Preprocessed.__getitem__
+
+    def killed_at_image_5(self, i):  # as if the process died mid-build: no cleanup runs
+        if i == 5:
+            raise KeyboardInterrupt
+        return real_getitem(self, i)
+
+    monkeypatch.setattr(cars.cache.Preprocessed, "__getitem__", killed_at_image_5)
+    with pytest.raises(KeyboardInterrupt):
+        cached_pixels(test, "eval", 32, transform, root)
+    assert [p.name.endswith(".partial") for p in root.iterdir() if p.is_dir()] == [True]  # never under the final name
+    monkeypatch.setattr(cars.cache.Preprocessed, "__getitem__", real_getitem)
+
+    cache = cached_pixels(test, "eval", 32, transform, root)
+    assert torch.equal(torch.stack([cache[i] for i in range(len(test))]), expected)
+    assert not any(p.name.endswith(".partial") for p in root.iterdir())
+
+    pixels_file = cache.folder / "pixels.u8"  # a cache cut short (disk full, a copy that stopped)
+    pixels_file.write_bytes(pixels_file.read_bytes()[:1000])
+    rebuilt = cached_pixels(test, "eval", 32, transform, root)
+    assert "incomplete" in capsys.readouterr().out
+    assert torch.equal(torch.stack([rebuilt[i] for i in range(len(test))]), expected)
+
+
+def test_two_processes_starting_at_once_build_the_cache_once(hub_folder, tmp_path, monkeypatch):
+    builds = []
+    real_build = cars.cache.build
+    monkeypatch.setattr(cars.cache, "build", lambda *args: builds.append(1) or real_build(*args))
+    test = load_splits(str(hub_folder)).eval
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cached_pixels(test, "eval", 32, eval_transform(32), tmp_path / "c")))
+               for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(builds) == 1 and len({folder_of(r) for r in results}) == 1 and len(results) == 3
+
+
+def test_unreadable_images_stop_before_training_unless_skipped(tmp_path):
+    data = write_image_folder(tmp_path / "images")
+    broken = sorted((data / "train").rglob("*.jpg"))[2]
+    broken.write_bytes(b"not a jpeg")
+    cfg = Config(data=str(data), resolution=32, cache=str(tmp_path / "cache"))
+    split = load_splits(cfg.data).train
+    with pytest.raises(UserError, match=f"cannot read image {broken}.*--skip-bad-images"):
+        train_dataset(split, cfg, workers=0)
+    skipping = train_dataset(split, Config(**{**cfg.__dict__, "skip_bad_images": True}), workers=0)
+    assert skipping[split.paths.index(str(broken))] is None and skipping[0][0].shape == (3, 32, 32)
+
+
+def test_cache_off_decodes_from_the_dataset(hub_folder):
+    cfg = Config(data=str(hub_folder), resolution=32, cache="off")
+    dataset = train_dataset(load_splits(cfg.data).train, cfg, workers=0)
+    assert dataset.pixels is None
+    image, label = dataset[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
