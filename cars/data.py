@@ -116,34 +116,23 @@ def seeded_torch_rng(seed: int):
 class TransformedSplit(torch.utils.data.Dataset):
     """(uint8 pixels, label) pairs for a DataLoader; None for an unreadable image when skipping.
 
-    Pixels come from the split's images, or from a preprocessing cache of them (`pixels`); a
-    `transform` of None takes cached pixels as they are (the eval cache holds finished crops).
     With a `seed`, the random augmentation of image i in epoch `epoch` depends on (seed, epoch, i)
     alone: not on the worker, the process (torchrun) or an interruption (resume)."""
 
-    def __init__(self, split, transform, skip_bad_images: bool = False, seed: int | None = None, pixels=None):
-        self.split, self.transform, self.skip_bad_images, self.seed, self.pixels = split, transform, skip_bad_images, seed, pixels
+    def __init__(self, split, transform, skip_bad_images: bool = False, seed: int | None = None):
+        self.split, self.transform, self.skip_bad_images, self.seed = split, transform, skip_bad_images, seed
         self.epoch = 0
 
     def __len__(self):
         return len(self.split)
 
-    def read(self, i):
-        if self.pixels is not None:
-            return self.pixels[i]  # None where the image could not be read (allowed only when skipping)
+    def __getitem__(self, i):
         try:
-            return read_rgb(self.split, i)
+            image = read_rgb(self.split, i)
         except UserError as error:
             if self.skip_bad_images:
                 return None
             raise UserError(f"{error}. Replace or remove it, or pass --skip-bad-images to skip unreadable images") from None
-
-    def __getitem__(self, i):
-        image = self.read(i)
-        if image is None:
-            return None
-        if self.transform is None:
-            return image, self.split.labels[i]
         if self.seed is None:
             return self.transform(image), self.split.labels[i]
         with seeded_torch_rng(hash((self.seed, self.epoch, i)) % 2**62):

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from cars import config as config_module
 from cars.checkpoint import unwrap
-from cars.cache import train_dataset
-from cars.data import load_splits, make_loader
+from cars.cache import train_loader
+from cars.data import load_splits
 from cars.engine import Device
 from cars.errors import UserError
 from cars.models import build_model, set_backbone_frozen
@@ -121,7 +121,7 @@ def main(argv=None) -> None:
     splits = load_splits(cfg.data, cfg.val_split, cfg.seed)
     model = build_model(cfg.arch, cfg.weights, len(splits.class_names), cfg.dropout)
     workers = 0 if cfg.workers < 0 else cfg.workers
-    loader = make_loader(train_dataset(splits.train, cfg, workers), cfg.batch_size, True, workers, cfg.seed)
+    loader = train_loader(splits.train, cfg, workers, device_type)
     prepare_folder(out, args.overwrite, "output folder", "--out")
 
     print(f"lr range test: {cfg.arch}, {cfg.optimizer}, batch {cfg.batch_size}, phase {args.phase}, "

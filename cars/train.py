@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from cars import config as config_module
 from cars.checkpoint import load_checkpoint, save_checkpoint, unwrap
-from cars.cache import eval_dataset, train_cache_side, train_dataset
-from cars.data import load_splits, make_loader
+from cars.cache import CachedLoader, eval_loader, train_cache_side, train_loader
+from cars.data import load_splits
 from cars.distributed import init_world, shutdown, world_size
 from cars.engine import Device, Diverged, EpochResult, Progress, evaluate, train_one_epoch
 from cars.errors import UserError
@@ -206,8 +206,10 @@ def main(argv=None) -> None:
     splits = load_splits(cfg.data, cfg.val_split, cfg.seed)
     model = build_model(cfg.arch, "none" if resumed else cfg.weights, len(splits.class_names), cfg.dropout)
     workers = min(8, os.cpu_count() or 1) if cfg.workers < 0 else cfg.workers
-    train_set = train_dataset(splits.train, cfg, workers)  # the first run on a dataset fills the preprocessing cache
-    eval_set = eval_dataset(splits.eval, cfg.resolution, cfg.cache, cfg.skip_bad_images, workers)
+    # the first run on a dataset fills the preprocessing cache; their workers are started only if --cache off
+    train_batches = train_loader(splits.train, cfg, workers, device_type, world.rank, world.size)
+    eval_batches = eval_loader(splits.eval, cfg.resolution, cfg.cache, cfg.skip_bad_images, cfg.batch_size, workers, device_type,
+                               world.rank, world.size)
     world.barrier()  # every process has checked the run folder before the main one replaces it
     if world.main:
         if not resumed:
@@ -222,19 +224,17 @@ def main(argv=None) -> None:
         f"{cfg.scheduler} schedule, {cfg.epochs} epochs on {device_type} "
         f"(amp {device.amp}, compile {cfg.compile and on_cuda}, channels_last {device.channels_last})"
         + (f", {world.size} processes of {cfg.batch_size // world.size} images each" if world.size > 1 else ""))
-    log(f"input: {workers} loader workers; " + (f"preprocessing cache {train_set.pixels.folder.parent} (training images at shorter side "
-        f"{train_cache_side(cfg)} px)" if train_set.pixels is not None else "no cache: every image decoded every epoch (--cache off)"))
+    log(f"input: preprocessing cache in {train_batches.dataset.cache.folder.parent} (training images kept at {train_cache_side(cfg)} px, "
+        "cropped on the device)" if isinstance(train_batches, CachedLoader) else f"input: no cache, {workers} workers decode every image every epoch")
     if cfg.lr_scaling == "linear":
         log(f"linear lr scaling: lr {cfg.lr:g} x batch {cfg.batch_size} / 128 = {base_lr(cfg):g}")
 
-    train_loader = make_loader(train_set, cfg.batch_size, True, workers, cfg.seed, on_cuda, world.rank, world.size)
-    eval_loader = make_loader(eval_set, cfg.batch_size, False, workers, cfg.seed, on_cuda, world.rank, world.size)
 
     model = model.to(device_type, memory_format=torch.channels_last if device.channels_last else torch.preserve_format)
     if cfg.sync_bn and world.size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = make_optimizer(cfg, model)
-    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=len(train_loader))
+    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=len(train_batches))
     scaler = torch.amp.GradScaler(device_type, enabled=device.amp)
     ema = make_ema(model, cfg.ema_decay) if cfg.ema else None  # when on, the EMA weights are evaluated and kept
     mixer = batch_mixer(cfg.mixup, cfg.cutmix, len(splits.class_names))
@@ -275,7 +275,7 @@ def main(argv=None) -> None:
     progress = Progress(**resumed["progress"]) if resumed and resumed.get("progress") else None  # a mid-epoch checkpoint
 
     def save_within_epoch(epoch_progress: Progress) -> None:
-        if cfg.save_every_steps and epoch_progress.steps % cfg.save_every_steps == 0 and epoch_progress.steps < len(train_loader):
+        if cfg.save_every_steps and epoch_progress.steps % cfg.save_every_steps == 0 and epoch_progress.steps < len(train_batches):
             save_last(epoch - 1, ema.module if ema else model, epoch_progress)
 
     if not resumed:
@@ -291,14 +291,14 @@ def main(argv=None) -> None:
     try:
         for epoch in range(first_epoch, cfg.epochs + 1):
             epoch_start = time.time()
-            train_loader.generator.manual_seed(cfg.seed * 1_000_003 + epoch)  # the data order depends on the epoch alone
-            train_set.epoch = epoch  # and so does each image's augmentation
+            train_batches.generator.manual_seed(cfg.seed * 1_000_003 + epoch)  # the data order depends on the epoch alone
+            train_batches.dataset.epoch = epoch  # and so does each image's augmentation
             progress = progress or Progress(lr=optimizer.param_groups[-1]["lr"])  # a fresh epoch, or the rest of one
-            train_loader.batch_sampler.skip = progress.steps
+            train_batches.batch_sampler.skip = progress.steps
             frozen = epoch <= cfg.freeze_epochs
             if cfg.freeze_epochs and epoch == cfg.freeze_epochs + 1:
                 log(f"epoch {epoch}: unfreezing the backbone; all layers train from now on")
-            train = train_one_epoch(trained, train_loader, optimizer, scaler, device, scheduler, ema, mixer, cfg.label_smoothing,
+            train = train_one_epoch(trained, train_batches, optimizer, scaler, device, scheduler, ema, mixer, cfg.label_smoothing,
                                     frozen_backbone=frozen, description=f"epoch {epoch}/{cfg.epochs}", progress=progress,
                                     on_step=save_within_epoch)
             lr, progress = progress.lr, None
@@ -306,7 +306,7 @@ def main(argv=None) -> None:
             eval_model = ema.module if ema else unwrap(trained) if world.size > 1 else trained
             result = None
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-                result = evaluate(eval_model, eval_loader, device, description=splits.eval_name, world=world, pad_to=pad_to)
+                result = evaluate(eval_model, eval_batches, device, description=splits.eval_name, world=world, pad_to=pad_to)
             seconds = time.time() - epoch_start
             rows.append(dict(epoch=epoch, lr=lr, train_loss=train.loss, train_acc=train.accuracy, seconds=round(seconds, 2),
                              eval_loss=result.loss if result else None, eval_acc=result.accuracy if result else None))
@@ -348,7 +348,7 @@ def main(argv=None) -> None:
                "eval_images": result.images if epoch >= first_epoch else None}
     if epoch >= first_epoch:  # this process trained at least one epoch: it knows what it skipped
         # the last epoch's count: of the images it drew (a ragged last batch is not drawn), those that could not be read
-        skipped = {"train": train_loader.batch_sampler.images_per_epoch - train.images, splits.eval_name: len(splits.eval) - result.images}
+        skipped = {"train": train_batches.batch_sampler.images_per_epoch - train.images, splits.eval_name: len(splits.eval) - result.images}
         if any(skipped.values()):
             summary["skipped_images"] = skipped
             log(f"skipped unreadable images: {skipped}")
@@ -357,8 +357,8 @@ def main(argv=None) -> None:
     if splits.test is not None:  # the held-out val split chose the epoch; the test split was never looked at until now
         final_model = ema.module if ema else model
         unwrap(final_model).load_state_dict(load_checkpoint(run_dir / "best.pt")["model"])
-        test_set = eval_dataset(splits.test, cfg.resolution, cfg.cache, cfg.skip_bad_images, workers)
-        test = evaluate(final_model, make_loader(test_set, cfg.batch_size, False, workers, cfg.seed, on_cuda), device, "test")
+        test_batches = eval_loader(splits.test, cfg.resolution, cfg.cache, cfg.skip_bad_images, cfg.batch_size, workers, device_type)
+        test = evaluate(final_model, test_batches, device, "test")
         summary["test_acc_of_best"] = test.accuracy
         log(f"test accuracy of the best epoch (chosen on val): {test.accuracy:.2f}%")
     write_summary(summary)

@@ -9,12 +9,12 @@ from PIL import Image
 from torchvision import transforms as v1
 
 import cars.cache
-from cars.cache import cached_pixels, eval_dataset, train_dataset
+from cars.cache import CachedLoader, cached_pixels, eval_loader, train_loader
 from cars.config import Config
-from cars.data import load_splits, make_loader, read_rgb
+from cars.data import load_splits, read_rgb
 from cars.engine import Device
 from cars.errors import UserError
-from cars.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize, eval_transform, shrink_for_cache
+from cars.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize, eval_transform, squash_for_cache
 from conftest import write_hub_folder, write_image_folder
 
 
@@ -40,9 +40,9 @@ def test_cached_eval_batches_match_the_seeds_pil_pipeline(noisy_hub, tmp_path):
                                  v1.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     test = load_splits(str(noisy_hub)).eval
     expected = torch.stack([seed_transform(read_rgb(test, i)) for i in range(len(test))])
-    dataset = eval_dataset(test, resolution, str(tmp_path / "cache"), False, workers=0)
-    assert dataset.pixels is not None and dataset.transform is None  # really the cached path
-    images, labels = Device("cpu").put(*next(iter(make_loader(dataset, 16, False, 0, 0))))
+    loader = eval_loader(test, resolution, str(tmp_path / "cache"), False, batch_size=16, workers=0)
+    assert isinstance(loader, CachedLoader)  # really the cached path
+    images, labels = Device("cpu").put(*next(iter(loader)))
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     assert images.shape == expected.shape == (6, 3, resolution, resolution)
     assert ((images - expected) * std).abs().max().item() <= 1 / 255 + 1e-6
@@ -57,21 +57,22 @@ def coordinate_image(width: int, height: int) -> Image.Image:
 
 
 def test_cached_train_crops_follow_random_resized_crops_distribution(tmp_path):
-    """Crops cut from the cache's shrunk image cover the same fractions and aspect ratios of the
-    image as torchvision's RandomResizedCrop draws on the full-size one."""
-    width, height = 240, 160  # the cache keeps it at 144 x 96 (shorter side 1.5 x 64)
+    """Crops cut on the device from the cache's squashed copy cover the same fractions and aspect
+    ratios of the image as torchvision's RandomResizedCrop draws on the full-size one."""
+    width, height = 240, 160  # the cache keeps it at 96 x 96 (1.5 x 64)
     for split in ("train", "test"):
         (tmp_path / "coords" / split / "car").mkdir(parents=True)
         coordinate_image(width, height).save(tmp_path / "coords" / split / "car" / "0.png")
     cfg = Config(data=str(tmp_path / "coords"), resolution=64, cache=str(tmp_path / "cache"))
-    dataset = train_dataset(load_splits(cfg.data).train, cfg, workers=0)
-    assert dataset.pixels[0].shape == (3, 96, 144)
+    loader = train_loader(load_splits(cfg.data).train, cfg, workers=0)
+    assert loader.dataset.cache[0].shape == (3, 96, 96)
 
     scales, ratios = [], []
     for epoch in range(600):
-        dataset.epoch = epoch
-        crop = dataset[0][0].float()
-        assert crop.shape == (3, 64, 64)
+        loader.dataset.epoch = epoch
+        images, _ = next(iter(loader))
+        crop = images[0].float()
+        assert images.shape == (1, 3, 64, 64) and images.dtype == torch.uint8
         x0, x1 = (crop[0].amin() / 255 * (width - 1)).item(), (crop[0].amax() / 255 * (width - 1)).item()
         y0, y1 = (crop[1].amin() / 255 * (height - 1)).item(), (crop[1].amax() / 255 * (height - 1)).item()
         crop_width, crop_height = x1 - x0 + 1, y1 - y0 + 1  # pixel centres span one pixel less than the crop
@@ -103,7 +104,7 @@ def test_cache_is_reused_until_the_data_or_a_parameter_changes(tmp_path, monkeyp
     data = write_image_folder(tmp_path / "images")
 
     def train_cache(side):
-        return cached_pixels(load_splits(str(data)).train, "train", side, lambda image: shrink_for_cache(image, side), root)
+        return cached_pixels(load_splits(str(data)).train, "train", side, lambda image: squash_for_cache(image, side), root)
 
     first = train_cache(48)
     assert len(builds) == 1 and len(first) == 18
@@ -175,14 +176,14 @@ def test_unreadable_images_stop_before_training_unless_skipped(tmp_path):
     cfg = Config(data=str(data), resolution=32, cache=str(tmp_path / "cache"))
     split = load_splits(cfg.data).train
     with pytest.raises(UserError, match=f"cannot read image {broken}.*--skip-bad-images"):
-        train_dataset(split, cfg, workers=0)
-    skipping = train_dataset(split, Config(**{**cfg.__dict__, "skip_bad_images": True}), workers=0)
-    assert skipping[split.paths.index(str(broken))] is None and skipping[0][0].shape == (3, 32, 32)
+        train_loader(split, cfg, workers=0)
+    images, labels = next(iter(train_loader(split, Config(**{**cfg.__dict__, "skip_bad_images": True}), workers=0)))
+    assert images.shape == (17, 3, 32, 32)  # one batch: the 18 images but the broken one
 
 
 def test_cache_off_decodes_from_the_dataset(hub_folder):
-    cfg = Config(data=str(hub_folder), resolution=32, cache="off")
-    dataset = train_dataset(load_splits(cfg.data).train, cfg, workers=0)
-    assert dataset.pixels is None
-    image, label = dataset[0]
-    assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
+    cfg = Config(data=str(hub_folder), resolution=32, cache="off", batch_size=4)
+    loader = train_loader(load_splits(cfg.data).train, cfg, workers=0)
+    assert isinstance(loader, torch.utils.data.DataLoader)
+    images, labels = next(iter(loader))
+    assert images.dtype == torch.uint8 and images.shape == (4, 3, 32, 32)
