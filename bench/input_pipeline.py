@@ -128,8 +128,8 @@ def main() -> None:
             for workers in (1, args.cores):
                 loader = torch.utils.data.DataLoader(seed[split], args.batch_size, shuffle=split == "train", num_workers=workers)
                 report("seed", split, workers, images_per_second(loader))
-            report("ours", split, 1, images_per_second(cpu_half(ours[split], repeats=5)))
-            report("ours, device half on this CPU", split, 1, images_per_second(whole(ours[split], repeats=2)))
+            report("ours", split, 1, images_per_second(cpu_half(ours[split], repeats=20)))
+            report("ours, device half on this CPU", split, 1, images_per_second(whole(ours[split], repeats=3)))
 
     speedup = {split: per_core["ours", split, 1] / max(per_core["seed", split, w] for w in (1, args.cores)) for split in ("train", "eval")}
     print(f"\ntrain-input speedup {speedup['train']:.1f}x ({per_core['ours', 'train', 1]:.0f} img/s/core), "

@@ -62,10 +62,10 @@ class Config:
     compile: bool = knob(True, "torch.compile the model (CUDA only)")
     channels_last: bool = knob(True, "channels-last memory format (CUDA only)")
     sync_bn: bool = knob(False, "with torchrun on GPUs: BatchNorm statistics over the global batch, not each GPU's share")
-    workers: int = knob(-1, "DataLoader worker processes (-1: one per CPU core, at most 8)")
+    workers: int = knob(-1, "processes that decode images: the cache's one-time build, or every epoch with --cache off (-1: one per core, at most 8)")
     cache: str = knob("auto", "preprocessing cache: every image decoded once and kept as pixels. auto ($CARS_CACHE/pixels, "
                       "or ~/.cache/transfer-stanford-cars/pixels), a folder, or off (decode every image every epoch)")
-    cache_side: int = knob(0, "shorter side in px of the cached training images, random crops are cut from (0: resolution x 1.5, e.g. 336)")
+    cache_side: int = knob(0, "side in px of the square cached training images random crops are cut from (0: 1.5 x resolution, 336 for 224)")
     eval_every: int = knob(1, "evaluate every N epochs (and always after the last one)")
     save_every_steps: int = knob(0, "also write last.pt every N steps within an epoch, for long epochs (0: at epoch ends only)")
     seed: int = knob(0, "random seed")

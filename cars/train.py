@@ -206,7 +206,7 @@ def main(argv=None) -> None:
     splits = load_splits(cfg.data, cfg.val_split, cfg.seed)
     model = build_model(cfg.arch, "none" if resumed else cfg.weights, len(splits.class_names), cfg.dropout)
     workers = min(8, os.cpu_count() or 1) if cfg.workers < 0 else cfg.workers
-    # the first run on a dataset fills the preprocessing cache; their workers are started only if --cache off
+    # batches from the preprocessing cache (the first run on a dataset fills it), or with --cache off decoded by worker processes
     train_batches = train_loader(splits.train, cfg, workers, device_type, world.rank, world.size)
     eval_batches = eval_loader(splits.eval, cfg.resolution, cfg.cache, cfg.skip_bad_images, cfg.batch_size, workers, device_type,
                                world.rank, world.size)
@@ -228,7 +228,6 @@ def main(argv=None) -> None:
         "cropped on the device)" if isinstance(train_batches, CachedLoader) else f"input: no cache, {workers} workers decode every image every epoch")
     if cfg.lr_scaling == "linear":
         log(f"linear lr scaling: lr {cfg.lr:g} x batch {cfg.batch_size} / 128 = {base_lr(cfg):g}")
-
 
     model = model.to(device_type, memory_format=torch.channels_last if device.channels_last else torch.preserve_format)
     if cfg.sync_bn and world.size > 1:

@@ -11,10 +11,11 @@ from torchvision import transforms as v1
 import cars.cache
 from cars.cache import CachedLoader, cached_pixels, eval_loader, train_loader
 from cars.config import Config
-from cars.data import load_splits, read_rgb
-from cars.engine import Device
+from cars.data import GlobalBatches, load_splits, read_rgb
+from cars.engine import Device, predict
 from cars.errors import UserError
-from cars.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize, eval_transform, squash_for_cache
+from cars.transforms import (IMAGENET_MEAN, IMAGENET_STD, crop_batch_roi_align, crop_images, eval_resize, eval_transform,
+                             squash_for_cache)
 from conftest import write_hub_folder, write_image_folder
 
 
@@ -187,3 +188,33 @@ def test_cache_off_decodes_from_the_dataset(hub_folder):
     assert isinstance(loader, torch.utils.data.DataLoader)
     images, labels = next(iter(loader))
     assert images.dtype == torch.uint8 and images.shape == (4, 3, 32, 32)
+
+
+def test_training_batches_are_all_full_and_a_ragged_eval_batch_is_padded():
+    """One shape per step: a compiled model never recompiles (and BatchNorm never sees one image)."""
+    assert [len(b) for b in GlobalBatches(23, 8, torch.Generator().manual_seed(1))] == [8, 8]  # 7 left for another epoch
+    assert GlobalBatches(23, 8, torch.Generator()).images_per_epoch == 16
+    assert [len(b) for b in GlobalBatches(5, 8, torch.Generator())] == [5]  # a split smaller than a batch still trains
+
+    shapes = []
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    model.register_forward_hook(lambda module, inputs, output: shapes.append(inputs[0].shape[0]))
+    batches = [(torch.randint(0, 256, (n, 3, 4, 4), dtype=torch.uint8), torch.zeros(n, dtype=torch.long)) for n in (4, 4, 2)]
+    plain, _ = predict(model, batches, Device("cpu", show_progress=False))
+    padded, labels = predict(model, batches, Device("cpu", show_progress=False), pad_to=4)
+    assert shapes == [4, 4, 2, 4, 4, 4] and len(padded) == len(labels) == 10
+    assert torch.allclose(plain, padded)
+
+
+def test_both_crop_implementations_cut_the_same_crops():
+    """The CPU's per-image resize and the GPU's one roi_align call agree on every box and flip."""
+    rng = np.random.default_rng(0)
+    smooth = torch.from_numpy(rng.integers(0, 256, (4, 3, 12, 12), dtype=np.uint8)).float()
+    pixels = torch.nn.functional.interpolate(smooth, size=(96, 96), mode="bicubic").clamp(0, 255).round().to(torch.uint8)
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.1, 0.2, 0.6, 0.9], [0.5, 0.5, 0.75, 0.7], [0.0, 0.3, 1.0, 0.8]])
+    flips = torch.tensor([False, True, False, True])
+    per_image, batched = crop_images(pixels, boxes, flips, 32), crop_batch_roi_align(pixels, boxes, flips, 32)
+    assert per_image.shape == batched.shape == (4, 3, 32, 32) and per_image.dtype == batched.dtype == torch.uint8
+    assert (per_image.float() - batched.float()).abs().mean() < 3  # resampling filters differ by a level or two
+    whole = per_image[0].float()
+    assert (whole - torch.nn.functional.interpolate(pixels[:1].float(), size=(32, 32), mode="bilinear", antialias=True)[0]).abs().max() < 1.01

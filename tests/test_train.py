@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import jpeg_bytes, split_rows, tiny_args, write_hub_folder
 
-from cars import train
+from cars import compare, train
 from cars.checkpoint import load_checkpoint, read_state_dict
 from cars.config import Config
 from cars.data import TransformedSplit, load_splits, make_loader
@@ -68,6 +68,15 @@ def run_tiny(tmp_path, data, *extra):
     run_dir = tmp_path / "run"
     train.main(tiny_args(data, run_dir, *extra))
     return run_dir
+
+
+def test_eval_every_skips_evaluations_but_always_evaluates_the_last_epoch(tmp_path, hub_folder):
+    run_dir = run_tiny(tmp_path, hub_folder, "--epochs", "3", "--eval-every", "2")
+    rows = read_metrics(run_dir / "metrics.csv")
+    assert [r["eval_acc"] is not None for r in rows] == [False, True, True]
+    assert "test not evaluated" in (run_dir / "train.log").read_text()
+    assert load_checkpoint(run_dir / "best.pt")["epoch"] in (2, 3)
+    compare.main([str(run_dir)])  # the table and the plots take runs with gaps
 
 
 def test_val_split_selects_on_val_and_reports_test(tmp_path, hub_folder):
