@@ -232,7 +232,10 @@ class CachedLoader:
         if not indices:
             return None
         batch = [self.dataset.cache.batch(indices, pin_memory=self.device_type == "cuda"), self.dataset.labels[indices]]
-        return batch + list(self.dataset.crops(indices)) + [indices] if self.dataset.crop_config else batch
+        if self.dataset.crop_config is None:  # evaluation: the cached pixels are final
+            return batch
+        boxes, flips = self.dataset.crops(indices)
+        return [*batch, boxes, flips, indices]
 
     def __iter__(self):
         ready, stop = queue.Queue(maxsize=3), threading.Event()
@@ -275,7 +278,8 @@ class CachedLoader:
 
 
 def train_cache_side(cfg) -> int:
-    """Large enough that a crop of half the image or more is shrunk, never enlarged, to the resolution."""
+    """1.5 x resolution: a crop spanning two thirds of the image's width and height or more (about
+    half its area) is shrunk, never enlarged, to the resolution."""
     return cfg.cache_side or round(1.5 * cfg.resolution)
 
 
