@@ -10,6 +10,7 @@ import torch
 
 from cars import analysis
 from cars.checkpoint import add_model_flags, load_trained_from
+from cars.cache import eval_loader
 from cars.data import TransformedSplit, dataset_location, make_loader, open_hub_dataset, open_source, read_rgb
 from cars.engine import Device, predict
 from cars.errors import UserError
@@ -34,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--corruptions", action="store_true", help="also evaluate the dataset's corrupted copies of the test split")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: one per core, at most 8)")
+    parser.add_argument("--cache", default="auto", help="preprocessing cache for the test split, as train.py's --cache: auto, a folder, or off "
+                        "(TTA and corrupted copies are always decoded)")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     parser.add_argument("--seed", type=int, default=0, help="chooses the GradCAM sample images (default 0)")
     args = parser.parse_args(argv)
@@ -82,13 +85,15 @@ def main(argv=None) -> None:
     names = trained.class_names
     print(f"evaluating {trained.path} ({trained.arch}, {trained.resolution} px) on {len(test_split)} test images of {trained.data}")
 
-    def logits_of(split, resolution=trained.resolution, flip=False):
+    def logits_of(split, resolution=trained.resolution, flip=False, cache="off"):
+        if cache != "off":  # the test split at the trained resolution: what train.py cached, so usually no decoding at all
+            return predict(model, eval_loader(split, resolution, cache, False, args.batch_size, workers, device_type), device)
         transform = eval_transform(resolution)
         dataset = TransformedSplit(split, (lambda image: transform(image).flip(-1)) if flip else transform)
         return predict(model, make_loader(dataset, args.batch_size, False, workers, args.seed), device)
 
     # 1-4: accuracy, per class, best and worst classes, confusions
-    logits, labels = logits_of(test_split)
+    logits, labels = logits_of(test_split, cache=args.cache)
     predicted = logits.argmax(1)
     confidence = logits.softmax(1).max(1).values
     matrix = analysis.confusion_matrix(predicted.numpy(), labels.numpy(), len(names))

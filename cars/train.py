@@ -353,7 +353,7 @@ def main(argv=None) -> None:
             log(f"skipped unreadable images: {skipped}")
     log(f"done in {duration(total)}: best {splits.eval_name} accuracy {best['eval_acc']:.2f}% at epoch {int(best['epoch'])} "
         f"(final epoch {rows[-1]['eval_acc']:.2f}%)")
-    if splits.test is not None:  # the held-out val split chose the epoch; the test split was never looked at until now
+    if splits.test is not None and world.main:  # the held-out val split chose the epoch; the test split was never looked at until now
         final_model = ema.module if ema else model
         unwrap(final_model).load_state_dict(load_checkpoint(run_dir / "best.pt")["model"])
         test_batches = eval_loader(splits.test, cfg.resolution, cfg.cache, cfg.skip_bad_images, cfg.batch_size, workers, device_type)
