@@ -60,6 +60,23 @@ class EpochResult:
     images: int  # how many were seen (fewer than the split when unreadable ones were skipped)
 
 
+def train_step(model, batch, optimizer, scaler, device: Device, mixer=None, label_smoothing: float = 0.0):
+    """One optimisation step on one batch. Returns the loss, the logits and the true labels (MixUp
+    and CutMix blend the targets the loss sees, not these)."""
+    images, labels = device.put(*batch)
+    targets = labels
+    if mixer is not None:
+        images, targets = mixer(images, labels)
+    with device.autocast():
+        logits = model(images)
+        loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, logits, labels
+
+
 def train_one_epoch(model, loader, optimizer, scaler, device: Device, scheduler=None, ema=None, mixer=None,
                     label_smoothing: float = 0.0, frozen_backbone: bool = False, description: str = "train",
                     progress: Progress | None = None, on_step=None) -> EpochResult:
@@ -73,17 +90,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device: Device, scheduler=
     for batch in bar:
         if batch is None:  # every image of the batch was unreadable and skipped
             continue
-        images, labels = device.put(*batch)
-        targets = labels
-        if mixer is not None:
-            images, targets = mixer(images, labels)
-        with device.autocast():
-            logits = model(images)
-            loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        loss, logits, labels = train_step(model, batch, optimizer, scaler, device, mixer, label_smoothing)
         if not math.isfinite(loss.item()):  # nothing after this step could be trusted; the checkpoints before it can
             raise Diverged(f"the training loss became {loss.item()} at step {progress.steps + 1} "
                            f"(lr {optimizer.param_groups[-1]['lr']:.3g}); lower --lr, check --lr-scaling, or try lr_find.py")

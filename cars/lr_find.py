@@ -11,13 +11,13 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch.nn.functional as F
+import torch
 
 from cars import config as config_module
 from cars.checkpoint import unwrap
 from cars.cache import train_loader
 from cars.data import load_splits
-from cars.engine import Device
+from cars.engine import Device, train_step
 from cars.errors import UserError
 from cars.models import build_model, set_backbone_frozen
 from cars.report import plot_lr_find, write_csv
@@ -73,33 +73,34 @@ def suggest(lrs: list[float], losses: list[float]) -> dict:
     return {"valley": lrs[valley], "steepest": lrs[steepest]}
 
 
+def readable_batches(loader):
+    """Batches epoch after epoch (a sweep may be longer than one), without the wholly unreadable ones."""
+    while True:
+        found = False
+        for batch in loader:
+            if batch is not None:
+                found = True
+                yield batch
+        if not found:
+            raise UserError("the training split has no readable batch to sweep the learning rate on")
+
+
 def range_test(model, loader, cfg, device: Device, start_lr: float, end_lr: float, steps: int, phase: str, num_classes: int):
     """Sweep on a deep copy: `model` itself is never touched. Returns the lrs and raw losses seen."""
     model = copy.deepcopy(model).to(device.type)
     optimizer = make_optimizer(cfg, model)
     ratios = [group["lr"] / optimizer.param_groups[-1]["lr"] for group in optimizer.param_groups]  # keep --backbone-lr-mult
     mixer = batch_mixer(cfg.mixup, cfg.cutmix, num_classes)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.amp)
     lrs, losses, best, average = [], [], math.inf, 0.0
-    batches = iter(())
+    batches = readable_batches(loader)
     for step in range(steps):
         lr = start_lr * (end_lr / start_lr) ** (step / (steps - 1))
         for group, ratio in zip(optimizer.param_groups, ratios):
             group["lr"] = lr * ratio
-        batch = next(batches, None)
-        if batch is None:  # the sweep may be longer than an epoch
-            batches = iter(loader)
-            batch = next(batches)
         model.train()
         set_backbone_frozen(unwrap(model), phase == "head")
-        images, labels = device.put(*batch)
-        targets = labels
-        if mixer is not None:
-            images, targets = mixer(images, labels)
-        with device.autocast():
-            loss = F.cross_entropy(model(images), targets, label_smoothing=cfg.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss, _, _ = train_step(model, next(batches), optimizer, scaler, device, mixer, cfg.label_smoothing)
         lrs.append(lr)
         losses.append(loss.item())
         average = SMOOTHING * average + (1 - SMOOTHING) * losses[-1]
