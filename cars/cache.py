@@ -193,7 +193,8 @@ class CachedSplit:
 
     def __init__(self, cache: PixelCache, split, crop_config=None, seed: int = 0):
         self.cache, self.labels, self.crop_config, self.seed = cache, torch.as_tensor(split.labels), crop_config, seed
-        self.readable = np.array([str(row) not in cache.reasons for row in cache.rows])  # with --skip-bad-images
+        self.readable = np.ones(len(cache), bool)  # False for the images skipped with --skip-bad-images
+        self.readable[list(cache.unreadable())] = False
         self.epoch = 0
 
     def __len__(self):

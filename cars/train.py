@@ -285,7 +285,8 @@ def main(argv=None) -> None:
     write_summary(status)
     previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt) if threading.current_thread() is threading.main_thread() else None
     best = max(evaluated(rows), key=lambda r: r["eval_acc"]) if evaluated(rows) else None
-    pad_to = cfg.batch_size // world.size if cfg.compile and on_cuda and world.size == 1 else None  # only then is the eval model compiled
+    eval_model = ema.module if ema else unwrap(trained) if world.size > 1 else trained  # what is evaluated and kept
+    pad_to = cfg.batch_size if eval_model is trained and trained is not model else None  # compiled: one eval shape only
     started, plotted, epoch = time.time(), time.time(), first_epoch
     try:
         for epoch in range(first_epoch, cfg.epochs + 1):
@@ -302,7 +303,6 @@ def main(argv=None) -> None:
                                     on_step=save_within_epoch)
             lr, progress = progress.lr, None
             train = average_over_processes(train, world)
-            eval_model = ema.module if ema else unwrap(trained) if world.size > 1 else trained
             result = None
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
                 result = evaluate(eval_model, eval_batches, device, description=splits.eval_name, world=world, pad_to=pad_to)
