@@ -1,9 +1,7 @@
 """Checkpoints: written atomically with clean keys, read safely whatever wrote them."""
 
 import json
-import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +9,7 @@ from pathlib import Path
 import torch
 
 from cars.errors import UserError
+from cars.files import atomic_write
 
 PREFIXES = ("_orig_mod.", "module.")  # torch.compile, DistributedDataParallel
 
@@ -38,27 +37,6 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             model = model.module
         else:
             return model
-
-
-def atomic_write(path: Path, write) -> None:
-    """write(file) into a temporary file beside `path`, fsync, then rename over `path`:
-    a crash at any instant leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError):  # a full disk, a read-only or vanished folder
-            raise UserError(f"cannot write {path}: {error.strerror or error}; free some space or choose another --run-dir. "
-                            "The previous files are intact") from None
-        raise
 
 
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
@@ -147,7 +125,7 @@ def load_trained(path, arch=None, num_classes=None, resolution=None, data=None) 
     """A run folder, one of our checkpoints, an exported model (folder or model.safetensors), or any
     other state dict (then --arch, --num-classes, --resolution and --data supply what our files
     carry). Flags win over what the file says."""
-    from cars.data import open_source
+    from cars.data import label_map, open_source
     from cars.models import build_model, head_name, load_checked
 
     path = Path(path)
@@ -162,8 +140,10 @@ def load_trained(path, arch=None, num_classes=None, resolution=None, data=None) 
     if not arch:
         raise UserError(f"{path} does not say which architecture it holds; pass --arch (e.g. --arch resnet50)")
     resolution = resolution or info.get("resolution") or 224
-    data = data or info.get("data")
     class_names = info.get("class_names")
+    if data and class_names and data != info.get("data"):  # another dataset than the run's: it must have the model's classes
+        label_map(class_names, open_source(data)[2], data)
+    data = data or info.get("data")
     if class_names is None and data:
         class_names = open_source(data)[2]
     if num_classes is None:

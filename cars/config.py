@@ -13,6 +13,7 @@ from pathlib import Path
 import tomli_w
 
 from cars.errors import UserError
+from cars.files import atomic_write
 
 
 def knob(default, help, choices=None):
@@ -56,7 +57,8 @@ class Config:
     freeze_epochs: int = knob(0, "two-stage training: only the new head trains for the first N epochs")
     backbone_lr_mult: float = knob(1.0, "differential lr: backbone lr = lr x this")
     ema: bool = knob(False, "keep an exponential moving average of the weights; evaluate and save it")
-    ema_decay: float = knob(0.9998, "EMA decay per optimisation step")
+    ema_half_life: float = knob(1.0, "EMA half-life in epochs: the weights of this many epochs ago count half as much as the newest")
+    ema_decay: float = knob(0.0, "EMA decay per optimisation step, instead of --ema-half-life (0: from the half-life)")
     # speed and hardware
     amp: bool = knob(True, "mixed precision (CUDA only)")
     compile: bool = knob(True, "torch.compile the model (CUDA only)")
@@ -73,7 +75,7 @@ class Config:
     run_dir: str = knob("", "run folder (default runs/<preset name>)")
 
     def validate(self) -> "Config":
-        positive = ["epochs", "batch_size", "resolution", "lr", "step_size", "eval_every"]
+        positive = ["epochs", "batch_size", "resolution", "lr", "step_size", "eval_every", "ema_half_life"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
@@ -97,6 +99,10 @@ class Config:
             raise UserError(f"--cache-side ({self.cache_side}) must be at least --resolution ({self.resolution}), or 0 for the default")
         if self.resolution < 32:
             raise UserError(f"--resolution must be at least 32, got {self.resolution}")
+        defaults = Config()
+        for name, applies, when in APPLIES_ONLY:  # a knob that would be silently ignored is refused instead
+            if getattr(self, name) != getattr(defaults, name) and not applies(self):
+                raise UserError(f"--{flag(name)} {getattr(self, name)} does nothing without {when}; drop it or add {when}")
         for f in dataclasses.fields(self):
             choices = f.metadata["choices"]
             if choices and getattr(self, f.name) not in choices:
@@ -104,7 +110,16 @@ class Config:
         return self
 
     def save(self, path: Path) -> None:
-        path.write_text(tomli_w.dumps(dataclasses.asdict(self)))
+        atomic_write(path, lambda file: file.write(tomli_w.dumps(dataclasses.asdict(self)).encode()))
+
+
+APPLIES_ONLY = [  # (knob, whether it has an effect in a config, what it needs)
+    ("crop_scale", lambda c: c.train_crop == "random-resized", "--train-crop random-resized"),
+    ("step_size", lambda c: c.scheduler == "step", "--scheduler step"),
+    ("gamma", lambda c: c.scheduler == "step", "--scheduler step"),
+    ("momentum", lambda c: c.optimizer == "sgd", "--optimizer sgd"),
+    ("ema_half_life", lambda c: c.ema and not c.ema_decay, "--ema (and no --ema-decay)"),
+]
 
 
 def flag(name: str) -> str:

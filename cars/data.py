@@ -191,6 +191,20 @@ def check_labels(split, num_classes: int) -> None:
             raise UserError(f"label {label} of {split.where(i)} is outside the {num_classes} classes (0..{num_classes - 1}); fix the dataset's labels")
 
 
+def label_map(model_names: list[str], data_names: list[str], data: str) -> torch.Tensor | None:
+    """How the dataset's labels translate to the model's class indices: None when both list the same
+    names in the same order, a lookup table when the same names come in another order (label ->
+    model index, matched by name). Other names are refused: the model cannot be scored on them."""
+    if list(model_names) == list(data_names):
+        return None
+    if sorted(model_names) != sorted(data_names) or len(set(data_names)) != len(data_names):
+        other = sorted(set(data_names) - set(model_names)) or sorted(set(model_names) - set(data_names)) or ["(duplicated names)"]
+        raise UserError(f"{data} has other classes than the model ({len(data_names)} against {len(model_names)}; "
+                        f"first difference: {other[0]!r}); pass the --data the model was trained on")
+    index = {name: i for i, name in enumerate(model_names)}
+    return torch.tensor([index[name] for name in data_names])
+
+
 def dataset_location(data: str) -> str:
     """`demo` is a local folder in the hub layout, written on first use; anything else is itself."""
     if data == "demo":

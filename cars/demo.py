@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFilter
 
 from cars.cache import cache_home
+from cars.files import default_mode
 
 # Each body: the lower body's top edge, the cabin outline (x, y) and the wheel radius, in a
 # car box of width 1 and height 0.6 (y grows downwards; the body's bottom edge is at 0.5).
@@ -126,6 +127,7 @@ def write_demo(root: Path, train_per_class: int = 60, test_per_class: int = 30) 
         splits[kind] = ([corrupt(image, kind, rng) for image in test[0]], test[1])
 
     staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
+    staging.chmod(default_mode(folder=True))
     (staging / "data").mkdir()
     rng = random.Random(0)
     for split, (images, labels) in splits.items():

@@ -1,7 +1,6 @@
 """eval.py: where a trained model is right and wrong, and what it looks at."""
 
 import argparse
-import os
 import random
 from pathlib import Path
 
@@ -11,13 +10,13 @@ import torch
 from cars import analysis
 from cars.checkpoint import add_model_flags, load_trained_from
 from cars.cache import eval_loader
-from cars.data import TransformedSplit, dataset_location, make_loader, open_hub_dataset, open_source, read_rgb
+from cars.data import TransformedSplit, dataset_location, label_map, make_loader, open_hub_dataset, open_source, read_rgb
 from cars.engine import Device, predict
 from cars.errors import UserError
 from cars.explain import CAM_METHODS, class_activation_maps, overlay
 from cars.report import (markdown_table, plot_cam_grid, plot_confusion, plot_per_class, write_csv, write_json,
                          write_text)
-from cars.train import pick_device, prepare_folder
+from cars.train import pick_device, prepare_folder, worker_count
 from cars.transforms import eval_transform, normalize
 
 CORRUPTIONS = ("contrast", "gaussian_noise", "impulse_noise", "jpeg_compression", "motion_blur", "pixelate", "spatter")
@@ -75,22 +74,27 @@ def main(argv=None) -> None:
     if args.corruptions and not corruptions:
         raise UserError(f"{trained.data} has no corrupted copies of its test split ({', '.join(CORRUPTIONS)}); drop --corruptions")
     _, test_split, dataset_names = open_source(trained.data)
-    if len(dataset_names) != len(trained.class_names):
-        raise UserError(f"{trained.data} has {len(dataset_names)} classes but the model has {len(trained.class_names)}; pass the right --data")
+    to_model = label_map(trained.class_names, dataset_names, trained.data)
+    if to_model is not None:
+        print(f"note: {trained.data} lists the model's {len(dataset_names)} classes in another order; its labels are matched to the model's by name")
     out = output_folder(args, trained.path)
     device_type = pick_device(args.device)
     device = Device(device_type)
     model = trained.model.to(device_type)
-    workers = min(8, os.cpu_count() or 1) if args.workers < 0 else args.workers
+    workers = worker_count(args.workers)
     names = trained.class_names
     print(f"evaluating {trained.path} ({trained.arch}, {trained.resolution} px) on {len(test_split)} test images of {trained.data}")
 
     def logits_of(split, resolution=trained.resolution, flip=False, cache="off"):
+        """The model's logits for every image of a split, and the true labels as the model's class indices."""
         if cache != "off":  # the test split at the trained resolution: what train.py cached, so usually no decoding at all
-            return predict(model, eval_loader(split, resolution, cache, False, args.batch_size, workers, device_type), device)
-        transform = eval_transform(resolution)
-        dataset = TransformedSplit(split, (lambda image: transform(image).flip(-1)) if flip else transform)
-        return predict(model, make_loader(dataset, args.batch_size, False, workers, args.seed), device)
+            loader = eval_loader(split, resolution, cache, False, args.batch_size, workers, device_type)
+        else:
+            transform = eval_transform(resolution)
+            dataset = TransformedSplit(split, (lambda image: transform(image).flip(-1)) if flip else transform)
+            loader = make_loader(dataset, args.batch_size, False, workers, args.seed)
+        logits, labels = predict(model, loader, device)
+        return logits, labels if to_model is None else to_model[labels]
 
     # 1-4: accuracy, per class, best and worst classes, confusions
     logits, labels = logits_of(test_split, cache=args.cache)

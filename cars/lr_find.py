@@ -21,12 +21,13 @@ from cars.engine import Device, train_step
 from cars.errors import UserError
 from cars.models import build_model, set_backbone_frozen
 from cars.report import plot_lr_find, write_csv
-from cars.train import check_folder_free, make_optimizer, pick_device, prepare_folder, seed_everything
+from cars.train import check_folder_free, make_optimizer, pick_device, prepare_folder, seed_everything, worker_count
 from cars.transforms import batch_mixer
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Learning-rate range test for a preset; any train.py flag overrides it.")
+    parser = argparse.ArgumentParser(description="Learning-rate range test for a preset; train.py's flags override it (those of the "
+                                     "schedule, EMA, evaluation and run length do not apply to a range test).")
     parser.add_argument("--config", help="TOML preset (e.g. configs/run07_baseline.toml)")
     parser.add_argument("--phase", choices=["full", "head"], default="full",
                         help="full: every layer trains (one-stage, or stage 2); head: only the new head (stage 1 of a two-stage preset)")
@@ -86,7 +87,7 @@ def readable_batches(loader):
 
 
 def range_test(model, loader, cfg, device: Device, start_lr: float, end_lr: float, steps: int, phase: str, num_classes: int):
-    """Sweep on a deep copy: `model` itself is never touched. Returns the lrs and raw losses seen."""
+    """Sweep on a deep copy: `model` itself is never touched. Returns the lrs and raw losses seen, and the swept copy."""
     model = copy.deepcopy(model).to(device.type)
     optimizer = make_optimizer(cfg, model)
     ratios = [group["lr"] / optimizer.param_groups[-1]["lr"] for group in optimizer.param_groups]  # keep --backbone-lr-mult
@@ -108,7 +109,7 @@ def range_test(model, loader, cfg, device: Device, start_lr: float, end_lr: floa
         best = min(best, smoothed)
         if not math.isfinite(smoothed) or (step > 5 and smoothed > 4 * best):  # diverged: the rest tells nothing
             break
-    return lrs, losses
+    return lrs, losses, model
 
 
 def main(argv=None) -> None:
@@ -117,17 +118,17 @@ def main(argv=None) -> None:
     out = Path(args.out or f"runs/lr_find-{preset}")
     check_folder_free(out, args.overwrite, "output folder", "--out")
     device_type = pick_device(cfg.device)
-    device = Device(device_type, amp=cfg.amp and device_type == "cuda")
+    device = Device(device_type, channels_last=cfg.channels_last and device_type == "cuda", amp=cfg.amp and device_type == "cuda")
     seed_everything(cfg.seed)
     splits = load_splits(cfg.data, cfg.val_split, cfg.seed)
     model = build_model(cfg.arch, cfg.weights, len(splits.class_names), cfg.dropout)
-    workers = 0 if cfg.workers < 0 else cfg.workers
+    workers = worker_count(cfg.workers)
     loader = train_loader(splits.train, cfg, workers, device_type)
     prepare_folder(out, args.overwrite, "output folder", "--out")
 
     print(f"lr range test: {cfg.arch}, {cfg.optimizer}, batch {cfg.batch_size}, phase {args.phase}, "
           f"lr {args.start_lr:g} -> {args.end_lr:g} over at most {args.steps} steps")
-    lrs, losses = range_test(model, loader, cfg, device, args.start_lr, args.end_lr, args.steps, args.phase, len(splits.class_names))
+    lrs, losses, _ = range_test(model, loader, cfg, device, args.start_lr, args.end_lr, args.steps, args.phase, len(splits.class_names))
     smoothed = smooth(losses)
     stopped_early = len(lrs) < args.steps
     suggestion = suggest(lrs, smoothed)

@@ -53,13 +53,15 @@ def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def set_backbone_frozen(model: nn.Module, frozen: bool) -> None:
-    """Two-stage training: a frozen backbone gets no gradients and keeps its BatchNorm statistics."""
+    """Two-stage training: a frozen backbone gets no gradients and keeps its normalisation statistics.
+    Call it after model.train(). Only the backbone's BatchNorm layers go into eval mode: dropout,
+    the head's included, works as in any training step."""
     for p in backbone_parameters(model):
         p.requires_grad_(not frozen)
     if frozen:
-        head = model.get_submodule(head_name(model))
+        head = set(model.get_submodule(head_name(model)).modules())
         for module in model.modules():
-            if module is not head and module is not model:
+            if isinstance(module, nn.modules.batchnorm._NormBase) and module not in head:
                 module.eval()
 
 

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display needed, also on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from cars.checkpoint import atomic_write  # noqa: E402
+from cars.files import atomic_write  # noqa: E402
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "eval_loss", "eval_acc", "seconds"]
 
@@ -59,9 +59,10 @@ def plot_curves(rows: list[dict], path: Path, eval_name: str = "test", title: st
         lr_ax.set_ylabel("learning rate", color="grey")
         handles = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
         ax.legend(handles=handles, loc="center right")
-    best = max(evaluated(rows), key=lambda r: r["eval_acc"])
-    acc_ax.annotate(f"best {best['eval_acc']:.2f}%", (best["epoch"], best["eval_acc"]), textcoords="offset points", xytext=(-80, -45),
-                    arrowprops=dict(arrowstyle="->"))
+    if evaluated(rows):  # with --eval-every N, the first plots may come before the first evaluation
+        best = max(evaluated(rows), key=lambda r: r["eval_acc"])
+        acc_ax.annotate(f"best {best['eval_acc']:.2f}%", (best["epoch"], best["eval_acc"]), textcoords="offset points", xytext=(-80, -45),
+                        arrowprops=dict(arrowstyle="->"))
     if title:
         fig.suptitle(title)
     fig.tight_layout()

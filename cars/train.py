@@ -51,6 +51,11 @@ def pick_device(name: str) -> str:
     return name
 
 
+def worker_count(workers: int) -> int:
+    """--workers: -1 means one per CPU core, at most 8."""
+    return min(8, os.cpu_count() or 1) if workers < 0 else workers
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -88,6 +93,13 @@ def lr_factor(cfg, steps_per_epoch: int):
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     return factor
+
+
+def ema_decay(cfg, steps_per_epoch: int) -> float:
+    """The EMA's decay per step. A fixed decay ignores the run's length: 0.9998 over run 7's 5,670
+    steps would leave 32 % of the starting weights in the average. A half-life in epochs fits any
+    run: after h epochs a weight counts half, so decay ** (h * steps_per_epoch) = 1/2."""
+    return cfg.ema_decay or 0.5 ** (1 / (cfg.ema_half_life * steps_per_epoch))
 
 
 def make_scheduler(cfg, optimizer, steps_per_epoch: int):
@@ -161,6 +173,10 @@ def resolve_run(args) -> tuple[config_module.Config, str, Path, dict | None]:
                         "--save-every-steps, --cache and --eval-every. "
                         "Start a new run (--run-dir) to change the recipe")
     cfg = dataclasses.replace(saved, **{k: given[k] for k in RESUMABLE_FLAGS & set(given)}).validate()
+    if cfg.scheduler == "cosine" and cfg.epochs != saved.epochs:  # the step schedule does not depend on the length
+        raise UserError(f"--epochs {cfg.epochs} would change the cosine schedule of {run_dir}, which is laid over its {saved.epochs} epochs: "
+                        "the lr would jump. To train on, start a new run from its weights: "
+                        f"--weights {run_dir / 'last.pt'} --run-dir NEW_RUN")
     checkpoint = load_checkpoint(run_dir / "last.pt")
     if checkpoint.get("epoch", 0) >= cfg.epochs:
         raise UserError(f"{run_dir} already trained {checkpoint['epoch']} of {cfg.epochs} epochs; pass --epochs N to extend it")
@@ -174,6 +190,13 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, state: dict) -> None:
+    """A run saved without mixed precision (on a CPU) has an empty scaler state; resumed with it (on
+    a GPU), the scaler starts afresh, as it would have on the first step."""
+    if state:
+        scaler.load_state_dict(state)
 
 
 def average_over_processes(result: EpochResult, world) -> EpochResult:
@@ -205,7 +228,7 @@ def main(argv=None) -> None:
     # Data and model first: every input is checked before the run folder is touched.
     splits = load_splits(cfg.data, cfg.val_split, cfg.seed)
     model = build_model(cfg.arch, "none" if resumed else cfg.weights, len(splits.class_names), cfg.dropout)
-    workers = min(8, os.cpu_count() or 1) if cfg.workers < 0 else cfg.workers
+    workers = worker_count(cfg.workers)
     # batches from the preprocessing cache (the first run on a dataset fills it), or with --cache off decoded by worker processes
     train_batches = train_loader(splits.train, cfg, workers, device_type, world.rank, world.size)
     eval_batches = eval_loader(splits.eval, cfg.resolution, cfg.cache, cfg.skip_bad_images, cfg.batch_size, workers, device_type,
@@ -235,14 +258,19 @@ def main(argv=None) -> None:
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=len(train_batches))
     scaler = torch.amp.GradScaler(device_type, enabled=device.amp)
-    ema = make_ema(model, cfg.ema_decay) if cfg.ema else None  # when on, the EMA weights are evaluated and kept
+    ema = None
+    if cfg.ema:  # when on, the EMA weights are evaluated and kept
+        decay, steps = ema_decay(cfg, len(train_batches)), cfg.epochs * len(train_batches)
+        ema = make_ema(model, decay)
+        log(f"EMA of the weights: decay {decay:.6g} per step, a half-life of {math.log(0.5) / math.log(decay) / len(train_batches):.3g} "
+            f"epochs; the first step's weights keep a share of {decay ** (steps - 1):.3g} after all {steps} steps")
     mixer = batch_mixer(cfg.mixup, cfg.cutmix, len(splits.class_names))
     rows = []
     if resumed:
         model.load_state_dict(resumed["raw_model" if ema else "model"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
-        scaler.load_state_dict(resumed["scaler"])
+        load_scaler_state(scaler, resumed["scaler"])
         if ema:
             ema.load_state_dict(resumed["ema"])
         restore_rng(resumed["rng"])

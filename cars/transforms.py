@@ -43,7 +43,7 @@ def extra_augmentation(cfg) -> list:
         ops.append(v2.TrivialAugmentWide())
     if cfg.color_jitter > 0:
         ops.append(v2.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter))
-    erasing = 0.25 if cfg.augment == "heavy" else cfg.random_erasing
+    erasing = cfg.random_erasing or (0.25 if cfg.augment == "heavy" else 0.0)
     if erasing > 0:
         ops.append(v2.RandomErasing(p=erasing, value=MEAN_PIXEL))
     return ops

@@ -93,6 +93,28 @@ def test_cached_train_crops_follow_random_resized_crops_distribution(tmp_path):
     assert abs(ratios.std() - ref_ratios.std()) < 0.02
 
 
+def test_cached_resize_randomcrop_cuts_a_square_of_the_shorter_side_like_torchvision(tmp_path):
+    """--train-crop resize-randomcrop on the cached path: Resize(73) then RandomCrop(64) of a 240 x 160
+    image is a square of 160 x 64/73 = 140 source pixels, anywhere inside the image."""
+    width, height = 240, 160
+    for split in ("train", "test"):
+        (tmp_path / "coords" / split / "car").mkdir(parents=True)
+        coordinate_image(width, height).save(tmp_path / "coords" / split / "car" / "0.png")
+    cfg = Config(data=str(tmp_path / "coords"), resolution=64, train_crop="resize-randomcrop", cache=str(tmp_path / "cache"))
+    loader = train_loader(load_splits(cfg.data).train, cfg, workers=0)
+    side = height * 64 / eval_resize(64)
+    lefts, tops = [], []
+    for epoch in range(100):
+        loader.dataset.epoch = epoch
+        crop = next(iter(loader))[0][0].float()
+        x0, x1 = (crop[0].amin() / 255 * (width - 1)).item(), (crop[0].amax() / 255 * (width - 1)).item()
+        y0, y1 = (crop[1].amin() / 255 * (height - 1)).item(), (crop[1].amax() / 255 * (height - 1)).item()
+        assert x1 - x0 + 1 == pytest.approx(side, abs=4) and y1 - y0 + 1 == pytest.approx(side, abs=4)
+        lefts.append(x0)
+        tops.append(y0)
+    assert min(lefts) < 10 and max(lefts) > width - side - 10 and max(tops) <= height - side + 3
+
+
 def folder_of(cache) -> str:
     return cache.folder.name
 

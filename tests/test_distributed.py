@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from cars import evaluate, train
 from cars.checkpoint import load_checkpoint
 from cars.data import GlobalBatches, make_loader
 from cars.errors import UserError
+from cars.models import build_model
 from cars.report import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,8 +29,11 @@ def runs(tmp_path_factory):
     env = {**os.environ, "CARS_CACHE": str(root / "cache")}
     (root / "cache").mkdir()
     write_demo(root / "cache" / "demo-v1", train_per_class=8, test_per_class=2)
+    torch.manual_seed(0)
+    torch.save(build_model("shufflenet_v2_x0_5", "none", 10).state_dict(), root / "start.pth")  # both runs start here
     args = ["--config", str(ROOT / "configs" / "demo.toml"), "--epochs", "2", "--batch-size", "16", "--optimizer", "sgd",
-            "--lr", "0.02", "--weight-decay", "1e-4", "--freeze-epochs", "1"]
+            "--lr", "0.02", "--weight-decay", "1e-4", "--freeze-epochs", "1", "--weights", str(root / "start.pth"),
+            "--scheduler", "step", "--step-size", "1", "--gamma", "0"]  # lr 0 after the frozen epoch: last.pt keeps its weights
     old_cache = os.environ["CARS_CACHE"]
     os.environ["CARS_CACHE"] = env["CARS_CACHE"]
     train.main([*args, "--run-dir", str(root / "single")])
@@ -39,9 +44,14 @@ def runs(tmp_path_factory):
     return root, env, args, two.stdout
 
 
-def relative_distance(a: dict, b: dict) -> float:
-    keys = [k for k in a if a[k].is_floating_point() and "running" not in k]
-    return (sum(((a[k] - b[k]) ** 2).sum() for k in keys) / sum((a[k] ** 2).sum() for k in keys)).sqrt().item()
+def norm(state: dict) -> float:
+    return sum((v.double() ** 2).sum() for v in state.values()).sqrt().item()
+
+
+def updates(run_dir: Path, start: dict) -> dict:
+    """What training changed in the weights (BatchNorm's running statistics aside): final minus start."""
+    final = load_checkpoint(run_dir / "last.pt")["model"]
+    return {k: final[k] - start[k] for k in start if start[k].is_floating_point() and "running" not in k}
 
 
 def test_two_processes_learn_like_one(runs):
@@ -51,11 +61,14 @@ def test_two_processes_learn_like_one(runs):
     # Epoch 1 trains only the head, the backbone and its BatchNorm frozen: the same global batches, the same
     # per-image augmentation, gradients averaged over the processes: the same numbers as one process.
     assert two[0]["train_loss"] == pytest.approx(single[0]["train_loss"], rel=1e-4)
-    # Epoch 2 trains everything: BatchNorm now normalises over 8 images per process instead of 16.
+    # Epoch 2 runs everything in training mode: BatchNorm now normalises over 8 images per process instead of 16.
     assert two[1]["train_loss"] == pytest.approx(single[1]["train_loss"], rel=0.05)
-    assert [r["lr"] for r in two] == [r["lr"] for r in single]
-    apart = relative_distance(load_checkpoint(root / "single" / "last.pt")["model"], load_checkpoint(root / "two" / "last.pt")["model"])
-    assert apart < 0.2, apart
+    assert [r["lr"] for r in two] == [r["lr"] for r in single] == [0.02, 0.0]
+    # What the frozen epoch taught the weights (epoch 2 has lr 0), one process against two: the same to rounding
+    start = torch.load(root / "start.pth")
+    single_update, two_update = updates(root / "single", start), updates(root / "two", start)
+    apart = norm({k: two_update[k] - single_update[k] for k in single_update}) / norm(single_update)
+    assert norm(single_update) > 0.01 and apart < 1e-3, (norm(single_update), apart)
 
 
 def test_one_run_folder_written_once_and_every_test_image_counted_once(runs):
@@ -69,16 +82,21 @@ def test_one_run_folder_written_once_and_every_test_image_counted_once(runs):
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state)
 
 
-def test_checkpoint_of_two_processes_evaluates_and_resumes_in_one(runs):
+def test_checkpoint_of_two_processes_evaluates_and_resumes_in_one(runs, tmp_path, monkeypatch):
     root, env, args, _ = runs
-    old_cache = os.environ["CARS_CACHE"]
-    os.environ["CARS_CACHE"] = env["CARS_CACHE"]
-    evaluate.main([str(root / "two"), "--num-gradcam", "2", "--workers", "0"])
-    assert json.loads((root / "two" / "eval" / "summary.json").read_text())["images"] == 20
-    train.main(["--resume", str(root / "two"), "--epochs", "3"])
-    os.environ["CARS_CACHE"] = old_cache
-    rows = read_metrics(root / "two" / "metrics.csv")
-    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[2]["train_loss"] > 0
+    monkeypatch.setenv("CARS_CACHE", env["CARS_CACHE"])
+    two, single = tmp_path / "two", tmp_path / "single"
+    shutil.copytree(root / "two", two)
+    shutil.copytree(root / "single", single)
+    evaluate.main([str(two), "--num-gradcam", "2", "--workers", "0"])
+    report = json.loads((two / "eval" / "summary.json").read_text())  # one process, best.pt: the number the job reported
+    assert report["images"] == 20 and report["top1"] == pytest.approx(json.loads((two / "summary.json").read_text())["best_eval_acc"])
+    for run_dir in (two, single):
+        train.main(["--resume", str(run_dir), "--epochs", "3"])
+    rows, reference = read_metrics(two / "metrics.csv"), read_metrics(single / "metrics.csv")
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[2]["lr"] == reference[2]["lr"]
+    # epoch 3 in one process from each checkpoint: the same weights, batches and BatchNorm, so the same loss
+    assert rows[2]["train_loss"] == pytest.approx(reference[2]["train_loss"], rel=1e-4)
 
 
 def test_shards_cover_every_image_exactly_once():

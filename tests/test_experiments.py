@@ -15,7 +15,7 @@ from cars.data import TransformedSplit, load_splits, make_loader
 from cars.demo import write_demo
 from cars.engine import Device, train_one_epoch
 from cars.errors import UserError
-from cars.models import build_model, make_ema
+from cars.models import build_model, head_name, make_ema
 from cars.report import read_metrics
 from cars.transforms import batch_mixer, train_transform
 
@@ -65,6 +65,55 @@ def test_preset_parses_and_runs_a_short_epoch_on_the_demo(tmp_path, tiny_demo, p
         assert saved[key] == values[key], key
 
 
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_a_presets_own_values_reach_the_optimizer_the_schedule_and_the_transforms(preset):
+    """What makes a preset a preset, read back from the objects train.py builds from it."""
+    from cars.transforms import crop_box, extra_augmentation
+
+    cfg = Config(**tomllib.loads(preset.read_text())).validate()
+    with torch.device("meta"):  # the real architecture, no memory
+        model = build_model(cfg.arch, "none", 196, cfg.dropout)
+    optimizer = train.make_optimizer(cfg, model)
+    lr = cfg.lr * cfg.batch_size / 128 if cfg.lr_scaling == "linear" else cfg.lr
+    assert type(optimizer).__name__ == {"sgd": "SGD", "adamw": "AdamW"}[cfg.optimizer]
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([lr * cfg.backbone_lr_mult, lr])
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {cfg.weight_decay}
+    if cfg.optimizer == "sgd":
+        assert {g["momentum"] for g in optimizer.param_groups} == {cfg.momentum}
+    assert model.get_submodule(head_name(model)).out_features == 196
+
+    steps = 10  # per epoch
+    scheduler = train.make_scheduler(cfg, optimizer, steps)
+    lrs = []
+    for _ in range(cfg.epochs * steps):
+        lrs.append(optimizer.param_groups[-1]["lr"])
+        optimizer.step()
+        scheduler.step()
+    warm = cfg.warmup_epochs * steps
+    if warm:
+        assert lrs[0] == pytest.approx(lr / warm) and lrs[warm - 1] == pytest.approx(lr)
+    if cfg.scheduler == "step":
+        for epoch in range(cfg.warmup_epochs, cfg.epochs):
+            assert lrs[epoch * steps] == pytest.approx(lr * cfg.gamma ** (epoch // cfg.step_size)), epoch
+    else:
+        assert lrs[warm] == pytest.approx(lr) and lrs[-1] < 0.01 * lr
+        assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
+
+    transform = [type(t).__name__ for t in train_transform(cfg).transforms]
+    crop = train_transform(cfg).transforms[0]
+    if cfg.train_crop == "random-resized":
+        assert transform[0] == "RandomResizedCrop" and tuple(crop.size) == (cfg.resolution,) * 2 and crop.scale == (cfg.crop_scale, 1.0)
+    else:
+        assert transform[:2] == ["Resize", "RandomCrop"] and tuple(train_transform(cfg).transforms[1].size) == (cfg.resolution,) * 2
+    extras = [type(t).__name__ for t in extra_augmentation(cfg)]
+    assert ("RandomRotation" in extras) == (cfg.augment == "heavy")
+    assert ("ColorJitter" in extras) == (cfg.augment == "heavy" or cfg.color_jitter > 0)
+    assert ("RandomErasing" in extras) == (cfg.augment == "heavy" or cfg.random_erasing > 0)
+    left, top, right, bottom = crop_box(400, 600, cfg, __import__("random").Random(0))  # the cached path draws the same kind of crop
+    if cfg.train_crop == "resize-randomcrop":
+        assert (right - left) * 600 == pytest.approx(cfg.resolution / round(cfg.resolution * 256 / 224) * 400, abs=1)
+
+
 def test_ema_is_the_hand_computed_average():
     model = torch.nn.Linear(2, 1, bias=False)
     ema = make_ema(model, decay=0.9)
@@ -79,13 +128,63 @@ def test_ema_is_the_hand_computed_average():
     assert not torch.equal(ema.module.weight, model.weight)
 
 
-def test_ema_run_keeps_ema_weights_apart_from_raw_ones(tmp_path, tiny_demo):
+def test_ema_run_evaluates_and_keeps_the_ema_weights(tmp_path, tiny_demo):
     run_dir = tmp_path / "ema"
-    train.main(["--config", str(ROOT / "configs" / "demo.toml"), "--epochs", "2", "--ema", "--ema-decay", "0.9", "--run-dir", str(run_dir)])
-    last = load_checkpoint(run_dir / "last.pt")
+    train.main(["--config", str(ROOT / "configs" / "demo.toml"), "--epochs", "2", "--batch-size", "4", "--ema", "--run-dir", str(run_dir)])
+    last, best = load_checkpoint(run_dir / "last.pt"), load_checkpoint(run_dir / "best.pt")
     assert set(last["raw_model"]) == set(last["model"])
-    differing = [k for k, v in last["model"].items() if v.is_floating_point() and not torch.equal(v, last["raw_model"][k])]
-    assert len(differing) > 10
+    assert any(v.is_floating_point() and not torch.equal(v, last["raw_model"][k]) for k, v in last["model"].items())
+    assert all(torch.equal(v, last["ema"]["module." + k]) for k, v in last["model"].items())  # "model" is the average
+    if best["epoch"] == 2:
+        assert all(torch.equal(v, last["model"][k]) for k, v in best["model"].items())
+    decay = train.ema_decay(Config(ema=True), steps_per_epoch=5)  # 20 images, batch 4
+    assert f"EMA of the weights: decay {decay:.6g} per step, a half-life of 1 epochs" in (run_dir / "train.log").read_text()
+
+
+def test_ema_decay_fits_the_run_in_closed_form():
+    """Run 7's full schedule (63 steps x 90 epochs): with a half-life of one epoch, the EMA computed
+    by the engine-side AveragedModel equals the closed form, and the first weights are forgotten.
+    The old fixed 0.9998 would have kept 32 % of them."""
+    cfg = Config(ema=True)
+    steps_per_epoch, steps = 63, 90 * 63
+    decay = train.ema_decay(cfg, steps_per_epoch)
+    assert decay ** steps_per_epoch == pytest.approx(0.5) and cfg.ema_half_life == 1.0
+    assert train.ema_decay(Config(ema=True, ema_half_life=3), steps_per_epoch) ** (3 * steps_per_epoch) == pytest.approx(0.5)
+    assert train.ema_decay(Config(ema=True, ema_decay=0.999), steps_per_epoch) == 0.999  # given per step, taken as it is
+
+    model = torch.nn.Linear(1, 1, bias=False, dtype=torch.float64)
+    ema = make_ema(model, decay)
+    for t in range(1, steps + 1):  # the weight of step t is t
+        with torch.no_grad():
+            model.weight.fill_(t)
+        ema.update_parameters(model)
+    # the first update copies w_1; after it, e_t = d e_(t-1) + (1 - d) w_t, so
+    # e_T = d^(T-1) w_1 + (1 - d) sum_{k=0}^{T-2} d^k (T - k)
+    d, n = decay, steps - 1
+    geometric = (1 - d**n) / (1 - d)
+    weighted = d * (1 - n * d ** (n - 1) + (n - 1) * d**n) / (1 - d) ** 2  # sum_{k<n} k d^k
+    closed_form = d**n * 1 + (1 - d) * (steps * geometric - weighted)
+    assert ema.module.weight.item() == pytest.approx(closed_form, rel=1e-9)
+    assert d**n < 1e-20 and 0.9998**n > 0.3  # the first weights' share at the end: now nothing, before a third
+    assert steps - ema.module.weight.item() == pytest.approx(d / (1 - d), rel=1e-6)  # lags the newest weights by about 1/(1-d) steps
+
+
+def test_the_engine_updates_the_ema_after_every_step():
+    """e_1 = w_1, e_t = d e_(t-1) + (1 - d) w_t over the weights each training step left."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    batches = [(torch.randn(6, 3, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])) for _ in range(5)]
+    ema = make_ema(model, 0.7)
+    seen = []
+    train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.5), torch.amp.GradScaler("cpu", enabled=False),
+                    Device("cpu", show_progress=False), ema=ema,
+                    on_step=lambda progress: seen.append([p.detach().clone() for p in model.parameters()]))
+    expected = seen[0]
+    for weights in seen[1:]:
+        expected = [0.7 * e + 0.3 * w for e, w in zip(expected, weights)]
+    assert len(seen) == 5
+    for averaged, want, last in zip(ema.module.parameters(), expected, seen[-1]):
+        assert torch.allclose(averaged, want, atol=1e-6) and not torch.allclose(averaged, last, atol=1e-3)
 
 
 def linear_model_loss(label_smoothing=0.0, mixer=None):
@@ -123,6 +222,23 @@ def test_mixup_blends_two_labels_and_the_loss_follows():
     soft = F.cross_entropy(logits, targets)
     assert soft.item() == pytest.approx((lam * F.cross_entropy(logits, labels) + (1 - lam) * F.cross_entropy(logits, rolled)).item(), rel=1e-5)
     assert batch_mixer(0.0, 0.0, 3) is None
+
+
+def test_cutmix_pastes_a_box_of_the_neighbour_and_the_label_follows_its_area():
+    torch.manual_seed(5)
+    mixer = batch_mixer(mixup=0.0, cutmix=1.0, num_classes=4)
+    images = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 16, 16).clone()  # image k is all k
+    labels = torch.tensor([0, 1, 2, 3])
+    mixed, targets = mixer(images, labels)
+    for i in range(4):
+        pasted = mixed[i, 0] == (i - 1) % 4  # CutMix takes the box from the previous image of the batch
+        assert torch.all((mixed[i, 0] == i) | pasted)
+        rows, cols = pasted.any(1).nonzero(), pasted.any(0).nonzero()
+        if len(rows):  # one rectangle
+            assert pasted[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
+        share = pasted.float().mean().item()
+        assert targets[i, (i - 1) % 4].item() == pytest.approx(share, abs=1e-6)
+        assert targets[i, i].item() == pytest.approx(1 - share, abs=1e-6)
 
 
 def test_train_transform_options():
@@ -185,21 +301,18 @@ def test_compare_without_run_folders_is_one_clear_line(tmp_path):
 # --- lr_find.py ----------------------------------------------------------------------------------
 
 
-def test_lr_find_suggests_inside_the_range_and_leaves_weights_alone(tmp_path, tiny_demo, capsys):
-    torch.manual_seed(0)
-    weights = tmp_path / "start.pth"
-    torch.save(build_model("resnet18", "none", 10).state_dict(), weights)
-    before = weights.read_bytes()
+def test_lr_find_reports_the_suggestion_of_the_curve_it_recorded(tmp_path, tiny_demo, capsys):
     out = tmp_path / "lr"
-    lr_find.main(["--config", str(ROOT / "configs" / "demo.toml"), "--arch", "resnet18", "--weights", str(weights),
-                  "--resolution", "32", "--batch-size", "8", "--steps", "30", "--start-lr", "1e-5", "--end-lr", "1", "--out", str(out)])
-    assert weights.read_bytes() == before
-    printed = capsys.readouterr().out
-    suggested = float(printed.split("suggested lr: ")[1].split()[0])
-    assert 1e-5 <= suggested <= 1
+    lr_find.main(["--config", str(ROOT / "configs" / "demo.toml"), "--arch", "resnet18", "--resolution", "32", "--batch-size", "8",
+                  "--steps", "30", "--start-lr", "1e-5", "--end-lr", "1", "--out", str(out)])
     rows = read_metrics(out / "lr_find.csv")
-    assert rows[0]["lr"] == pytest.approx(1e-5) and all(a["lr"] < b["lr"] for a, b in zip(rows, rows[1:]))
-    assert (out / "lr_find.png").exists()
+    lrs, losses = [r["lr"] for r in rows], [r["loss"] for r in rows]
+    assert lrs == pytest.approx([1e-5 * 1e5 ** (i / 29) for i in range(len(rows))])  # exponential, from start to end
+    assert [r["smoothed_loss"] for r in rows] == pytest.approx(lr_find.smooth(losses))
+    expected = lr_find.suggest(lrs, lr_find.smooth(losses))
+    printed = capsys.readouterr().out
+    assert f"suggested lr: {expected['valley']:.3g} (valley rule" in printed and f"steepest descent at {expected['steepest']:.3g}" in printed
+    assert (out / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_range_test_works_on_a_copy_and_stops_on_divergence(tiny_demo):
@@ -208,9 +321,21 @@ def test_range_test_works_on_a_copy_and_stops_on_divergence(tiny_demo):
     start = {k: v.clone() for k, v in model.state_dict().items()}
     loader = make_loader(TransformedSplit(splits.train, train_transform(Config(resolution=32))), 8, True, 0, 0)
     cfg = Config(optimizer="sgd", momentum=0.9, weight_decay=0)
-    lrs, losses = lr_find.range_test(model, loader, cfg, Device("cpu"), 1e-3, 1e6, 60, "full", 10)
+    lrs, losses, swept = lr_find.range_test(model, loader, cfg, Device("cpu"), 1e-3, 1e6, 60, "full", 10)
     assert len(lrs) < 60, "a loss that explodes ends the sweep early"
     assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+    assert not torch.equal(swept.conv1.weight, model.conv1.weight)
+
+
+def test_lr_find_head_phase_sweeps_the_head_only(tiny_demo):
+    """--phase head: stage 1 of a two-stage preset, the backbone and its BatchNorm statistics frozen."""
+    splits = load_splits("demo")
+    model = build_model("resnet18", "none", 10)
+    loader = make_loader(TransformedSplit(splits.train, train_transform(Config(resolution=32))), 8, True, 0, 0)
+    _, _, swept = lr_find.range_test(model, loader, Config(), Device("cpu"), 1e-4, 1e-1, 10, "head", 10)
+    start, after = model.state_dict(), swept.state_dict()
+    changed = {k for k in start if not torch.equal(start[k], after[k])}
+    assert changed and all(k.startswith("fc.") for k in changed), changed
 
 
 def test_lr_find_suggestion_rules_on_a_known_curve():

@@ -124,3 +124,28 @@ def test_damaged_checkpoint_is_one_clear_line(tmp_path):
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="cannot read checkpoint .*cut.pt"):
         load_checkpoint(tmp_path / "cut.pt")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_b0"])
+def test_a_frozen_backbone_keeps_its_norm_statistics_and_the_head_trains_as_usual(arch):
+    """Only the backbone's normalisation statistics stop: every dropout, the head's included, stays
+    in training mode, so a frozen epoch trains the head exactly as an unfrozen one would."""
+    from cars.models import set_backbone_frozen
+
+    model = build_model(arch, "none", num_classes=5, dropout=0.5).train()
+    set_backbone_frozen(model, True)
+    head = model.get_submodule(head_name(model))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert norms and not any(m.training for m in norms)
+    assert head.training and head.dropout.training and all(m.training for m in dropouts)
+    assert all(not p.requires_grad for p in backbone_parameters(model)) and all(p.requires_grad for p in head_parameters(model))
+
+    features = torch.ones(8, head.in_features)
+    assert not torch.equal(head(features), head(features)), "the head's dropout draws a new mask each step"
+    statistics = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    model(torch.randn(4, 3, 64, 64))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in statistics.items())
+
+    set_backbone_frozen(model.train(), False)
+    assert all(m.training for m in norms) and all(p.requires_grad for p in model.parameters())

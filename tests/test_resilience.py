@@ -16,9 +16,10 @@ import torch
 from conftest import tiny_args
 from PIL import Image
 
-from cars import checkpoint as checkpoint_module
+from cars import files as files_module
 from cars import engine, train
-from cars.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from cars.checkpoint import load_checkpoint, save_checkpoint
+from cars.files import atomic_write
 from cars.data import load_splits, read_rgb
 from cars.errors import UserError, run_cli
 from cars.report import read_metrics
@@ -159,7 +160,7 @@ def test_full_disk_is_one_clear_line_and_keeps_checkpoints(tmp_path, monkeypatch
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint_module.os, "fsync", no_space)
+    monkeypatch.setattr(files_module.os, "fsync", no_space)
     with pytest.raises(UserError, match=r"cannot write .*last.pt: No space left on device; free some space"):
         save_checkpoint(tmp_path / "last.pt", {"epoch": 4})
     monkeypatch.undo()
@@ -286,3 +287,70 @@ def test_mid_epoch_checkpoints_resume_exactly(reference_run, tmp_path, monkeypat
     monkeypatch.undo()
     train.main(["--resume", str(run_dir)])
     assert_same_run(reference_run[0] / "reference", run_dir)
+
+
+def test_resume_refuses_to_stretch_a_cosine_schedule(tmp_path, capsys):
+    """A cosine laid over 2 epochs, stretched to 3, would raise the lr again: refused, the run untouched."""
+    from conftest import write_hub_folder
+
+    data = write_hub_folder(tmp_path / "data")
+    run_dir = tmp_path / "cosine"
+    train.main(tiny_args(data, run_dir, "--scheduler", "cosine"))
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    with pytest.raises(SystemExit) as exit:
+        run_cli(train.main, ["--resume", str(run_dir), "--epochs", "3"])
+    assert exit.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: --epochs 3 would change the cosine schedule of {run_dir}") and f"--weights {run_dir}/last.pt" in error
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+def test_extending_a_step_schedule_never_raises_the_lr_after_warmup(tmp_path):
+    from conftest import write_hub_folder
+
+    data = write_hub_folder(tmp_path / "data")
+    run_dir = tmp_path / "step"
+    train.main(tiny_args(data, run_dir, "--warmup-epochs", "1", "--step-size", "2", "--gamma", "0.5", "--epochs", "3"))
+    train.main(["--resume", str(run_dir), "--epochs", "5"])
+    lrs = [row["lr"] for row in read_metrics(run_dir / "metrics.csv")]
+    assert len(lrs) == 5 and lrs[0] < lrs[1]  # warmup
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[1] == pytest.approx(0.01) and lrs[4] == pytest.approx(0.0025)
+
+
+def test_a_run_saved_without_mixed_precision_resumes_with_it():
+    """CPU (no AMP, an empty scaler state) -> CUDA (AMP on): the scaler starts afresh. And back."""
+    saved_on_cpu = torch.amp.GradScaler("cpu", enabled=False).state_dict()
+    assert saved_on_cpu == {}
+    with_amp = torch.amp.GradScaler("cpu", enabled=True)  # stands in for CUDA's: the same class and state
+    with pytest.raises(RuntimeError):
+        with_amp.load_state_dict(saved_on_cpu)  # what resuming did before
+    train.load_scaler_state(with_amp, saved_on_cpu)
+    assert with_amp.get_scale() == 65536.0
+
+    with_amp.scale(torch.ones(()))
+    without = torch.amp.GradScaler("cpu", enabled=False)
+    train.load_scaler_state(without, with_amp.state_dict())
+    assert not without.is_enabled()
+
+
+def test_written_files_and_folders_follow_the_umask(tmp_path):
+    """Reports, plots, CSVs and checkpoints are shared like any file the user writes (0644 under umask 022)."""
+    from conftest import write_hub_folder
+
+    from cars.demo import write_demo
+
+    data = write_hub_folder(tmp_path / "data")
+    old = os.umask(0o022)
+    try:
+        run_dir = tmp_path / "run"
+        train.main(tiny_args(data, run_dir, "--epochs", "1"))
+        modes = {p.name: p.stat().st_mode & 0o777 for p in run_dir.iterdir()}
+        assert {"best.pt", "last.pt", "metrics.csv", "summary.json", "config.toml", "curves.png"} <= set(modes)
+        assert set(modes.values()) == {0o644}, modes
+        write_demo(tmp_path / "demo", train_per_class=1, test_per_class=1)
+        assert (tmp_path / "demo").stat().st_mode & 0o777 == 0o755
+        os.umask(0o077)
+        atomic_write(tmp_path / "private.txt", lambda file: file.write(b"x"))
+        assert (tmp_path / "private.txt").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
