@@ -62,8 +62,8 @@ def fingerprint(split) -> str:
         return split.dataset._fingerprint
     digest = hashlib.sha256()
     for path, label in zip(split.paths, split.labels):
-        stat = os.stat(path)
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{label}\n".encode())
+        stat = os.lstat(path) if not os.path.exists(path) else os.stat(path)  # a dangling link is an unreadable image, later
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{label}\n".encode(errors="surrogateescape"))
     return digest.hexdigest()
 
 

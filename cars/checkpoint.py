@@ -2,7 +2,6 @@
 
 import json
 import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,10 +50,14 @@ def load_checkpoint(path: Path) -> dict:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0]
-        raise UserError(f"refusing to load {path}: it holds more than tensors and plain data ({first})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        raise UserError(f"cannot read checkpoint {path}: {error}; the file is damaged or not a PyTorch checkpoint") from None
+        code = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line), None)
+        if code:  # a pickle that names a function or class to call: it was not run
+            raise UserError(f"refusing to load {path}: it holds code or objects, not only tensors ({code}); only load checkpoints "
+                            "you trust, and convert them to a plain state dict first") from None
+        raise UserError(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint, or it is damaged") from None
+    except Exception as error:  # untrusted bytes can make torch.load fail in many ways; all mean the same
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot read checkpoint {path}: {detail}; the file is damaged or not a PyTorch checkpoint") from None
     if not isinstance(loaded, dict):
         raise UserError(f"{path} holds a {type(loaded).__name__}, not a state dict or checkpoint dict")
     return loaded
@@ -100,12 +103,26 @@ def read_model_file(path: Path) -> tuple[dict, dict]:
             state = load_file(str(path))
         except (SafetensorError, OSError) as error:
             raise UserError(f"cannot read {path}: {error}; the file is damaged or not a safetensors file") from None
-        info = path.parent / "model.json"
-        return clean_state_dict(state), json.loads(info.read_text()) if info.is_file() else {}
+        return clean_state_dict(state), read_model_json(path.parent / "model.json")
     loaded = load_checkpoint(path)
     config = loaded.get("config") if isinstance(loaded.get("config"), dict) else {}
     names = loaded.get("class_names") if isinstance(loaded.get("class_names"), list) else None
     return state_dict_of(loaded, path), {**{k: config.get(k) for k in ("arch", "resolution", "data")}, "class_names": names}
+
+
+def read_model_json(path: Path) -> dict:
+    """What export.py wrote beside model.safetensors ({} when there is none); damaged is one clear line."""
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {path}: {error}; export the model again") from None
+    names = info.get("class_names") if isinstance(info, dict) else None
+    if not isinstance(info, dict) or not (names is None or isinstance(names, list) and all(isinstance(n, str) for n in names)) \
+            or not isinstance(info.get("arch", ""), str) or not isinstance(info.get("resolution", 0), int):
+        raise UserError(f"{path} is not an export's model.json (expected arch, resolution and class_names); export the model again")
+    return info
 
 
 def add_model_flags(parser, data_help: str = "dataset to take class names from, for a bare state dict") -> None:
@@ -126,7 +143,7 @@ def load_trained(path, arch=None, num_classes=None, resolution=None, data=None) 
     other state dict (then --arch, --num-classes, --resolution and --data supply what our files
     carry). Flags win over what the file says."""
     from cars.data import label_map, open_source
-    from cars.models import build_model, head_name, load_checked
+    from cars.models import build_model, check_resolution, head_name, load_checked
 
     path = Path(path)
     if path.is_dir():
@@ -139,6 +156,8 @@ def load_trained(path, arch=None, num_classes=None, resolution=None, data=None) 
     arch = arch or info.get("arch")
     if not arch:
         raise UserError(f"{path} does not say which architecture it holds; pass --arch (e.g. --arch resnet50)")
+    if resolution is not None and resolution < 32:
+        raise UserError(f"--resolution must be at least 32, got {resolution}")
     resolution = resolution or info.get("resolution") or 224
     class_names = info.get("class_names")
     if data and class_names and data != info.get("data"):  # another dataset than the run's: it must have the model's classes
@@ -157,6 +176,7 @@ def load_trained(path, arch=None, num_classes=None, resolution=None, data=None) 
         raise UserError(f"{path}: the model has {num_classes} classes but the class names number {len(class_names)}; "
                         "check --num-classes and --data")
     load_checked(model, state, f"checkpoint {path}", arch)
+    check_resolution(model, arch, resolution)
     return Trained(model.eval(), arch, resolution, class_names, data, path)
 
 
@@ -166,7 +186,10 @@ def export_safetensors(trained: Trained, out: Path) -> None:
 
     from cars.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot write {out}: {error.strerror or error}; choose another --out") from None
     state = {k: v.contiguous() for k, v in unwrap(trained.model).state_dict().items()}
     atomic_write(out / "model.safetensors", lambda file: file.write(save(state)))
     info = {"arch": trained.arch, "resolution": trained.resolution, "eval_resize": eval_resize(trained.resolution),

@@ -1,15 +1,13 @@
 """compare.py: the experiment log, generated from run folders."""
 
 import argparse
-import json
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from cars.config import Config, load_saved
 from cars.errors import UserError
-from cars.report import evaluated, markdown_table, plot_comparison, read_metrics, write_text
+from cars.report import METRIC_COLUMNS, evaluated, markdown_table, plot_comparison, read_metrics, write_text
+from cars.runs import read_summary, run_status
 from cars.train import base_lr
 
 
@@ -22,33 +20,22 @@ class Run:
     status: str
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
-
-
-def run_status(summary: dict) -> str:
-    """finished, running, or crashed (a run that says it is running but whose process is gone)."""
-    status = summary.get("status", "crashed")
-    if status != "running":
-        return status
-    if summary.get("host") != socket.gethostname():
-        return "running?"  # another machine's run: cannot check its process
-    return "running" if process_alive(int(summary.get("pid", -1))) else "crashed"
-
-
 def read_run(folder: Path) -> Run:
     if not (folder / "config.toml").is_file():
         raise UserError(f"{folder} is not a run folder (no config.toml)")
-    metrics = read_metrics(folder / "metrics.csv") if (folder / "metrics.csv").is_file() else []
-    summary_path = folder / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return Run(folder.name, load_saved(folder / "config.toml"), metrics, summary, run_status(summary))
+    config = load_saved(folder / "config.toml")
+    try:
+        metrics = read_metrics(folder / "metrics.csv") if (folder / "metrics.csv").is_file() else []
+        if any(set(r) != set(METRIC_COLUMNS) or r["epoch"] is None for r in metrics):
+            raise ValueError("unexpected columns")
+    except (OSError, ValueError, TypeError) as error:
+        raise UserError(f"{folder / 'metrics.csv'} is damaged ({error})") from None
+    summary = read_summary(folder)
+    return Run(folder.name, config, metrics, summary, run_status(summary))
+
+
+def unreadable_row(folder: Path, why: str) -> list[str]:
+    return [folder.name, "unreadable", why, *["-"] * (len(HEADER) - 3)]
 
 
 def strategy(cfg: Config) -> str:
@@ -104,8 +91,14 @@ def main(argv=None) -> None:
     skipped = [p for p in args.runs if Path(p) not in folders]
     if not folders:
         raise UserError(f"none of {', '.join(args.runs)} is a run folder (a folder with config.toml)")
-    runs = [read_run(folder) for folder in folders]
-    table = markdown_table(HEADER, [row(run) for run in runs])
+    runs, rows = [], []
+    for folder in folders:  # one damaged run does not hide the others
+        try:
+            runs.append(read_run(folder))
+            rows.append(row(runs[-1]))
+        except UserError as error:
+            rows.append(unreadable_row(folder, str(error).replace("|", "/")))
+    table = markdown_table(HEADER, rows)
     notes = ("The best epoch is chosen on the split in brackets; chosen on test (the seed's practice), it flatters "
              "the result: the final-epoch column is the honest one. With --val-split the test column is the test accuracy "
              "of the epoch chosen on val.")
@@ -114,7 +107,10 @@ def main(argv=None) -> None:
         print(f"\nnot run folders, skipped: {', '.join(skipped)}")
     if args.out:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"cannot write {out}: {error.strerror or error}; choose another --out") from None
         plot_comparison({run.name: run.metrics for run in runs if run.metrics}, out / "compare.png")
         write_text(out / "compare.md", f"# Experiments\n\n{table}\n\n{notes}\n\n![eval accuracy and lr of every run](compare.png)\n")
         print(f"\nwrote {out / 'compare.md'} and {out / 'compare.png'}")

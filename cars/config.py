@@ -6,6 +6,7 @@ then command-line flags. The resolved config is saved in the run folder as confi
 
 import argparse
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,18 @@ class Config:
     run_dir: str = knob("", "run folder (default runs/<preset name>)")
 
     def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            if f.type is float and not math.isfinite(getattr(self, f.name)):
+                raise UserError(f"--{flag(f.name)} must be a finite number, got {getattr(self, f.name)}")
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"--seed must be in 0..{2**32 - 1} (NumPy's range), got {self.seed}")
+        if self.batch_size == 1:
+            raise UserError("--batch-size must be at least 2: BatchNorm cannot normalise over one image")
+        if self.workers > 64:
+            raise UserError(f"--workers {self.workers} is more than 64 processes, each holding a copy of the data pipeline; "
+                            f"use -1 (one per core) or a number up to 64")
+        if not self.cache.strip():
+            raise UserError("--cache is empty; give auto, a folder, or off")
         positive = ["epochs", "batch_size", "resolution", "lr", "step_size", "eval_every", "ema_half_life"]
         for name in positive:
             if getattr(self, name) <= 0:
@@ -145,9 +158,17 @@ def from_dict(values: dict, source: str) -> dict:
 def load_toml(path: str) -> dict:
     try:
         with open(path, "rb") as file:
-            return tomllib.load(file)
+            data = file.read()
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist") from None
+    except OSError as error:
+        raise UserError(f"cannot read config file {path}: {error.strerror}; give a TOML file such as configs/demo.toml") from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        raise UserError(f"config file {path} starts with a byte-order mark (some Windows editors add one); save it as UTF-8 without BOM")
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not text (not UTF-8); give a TOML file such as configs/demo.toml") from None
     except tomllib.TOMLDecodeError as error:
         raise UserError(f"config file {path} is not valid TOML: {error}") from None
 

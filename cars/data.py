@@ -6,6 +6,7 @@ encoded until a DataLoader worker needs them, and every one becomes RGB there.
 """
 
 import io
+import os
 import random
 import re
 from collections import defaultdict
@@ -96,7 +97,7 @@ def read_rgb(split, i: int) -> Image.Image:
         with split.open(i) as image:
             image.load()
             return to_rgb(image)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise UserError(f"cannot read image {split.where(i)}: {error}") from None
 
 
@@ -164,6 +165,12 @@ def load_splits(data: str, val_split: float = 0.0, seed: int = 0) -> Splits:
     if val_split == 0:
         return Splits(train, test, None, class_names)
     keep, held_out = stratified_split(train.labels, val_split, seed)
+    if not held_out:
+        raise UserError(f"--val-split {val_split} holds out no image: every class has a single training image. "
+                        "Use the test split to choose the epoch (--val-split 0)")
+    missing = len(class_names) - len({train.labels[i] for i in held_out})
+    if missing:
+        print(f"note: {missing} of {len(class_names)} classes have a single training image and are not in the validation split")
     return Splits(SubsetSplit(train, keep, "train"), SubsetSplit(train, held_out, "val"), test, class_names)
 
 
@@ -273,6 +280,9 @@ def from_hf(loaded, description: str, splits):
     label_feature = first.features["label"]
     if hasattr(label_feature, "names"):
         class_names = list(label_feature.names)
+    elif label_feature.dtype not in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"):
+        raise UserError(f"the label column of {description} holds {label_feature.dtype} values; it must hold class numbers "
+                        "(a ClassLabel column, or integers 0..N-1)")
     else:
         top = max(max(loaded[s]["label"]) for s in splits)
         class_names = [f"class {i}" for i in range(top + 1)]
@@ -293,10 +303,22 @@ def open_image_folder(path: Path):
     unknown = sorted({d.name for d in eval_dir.iterdir() if d.is_dir()} - set(class_names))
     if unknown:
         raise UserError(f"{eval_dir} has classes that train/ lacks: {', '.join(unknown[:5])}")
+    extensions = (*IMG_EXTENSIONS, ".gif")  # PIL reads GIFs (their first frame); torchvision's list leaves them out
     splits = []
     for name, folder in (("train", path / "train"), ("test", eval_dir)):
-        samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+        samples, seen = [], set()
+        for file, label in make_dataset(str(folder), class_to_idx, extensions=extensions, allow_empty=True):
+            if os.path.realpath(file) not in seen:  # a symlink loop would list the same files again and again
+                seen.add(os.path.realpath(file))
+                samples.append((file, label))
         splits.append(FileSplit(samples, name))
+        ignored = sum(1 for _, _, files in os.walk(folder) for f in files if not f.lower().endswith(extensions))
+        if ignored:
+            print(f"note: {folder} has {ignored} files that are not images ({', '.join(extensions)}); they were left out")
+    empty = sorted(set(class_names) - {class_names[label] for label in splits[0].labels})
+    if empty:
+        raise UserError(f"class folder {path / 'train' / empty[0]} has no images"
+                        f"{f' ({len(empty)} such folders)' if len(empty) > 1 else ''}; a class needs training images: add some or remove it")
     return *splits, class_names
 
 

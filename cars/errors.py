@@ -19,12 +19,17 @@ def message_of(error: BaseException) -> str:
     return text
 
 
+def printable(text: str) -> str:
+    """A file name that is not valid UTF-8 reaches us with surrogates, which print() refuses: show them escaped."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def run_cli(main, argv=None) -> None:
     """Run an entry point; a UserError becomes one line on stderr and exit status 2."""
     try:
         main(argv)
     except UserError as error:
-        print(f"error: {message_of(error)}", file=sys.stderr)
+        print(f"error: {printable(message_of(error))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

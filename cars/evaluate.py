@@ -16,7 +16,8 @@ from cars.errors import UserError
 from cars.explain import CAM_METHODS, class_activation_maps, overlay
 from cars.report import (markdown_table, plot_cam_grid, plot_confusion, plot_per_class, write_csv, write_json,
                          write_text)
-from cars.train import pick_device, prepare_folder, worker_count
+from cars.runs import prepare_folder
+from cars.train import pick_device, worker_count
 from cars.transforms import eval_transform, normalize
 
 CORRUPTIONS = ("contrast", "gaussian_noise", "impulse_noise", "jpeg_compression", "motion_blur", "pixelate", "spatter")
@@ -47,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def output_folder(args, checkpoint: Path) -> Path:
     given = Path(args.checkpoint)
     out = Path(args.out) if args.out else given / "eval" if given.is_dir() else checkpoint.parent / f"eval-{checkpoint.stem}"
-    prepare_folder(out, args.overwrite, "output folder", "--out")
+    prepare_folder(out, args.overwrite, "eval folder", "--out")
     return out
 
 

@@ -17,6 +17,8 @@ def main(argv=None) -> None:
     trained = load_trained_from(args)
     given = Path(args.checkpoint)
     out = Path(args.out) if args.out else (given if given.is_dir() else trained.path.parent) / "export"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder; choose another --out")
     if (out / "model.safetensors").exists() and not args.overwrite:
         raise UserError(f"{out / 'model.safetensors'} already exists; pass --overwrite or another --out")
     export_safetensors(trained, out)

@@ -19,9 +19,10 @@ from cars.cache import train_loader
 from cars.data import load_splits
 from cars.engine import Device, train_step
 from cars.errors import UserError
-from cars.models import build_model, set_backbone_frozen
+from cars.models import build_model, check_resolution, set_backbone_frozen
 from cars.report import plot_lr_find, write_csv
-from cars.train import check_folder_free, make_optimizer, pick_device, prepare_folder, seed_everything, worker_count
+from cars.runs import check_folder_free, prepare_folder
+from cars.train import make_optimizer, pick_device, seed_everything, worker_count
 from cars.transforms import batch_mixer
 
 
@@ -116,15 +117,16 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     cfg, preset = config_module.resolve(args)
     out = Path(args.out or f"runs/lr_find-{preset}")
-    check_folder_free(out, args.overwrite, "output folder", "--out")
+    check_folder_free(out, args.overwrite, "lr_find folder", "--out")
     device_type = pick_device(cfg.device)
     device = Device(device_type, channels_last=cfg.channels_last and device_type == "cuda", amp=cfg.amp and device_type == "cuda")
     seed_everything(cfg.seed)
     splits = load_splits(cfg.data, cfg.val_split, cfg.seed)
     model = build_model(cfg.arch, cfg.weights, len(splits.class_names), cfg.dropout)
+    check_resolution(model, cfg.arch, cfg.resolution)
     workers = worker_count(cfg.workers)
     loader = train_loader(splits.train, cfg, workers, device_type)
-    prepare_folder(out, args.overwrite, "output folder", "--out")
+    prepare_folder(out, args.overwrite, "lr_find folder", "--out")
 
     print(f"lr range test: {cfg.arch}, {cfg.optimizer}, batch {cfg.batch_size}, phase {args.phase}, "
           f"lr {args.start_lr:g} -> {args.end_lr:g} over at most {args.steps} steps")

@@ -82,7 +82,19 @@ def resolve_weights(arch: str, weights: str):
         raise UserError(f"{arch} has no weights named {weights!r}; choose one of {names}, 'none', or a state-dict file") from None
 
 
+def check_resolution(model: nn.Module, arch: str, resolution: int) -> None:
+    """Vision transformers are built for one input size (vit_b_16: 224)."""
+    size = getattr(model, "image_size", None)
+    if isinstance(size, int) and size != resolution:
+        raise UserError(f"{arch} takes {size} x {size} px images only; pass --resolution {size}")
+
+
+UNSUPPORTED = {"googlenet": "its training output carries auxiliary heads", "inception_v3": "its training output carries auxiliary heads"}
+
+
 def check_arch(arch: str) -> None:
+    if arch in UNSUPPORTED:
+        raise UserError(f"{arch} is not supported: {UNSUPPORTED[arch]}; choose another architecture, e.g. resnet50")
     archs = classification_archs()
     if arch not in archs:
         close = difflib.get_close_matches(arch, archs, n=3)
@@ -164,7 +176,10 @@ def guess_arch(state: dict) -> str | None:
                 model = torchvision.models.get_model(arch)
         except Exception:  # some architectures need arguments; they are not guessed
             continue
-        head = head_name(model) + "."
+        try:
+            head = head_name(model) + "."
+        except UserError:  # no linear head (SqueezeNet): not a candidate
+            continue
         own = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(head)}
         if own == {k: v for k, v in shapes.items() if not k.startswith(head)}:
             return arch

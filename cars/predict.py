@@ -10,7 +10,7 @@ from PIL import Image
 
 from cars.checkpoint import add_model_flags, load_trained_from
 from cars.data import FileSplit, read_rgb
-from cars.errors import UserError, message_of
+from cars.errors import UserError, message_of, printable
 from cars.explain import CAM_METHODS, class_activation_maps, overlay
 from cars.train import pick_device
 from cars.transforms import eval_transform, normalize
@@ -31,6 +31,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def unique_cam_names(paths: list[str]) -> list[str]:
+    """<stem>_cam.png per image; car.jpg and car.png (or a/car.jpg and b/car.jpg) get distinct names."""
+    names, taken = [], set()
+    for path in paths:
+        stem, suffix = Path(path).stem, Path(path).suffix.lstrip(".")
+        candidates = [stem, f"{stem}_{suffix}"] + [f"{stem}_{suffix}_{n}" for n in range(2, len(paths) + 2)]
+        name = next(f"{c}_cam.png" for c in candidates if f"{c}_cam.png" not in taken)
+        taken.add(name)
+        names.append(name)
+    return names
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     trained = load_trained_from(args)
@@ -40,14 +52,18 @@ def main(argv=None) -> None:
     images = FileSplit([(path, -1) for path in args.images], "input")
     cam_dir = Path(args.cam) if args.cam else None
     if cam_dir:
-        cam_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            cam_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"cannot make the --cam folder {cam_dir}: {error.strerror}; choose another folder") from None
+    cam_names = unique_cam_names(args.images)
 
     results, failures = [], 0
     for i, path in enumerate(args.images):
         try:
             pixels = transform(read_rgb(images, i))
         except UserError as error:
-            print(f"error: {message_of(error)}", file=sys.stderr)
+            print(f"error: {printable(message_of(error))}", file=sys.stderr)
             failures += 1
             continue
         with torch.no_grad():
@@ -57,8 +73,11 @@ def main(argv=None) -> None:
                                                  for p, c in zip(top.values, top.indices)]}
         if cam_dir:
             cam = class_activation_maps(model, normalize(pixels)[None], [int(top.indices[0])], args.cam_method)[0]
-            result["cam"] = str(cam_dir / f"{Path(path).stem}_cam.png")
-            Image.fromarray(overlay(pixels.permute(1, 2, 0).numpy(), cam)).save(result["cam"])
+            result["cam"] = str(cam_dir / cam_names[i])
+            try:
+                Image.fromarray(overlay(pixels.permute(1, 2, 0).numpy(), cam)).save(result["cam"])
+            except OSError as error:
+                raise UserError(f"cannot write {result['cam']}: {error.strerror or error}; choose another --cam folder") from None
         results.append(result)
         if not args.json:
             print(path)

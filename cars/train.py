@@ -5,7 +5,6 @@ import dataclasses
 import math
 import os
 import random
-import shutil
 import signal
 import socket
 import sys
@@ -24,9 +23,10 @@ from cars.cache import CachedLoader, eval_loader, train_cache_side, train_loader
 from cars.data import load_splits
 from cars.distributed import init_world, shutdown, world_size
 from cars.engine import Device, Diverged, EpochResult, Progress, evaluate, train_one_epoch
-from cars.errors import UserError
-from cars.models import backbone_parameters, build_model, head_parameters, make_ema
+from cars.errors import UserError, printable
+from cars.models import backbone_parameters, build_model, check_resolution, head_parameters, make_ema
 from cars.report import METRIC_COLUMNS, evaluated, plot_curves, write_csv, write_json
+from cars.runs import check_folder_free, prepare_folder, read_summary, run_status
 from cars.transforms import batch_mixer
 
 
@@ -127,26 +127,13 @@ class RunLog:
     Under torchrun only the main process has one; the others stay quiet."""
 
     def __init__(self, path: Path, enabled: bool = True):
-        self.file = open(path, "a", buffering=1) if enabled else None
+        self.file = open(path, "a", buffering=1, errors="backslashreplace") if enabled else None
 
     def __call__(self, line: str = "") -> None:
+        line = printable(line)
         if self.file:
             tqdm.write(line)
             self.file.write(line + "\n")
-
-
-def check_folder_free(folder: Path, overwrite: bool, what: str = "run folder", elsewhere: str = "--run-dir") -> None:
-    """A folder with files in it is never replaced without --overwrite."""
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise UserError(f"{what} {folder} already exists; pass --overwrite to replace it or {elsewhere} to choose another")
-
-
-def prepare_folder(folder: Path, overwrite: bool, what: str = "run folder", elsewhere: str = "--run-dir") -> None:
-    """An empty folder to write into (call it once every input has been checked)."""
-    check_folder_free(folder, overwrite, what, elsewhere)
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
 
 
 RESUMABLE_FLAGS = {"epochs", "workers", "device", "save_every_steps", "cache", "eval_every"}  # the only flags that may come with --resume: none changes the recipe
@@ -164,6 +151,12 @@ def resolve_run(args) -> tuple[config_module.Config, str, Path, dict | None]:
         raise UserError(f"{run_dir} has no last.pt and config.toml to resume from; give the run folder of an interrupted run")
     if args.config or args.overwrite:
         raise UserError("--resume continues a run with its own config.toml; drop --config and --overwrite")
+    summary = read_summary(run_dir)
+    if run_status(summary) == "running":  # two writers would leave the run inconsistent
+        raise UserError(f"{run_dir} is still being trained by process {summary['pid']} on {summary['host']}; "
+                        f"wait for it to end or stop it (kill {summary['pid']}), then resume")
+    if not os.access(run_dir, os.W_OK):
+        raise UserError(f"cannot write {run_dir}: permission denied; resume where you may write (copy the run folder)")
     saved = config_module.load_saved(run_dir / "config.toml")
     given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(saved)}}
     changed = sorted(k for k, v in given.items() if k not in RESUMABLE_FLAGS and v != getattr(saved, k))
@@ -227,7 +220,11 @@ def main(argv=None) -> None:
 
     # Data and model first: every input is checked before the run folder is touched.
     splits = load_splits(cfg.data, cfg.val_split, cfg.seed)
+    if resumed and resumed.get("class_names") != splits.class_names:
+        raise UserError(f"the classes of {cfg.data} changed since {run_dir} was trained ({len(resumed.get('class_names') or [])} then, "
+                        f"{len(splits.class_names)} now); resume on the same dataset, or start a new run")
     model = build_model(cfg.arch, "none" if resumed else cfg.weights, len(splits.class_names), cfg.dropout)
+    check_resolution(model, cfg.arch, cfg.resolution)
     workers = worker_count(cfg.workers)
     # batches from the preprocessing cache (the first run on a dataset fills it), or with --cache off decoded by worker processes
     train_batches = train_loader(splits.train, cfg, workers, device_type, world.rank, world.size)
@@ -364,6 +361,9 @@ def main(argv=None) -> None:
         write_summary({**status, "status": "diverged", "epochs_done": epoch - 1})
         log(f"diverged in epoch {epoch}: {error}")
         raise UserError(f"training diverged in epoch {epoch}: {error}. best.pt and last.pt from before are intact") from None
+    except BaseException:  # anything else: the run is not left marked running
+        write_summary({**status, "status": "crashed", "epochs_done": epoch - 1})
+        raise
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)

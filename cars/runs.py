@@ -1,0 +1,94 @@
+"""Output folders: which ones may be replaced, and whether a run's process is still alive."""
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+from cars.errors import UserError
+
+# What each tool writes into its output folder. --overwrite replaces a folder only when it holds
+# these and nothing else: never a dataset, a checkpoint or a folder of the user's that was named by mistake.
+OUTPUTS = {
+    "run folder": {"config.toml", "metrics.csv", "best.pt", "last.pt", "curves.png", "summary.json", "train.log", "eval", "export"},
+    "eval folder": {"report.md", "summary.json", "per_class.csv", "per_class.png", "predictions.csv", "confused_pairs.csv",
+                    "confusion_matrix.csv", "confusion.png", "gradcam_samples.png", "gradcam_worst.png"},
+    "lr_find folder": {"lr_find.csv", "lr_find.png"},
+}
+SIGNATURE = {"run folder": "config.toml", "eval folder": "summary.json", "lr_find folder": "lr_find.csv"}
+
+
+def foreign_entries(folder: Path, kind: str) -> list[str]:
+    """What in `folder` this project did not write as a `kind` (a temporary file of an interrupted
+    atomic write, '.<name>.xxxx', counts as written; so do a run folder's eval-* folders)."""
+    known = OUTPUTS[kind]
+    foreign = []
+    for entry in sorted(os.listdir(folder)):
+        base = entry[1:].rsplit(".", 1)[0] if entry.startswith(".") else entry
+        if base in known or (kind == "run folder" and entry.startswith("eval-")):
+            continue
+        foreign.append(entry)
+    return foreign
+
+
+def check_folder_free(folder: Path, overwrite: bool, kind: str = "run folder", elsewhere: str = "--run-dir") -> None:
+    """A folder with files in it is never replaced without --overwrite, and with it only when it is
+    a `kind` this project wrote."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise UserError(f"{folder} is a file, not a folder; choose another {elsewhere}")
+    try:
+        entries = os.listdir(folder)
+    except OSError as error:
+        raise UserError(f"cannot read {folder}: {error.strerror}; choose another {elsewhere}") from None
+    if not entries:
+        return
+    if not overwrite:
+        raise UserError(f"{kind} {folder} already exists; pass --overwrite to replace it or {elsewhere} to choose another")
+    foreign = foreign_entries(folder, kind)
+    if foreign or SIGNATURE[kind] not in entries:
+        what = f"holds {', '.join(repr(e) for e in foreign[:3])}{' and more' if len(foreign) > 3 else ''}, which" if foreign else "is not one:"
+        raise UserError(f"{folder} is not a {kind} this project wrote ({what} --overwrite would delete); "
+                        f"refusing to replace it. Choose another {elsewhere}")
+
+
+def prepare_folder(folder: Path, overwrite: bool, kind: str = "run folder", elsewhere: str = "--run-dir") -> None:
+    """An empty folder to write into (call it once every input has been checked)."""
+    check_folder_free(folder, overwrite, kind, elsewhere)
+    try:
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+    except OSError as error:
+        raise UserError(f"cannot write {folder}: {error.strerror or error}; choose another {elsewhere}") from None
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def run_status(summary: dict) -> str:
+    """finished, running, or crashed (a run that says it is running but whose process is gone)."""
+    status = summary.get("status", "crashed")
+    if status != "running":
+        return status
+    if summary.get("host") != socket.gethostname():
+        return "running?"  # another machine's run: cannot check its process
+    return "running" if process_alive(int(summary.get("pid", -1))) else "crashed"
+
+
+def read_summary(run_dir: Path) -> dict:
+    """summary.json of a run, {} when it is missing or unreadable (a crash before it was written)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
