@@ -1,7 +1,6 @@
 """The experiment log, generated: `uv run compare.py runs/*` (see --help)."""
 
-from cars.compare import main
-from cars.errors import run_cli
+from cars.cli import launch
 
 if __name__ == "__main__":
-    run_cli(main)
+    launch("compare")

@@ -1,7 +1,6 @@
 """Explain a trained model: `uv run eval.py runs/demo` (see --help)."""
 
-from cars.errors import run_cli
-from cars.evaluate import main
+from cars.cli import launch
 
 if __name__ == "__main__":
-    run_cli(main)
+    launch("eval")

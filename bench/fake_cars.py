@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from cars.cache import cache_home
+from cars.paths import cache_home
 
 
 def photo_like(rng: np.random.Generator) -> Image.Image:

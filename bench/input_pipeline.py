@@ -5,11 +5,12 @@
 
 (a) the seed's: Hugging Face dataset -> PIL decode -> RandomResizedCrop/flip/ToTensor/Normalize
     (eval: Resize/CenterCrop/ToTensor/Normalize) in a DataLoader, 1 worker and one per core;
-(b) ours: the preprocessing cache (built once first, its time shown apart), read a batch at a time
-    by one thread of the training process, crop boxes and flips drawn per image. This is all the
-    CPU does; cropping, resizing, flipping and normalising happen on the GPU (measured with the
-    model by bench/train_throughput.py). The row "ours, device half on this CPU" adds that work
-    done on the CPU instead, as on a machine without a GPU.
+(b) ours: the preprocessing cache (built once first, its time shown apart; training images at
+    native size), read a batch at a time by one thread of the training process: crop boxes and
+    flips drawn per image, each box's pixels read into one buffer. This is all the CPU does;
+    resizing, flipping and normalising happen on the GPU (measured with the model by
+    bench/train_throughput.py). The row "ours, device half on this CPU" adds that work done on the
+    CPU instead, as on a machine without a GPU.
 
 Images per second per CPU core: the seed's with n workers is divided by n; ours uses one core.
 The last line is the summary (per core, ours against the seed's better per-core figure).
@@ -28,9 +29,9 @@ from torchvision import transforms as v1
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cars.cache import eval_loader, train_loader  # noqa: E402
 from cars.config import Config  # noqa: E402
 from cars.data import load_splits  # noqa: E402
+from cars.loaders import eval_loader, train_loader  # noqa: E402
 from cars.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize  # noqa: E402
 
 
@@ -61,11 +62,11 @@ def seed_datasets(location: str, resolution: int):
 def images_per_second(batches) -> float:
     """Images delivered per second, after the first batch (worker start-up is not throughput)."""
     count, started = 0, None
-    for images, *_ in batches:
+    for _, labels, *_ in batches:
         if started is None:
             started = time.perf_counter()
             continue
-        count += len(images)
+        count += len(labels)
     return count / (time.perf_counter() - started)
 
 

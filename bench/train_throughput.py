@@ -21,12 +21,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cars.cache import train_loader  # noqa: E402
 from cars.config import Config  # noqa: E402
 from cars.data import load_splits  # noqa: E402
 from cars.engine import Device, train_one_epoch  # noqa: E402
+from cars.loaders import train_loader  # noqa: E402
 from cars.models import build_model  # noqa: E402
-from cars.train import make_optimizer, pick_device  # noqa: E402
+from cars.optim import make_optimizer  # noqa: E402
+from cars.runtime import pick_device  # noqa: E402
 
 
 def endless(loader):

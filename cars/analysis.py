@@ -16,7 +16,7 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     """Percent of images whose true class is among the k highest logits."""
     k = min(k, logits.shape[1])
     hits = (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
-    return 100 * hits.float().mean().item()
+    return 100 * hits.sum().item() / len(labels)  # counted exactly: a float32 mean makes 90 % into 89.99999
 
 
 @dataclass

@@ -1,14 +1,14 @@
 """compare.py: the experiment log, generated from run folders."""
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from cars.cli import parse_compare
 from cars.config import Config, load_saved
 from cars.errors import UserError
+from cars.optim import base_lr
 from cars.report import METRIC_COLUMNS, evaluated, markdown_table, plot_comparison, read_metrics, write_text
 from cars.runs import read_summary, run_status
-from cars.train import base_lr
 
 
 @dataclass
@@ -78,15 +78,8 @@ HEADER = ["run", "status", "arch", "strategy", "res", "optimizer", "lr", "wd", "
           "best eval (epoch, split)", "final epoch", "test of best", "time"]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Compare run folders: an experiment table and their accuracy curves overlaid.")
-    parser.add_argument("runs", nargs="+", help="run folders (e.g. runs/*)")
-    parser.add_argument("--out", help="folder to write compare.md and compare.png into (default: print only)")
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    args = parse_compare(argv)
     folders = [Path(p) for p in args.runs if Path(p).is_dir() and (Path(p) / "config.toml").exists()]
     skipped = [p for p in args.runs if Path(p) not in folders]
     if not folders:

@@ -68,7 +68,7 @@ class Config:
     workers: int = knob(-1, "processes that decode images: the cache's one-time build, or every epoch with --cache off (-1: one per core, at most 8)")
     cache: str = knob("auto", "preprocessing cache: every image decoded once and kept as pixels. auto ($CARS_CACHE/pixels, "
                       "or ~/.cache/transfer-stanford-cars/pixels), a folder, or off (decode every image every epoch)")
-    cache_side: int = knob(0, "side in px of the square cached training images random crops are cut from (0: 1.5 x resolution, 336 for 224)")
+    cache_side: int = knob(0, "0: the cache keeps training images at native size (the seed's pixels); N: a smaller, lossy copy, longer side at most N px")
     eval_every: int = knob(1, "evaluate every N epochs (and always after the last one)")
     save_every_steps: int = knob(0, "also write last.pt every N steps within an epoch, for long epochs (0: at epoch ends only)")
     seed: int = knob(0, "random seed")

@@ -10,7 +10,6 @@ import os
 import random
 import re
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from cars.demo import ensure_demo
 from cars.errors import UserError
 
 HUB_SPLIT_FILES = "data/{split}-*.parquet"  # the hub's layout; loading by pattern fetches only these splits
@@ -101,51 +101,6 @@ def read_rgb(split, i: int) -> Image.Image:
         raise UserError(f"cannot read image {split.where(i)}: {error}") from None
 
 
-@contextmanager
-def seeded_torch_rng(seed: int):
-    """torch's global generator (which torchvision's random transforms draw from) seeded for a
-    block, then put back. torch.random.fork_rng does this too, but costs 100x more per image."""
-    generator = torch.default_generator
-    state = generator.get_state()
-    generator.manual_seed(seed)
-    try:
-        yield
-    finally:
-        generator.set_state(state)
-
-
-class TransformedSplit(torch.utils.data.Dataset):
-    """(uint8 pixels, label) pairs for a DataLoader; None for an unreadable image when skipping.
-
-    With a `seed`, the random augmentation of image i in epoch `epoch` depends on (seed, epoch, i)
-    alone: not on the worker, the process (torchrun) or an interruption (resume)."""
-
-    def __init__(self, split, transform, skip_bad_images: bool = False, seed: int | None = None):
-        self.split, self.transform, self.skip_bad_images, self.seed = split, transform, skip_bad_images, seed
-        self.epoch = 0
-
-    def __len__(self):
-        return len(self.split)
-
-    def __getitem__(self, i):
-        try:
-            image = read_rgb(self.split, i)
-        except UserError as error:
-            if self.skip_bad_images:
-                return None
-            raise UserError(f"{error}. Replace or remove it, or pass --skip-bad-images to skip unreadable images") from None
-        if self.seed is None:
-            return self.transform(image), self.split.labels[i]
-        with seeded_torch_rng(hash((self.seed, self.epoch, i)) % 2**62):
-            return self.transform(image), self.split.labels[i]
-
-
-def collate_readable(batch):
-    """default_collate without the samples that could not be read (None); None if none is left."""
-    batch = [sample for sample in batch if sample is not None]
-    return torch.utils.data.default_collate(batch) if batch else None
-
-
 @dataclass
 class Splits:
     train: object
@@ -215,8 +170,6 @@ def label_map(model_names: list[str], data_names: list[str], data: str) -> torch
 def dataset_location(data: str) -> str:
     """`demo` is a local folder in the hub layout, written on first use; anything else is itself."""
     if data == "demo":
-        from cars.demo import ensure_demo
-
         return str(ensure_demo())
     return data
 
@@ -335,44 +288,3 @@ def open_devkit(path: Path):
         splits.append(FileSplit(dataset._samples, name))
     return *splits, [str(name) for name in dataset.classes]
 
-
-class GlobalBatches(torch.utils.data.Sampler):
-    """The epoch's global batches in an order drawn from `generator`; process `rank` of `world` takes
-    every world-th image of each. Every process draws the same order, so --batch-size is the global
-    batch whatever the number of processes, and a run learns as it would in one process.
-
-    A ragged last batch is dropped (a different few images each epoch): every step then has the same
-    shape, so a compiled model never recompiles, and BatchNorm never sees a batch of one."""
-
-    def __init__(self, length: int, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1):
-        self.length, self.batch_size, self.generator, self.rank, self.world = length, batch_size, generator, rank, world
-        self.skip = 0  # global batches already trained, when an epoch resumes from a mid-epoch checkpoint
-
-    def __iter__(self):
-        order = torch.randperm(self.length, generator=self.generator).tolist()
-        for start in range(self.skip * self.batch_size, len(self) * self.batch_size, self.batch_size):
-            yield order[start : start + self.batch_size][self.rank :: self.world]
-
-    def __len__(self):
-        # a split smaller than one batch still trains, as one smaller batch (if every process gets an image)
-        return self.length // self.batch_size or int(self.length >= self.world)
-
-    @property
-    def images_per_epoch(self) -> int:
-        """Over all processes."""
-        return min(len(self) * self.batch_size, self.length)
-
-
-def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int, pin_memory: bool = False, rank: int = 0, world: int = 1):
-    """Training (shuffle): global batches, this process's share of each. Evaluation: this process's
-    share of the images (every world-th), each image exactly once over all processes.
-
-    Workers are started afresh each epoch, seeded from the generator, so that an epoch's data order
-    depends on the generator's seed alone (train.py reseeds it every epoch)."""
-    generator = torch.Generator().manual_seed(seed)
-    options = dict(num_workers=workers, generator=generator, collate_fn=collate_readable, pin_memory=pin_memory)
-    if shuffle:
-        return torch.utils.data.DataLoader(dataset, batch_sampler=GlobalBatches(len(dataset), batch_size, generator, rank, world), **options)
-    if world > 1:
-        dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
-    return torch.utils.data.DataLoader(dataset, batch_size=max(1, batch_size // world), shuffle=False, **options)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
-from cars.cache import cache_home
 from cars.files import default_mode
+from cars.paths import cache_home
 
 # Each body: the lower body's top edge, the cabin outline (x, y) and the wheel radius, in a
 # car box of width 1 and height 0.6 (y grows downwards; the body's bottom edge is at 0.5).

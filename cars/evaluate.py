@@ -1,48 +1,27 @@
-"""eval.py: where a trained model is right and wrong, and what it looks at."""
+"""eval.py: where a trained model is right and wrong, and what it looks at. `main` lists the sections in order."""
 
 import argparse
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cars import analysis
-from cars.checkpoint import add_model_flags, load_trained_from
-from cars.cache import eval_loader
-from cars.data import TransformedSplit, dataset_location, label_map, make_loader, open_hub_dataset, open_source, read_rgb
+from cars.cli import TTA_SCALES, parse_eval
+from cars.data import dataset_location, label_map, open_hub_dataset, open_source, read_rgb
 from cars.engine import Device, predict
 from cars.errors import UserError
-from cars.explain import CAM_METHODS, class_activation_maps, overlay
-from cars.report import (markdown_table, plot_cam_grid, plot_confusion, plot_per_class, write_csv, write_json,
-                         write_text)
+from cars.explain import class_activation_maps, overlay
+from cars.loaders import TransformedSplit, eval_loader, make_loader
+from cars.report import markdown_table, plot_cam_grid, plot_confusion, plot_per_class, write_csv, write_json, write_text
 from cars.runs import prepare_folder
-from cars.train import pick_device, worker_count
+from cars.runtime import pick_device, worker_count
+from cars.trained import Trained, load_trained_from
 from cars.transforms import eval_transform, normalize
 
 CORRUPTIONS = ("contrast", "gaussian_noise", "impulse_noise", "jpeg_compression", "motion_blur", "pixelate", "spatter")
-TTA_SCALES = (0.875, 1.0, 1.125)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Evaluate a trained model: accuracy per class, confusions, GradCAM, TTA, robustness.")
-    add_model_flags(parser, data_help="dataset to evaluate on and take class names from (default: the run's)")
-    parser.add_argument("--out", help="output folder (default: <run>/eval, or eval-<name> beside a checkpoint file)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--num-gradcam", type=int, default=16, help="random test images in gradcam_samples.png (default 16)")
-    parser.add_argument("--cam-method", default="gradcam", choices=list(CAM_METHODS), help="CAM method (default gradcam)")
-    parser.add_argument("--tta", action="store_true", help=f"also evaluate with test-time augmentation ({len(TTA_SCALES)} scales x flip)")
-    parser.add_argument("--corruptions", action="store_true", help="also evaluate the dataset's corrupted copies of the test split")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: one per core, at most 8)")
-    parser.add_argument("--cache", default="auto", help="preprocessing cache for the test split, as train.py's --cache: auto, a folder, or off "
-                        "(TTA and corrupted copies are always decoded)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
-    parser.add_argument("--seed", type=int, default=0, help="chooses the GradCAM sample images (default 0)")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.num_gradcam < 0 or (args.num_classes is not None and args.num_classes < 2):
-        raise UserError("--batch-size must be positive, --num-gradcam not negative, --num-classes at least 2")
-    return args
 
 
 def output_folder(args, checkpoint: Path) -> Path:
@@ -66,8 +45,73 @@ def corruption_splits(data: str) -> list[str]:
     return [c for c in CORRUPTIONS if any(f.startswith(f"data/{c}-") for f in files)]
 
 
+@dataclass
+class Evaluation:
+    """One evaluation: the model, where it runs, the test split and where the files go."""
+
+    args: argparse.Namespace
+    trained: Trained
+    device: Device
+    test_split: object
+    to_model: torch.Tensor | None  # dataset label -> the model's class index, when the dataset orders the classes otherwise
+    corruptions: list[str]
+    out: Path
+    workers: int
+
+    @property
+    def names(self) -> list[str]:
+        return self.trained.class_names
+
+    def logits_of(self, split, resolution: int | None = None, flip: bool = False, cache: str = "off"):
+        """The model's logits for every image of a split, and the true labels as the model's class indices."""
+        resolution = resolution or self.trained.resolution
+        if cache != "off":  # the test split at the trained resolution: what train.py cached, so usually no decoding at all
+            loader = eval_loader(split, resolution, cache, False, self.args.batch_size, self.workers, self.device.type)
+        else:
+            transform = eval_transform(resolution)
+            dataset = TransformedSplit(split, (lambda image: transform(image).flip(-1)) if flip else transform)
+            loader = make_loader(dataset, self.args.batch_size, False, self.workers, self.args.seed)
+        logits, labels = predict(self.trained.model, loader, self.device)
+        return logits, labels if self.to_model is None else self.to_model[labels]
+
+
+@dataclass
+class Scores:
+    """The model's answers on the test split and what they add up to."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    names: list[str]
+
+    def __post_init__(self):
+        self.predicted = self.logits.argmax(1)
+        self.confidence = self.logits.softmax(1).max(1).values
+        self.matrix = analysis.confusion_matrix(self.predicted.numpy(), self.labels.numpy(), len(self.names))
+        self.classes = analysis.per_class_accuracy(self.matrix, self.names)
+        self.worst, self.best = analysis.ranked(self.classes, 10, worst=True), analysis.ranked(self.classes, 10, worst=False)
+        self.pairs = analysis.confused_pairs(self.matrix, 10)
+
+    def class_table(self, classes) -> str:
+        return markdown_table(["class", "correct", "accuracy"], [[c.name, f"{c.correct}/{c.total}", f"{c.accuracy:.1f}%"] for c in classes])
+
+    def pair_table(self) -> str:
+        return markdown_table(["true", "predicted as", "count"], [[self.names[t], self.names[p], n] for t, p, n in self.pairs])
+
+
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    evaluation = start(parse_eval(argv))
+    scores = Scores(*evaluation.logits_of(evaluation.test_split, cache=evaluation.args.cache), evaluation.names)
+    summary = write_scores(evaluation, scores)
+    cams = draw_cams(evaluation, scores)
+    tta = test_time_augmentation(evaluation, scores, summary) if evaluation.args.tta else ""
+    robustness = corrupted_copies(evaluation, summary) if evaluation.corruptions else ""
+    write_json(evaluation.out / "summary.json", summary)
+    write_report(evaluation, scores, summary, cams, [tta, robustness])
+    print(f"\nreport: {evaluation.out / 'report.md'}")
+
+
+def start(args) -> Evaluation:
+    """Every input checked (the model, its dataset and classes, the corrupted copies) before the output folder is made."""
     trained = load_trained_from(args)
     if not trained.data:
         raise UserError(f"{trained.path} does not say which dataset it was trained on; pass --data")
@@ -79,119 +123,112 @@ def main(argv=None) -> None:
     if to_model is not None:
         print(f"note: {trained.data} lists the model's {len(dataset_names)} classes in another order; its labels are matched to the model's by name")
     out = output_folder(args, trained.path)
-    device_type = pick_device(args.device)
-    device = Device(device_type)
-    model = trained.model.to(device_type)
-    workers = worker_count(args.workers)
-    names = trained.class_names
+    device = Device(pick_device(args.device))
+    trained.model.to(device.type)
     print(f"evaluating {trained.path} ({trained.arch}, {trained.resolution} px) on {len(test_split)} test images of {trained.data}")
+    return Evaluation(args, trained, device, test_split, to_model, corruptions, out, worker_count(args.workers))
 
-    def logits_of(split, resolution=trained.resolution, flip=False, cache="off"):
-        """The model's logits for every image of a split, and the true labels as the model's class indices."""
-        if cache != "off":  # the test split at the trained resolution: what train.py cached, so usually no decoding at all
-            loader = eval_loader(split, resolution, cache, False, args.batch_size, workers, device_type)
-        else:
-            transform = eval_transform(resolution)
-            dataset = TransformedSplit(split, (lambda image: transform(image).flip(-1)) if flip else transform)
-            loader = make_loader(dataset, args.batch_size, False, workers, args.seed)
-        logits, labels = predict(model, loader, device)
-        return logits, labels if to_model is None else to_model[labels]
 
-    # 1-4: accuracy, per class, best and worst classes, confusions
-    logits, labels = logits_of(test_split, cache=args.cache)
-    predicted = logits.argmax(1)
-    confidence = logits.softmax(1).max(1).values
-    matrix = analysis.confusion_matrix(predicted.numpy(), labels.numpy(), len(names))
-    classes = analysis.per_class_accuracy(matrix, names)
-    worst, best = analysis.ranked(classes, 10, worst=True), analysis.ranked(classes, 10, worst=False)
-    pairs = analysis.confused_pairs(matrix, 10)
+def write_scores(evaluation: Evaluation, scores: Scores) -> dict:
+    """Accuracy overall and per class, the best and worst classes, the confusions: printed, and as CSVs and plots."""
+    trained, out, names, labels = evaluation.trained, evaluation.out, scores.names, scores.labels
     summary = {"checkpoint": str(trained.path), "arch": trained.arch, "resolution": trained.resolution, "data": trained.data,
-               "split": "test", "images": len(labels), "top1": analysis.topk_accuracy(logits, labels, 1),
-               "top5": analysis.topk_accuracy(logits, labels, 5)}
+               "split": "test", "images": len(labels), "top1": analysis.topk_accuracy(scores.logits, labels, 1),
+               "top5": analysis.topk_accuracy(scores.logits, labels, 5)}
     print(f"top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  ({len(labels)} images)")
-
     write_csv(out / "per_class.csv", [dict(id=c.index, name=c.name, correct=c.correct, total=c.total, accuracy=round(c.accuracy, 2))
-                                      for c in classes], ["id", "name", "correct", "total", "accuracy"])
+                                      for c in scores.classes], ["id", "name", "correct", "total", "accuracy"])
     write_csv(out / "predictions.csv", [dict(index=i, true=int(t), predicted=int(p), confidence=round(float(c), 4))
-                                        for i, (t, p, c) in enumerate(zip(labels, predicted, confidence))],
+                                        for i, (t, p, c) in enumerate(zip(labels, scores.predicted, scores.confidence))],
               ["index", "true", "predicted", "confidence"])
-    write_csv(out / "confused_pairs.csv", [dict(true_id=t, true=names[t], predicted_id=p, predicted=names[p], count=n) for t, p, n in pairs],
+    write_csv(out / "confused_pairs.csv", [dict(true_id=t, true=names[t], predicted_id=p, predicted=names[p], count=n) for t, p, n in scores.pairs],
               ["true_id", "true", "predicted_id", "predicted", "count"])
-    write_csv(out / "confusion_matrix.csv", [{"true \\ predicted": names[i], **{names[j]: int(matrix[i, j]) for j in range(len(names))}}
+    write_csv(out / "confusion_matrix.csv", [{"true \\ predicted": names[i], **{names[j]: int(scores.matrix[i, j]) for j in range(len(names))}}
                                              for i in range(len(names))], ["true \\ predicted", *names])
-    plot_per_class(classes, out / "per_class.png")
-    plot_confusion(matrix, names, pairs, out / "confusion.png")
-    class_table = lambda rows: markdown_table(["class", "correct", "accuracy"], [[c.name, f"{c.correct}/{c.total}", f"{c.accuracy:.1f}%"] for c in rows])  # noqa: E731
-    pair_table = markdown_table(["true", "predicted as", "count"], [[names[t], names[p], n] for t, p, n in pairs])
-    print("\nworst classes:\n" + class_table(worst) + "\n\nbest classes:\n" + class_table(best) + "\n\nmost confused pairs:\n" + pair_table)
+    plot_per_class(scores.classes, out / "per_class.png")
+    plot_confusion(scores.matrix, names, scores.pairs, out / "confusion.png")
+    print("\nworst classes:\n" + scores.class_table(scores.worst) + "\n\nbest classes:\n" + scores.class_table(scores.best)
+          + "\n\nmost confused pairs:\n" + scores.pair_table())
+    return summary
 
-    # 5: what the model looks at
+
+def draw_cams(evaluation: Evaluation, scores: Scores) -> list[str]:
+    """What the model looks at: CAMs of random test images, and of a mistake from each of the 5 worst classes.
+    Returns the names of the pictures drawn."""
+    args, labels, predicted = evaluation.args, scores.labels, scores.predicted
     rng = random.Random(args.seed)
     sample = sorted(rng.sample(range(len(labels)), min(args.num_gradcam, len(labels))))
     wrong_of_worst = []
-    for c in worst[:5]:
+    for c in scores.worst[:5]:
         wrong = [i for i in range(len(labels)) if labels[i] == c.index and predicted[i] != c.index]
         if wrong:
             wrong_of_worst.append(rng.choice(wrong))
+    drawn = []
     for indices, filename, title in ((sample, "gradcam_samples.png", f"{args.cam_method}: {len(sample)} random test images"),
                                      (wrong_of_worst, "gradcam_worst.png", f"{args.cam_method}: a mistake from each of the worst classes")):
         if indices:
-            tiles = cam_tiles(model, test_split, indices, predicted, labels, confidence, names, trained.resolution, args.cam_method)
-            plot_cam_grid(tiles, out / filename, title)
+            tiles = cam_tiles(evaluation.trained.model, evaluation.test_split, indices, predicted, labels, scores.confidence, scores.names,
+                              evaluation.trained.resolution, args.cam_method)
+            plot_cam_grid(tiles, evaluation.out / filename, title)
+            drawn.append(filename)
+    return drawn
 
-    # 6: test-time augmentation
-    tta_section = ""
-    if args.tta:
-        tta_logits = torch.zeros_like(logits)
-        for scale in TTA_SCALES:
-            size = round(trained.resolution * scale)
-            for flip in (False, True):
-                tta_logits += logits_of(test_split, size, flip)[0]
-        tta_predicted = (tta_logits / (2 * len(TTA_SCALES))).argmax(1)
-        tta_classes = analysis.per_class_accuracy(analysis.confusion_matrix(tta_predicted.numpy(), labels.numpy(), len(names)), names)
-        summary["tta"] = {"scales": [round(trained.resolution * s) for s in TTA_SCALES], "flip": True,
-                          "top1": analysis.topk_accuracy(tta_logits, labels, 1), "top1_without": summary["top1"]}
-        rows = [[c.name, f"{c.accuracy:.1f}%", f"{tta_classes[c.index].accuracy:.1f}%", f"{tta_classes[c.index].accuracy - c.accuracy:+.1f}"]
-                for c in worst]
-        tta_section = (f"## Test-time augmentation\n\n{len(TTA_SCALES)} scales ({', '.join(map(str, summary['tta']['scales']))} px) x "
-                       f"horizontal flip, logits averaged: top-1 **{summary['tta']['top1']:.2f}%** "
-                       f"(without: {summary['top1']:.2f}%, {summary['tta']['top1'] - summary['top1']:+.2f}).\n\n"
-                       "The bottom-10 classes with and without TTA:\n\n" + markdown_table(["class", "without", "with TTA", "change"], rows) + "\n")
-        print(f"\nTTA top-1 {summary['tta']['top1']:.2f}% (without {summary['top1']:.2f}%)")
 
-    # 7: robustness to the dataset's corrupted copies of the test split
-    robustness_section = ""
-    if corruptions:
-        splits = open_hub_dataset(dataset_location(trained.data), trained.data, splits=corruptions)[:-1]
-        accuracy = {name: analysis.topk_accuracy(*logits_of(split), 1) for name, split in zip(corruptions, splits)}
-        mean = sum(accuracy.values()) / len(accuracy)
-        summary["corruptions"] = {"accuracy": accuracy, "mean": mean, "clean": summary["top1"], "mean_drop": summary["top1"] - mean}
-        rows = [[name, f"{acc:.2f}%", f"{acc - summary['top1']:+.2f}"] for name, acc in accuracy.items()]
-        rows.append(["**mean**", f"**{mean:.2f}%**", f"**{mean - summary['top1']:+.2f}**"])
-        robustness_section = "## Robustness\n\nAccuracy on the corrupted copies of the test split, and the change from clean " \
-                             f"({summary['top1']:.2f}%):\n\n" + markdown_table(["corruption", "accuracy", "change"], rows) + "\n"
-        print("\nrobustness:\n" + markdown_table(["corruption", "accuracy", "change"], rows))
+def test_time_augmentation(evaluation: Evaluation, scores: Scores, summary: dict) -> str:
+    """3 scales x flip, logits averaged: the accuracy with and without, and for the bottom-10 classes. Returns the report's section."""
+    resolution, labels = evaluation.trained.resolution, scores.labels
+    tta_logits = torch.zeros_like(scores.logits)
+    for scale in TTA_SCALES:
+        for flip in (False, True):
+            tta_logits += evaluation.logits_of(evaluation.test_split, round(resolution * scale), flip)[0]
+    tta_predicted = (tta_logits / (2 * len(TTA_SCALES))).argmax(1)
+    tta_classes = analysis.per_class_accuracy(analysis.confusion_matrix(tta_predicted.numpy(), labels.numpy(), len(scores.names)), scores.names)
+    summary["tta"] = {"scales": [round(resolution * s) for s in TTA_SCALES], "flip": True,
+                      "top1": analysis.topk_accuracy(tta_logits, labels, 1), "top1_without": summary["top1"]}
+    rows = [[c.name, f"{c.accuracy:.1f}%", f"{tta_classes[c.index].accuracy:.1f}%", f"{tta_classes[c.index].accuracy - c.accuracy:+.1f}"]
+            for c in scores.worst]
+    print(f"\nTTA top-1 {summary['tta']['top1']:.2f}% (without {summary['top1']:.2f}%)")
+    return (f"## Test-time augmentation\n\n{len(TTA_SCALES)} scales ({', '.join(map(str, summary['tta']['scales']))} px) x "
+            f"horizontal flip, logits averaged: top-1 **{summary['tta']['top1']:.2f}%** "
+            f"(without: {summary['top1']:.2f}%, {summary['tta']['top1'] - summary['top1']:+.2f}).\n\n"
+            "The bottom-10 classes with and without TTA:\n\n" + markdown_table(["class", "without", "with TTA", "change"], rows) + "\n")
 
-    # 8: one page that ties it together
-    write_json(out / "summary.json", summary)
+
+def corrupted_copies(evaluation: Evaluation, summary: dict) -> str:
+    """Robustness: the accuracy on each of the dataset's corrupted copies of the test split. Returns the report's section."""
+    data = evaluation.trained.data
+    splits = open_hub_dataset(dataset_location(data), data, splits=evaluation.corruptions)[:-1]
+    accuracy = {name: analysis.topk_accuracy(*evaluation.logits_of(split), 1) for name, split in zip(evaluation.corruptions, splits)}
+    mean = sum(accuracy.values()) / len(accuracy)
+    summary["corruptions"] = {"accuracy": accuracy, "mean": mean, "clean": summary["top1"], "mean_drop": summary["top1"] - mean}
+    rows = [[name, f"{acc:.2f}%", f"{acc - summary['top1']:+.2f}"] for name, acc in accuracy.items()]
+    rows.append(["**mean**", f"**{mean:.2f}%**", f"**{mean - summary['top1']:+.2f}**"])
+    print("\nrobustness:\n" + markdown_table(["corruption", "accuracy", "change"], rows))
+    return ("## Robustness\n\nAccuracy on the corrupted copies of the test split, and the change from clean "
+            f"({summary['top1']:.2f}%):\n\n" + markdown_table(["corruption", "accuracy", "change"], rows) + "\n")
+
+
+def write_report(evaluation: Evaluation, scores: Scores, summary: dict, cams: list[str], sections: list[str]) -> None:
+    """report.md: one page that ties it all together, pictures embedded."""
+    trained = evaluation.trained
     report = [
         f"# Evaluation of `{trained.path}`",
-        f"{trained.arch} at {trained.resolution} px on the test split of `{trained.data}` ({len(labels)} images, {len(names)} classes).",
+        f"{trained.arch} at {trained.resolution} px on the test split of `{trained.data}` ({len(scores.labels)} images, {len(scores.names)} classes).",
         f"**Top-1 {summary['top1']:.2f}%**, top-5 {summary['top5']:.2f}%; mean per-class accuracy "
-        f"{np.nanmean([c.accuracy for c in classes]):.2f}%.",
+        f"{np.nanmean([c.accuracy for c in scores.classes]):.2f}%.",
         "## Per-class accuracy", "Every class, worst first ([per_class.csv](per_class.csv)):", "![per-class accuracy](per_class.png)",
-        "### Bottom 10", class_table(worst), "### Top 10", class_table(best),
+        "### Bottom 10", scores.class_table(scores.worst), "### Top 10", scores.class_table(scores.best),
         "## Most confused pairs", "True class -> predicted class, counted over the test split "
-        "([confused_pairs.csv](confused_pairs.csv), full matrix in [confusion_matrix.csv](confusion_matrix.csv)):", pair_table,
+        "([confused_pairs.csv](confused_pairs.csv), full matrix in [confusion_matrix.csv](confusion_matrix.csv)):", scores.pair_table(),
         "![confusion among the most confused classes](confusion.png)",
-        "## What the model looks at", f"{args.cam_method} heatmaps for the predicted class, over the image the model saw.",
+        "## What the model looks at", f"{evaluation.args.cam_method} heatmaps for the predicted class, over the image the model saw.",
     ]
-    if sample:
+    if "gradcam_samples.png" in cams:
         report.append("![CAM on random test images](gradcam_samples.png)")
-    if wrong_of_worst:
+    if "gradcam_worst.png" in cams:
         report += ["A mistake from each of the worst classes:", "![CAM on mistakes of the worst classes](gradcam_worst.png)"]
-    write_text(out / "report.md", "\n\n".join(report) + "\n\n" + tta_section + ("\n" if tta_section else "") + robustness_section)
-    print(f"\nreport: {out / 'report.md'}")
+    tail = "\n".join(section for section in sections if section)
+    write_text(evaluation.out / "report.md", "\n\n".join(report) + "\n\n" + tail)
 
 
 def cam_tiles(model, split, indices, predicted, labels, confidence, names, resolution, method) -> list[dict]:

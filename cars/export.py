@@ -1,19 +1,14 @@
 """export.py: a trained model as model.safetensors + model.json, for sharing and safe loading."""
 
-import argparse
 from pathlib import Path
 
-from cars.checkpoint import add_model_flags, export_safetensors, load_trained_from
+from cars.cli import parse_export
 from cars.errors import UserError
+from cars.trained import export_safetensors, load_trained_from
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Export a trained model as model.safetensors plus model.json "
-                                                 "(arch, resolution, normalisation, class names); eval.py and predict.py load it.")
-    add_model_flags(parser)
-    parser.add_argument("--out", help="output folder (default: <run>/export)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing export")
-    args = parser.parse_args(argv)
+    args = parse_export(argv)
     trained = load_trained_from(args)
     given = Path(args.checkpoint)
     out = Path(args.out) if args.out else (given if given.is_dir() else trained.path.parent) / "export"

@@ -5,7 +5,6 @@ starting weights; the smoothed loss is recorded until it diverges. The suggestio
 the valley (about two thirds down the longest stretch of falling loss) and the steepest descent.
 """
 
-import argparse
 import copy
 import math
 from pathlib import Path
@@ -15,36 +14,17 @@ import torch
 
 from cars import config as config_module
 from cars.checkpoint import unwrap
-from cars.cache import train_loader
+from cars.cli import parse_lr_find
 from cars.data import load_splits
 from cars.engine import Device, train_step
 from cars.errors import UserError
+from cars.loaders import train_loader
 from cars.models import build_model, check_resolution, set_backbone_frozen
+from cars.optim import make_optimizer
 from cars.report import plot_lr_find, write_csv
 from cars.runs import check_folder_free, prepare_folder
-from cars.train import make_optimizer, pick_device, seed_everything, worker_count
+from cars.runtime import pick_device, seed_everything, worker_count
 from cars.transforms import batch_mixer
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Learning-rate range test for a preset; train.py's flags override it (those of the "
-                                     "schedule, EMA, evaluation and run length do not apply to a range test).")
-    parser.add_argument("--config", help="TOML preset (e.g. configs/run07_baseline.toml)")
-    parser.add_argument("--phase", choices=["full", "head"], default="full",
-                        help="full: every layer trains (one-stage, or stage 2); head: only the new head (stage 1 of a two-stage preset)")
-    parser.add_argument("--start-lr", type=float, default=1e-7, help="first lr of the sweep (default 1e-7)")
-    parser.add_argument("--end-lr", type=float, default=10.0, help="last lr of the sweep (default 10)")
-    parser.add_argument("--steps", type=int, default=200, help="mini-batches in the sweep (default 200)")
-    parser.add_argument("--out", help="output folder (default runs/lr_find-<preset>)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    config_module.add_config_flags(parser)
-    args = parser.parse_args(argv)
-    if not 0 < args.start_lr < args.end_lr:
-        raise UserError(f"need 0 < --start-lr < --end-lr, got {args.start_lr} and {args.end_lr}")
-    if args.steps < 10:
-        raise UserError(f"--steps must be at least 10, got {args.steps}")
-    return args
-
 
 SMOOTHING = 0.98  # fastai's recorder
 
@@ -114,7 +94,7 @@ def range_test(model, loader, cfg, device: Device, start_lr: float, end_lr: floa
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    args = parse_lr_find(argv)
     cfg, preset = config_module.resolve(args)
     out = Path(args.out or f"runs/lr_find-{preset}")
     check_folder_free(out, args.overwrite, "lr_find folder", "--out")

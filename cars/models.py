@@ -8,6 +8,7 @@ import torch
 import torchvision
 from torch import nn
 
+from cars.checkpoint import read_state_dict
 from cars.errors import UserError
 
 
@@ -129,8 +130,6 @@ def build_model(arch: str, weights: str, num_classes: int, dropout: float = 0.0)
 
 def load_weights_file(model: nn.Module, path: Path, arch: str) -> None:
     """Load a state dict into the backbone; the head too when its shape fits (a fine-tuned model)."""
-    from cars.checkpoint import read_state_dict
-
     state = read_state_dict(path)
     head = head_name(model)
     own = model.state_dict()
@@ -185,10 +184,3 @@ def guess_arch(state: dict) -> str | None:
             return arch
     return None
 
-
-def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
-    """An exponential moving average of the weights (and BatchNorm statistics), updated every step:
-    ema = decay * ema + (1 - decay) * weights."""
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)

@@ -1,6 +1,5 @@
 """predict.py: what car is this? Top-k classes for your own photos, optionally with a CAM overlay."""
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -8,27 +7,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from cars.checkpoint import add_model_flags, load_trained_from
+from cars.cli import parse_predict
 from cars.data import FileSplit, read_rgb
 from cars.errors import UserError, message_of, printable
-from cars.explain import CAM_METHODS, class_activation_maps, overlay
-from cars.train import pick_device
+from cars.explain import class_activation_maps, overlay
+from cars.runtime import pick_device
+from cars.trained import load_trained_from
 from cars.transforms import eval_transform, normalize
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Classify images with a trained model.")
-    add_model_flags(parser)
-    parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, ...; any size, grayscale or colour)")
-    parser.add_argument("--topk", type=int, default=5, help="how many classes to show per image (default 5)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--cam", metavar="DIR", help="write a CAM overlay of the top class per image into DIR")
-    parser.add_argument("--cam-method", default="gradcam", choices=list(CAM_METHODS))
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
-    args = parser.parse_args(argv)
-    if args.topk < 1:
-        raise UserError(f"--topk must be at least 1, got {args.topk}")
-    return args
 
 
 def unique_cam_names(paths: list[str]) -> list[str]:
@@ -44,7 +29,7 @@ def unique_cam_names(paths: list[str]) -> list[str]:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    args = parse_predict(argv)
     trained = load_trained_from(args)
     device_type = pick_device(args.device)
     model = trained.model.to(device_type)

@@ -6,7 +6,9 @@ import shutil
 import socket
 from pathlib import Path
 
-from cars.errors import UserError
+from tqdm import tqdm
+
+from cars.errors import UserError, printable
 
 # What each tool writes into its output folder. --overwrite replaces a folder only when it holds
 # these and nothing else: never a dataset, a checkpoint or a folder of the user's that was named by mistake.
@@ -92,3 +94,23 @@ def read_summary(run_dir: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return summary if isinstance(summary, dict) else {}
+
+
+def duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class RunLog:
+    """Prints a line (above any progress bar) and keeps it in the run folder's train.log.
+    Under torchrun only the main process has one; the others stay quiet."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.file = open(path, "a", buffering=1, errors="backslashreplace") if enabled else None
+
+    def __call__(self, line: str = "") -> None:
+        line = printable(line)
+        if self.file:
+            tqdm.write(line)
+            self.file.write(line + "\n")

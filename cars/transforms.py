@@ -3,9 +3,10 @@
 Both end in uint8 pixels: batches travel to the device as bytes (a quarter of float32), and
 `normalize` makes them the model's input there (Device.put).
 
-With the preprocessing cache (cars/cache.py) the same augmentation runs in two halves: a crop
-box and a flip drawn per image on the CPU (`crop_box`), and the cropping and resizing of a whole
-batch on the device (`crop_batch`).
+Training augmentation is decided in one place, TrainAugmentation, for both pipelines: with the
+preprocessing cache it runs in two halves (boxes and flips drawn on the CPU, each box's pixels read
+from the cache and resized on the device), without it on each decoded image. Either way the crop is
+cut from the image at its native size and resized once, as the seed's RandomResizedCrop did.
 """
 
 import math
@@ -14,6 +15,8 @@ import random
 import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+
+from cars.runtime import image_seed, seeded_torch_rng
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,13 +28,39 @@ def eval_resize(resolution: int) -> int:
     return round(resolution * 256 / 224)
 
 
-def train_transform(cfg) -> v2.Compose:
-    """The per-image training augmentation a config asks for (see Config's input knobs)."""
-    if cfg.train_crop == "resize-randomcrop":
-        ops = [v2.Resize(eval_resize(cfg.resolution), antialias=True), v2.RandomCrop(cfg.resolution)]
-    else:
-        ops = [v2.RandomResizedCrop(cfg.resolution, scale=(cfg.crop_scale, 1.0), antialias=True)]
-    return v2.Compose([*ops, v2.RandomHorizontalFlip(), v2.PILToTensor(), *extra_augmentation(cfg)])
+class TrainAugmentation:
+    """Every training image's augmentation, decided here for both pipelines: a crop box and a flip,
+    then the config's extra ops (rotation, colour jitter, TrivialAugment, erasing), each drawn from
+    (seed, epoch, image) alone: not from the worker, the process (torchrun) or an interruption (resume).
+
+    With the preprocessing cache the two halves run apart: `draw` on the CPU, and on the device the
+    resizing of each box's pixels (resize_crops) followed by `finish` per image. Without it,
+    `__call__` does all of it on one decoded image."""
+
+    def __init__(self, cfg):
+        self.cfg, self.seed, self.resolution = cfg, cfg.seed, cfg.resolution
+        ops = extra_augmentation(cfg)
+        self.extra = v2.Compose(ops) if ops else None
+
+    def draw(self, epoch: int, i: int, height: int, width: int) -> tuple[tuple[float, float, float, float], bool]:
+        """Image i's crop box (fractions of the image) and whether it is mirrored, in `epoch`."""
+        rng = random.Random(image_seed(self.seed, epoch, i))
+        return crop_box(height, width, self.cfg, rng), rng.random() < 0.5
+
+    def finish(self, crop: torch.Tensor, epoch: int, i: int) -> torch.Tensor:
+        """The extra ops on image i's crop (uint8 CHW), with its own draw (v2 gives a whole batch one draw)."""
+        if self.extra is None:
+            return crop
+        with seeded_torch_rng(image_seed(self.seed, epoch, i, 1)):
+            return self.extra(crop)
+
+    def __call__(self, image, epoch: int, i: int) -> torch.Tensor:
+        """The whole augmentation of one decoded image (PIL) -> uint8 CHW, resolution x resolution:
+        the same pixels as the cached pipeline's."""
+        box, flip = self.draw(epoch, i, image.height, image.width)
+        x0, y0, x1, y1 = pixel_box(box, image.height, image.width)
+        region = F.pil_to_tensor(image.crop((x0, y0, x1, y1)))
+        return self.finish(resize_crops([region], [flip], self.resolution)[0], epoch, i)
 
 
 def extra_augmentation(cfg) -> list:
@@ -50,8 +79,9 @@ def extra_augmentation(cfg) -> list:
 
 
 def crop_box(height: int, width: int, cfg, rng: random.Random) -> tuple[float, float, float, float]:
-    """train_transform's crop as a box (left, top, right, bottom) in fractions of the image: the
-    same draws as torchvision's RandomResizedCrop (or Resize + RandomCrop), made from `rng`."""
+    """The training crop as a box (left, top, right, bottom) in fractions of the image: the same
+    draws as torchvision's RandomResizedCrop (or, with --train-crop resize-randomcrop, Resize +
+    RandomCrop), made from `rng`."""
     if cfg.train_crop == "resize-randomcrop":
         side = cfg.resolution * min(height, width) / eval_resize(cfg.resolution)  # the crop, in source pixels
         top, left = rng.randint(0, int(height - side)), rng.randint(0, int(width - side))
@@ -71,38 +101,26 @@ def crop_box(height: int, width: int, cfg, rng: random.Random) -> tuple[float, f
     return left / width, top / height, (left + w) / width, (top + h) / height
 
 
-def crop_batch(pixels: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
-    """Cut box i (fractions of the image) out of image i, resize it to size x size, mirror it where
-    flips[i]. uint8 NCHW in and out, on the pixels' device: on a GPU all at once, on a CPU image by
-    image through torch's vectorised uint8 resize (the batched call is 10x slower there)."""
-    if pixels.device.type == "cpu":
-        return crop_images(pixels, boxes, flips, size)
-    return crop_batch_roi_align(pixels, boxes.to(pixels.device), flips.to(pixels.device), size)
+def pixel_box(box, height: int, width: int) -> tuple[int, int, int, int]:
+    """A box in fractions of an image -> whole pixels (x0, y0, x1, y1), at least one pixel wide and high."""
+    left, top, right, bottom = box
+    x0, y0 = round(left * width), round(top * height)
+    return x0, y0, max(x0 + 1, round(right * width)), max(y0 + 1, round(bottom * height))
 
 
-def crop_batch_roi_align(pixels: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
-    """crop_batch in one call: each output pixel averages the source pixels under it (roi_align's
-    adaptive sampling), so shrinking does not alias."""
-    from torchvision.ops import roi_align
-
-    height, width = pixels.shape[-2:]
-    scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=pixels.device)
-    rois = torch.cat([torch.arange(len(boxes), device=pixels.device, dtype=torch.float32)[:, None], boxes * scale], 1)
-    crops = roi_align(pixels.float(), rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-    crops = torch.where(flips[:, None, None, None], crops.flip(-1), crops)
-    return crops.round_().clamp_(0, 255).to(torch.uint8)
-
-
-def crop_images(pixels: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
-    """crop_batch one image at a time, boxes rounded to whole pixels (antialiased bilinear resize)."""
-    height, width = pixels.shape[-2:]
-    crops = torch.empty((len(pixels), pixels.shape[1], size, size), dtype=torch.uint8)
-    for n, ((left, top, right, bottom), flip) in enumerate(zip(boxes.tolist(), flips.tolist())):
-        x0, y0 = round(left * width), round(top * height)
-        x1, y1 = max(x0 + 1, round(right * width)), max(y0 + 1, round(bottom * height))
-        crop = F.resized_crop(pixels[n], y0, x0, y1 - y0, x1 - x0, [size, size], antialias=True)
-        crops[n] = crop.flip(-1) if flip else crop
-    return crops
+def resize_crops(regions: list[torch.Tensor], flips, size: int, in_float: bool | None = None) -> torch.Tensor:
+    """Each crop region (uint8 CHW, any size) resized to size x size with an antialiased bilinear
+    filter, the way PIL resizes (the seed's pipeline), mirrored where flips[k]; uint8 NCHW out, on the
+    regions' device. On a CPU torch's uint8 kernel (PIL's fixed-point arithmetic); on a GPU in float
+    (`in_float` chooses, to measure one path on the other's device)."""
+    crops = []
+    for region, flip in zip(regions, flips):
+        if not (region.device.type != "cpu" if in_float is None else in_float):
+            crop = F.resize(region, [size, size], antialias=True)
+        else:
+            crop = F.resize(region.float(), [size, size], antialias=True).round_().clamp_(0, 255).to(torch.uint8)
+        crops.append(crop.flip(-1) if flip else crop)
+    return torch.stack(crops)
 
 
 def batch_mixer(mixup: float, cutmix: float, num_classes: int):
@@ -120,12 +138,13 @@ def eval_transform(resolution: int) -> v2.Compose:
     return v2.Compose([v2.Resize(eval_resize(resolution), antialias=True), v2.CenterCrop(resolution), v2.PILToTensor()])
 
 
-def squash_for_cache(image, side: int) -> torch.Tensor:
-    """What the cache keeps of a training image: side x side pixels, uint8, whatever its aspect ratio.
-    Crop boxes are drawn in fractions of the original image, so a box cut from the squashed copy and
-    resized is the same crop of the same scene; every cached image having one shape lets a batch be
-    read and cropped in one piece."""
-    return F.pil_to_tensor(F.resize(image, [side, side], antialias=True))
+def keep_for_cache(image, side: int = 0) -> torch.Tensor:
+    """What the cache keeps of a training image: its pixels as decoded (uint8 CHW); with `side`, a
+    smaller copy whose longer side is at most that many pixels (lossy: crops then lose detail)."""
+    if side and max(image.size) > side:
+        scale = side / max(image.size)
+        image = F.resize(image, [max(1, round(image.height * scale)), max(1, round(image.width * scale))], antialias=True)
+    return F.pil_to_tensor(image)
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:

@@ -5,18 +5,18 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import write_hub_folder, write_image_folder
 from PIL import Image
 from torchvision import transforms as v1
 
 import cars.cache
-from cars.cache import CachedLoader, cached_pixels, eval_loader, train_loader
+from cars.cache import cached_pixels
 from cars.config import Config
-from cars.data import GlobalBatches, load_splits, read_rgb
+from cars.data import load_splits, read_rgb
 from cars.engine import Device, predict
 from cars.errors import UserError
-from cars.transforms import (IMAGENET_MEAN, IMAGENET_STD, crop_batch_roi_align, crop_images, eval_resize, eval_transform,
-                             squash_for_cache)
-from conftest import write_hub_folder, write_image_folder
+from cars.loaders import CachedLoader, GlobalBatches, eval_loader, train_loader
+from cars.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize, eval_transform, keep_for_cache, resize_crops
 
 
 def noise_images(sizes, seed=0):
@@ -58,15 +58,15 @@ def coordinate_image(width: int, height: int) -> Image.Image:
 
 
 def test_cached_train_crops_follow_random_resized_crops_distribution(tmp_path):
-    """Crops cut on the device from the cache's squashed copy cover the same fractions and aspect
-    ratios of the image as torchvision's RandomResizedCrop draws on the full-size one."""
-    width, height = 240, 160  # the cache keeps it at 96 x 96 (1.5 x 64)
+    """Crops cut from the cache's native-size copy cover the same fractions and aspect ratios of the
+    image as torchvision's RandomResizedCrop draws on it."""
+    width, height = 240, 160
     for split in ("train", "test"):
         (tmp_path / "coords" / split / "car").mkdir(parents=True)
         coordinate_image(width, height).save(tmp_path / "coords" / split / "car" / "0.png")
     cfg = Config(data=str(tmp_path / "coords"), resolution=64, cache=str(tmp_path / "cache"))
     loader = train_loader(load_splits(cfg.data).train, cfg, workers=0)
-    assert loader.dataset.cache[0].shape == (3, 96, 96)
+    assert loader.dataset.cache[0].shape == (3, height, width)  # kept at native size
 
     scales, ratios = [], []
     for epoch in range(600):
@@ -127,7 +127,7 @@ def test_cache_is_reused_until_the_data_or_a_parameter_changes(tmp_path, monkeyp
     data = write_image_folder(tmp_path / "images")
 
     def train_cache(side):
-        return cached_pixels(load_splits(str(data)).train, "train", side, lambda image: squash_for_cache(image, side), root)
+        return cached_pixels(load_splits(str(data)).train, "train", side, lambda image: keep_for_cache(image, side), root)
 
     first = train_cache(48)
     assert len(builds) == 1 and len(first) == 18
@@ -228,15 +228,61 @@ def test_training_batches_are_all_full_and_a_ragged_eval_batch_is_padded():
     assert torch.allclose(plain, padded)
 
 
-def test_both_crop_implementations_cut_the_same_crops():
-    """The CPU's per-image resize and the GPU's one roi_align call agree on every box and flip."""
+def test_training_crops_have_the_seeds_pixels():
+    """The default path (the cache's native pixels, torch's uint8 resize) and the GPU's float resize
+    (run here on CPU tensors) against the seed's PIL RandomResizedCrop, on the scikit-learn photos:
+    at least 50 dB median and 45 dB at the 5th percentile (bench/fidelity.py measures more)."""
+    import importlib.util
+    import tempfile
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("fidelity", Path(__file__).resolve().parents[1] / "bench" / "fidelity.py")
+    fidelity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fidelity)
+    with tempfile.TemporaryDirectory() as scratch:
+        results = fidelity.train_fidelity(fidelity.sample_photos(scales=(0.75,)), 240, 224, Path(scratch))
+        evals = fidelity.eval_fidelity(fidelity.sample_photos(scales=(0.75,)), 224, Path(scratch))
+    for path in ("cache, CPU", "cache, device ops (cpu)"):
+        median, p5, _ = fidelity.summary(results[path])
+        assert median >= 50 and p5 >= 45, (path, median, p5)
+    assert fidelity.summary(results["lossy --cache-side 336, CPU"])[0] < 40  # what the old squashed cache cost
+    assert all(value == float("inf") for values in evals.values() for value in values), "eval pixels are the seed's exactly"
+
+
+def test_float_and_uint8_resizes_agree_and_flip():
     rng = np.random.default_rng(0)
-    smooth = torch.from_numpy(rng.integers(0, 256, (4, 3, 12, 12), dtype=np.uint8)).float()
-    pixels = torch.nn.functional.interpolate(smooth, size=(96, 96), mode="bicubic").clamp(0, 255).round().to(torch.uint8)
-    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.1, 0.2, 0.6, 0.9], [0.5, 0.5, 0.75, 0.7], [0.0, 0.3, 1.0, 0.8]])
-    flips = torch.tensor([False, True, False, True])
-    per_image, batched = crop_images(pixels, boxes, flips, 32), crop_batch_roi_align(pixels, boxes, flips, 32)
-    assert per_image.shape == batched.shape == (4, 3, 32, 32) and per_image.dtype == batched.dtype == torch.uint8
-    assert (per_image.float() - batched.float()).abs().mean() < 3  # resampling filters differ by a level or two
-    whole = per_image[0].float()
-    assert (whole - torch.nn.functional.interpolate(pixels[:1].float(), size=(32, 32), mode="bilinear", antialias=True)[0]).abs().max() < 1.01
+    smooth = torch.from_numpy(rng.integers(0, 256, (3, 12, 18), dtype=np.uint8)).float()[None]
+    region = torch.nn.functional.interpolate(smooth, size=(90, 130), mode="bicubic").clamp(0, 255).round().to(torch.uint8)[0]
+    exact, in_float = resize_crops([region, region], [False, True], 32), resize_crops([region, region], [False, True], 32, in_float=True)
+    assert exact.shape == in_float.shape == (2, 3, 32, 32) and exact.dtype == in_float.dtype == torch.uint8
+    assert (exact.float() - in_float.float()).abs().max() <= 1  # one rounding step apart
+    assert torch.equal(exact[1], exact[0].flip(-1))
+
+
+def test_both_pipelines_draw_the_same_crop_of_each_image(tmp_path):
+    """TrainAugmentation decides each image's crop and flip for both pipelines: the cached one (native
+    pixels read from the cache) and --cache off (the decoded image) give the very same pixels."""
+    from cars.loaders import TransformedSplit
+    from cars.transforms import TrainAugmentation
+
+    width, height = 240, 160
+    for split in ("train", "test"):
+        (tmp_path / "coords" / split / "car").mkdir(parents=True)
+        coordinate_image(width, height).save(tmp_path / "coords" / split / "car" / "0.png")
+    cfg = Config(data=str(tmp_path / "coords"), resolution=64, cache=str(tmp_path / "cache"), seed=3)
+    split = load_splits(cfg.data).train
+    cached = train_loader(split, cfg, workers=0)
+    decoded = TransformedSplit(split, TrainAugmentation(cfg))
+
+    def region(crop):
+        crop = crop.float()
+        return [(crop[0].amin() / 255 * (width - 1)).item(), (crop[0].amax() / 255 * (width - 1)).item(),
+                (crop[1].amin() / 255 * (height - 1)).item(), (crop[1].amax() / 255 * (height - 1)).item(),
+                (crop[0, :, -1] - crop[0, :, 0]).mean().item() > 0]  # mirrored: red falls from left to right
+    flips = set()
+    for epoch in range(30):
+        cached.dataset.epoch = decoded.epoch = epoch
+        a, b = next(iter(cached))[0][0], decoded[0][0]
+        assert torch.equal(a, b), epoch
+        flips.add(region(a)[4])
+    assert flips == {True, False}

@@ -12,8 +12,8 @@ import torch
 
 from cars import evaluate, train
 from cars.checkpoint import load_checkpoint
-from cars.data import GlobalBatches, make_loader
 from cars.errors import UserError
+from cars.loaders import GlobalBatches, make_loader
 from cars.models import build_model
 from cars.report import read_metrics
 

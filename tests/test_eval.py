@@ -305,6 +305,12 @@ def test_analysis_helpers_by_hand():
     logits = torch.tensor([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]])
     assert analysis.topk_accuracy(logits, torch.tensor([1, 1]), 1) == 0.0
     assert analysis.topk_accuracy(logits, torch.tensor([1, 1]), 2) == 100.0
+    right = torch.tensor([0] * 270 + [1] * 30)  # 270 of 300: exactly 90 %, not a float32 mean's 89.99999761
+    assert analysis.topk_accuracy(torch.eye(2)[torch.zeros(300, dtype=torch.long)], right, 1) == 90.0
+    from cars.engine import Device, evaluate
+
+    batches = [(torch.eye(2)[torch.zeros(100, dtype=torch.long)].view(100, 2, 1, 1), right[k : k + 100]) for k in (0, 100, 200)]
+    assert evaluate(torch.nn.Flatten(), batches, Device("cpu", show_progress=False)).accuracy == 90.0
     ranks = torch.tensor([[7.0, 6, 5, 4, 3, 2, 1]] * 4)  # class i is the (i+1)-th guess
     assert analysis.topk_accuracy(ranks, torch.tensor([0, 4, 5, 6]), 5) == 50.0
     assert analysis.topk_accuracy(ranks, torch.tensor([0, 4, 5, 6]), 1) == 25.0

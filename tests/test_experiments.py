@@ -8,16 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cars import compare, lr_find, train
+from cars import compare, lr_find, optim, train
 from cars.checkpoint import load_checkpoint
 from cars.config import Config
-from cars.data import TransformedSplit, load_splits, make_loader
+from cars.data import load_splits
 from cars.demo import write_demo
 from cars.engine import Device, train_one_epoch
 from cars.errors import UserError
-from cars.models import build_model, head_name, make_ema
+from cars.loaders import TransformedSplit, make_loader
+from cars.models import build_model, head_name
+from cars.optim import make_ema
 from cars.report import read_metrics
-from cars.transforms import batch_mixer, train_transform
+from cars.transforms import TrainAugmentation, batch_mixer
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs").glob("*.toml"))
@@ -73,7 +75,7 @@ def test_a_presets_own_values_reach_the_optimizer_the_schedule_and_the_transform
     cfg = Config(**tomllib.loads(preset.read_text())).validate()
     with torch.device("meta"):  # the real architecture, no memory
         model = build_model(cfg.arch, "none", 196, cfg.dropout)
-    optimizer = train.make_optimizer(cfg, model)
+    optimizer = optim.make_optimizer(cfg, model)
     lr = cfg.lr * cfg.batch_size / 128 if cfg.lr_scaling == "linear" else cfg.lr
     assert type(optimizer).__name__ == {"sgd": "SGD", "adamw": "AdamW"}[cfg.optimizer]
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([lr * cfg.backbone_lr_mult, lr])
@@ -83,7 +85,7 @@ def test_a_presets_own_values_reach_the_optimizer_the_schedule_and_the_transform
     assert model.get_submodule(head_name(model)).out_features == 196
 
     steps = 10  # per epoch
-    scheduler = train.make_scheduler(cfg, optimizer, steps)
+    scheduler = optim.make_scheduler(cfg, optimizer, steps)
     lrs = []
     for _ in range(cfg.epochs * steps):
         lrs.append(optimizer.param_groups[-1]["lr"])
@@ -99,13 +101,12 @@ def test_a_presets_own_values_reach_the_optimizer_the_schedule_and_the_transform
         assert lrs[warm] == pytest.approx(lr) and lrs[-1] < 0.01 * lr
         assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
 
-    transform = [type(t).__name__ for t in train_transform(cfg).transforms]
-    crop = train_transform(cfg).transforms[0]
+    augmentation = TrainAugmentation(cfg)
+    areas = [(r - left) * (b - t) for left, t, r, b in (augmentation.draw(0, i, 400, 600)[0] for i in range(300))]
     if cfg.train_crop == "random-resized":
-        assert transform[0] == "RandomResizedCrop" and tuple(crop.size) == (cfg.resolution,) * 2 and crop.scale == (cfg.crop_scale, 1.0)
-    else:
-        assert transform[:2] == ["Resize", "RandomCrop"] and tuple(train_transform(cfg).transforms[1].size) == (cfg.resolution,) * 2
+        assert cfg.crop_scale * 0.98 <= min(areas) < cfg.crop_scale + 0.1 and max(areas) > (1 + cfg.crop_scale) / 2
     extras = [type(t).__name__ for t in extra_augmentation(cfg)]
+    assert [type(t).__name__ for t in augmentation.extra.transforms] == extras if extras else augmentation.extra is None
     assert ("RandomRotation" in extras) == (cfg.augment == "heavy")
     assert ("ColorJitter" in extras) == (cfg.augment == "heavy" or cfg.color_jitter > 0)
     assert ("RandomErasing" in extras) == (cfg.augment == "heavy" or cfg.random_erasing > 0)
@@ -137,7 +138,7 @@ def test_ema_run_evaluates_and_keeps_the_ema_weights(tmp_path, tiny_demo):
     assert all(torch.equal(v, last["ema"]["module." + k]) for k, v in last["model"].items())  # "model" is the average
     if best["epoch"] == 2:
         assert all(torch.equal(v, last["model"][k]) for k, v in best["model"].items())
-    decay = train.ema_decay(Config(ema=True), steps_per_epoch=5)  # 20 images, batch 4
+    decay = optim.ema_decay(Config(ema=True), steps_per_epoch=5)  # 20 images, batch 4
     assert f"EMA of the weights: decay {decay:.6g} per step, a half-life of 1 epochs" in (run_dir / "train.log").read_text()
 
 
@@ -147,10 +148,10 @@ def test_ema_decay_fits_the_run_in_closed_form():
     The old fixed 0.9998 would have kept 32 % of them."""
     cfg = Config(ema=True)
     steps_per_epoch, steps = 63, 90 * 63
-    decay = train.ema_decay(cfg, steps_per_epoch)
+    decay = optim.ema_decay(cfg, steps_per_epoch)
     assert decay ** steps_per_epoch == pytest.approx(0.5) and cfg.ema_half_life == 1.0
-    assert train.ema_decay(Config(ema=True, ema_half_life=3), steps_per_epoch) ** (3 * steps_per_epoch) == pytest.approx(0.5)
-    assert train.ema_decay(Config(ema=True, ema_decay=0.999), steps_per_epoch) == 0.999  # given per step, taken as it is
+    assert optim.ema_decay(Config(ema=True, ema_half_life=3), steps_per_epoch) ** (3 * steps_per_epoch) == pytest.approx(0.5)
+    assert optim.ema_decay(Config(ema=True, ema_decay=0.999), steps_per_epoch) == 0.999  # given per step, taken as it is
 
     model = torch.nn.Linear(1, 1, bias=False, dtype=torch.float64)
     ema = make_ema(model, decay)
@@ -241,11 +242,18 @@ def test_cutmix_pastes_a_box_of_the_neighbour_and_the_label_follows_its_area():
         assert targets[i, i].item() == pytest.approx(1 - share, abs=1e-6)
 
 
-def test_train_transform_options():
+def test_train_augmentation_options():
+    from PIL import Image
+
     cfg = Config(resolution=32, train_crop="resize-randomcrop", augment="trivialaugment", random_erasing=0.5)
-    names = [type(t).__name__ for t in train_transform(cfg).transforms]
-    assert names[:3] == ["Resize", "RandomCrop", "RandomHorizontalFlip"] and "TrivialAugmentWide" in names and names[-1] == "RandomErasing"
-    assert [type(t).__name__ for t in train_transform(Config()).transforms][:2] == ["RandomResizedCrop", "RandomHorizontalFlip"]
+    augmentation = TrainAugmentation(cfg)
+    assert [type(t).__name__ for t in augmentation.extra.transforms] == ["TrivialAugmentWide", "RandomErasing"]
+    image = Image.new("RGB", (90, 60), (10, 200, 30))
+    crop = augmentation(image, epoch=3, i=7)
+    assert crop.shape == (3, 32, 32) and crop.dtype == torch.uint8
+    assert torch.equal(crop, augmentation(image, epoch=3, i=7)), "the same draws for the same (seed, epoch, image)"
+    flips = {augmentation.draw(epoch, 7, 60, 90)[1] for epoch in range(20)}
+    assert flips == {True, False} and TrainAugmentation(Config()).extra is None
 
 
 # --- compare.py ----------------------------------------------------------------------------------
@@ -319,7 +327,7 @@ def test_range_test_works_on_a_copy_and_stops_on_divergence(tiny_demo):
     splits = load_splits("demo")
     model = build_model("resnet18", "none", 10)
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    loader = make_loader(TransformedSplit(splits.train, train_transform(Config(resolution=32))), 8, True, 0, 0)
+    loader = make_loader(TransformedSplit(splits.train, TrainAugmentation(Config(resolution=32))), 8, True, 0, 0)
     cfg = Config(optimizer="sgd", momentum=0.9, weight_decay=0)
     lrs, losses, swept = lr_find.range_test(model, loader, cfg, Device("cpu"), 1e-3, 1e6, 60, "full", 10)
     assert len(lrs) < 60, "a loss that explodes ends the sweep early"
@@ -331,7 +339,7 @@ def test_lr_find_head_phase_sweeps_the_head_only(tiny_demo):
     """--phase head: stage 1 of a two-stage preset, the backbone and its BatchNorm statistics frozen."""
     splits = load_splits("demo")
     model = build_model("resnet18", "none", 10)
-    loader = make_loader(TransformedSplit(splits.train, train_transform(Config(resolution=32))), 8, True, 0, 0)
+    loader = make_loader(TransformedSplit(splits.train, TrainAugmentation(Config(resolution=32))), 8, True, 0, 0)
     _, _, swept = lr_find.range_test(model, loader, Config(), Device("cpu"), 1e-4, 1e-1, 10, "head", 10)
     start, after = model.state_dict(), swept.state_dict()
     changed = {k for k in start if not torch.equal(start[k], after[k])}

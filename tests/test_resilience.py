@@ -16,12 +16,12 @@ import torch
 from conftest import tiny_args
 from PIL import Image
 
+from cars import engine, optim, train
 from cars import files as files_module
-from cars import engine, train
 from cars.checkpoint import load_checkpoint, save_checkpoint
-from cars.files import atomic_write
 from cars.data import load_splits, read_rgb
 from cars.errors import UserError, run_cli
+from cars.files import atomic_write
 from cars.report import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,9 +219,8 @@ def test_empty_split_and_missing_class_names(tmp_path, capsys):
     with pytest.raises(UserError, match="the test split is empty"):
         load_splits(str(data))
 
-    from datasets import Dataset
-
     from conftest import jpeg_bytes, split_rows
+    from datasets import Dataset
 
     folder = tmp_path / "nameless" / "data"
     folder.mkdir(parents=True)
@@ -260,7 +259,7 @@ def test_export_safetensors_loads_in_predict_and_eval(reference_run, tmp_path, c
 
 
 def test_damaged_safetensors_is_one_clear_line(tmp_path):
-    from cars.checkpoint import read_model_file
+    from cars.trained import read_model_file
 
     (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
     with pytest.raises(UserError, match="cannot read .*model.safetensors: .*damaged or not a safetensors file"):
@@ -324,12 +323,12 @@ def test_a_run_saved_without_mixed_precision_resumes_with_it():
     with_amp = torch.amp.GradScaler("cpu", enabled=True)  # stands in for CUDA's: the same class and state
     with pytest.raises(RuntimeError):
         with_amp.load_state_dict(saved_on_cpu)  # what resuming did before
-    train.load_scaler_state(with_amp, saved_on_cpu)
+    optim.load_scaler_state(with_amp, saved_on_cpu)
     assert with_amp.get_scale() == 65536.0
 
     with_amp.scale(torch.ones(()))
     without = torch.amp.GradScaler("cpu", enabled=False)
-    train.load_scaler_state(without, with_amp.state_dict())
+    optim.load_scaler_state(without, with_amp.state_dict())
     assert not without.is_enabled()
 
 

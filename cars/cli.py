@@ -1,0 +1,122 @@
+"""Every entry point's command line, in one light module: arguments are parsed, and --help answered,
+before torch is imported (which takes seconds). `launch` is what the scripts at the root call."""
+
+import argparse
+import importlib
+import sys
+
+from cars.config import add_config_flags
+from cars.errors import UserError, run_cli
+
+# the CAM methods eval.py and predict.py offer (cars.explain maps each to its pytorch_grad_cam class)
+CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "scorecam", "eigencam", "finercam")
+TTA_SCALES = (0.875, 1.0, 1.125)
+
+
+def add_model_flags(parser, data_help: str = "dataset to take class names from, for a bare state dict") -> None:
+    """The positional model argument and what a bare state dict needs beside it (see load_trained)."""
+    parser.add_argument("checkpoint", help="a run folder, one of its .pt files, an export folder or model.safetensors, or any state-dict file")
+    parser.add_argument("--arch", help="architecture, for a checkpoint that does not carry it (e.g. resnet50)")
+    parser.add_argument("--num-classes", type=int, help="class count, for a bare state dict (default: its head's)")
+    parser.add_argument("--resolution", type=int, help="input size (default: the run's, else 224)")
+    parser.add_argument("--data", help=data_help)
+
+
+def parse_train(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Fine-tune an ImageNet-pretrained model on Stanford Cars. Defaults are the seed's run 7 "
+        "(ResNet-50, SGD lr 0.1, lr /10 every 30 epochs, 90 epochs, batch 128, 224 px).",
+    )
+    parser.add_argument("--config", help="TOML preset (e.g. configs/demo.toml); flags override its values")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder instead of refusing")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt, with its own config")
+    add_config_flags(parser)
+    return parser.parse_args(argv)
+
+
+def parse_eval(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Evaluate a trained model: accuracy per class, confusions, GradCAM, TTA, robustness.")
+    add_model_flags(parser, data_help="dataset to evaluate on and take class names from (default: the run's)")
+    parser.add_argument("--out", help="output folder (default: <run>/eval, or eval-<name> beside a checkpoint file)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--num-gradcam", type=int, default=16, help="random test images in gradcam_samples.png (default 16)")
+    parser.add_argument("--cam-method", default="gradcam", choices=CAM_METHODS, help="CAM method (default gradcam)")
+    parser.add_argument("--tta", action="store_true", help=f"also evaluate with test-time augmentation ({len(TTA_SCALES)} scales x flip)")
+    parser.add_argument("--corruptions", action="store_true", help="also evaluate the dataset's corrupted copies of the test split")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: one per core, at most 8)")
+    parser.add_argument("--cache", default="auto", help="preprocessing cache for the test split, as train.py's --cache: auto, a folder, or off "
+                        "(TTA and corrupted copies are always decoded)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    parser.add_argument("--seed", type=int, default=0, help="chooses the GradCAM sample images (default 0)")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.num_gradcam < 0 or (args.num_classes is not None and args.num_classes < 2):
+        raise UserError("--batch-size must be positive, --num-gradcam not negative, --num-classes at least 2")
+    return args
+
+
+def parse_predict(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Classify images with a trained model.")
+    add_model_flags(parser)
+    parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, ...; any size, grayscale or colour)")
+    parser.add_argument("--topk", type=int, default=5, help="how many classes to show per image (default 5)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--cam", metavar="DIR", help="write a CAM overlay of the top class per image into DIR")
+    parser.add_argument("--cam-method", default="gradcam", choices=CAM_METHODS)
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    args = parser.parse_args(argv)
+    if args.topk < 1:
+        raise UserError(f"--topk must be at least 1, got {args.topk}")
+    return args
+
+
+def parse_export(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Export a trained model as model.safetensors plus model.json "
+                                                 "(arch, resolution, normalisation, class names); eval.py and predict.py load it.")
+    add_model_flags(parser)
+    parser.add_argument("--out", help="output folder (default: <run>/export)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    return parser.parse_args(argv)
+
+
+def parse_lr_find(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Learning-rate range test for a preset; train.py's flags override it (those of the "
+                                     "schedule, EMA, evaluation and run length do not apply to a range test).")
+    parser.add_argument("--config", help="TOML preset (e.g. configs/run07_baseline.toml)")
+    parser.add_argument("--phase", choices=["full", "head"], default="full",
+                        help="full: every layer trains (one-stage, or stage 2); head: only the new head (stage 1 of a two-stage preset)")
+    parser.add_argument("--start-lr", type=float, default=1e-7, help="first lr of the sweep (default 1e-7)")
+    parser.add_argument("--end-lr", type=float, default=10.0, help="last lr of the sweep (default 10)")
+    parser.add_argument("--steps", type=int, default=200, help="mini-batches in the sweep (default 200)")
+    parser.add_argument("--out", help="output folder (default runs/lr_find-<preset>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_config_flags(parser)
+    args = parser.parse_args(argv)
+    if not 0 < args.start_lr < args.end_lr:
+        raise UserError(f"need 0 < --start-lr < --end-lr, got {args.start_lr} and {args.end_lr}")
+    if args.steps < 10:
+        raise UserError(f"--steps must be at least 10, got {args.steps}")
+    return args
+
+
+def parse_compare(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Compare run folders: an experiment table and their accuracy curves overlaid.")
+    parser.add_argument("runs", nargs="+", help="run folders (e.g. runs/*)")
+    parser.add_argument("--out", help="folder to write compare.md and compare.png into (default: print only)")
+    return parser.parse_args(argv)
+
+
+# entry point -> (its parser, the module whose main(argv) runs it)
+TOOLS = {"train": (parse_train, "cars.train"), "eval": (parse_eval, "cars.evaluate"), "predict": (parse_predict, "cars.predict"),
+         "export": (parse_export, "cars.export"), "lr_find": (parse_lr_find, "cars.lr_find"), "compare": (parse_compare, "cars.compare")}
+
+
+def launch(tool: str) -> None:
+    """Check the command line first (--help and mistakes answer at once), then import the tool and run it."""
+    parse, module = TOOLS[tool]
+
+    def main(argv):
+        parse(argv)
+        importlib.import_module(module).main(argv)
+
+    run_cli(main, sys.argv[1:])

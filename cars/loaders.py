@@ -1,0 +1,209 @@
+"""Batches for training and evaluation: from the preprocessing cache, or (--cache off) decoded image by image."""
+
+import functools
+import queue
+import threading
+
+import numpy as np
+import torch
+
+from cars.cache import PixelCache, cache_root, cached_pixels
+from cars.data import read_rgb
+from cars.errors import UserError
+from cars.transforms import TrainAugmentation, eval_transform, keep_for_cache, resize_crops
+
+
+class TransformedSplit(torch.utils.data.Dataset):
+    """(uint8 pixels, label) pairs for a DataLoader; None for an unreadable image when skipping.
+    `transform` is an eval transform (image -> pixels) or a TrainAugmentation, which augments image i
+    as its draws for `epoch` say."""
+
+    def __init__(self, split, transform, skip_bad_images: bool = False):
+        self.split, self.transform, self.skip_bad_images = split, transform, skip_bad_images
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        try:
+            image = read_rgb(self.split, i)
+        except UserError as error:
+            if self.skip_bad_images:
+                return None
+            raise UserError(f"{error}. Replace or remove it, or pass --skip-bad-images to skip unreadable images") from None
+        if isinstance(self.transform, TrainAugmentation):
+            return self.transform(image, self.epoch, i), self.split.labels[i]
+        return self.transform(image), self.split.labels[i]
+
+
+def collate_readable(batch):
+    """default_collate without the samples that could not be read (None); None if none is left."""
+    batch = [sample for sample in batch if sample is not None]
+    return torch.utils.data.default_collate(batch) if batch else None
+
+
+class GlobalBatches(torch.utils.data.Sampler):
+    """The epoch's global batches in an order drawn from `generator`; process `rank` of `world` takes
+    every world-th image of each. Every process draws the same order, so --batch-size is the global
+    batch whatever the number of processes, and a run learns as it would in one process.
+
+    A ragged last batch is dropped (a different few images each epoch): every step then has the same
+    shape, so a compiled model never recompiles, and BatchNorm never sees a batch of one."""
+
+    def __init__(self, length: int, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1):
+        self.length, self.batch_size, self.generator, self.rank, self.world = length, batch_size, generator, rank, world
+        self.skip = 0  # global batches already trained, when an epoch resumes from a mid-epoch checkpoint
+
+    def __iter__(self):
+        order = torch.randperm(self.length, generator=self.generator).tolist()
+        for start in range(self.skip * self.batch_size, len(self) * self.batch_size, self.batch_size):
+            yield order[start : start + self.batch_size][self.rank :: self.world]
+
+    def __len__(self):
+        # a split smaller than one batch still trains, as one smaller batch (if every process gets an image)
+        return self.length // self.batch_size or int(self.length >= self.world)
+
+    @property
+    def images_per_epoch(self) -> int:
+        """Over all processes."""
+        return min(len(self) * self.batch_size, self.length)
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int, pin_memory: bool = False, rank: int = 0, world: int = 1):
+    """Training (shuffle): global batches, this process's share of each. Evaluation: this process's
+    share of the images (every world-th), each image exactly once over all processes.
+
+    Workers are started afresh each epoch, seeded from the generator, so that an epoch's data order
+    depends on the generator's seed alone (train.py reseeds it every epoch)."""
+    generator = torch.Generator().manual_seed(seed)
+    options = dict(num_workers=workers, generator=generator, collate_fn=collate_readable, pin_memory=pin_memory)
+    if shuffle:
+        return torch.utils.data.DataLoader(dataset, batch_sampler=GlobalBatches(len(dataset), batch_size, generator, rank, world), **options)
+    if world > 1:
+        dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    return torch.utils.data.DataLoader(dataset, batch_size=max(1, batch_size // world), shuffle=False, **options)
+
+
+class CachedSplit:
+    """A split's cached images; for training, with the augmentation that draws each image's crop and
+    flip of each epoch (`epoch`)."""
+
+    def __init__(self, cache: PixelCache, split, augmentation: TrainAugmentation | None = None):
+        self.cache, self.labels, self.augmentation = cache, torch.as_tensor(split.labels), augmentation
+        self.readable = np.ones(len(cache), bool)  # False for the images skipped with --skip-bad-images
+        self.readable[list(cache.unreadable())] = False
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.cache)
+
+    def crops(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crop boxes (fractions of each image) and horizontal flips for images `indices`."""
+        draws = [self.augmentation.draw(self.epoch, int(i), *self.cache.sources[self.cache.rows[i]]) for i in indices]
+        return torch.tensor([box for box, _ in draws], dtype=torch.float32), torch.tensor([flip for _, flip in draws])
+
+
+class CachedLoader:
+    """Batches of a CachedSplit on the device, uint8 NCHW, and their labels: read in this process by
+    a thread that stays a few batches ahead; for training, each crop's pixels read at native size,
+    resized and flipped on the device, then given the config's extra augmentation image by image.
+    Same batches as make_loader would make."""
+
+    def __init__(self, dataset: CachedSplit, batch_size: int, shuffle: bool, seed: int, device_type: str, rank: int = 0, world: int = 1):
+        self.dataset, self.device_type = dataset, device_type
+        self.generator = torch.Generator().manual_seed(seed)
+        if shuffle:
+            self.batch_sampler = GlobalBatches(len(dataset), batch_size, self.generator, rank, world)
+        else:  # this process's share of the images, in order
+            share, per_process = list(range(rank, len(dataset), world)), max(1, batch_size // world)
+            self.batch_sampler = [share[start : start + per_process] for start in range(0, len(share), per_process)]
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def read(self, indices):
+        indices = [i for i in indices if self.dataset.readable[i]]
+        if not indices:
+            return None
+        labels, pin = self.dataset.labels[indices], self.device_type == "cuda"
+        if self.dataset.augmentation is None:  # evaluation: the cached pixels are final
+            return [self.dataset.cache.batch(indices, pin_memory=pin), labels]
+        boxes, flips = self.dataset.crops(indices)
+        regions = self.dataset.cache.regions(indices, boxes)  # only the pixels each crop needs, at native size
+        flat = torch.cat([region.reshape(-1) for region in regions])  # one buffer: one copy to the device
+        return [flat.pin_memory() if pin else flat, labels, [region.shape for region in regions], flips, indices]
+
+    def __iter__(self):
+        ready, stop = queue.Queue(maxsize=3), threading.Event()
+
+        def offer(item) -> None:  # wait for room, unless the consumer has gone (a break, an error)
+            while not stop.is_set():
+                try:
+                    return ready.put(item, timeout=0.1)
+                except queue.Full:
+                    pass
+
+        def read_ahead():
+            try:
+                for indices in self.batch_sampler:
+                    offer(self.read(indices))
+                offer(StopIteration)
+            except BaseException as error:  # handed to the training loop, which raises it
+                offer(error)
+
+        threading.Thread(target=read_ahead, daemon=True).start()
+        try:
+            while (batch := ready.get()) is not StopIteration:
+                if isinstance(batch, BaseException):
+                    raise batch
+                yield None if batch is None else self.finish(*batch)
+        finally:
+            stop.set()
+
+    def finish(self, pixels, labels, shapes=None, flips=None, indices=None):
+        """On the device: an eval batch made NCHW (channels-last in memory); training crops resized, then augmented further."""
+        pixels = pixels.to(self.device_type, non_blocking=True)
+        labels = labels.to(self.device_type, non_blocking=True)
+        if shapes is None:
+            return pixels.permute(0, 3, 1, 2), labels
+        sizes = [height * width * 3 for height, width, _ in shapes]
+        regions = [part.view(shape).permute(2, 0, 1) for part, shape in zip(pixels.split(sizes), shapes)]
+        augmentation = self.dataset.augmentation
+        crops = resize_crops(regions, flips.tolist(), augmentation.resolution)
+        if augmentation.extra is not None:
+            for n, i in enumerate(indices):
+                crops[n] = augmentation.finish(crops[n], self.dataset.epoch, i)
+        return crops, labels
+
+
+def checked(cache: PixelCache, skip_bad_images: bool) -> PixelCache:
+    """Unreadable images are known once the cache is built: stop now rather than in the middle of an epoch."""
+    unreadable = cache.unreadable()
+    if unreadable and not skip_bad_images:
+        count = f" ({len(unreadable)} in all)" if len(unreadable) > 1 else ""
+        raise UserError(f"{next(iter(unreadable.values()))}{count}. Replace or remove it, or pass --skip-bad-images to skip unreadable images")
+    return cache
+
+
+def train_loader(split, cfg, workers: int, device_type: str = "cpu", rank: int = 0, world: int = 1):
+    """The training batches, augmented afresh every epoch: from the cache (built on first use), or
+    (--cache off) decoded and augmented image by image in DataLoader workers."""
+    root = cache_root(cfg.cache)
+    if root is None:
+        dataset = TransformedSplit(split, TrainAugmentation(cfg), cfg.skip_bad_images)
+        return make_loader(dataset, cfg.batch_size, True, workers, cfg.seed, device_type == "cuda", rank, world)
+    keep = functools.partial(keep_for_cache, side=cfg.cache_side)
+    cache = checked(cached_pixels(split, "train", cfg.cache_side, keep, root, workers), cfg.skip_bad_images)
+    return CachedLoader(CachedSplit(cache, split, TrainAugmentation(cfg)), cfg.batch_size, True, cfg.seed, device_type, rank, world)
+
+
+def eval_loader(split, resolution: int, cache: str, skip_bad_images: bool, batch_size: int, workers: int, device_type: str = "cpu",
+                rank: int = 0, world: int = 1):
+    """The images as evaluation sees them; the cache holds them finished, so nothing is left to do per epoch."""
+    root = cache_root(cache)
+    if root is None:
+        dataset = TransformedSplit(split, eval_transform(resolution), skip_bad_images)
+        return make_loader(dataset, batch_size, False, workers, 0, device_type == "cuda", rank, world)
+    pixels = checked(cached_pixels(split, "eval", resolution, eval_transform(resolution), root, workers), skip_bad_images)
+    return CachedLoader(CachedSplit(pixels, split), batch_size, False, 0, device_type, rank, world)

@@ -1,0 +1,10 @@
+"""Where the project keeps what it computes once: the demo dataset and the preprocessing cache."""
+
+import os
+from pathlib import Path
+
+
+def cache_home() -> Path:
+    """$CARS_CACHE, or ~/.cache/transfer-stanford-cars (the demo dataset lives here too)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "transfer-stanford-cars"
+    return Path(os.environ.get("CARS_CACHE") or default)

@@ -1,0 +1,68 @@
+"""The machine a run uses, and every random number generator: seeded, saved and restored here."""
+
+import os
+import random
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from cars.errors import UserError
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if not available[name]:
+        raise UserError(f"--device {name} is not available on this machine; use --device auto")
+    return name
+
+
+def worker_count(workers: int) -> int:
+    """--workers: -1 means one per CPU core, at most 8."""
+    return min(8, os.cpu_count() or 1) if workers < 0 else workers
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    numpy_state = dict(state["numpy"], state=dict(state["numpy"]["state"], key=state["numpy"]["state"]["key"].numpy().astype(np.uint32)))
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def image_seed(seed: int, epoch: int, i: int, *stream: int) -> int:
+    """The seed of image i's random draws in `epoch` (and an optional stream of them): a function of
+    these numbers alone, so resume and torchrun draw the same. (A hash of numbers only: a string's
+    hash differs from process to process.)"""
+    return hash((seed, epoch, i, *stream))
+
+
+@contextmanager
+def seeded_torch_rng(seed: int):
+    """torch's global generator (which torchvision's random transforms draw from) seeded for a
+    block, then put back. torch.random.fork_rng does this too, but costs 100x more per image."""
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed % 2**62)
+    try:
+        yield
+    finally:
+        generator.set_state(state)

@@ -1,0 +1,117 @@
+"""A trained model for inference: found in a run folder, a checkpoint, an export or a bare state dict; exported again."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from cars.checkpoint import clean_state_dict, load_checkpoint, state_dict_of, unwrap
+from cars.data import label_map, open_source
+from cars.errors import UserError
+from cars.files import atomic_write
+from cars.models import build_model, check_resolution, head_name, load_checked
+from cars.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize
+
+
+@dataclass
+class Trained:
+    """A trained model ready for inference, with what it needs to be fed and explained."""
+
+    model: torch.nn.Module
+    arch: str
+    resolution: int
+    class_names: list[str]
+    data: str | None  # the dataset it was trained on, when known
+    path: Path  # the checkpoint file
+
+
+def read_model_file(path: Path) -> tuple[dict, dict]:
+    """(state dict with clean keys, what the file says about the model: arch, resolution, data, class_names).
+    Our checkpoints carry these; an exported model.safetensors has them in the model.json beside it."""
+    if path.suffix == ".safetensors":
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as error:
+            raise UserError(f"cannot read {path}: {error}; the file is damaged or not a safetensors file") from None
+        return clean_state_dict(state), read_model_json(path.parent / "model.json")
+    loaded = load_checkpoint(path)
+    config = loaded.get("config") if isinstance(loaded.get("config"), dict) else {}
+    names = loaded.get("class_names") if isinstance(loaded.get("class_names"), list) else None
+    return state_dict_of(loaded, path), {**{k: config.get(k) for k in ("arch", "resolution", "data")}, "class_names": names}
+
+
+def read_model_json(path: Path) -> dict:
+    """What export.py wrote beside model.safetensors ({} when there is none); damaged is one clear line."""
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {path}: {error}; export the model again") from None
+    names = info.get("class_names") if isinstance(info, dict) else None
+    if not isinstance(info, dict) or not (names is None or isinstance(names, list) and all(isinstance(n, str) for n in names)) \
+            or not isinstance(info.get("arch", ""), str) or not isinstance(info.get("resolution", 0), int):
+        raise UserError(f"{path} is not an export's model.json (expected arch, resolution and class_names); export the model again")
+    return info
+
+
+def load_trained_from(args) -> "Trained":
+    return load_trained(args.checkpoint, args.arch, args.num_classes, args.resolution, args.data)
+
+
+def load_trained(path, arch=None, num_classes=None, resolution=None, data=None) -> Trained:
+    """A run folder, one of our checkpoints, an exported model (folder or model.safetensors), or any
+    other state dict (then --arch, --num-classes, --resolution and --data supply what our files
+    carry). Flags win over what the file says."""
+
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / "model.safetensors", path / "best.pt", path / "last.pt"]
+        found = next((p for p in candidates if p.exists()), None)
+        if found is None:
+            raise UserError(f"{path} has no best.pt, last.pt or model.safetensors; give a run folder or a model file")
+        path = found
+    state, info = read_model_file(path)
+    arch = arch or info.get("arch")
+    if not arch:
+        raise UserError(f"{path} does not say which architecture it holds; pass --arch (e.g. --arch resnet50)")
+    if resolution is not None and resolution < 32:
+        raise UserError(f"--resolution must be at least 32, got {resolution}")
+    resolution = resolution or info.get("resolution") or 224
+    class_names = info.get("class_names")
+    if data and class_names and data != info.get("data"):  # another dataset than the run's: it must have the model's classes
+        label_map(class_names, open_source(data)[2], data)
+    data = data or info.get("data")
+    if class_names is None and data:
+        class_names = open_source(data)[2]
+    if num_classes is None:
+        num_classes = len(class_names) if class_names else None
+    model = build_model(arch, "none", num_classes or 1000)
+    if num_classes is None:  # a bare state dict without --num-classes: its head says how many
+        num_classes = state.get(head_name(model) + ".weight", torch.empty(1000)).shape[0]
+        model = build_model(arch, "none", num_classes)
+    class_names = class_names or [f"class {i}" for i in range(num_classes)]
+    if len(class_names) != num_classes:
+        raise UserError(f"{path}: the model has {num_classes} classes but the class names number {len(class_names)}; "
+                        "check --num-classes and --data")
+    load_checked(model, state, f"checkpoint {path}", arch)
+    check_resolution(model, arch, resolution)
+    return Trained(model.eval(), arch, resolution, class_names, data, path)
+
+
+def export_safetensors(trained: Trained, out: Path) -> None:
+    """model.safetensors (weights only: loading it can never run code) and model.json (what it needs)."""
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot write {out}: {error.strerror or error}; choose another --out") from None
+    state = {k: v.contiguous() for k, v in unwrap(trained.model).state_dict().items()}
+    atomic_write(out / "model.safetensors", lambda file: file.write(save(state)))
+    info = {"arch": trained.arch, "resolution": trained.resolution, "eval_resize": eval_resize(trained.resolution),
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "num_classes": len(trained.class_names),
+            "class_names": trained.class_names, "data": trained.data}
+    atomic_write(out / "model.json", lambda file: file.write((json.dumps(info, indent=2) + "\n").encode()))
