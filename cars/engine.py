@@ -1,6 +1,6 @@
 """train_one_epoch and evaluate: the only places that run batches."""
 
-import math
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -77,35 +77,73 @@ def train_step(model, batch, optimizer, scaler, device: Device, mixer=None, labe
     return loss, logits, labels
 
 
+class RunningTotals:
+    """An epoch's loss sum, correct count and first non-finite loss, kept on the device: adding a step
+    to them makes the host wait for nothing. `settle` reads them (one wait) into a Progress."""
+
+    def __init__(self, progress: Progress, device_type: str):
+        self.loss_sum = torch.tensor(progress.loss_sum, dtype=torch.float64, device=device_type)  # float64, as a Python float sums
+        self.correct = torch.tensor(progress.correct, dtype=torch.int64, device=device_type)
+        self.bad_step = torch.tensor(-1, device=device_type)  # the first step whose loss was not finite
+        self.bad_loss = torch.tensor(0.0, device=device_type)
+
+    def add(self, step: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        loss = loss.detach()
+        self.loss_sum += loss.double() * len(labels)
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+        first = (self.bad_step < 0) & ~torch.isfinite(loss)
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_loss = torch.where(first, loss.float(), self.bad_loss)
+
+    def settle(self, progress: Progress, lr: float) -> None:
+        """Into `progress`; a loss that stopped being finite raises Diverged (nothing after it could be trusted)."""
+        bad_step, loss_sum, correct, bad_loss = torch.stack([self.bad_step.double(), self.loss_sum, self.correct.double(),
+                                                            self.bad_loss.double()]).tolist()
+        if bad_step >= 0:
+            raise Diverged(f"the training loss became {bad_loss} at step {int(bad_step) + 1} "
+                           f"(lr {lr:.3g}); lower --lr, check --lr-scaling, or try lr_find.py")
+        progress.loss_sum, progress.correct = loss_sum, int(correct)
+
+
 def train_one_epoch(model, loader, optimizer, scaler, device: Device, scheduler=None, ema=None, mixer=None,
                     label_smoothing: float = 0.0, frozen_backbone: bool = False, description: str = "train",
-                    progress: Progress | None = None, on_step=None) -> EpochResult:
+                    progress: Progress | None = None, on_step=None, save_every: int = 0, save=None,
+                    refresh_seconds: float = 0.5) -> EpochResult:
     """One pass over the loader (the rest of it, when `progress` comes from a mid-epoch checkpoint).
     The scheduler and the EMA advance every step; accuracy is counted against the true labels, also
-    when MixUp/CutMix blend them. `on_step(progress)` runs after every step."""
+    when MixUp/CutMix blend them.
+
+    A step never makes the host wait for the device: loss and accuracy add up on the device and are
+    read (with the divergence check) every `refresh_seconds` for the progress bar, before each
+    `save(progress)` (every `save_every` steps within the epoch) and at the end. `on_step(progress)`
+    runs after every step, with the step count current and the sums as last read."""
     model.train()
     set_backbone_frozen(unwrap(model), frozen_backbone)  # after train(): a frozen backbone keeps its BatchNorm statistics
     progress = progress or Progress(lr=optimizer.param_groups[-1]["lr"])
+    totals = RunningTotals(progress, device.type)
     bar = tqdm(loader, desc=description, leave=False, dynamic_ncols=True, disable=not device.show_progress)
+    read_at = time.monotonic()
     for batch in bar:
         if batch is None:  # every image of the batch was unreadable and skipped
             continue
         loss, logits, labels = train_step(model, batch, optimizer, scaler, device, mixer, label_smoothing)
-        if not math.isfinite(loss.item()):  # nothing after this step could be trusted; the checkpoints before it can
-            raise Diverged(f"the training loss became {loss.item()} at step {progress.steps + 1} "
-                           f"(lr {optimizer.param_groups[-1]['lr']:.3g}); lower --lr, check --lr-scaling, or try lr_find.py")
+        totals.add(progress.steps, loss, logits, labels)
         if scheduler is not None:
             scheduler.step()
         if ema is not None:
             ema.update_parameters(unwrap(model))
-
         progress.steps += 1
-        progress.loss_sum += loss.item() * len(labels)
-        progress.correct += (logits.argmax(1) == labels).sum().item()
         progress.seen += len(labels)
-        bar.set_postfix(loss=f"{progress.loss_sum / progress.seen:.3f}", acc=f"{100 * progress.correct / progress.seen:.1f}%")
+        saving = save is not None and save_every and progress.steps % save_every == 0 and progress.steps < len(loader)
+        if saving or time.monotonic() - read_at > refresh_seconds:
+            totals.settle(progress, optimizer.param_groups[-1]["lr"])
+            bar.set_postfix(loss=f"{progress.loss_sum / progress.seen:.3f}", acc=f"{100 * progress.correct / progress.seen:.1f}%")
+            read_at = time.monotonic()
+        if saving:
+            save(progress)
         if on_step is not None:
             on_step(progress)
+    totals.settle(progress, optimizer.param_groups[-1]["lr"])
     seen = max(progress.seen, 1)
     return EpochResult(progress.loss_sum / seen, 100 * progress.correct / seen, progress.seen)
 

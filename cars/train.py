@@ -219,9 +219,8 @@ def restore_state(run: Run, checkpoint: dict) -> None:
 
 
 def save_within_epoch(run: Run, epoch: int, progress: Progress) -> None:
-    """After each step of `epoch`: with --save-every-steps, a last.pt that resumes from this step."""
-    if run.cfg.save_every_steps and progress.steps % run.cfg.save_every_steps == 0 and progress.steps < len(run.train_batches):
-        save_last(run, epoch - 1, progress)
+    """With --save-every-steps, every N steps of `epoch`: a last.pt that resumes from this step."""
+    save_last(run, epoch - 1, progress)
 
 
 def train_and_evaluate(run: Run, epoch: int) -> tuple[EpochResult, EpochResult | None]:
@@ -236,7 +235,7 @@ def train_and_evaluate(run: Run, epoch: int) -> tuple[EpochResult, EpochResult |
         run.log(f"epoch {epoch}: unfreezing the backbone; all layers train from now on")
     train = train_one_epoch(run.trained, run.train_batches, run.optimizer, run.scaler, run.device, run.scheduler, run.ema, run.mixer,
                             cfg.label_smoothing, frozen_backbone=epoch <= cfg.freeze_epochs, description=f"epoch {epoch}/{cfg.epochs}",
-                            progress=progress, on_step=functools.partial(save_within_epoch, run, epoch))
+                            progress=progress, save_every=cfg.save_every_steps, save=functools.partial(save_within_epoch, run, epoch))
     train = average_over_processes(train, run.world)
     result = None
     if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:

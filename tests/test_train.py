@@ -346,3 +346,29 @@ def test_explicit_random_erasing_wins_over_the_heavy_default():
     assert erasing(Config(augment="heavy")) == [0.25]
     assert erasing(Config(augment="heavy", random_erasing=0.6)) == [0.6]
     assert erasing(Config(random_erasing=0.3)) == [0.3] and erasing(Config()) == []
+
+
+def test_a_training_step_never_waits_for_the_device(monkeypatch):
+    """Loss and accuracy add up on the device; the host reads them when the progress bar refreshes, before a
+    mid-epoch save and at the end: with no refresh due, 6 steps make exactly one read (the epoch's last)."""
+    from cars.engine import Progress
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", "none", 3)
+    batches = [(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 2, 0])) for _ in range(6)]
+    reads = []
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k: reads.append(_name) or _real(self, *a, **k))
+    optimizer = optim.make_optimizer(Config(lr=0.01), model)
+    scheduler = optim.make_scheduler(Config(lr=0.01, epochs=1), optimizer, steps_per_epoch=6)
+    result = train_one_epoch(model, batches, optimizer, torch.amp.GradScaler("cpu", enabled=False), Device("cpu", show_progress=False),
+                             scheduler, refresh_seconds=1e9)
+    monkeypatch.undo()
+    assert reads == ["tolist"], reads
+    assert result.images == 24
+
+    saved = []  # a mid-epoch save reads the sums first, so the checkpoint holds them
+    train_one_epoch(model, batches, optimizer, torch.amp.GradScaler("cpu", enabled=False), Device("cpu", show_progress=False),
+                    save_every=4, save=lambda progress: saved.append(Progress(**vars(progress))), refresh_seconds=1e9)
+    assert [(p.steps, p.seen) for p in saved] == [(4, 16)] and saved[0].loss_sum > 0 and 0 <= saved[0].correct <= 16
