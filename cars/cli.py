@@ -106,9 +106,29 @@ def parse_compare(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def parse_inspect(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Look at a dataset before training on it: counts, sizes, modes, unreadable files, "
+                                                 "duplicates and train/test leaks, samples, and what an ImageNet model calls the pictures.")
+    parser.add_argument("--data", default="tanganke/stanford_cars", help="any dataset train.py reads (default: the hub's Stanford Cars; 'demo' works offline)")
+    parser.add_argument("--out", help="output folder (default runs/data-<name>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    parser.add_argument("--arch", default="resnet50", help="the ImageNet model of the sanity check (default resnet50)")
+    parser.add_argument("--weights", default="DEFAULT", help="its torchvision weights (default DEFAULT)")
+    parser.add_argument("--resolution", type=int, default=224, help="what the samples and the sanity check show the model (default 224)")
+    parser.add_argument("--check-images", type=int, default=500, help="training images the ImageNet model looks at (default 500)")
+    parser.add_argument("--workers", type=int, default=-1, help="processes that look at the images (-1: one per core, at most 8)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    parser.add_argument("--seed", type=int, default=0, help="chooses the samples (default 0)")
+    args = parser.parse_args(argv)
+    if args.check_images < 0 or args.workers > 64:
+        raise UserError("--check-images must not be negative and --workers at most 64")
+    return args
+
+
 # entry point -> (its parser, the module whose main(argv) runs it)
 TOOLS = {"train": (parse_train, "cars.train"), "eval": (parse_eval, "cars.evaluate"), "predict": (parse_predict, "cars.predict"),
-         "export": (parse_export, "cars.export"), "lr_find": (parse_lr_find, "cars.lr_find"), "compare": (parse_compare, "cars.compare")}
+         "export": (parse_export, "cars.export"), "lr_find": (parse_lr_find, "cars.lr_find"), "compare": (parse_compare, "cars.compare"),
+         "inspect_data": (parse_inspect, "cars.inspect_data")}
 
 
 def launch(tool: str) -> None:

@@ -176,3 +176,68 @@ def plot_lr_find(lrs: list[float], smoothed: list[float], suggestion: dict, path
     ax.legend()
     ax.set_title(title)
     save_figure(fig, path)
+
+
+def plot_class_counts(names: list[str], train: list[int], test: list[int], path: Path) -> None:
+    """Images per class, sorted, every class named: 196 bars stay readable in a tall chart."""
+    order = sorted(range(len(names)), key=lambda c: (train[c], c))
+    fig, ax = plt.subplots(figsize=(9, 1.5 + 0.16 * len(names)))
+    ax.barh(range(len(order)), [train[c] for c in order], color="steelblue", label="train")
+    ax.barh(range(len(order)), [test[c] for c in order], left=[train[c] for c in order], color="orange", label="test")
+    ax.set_yticks(range(len(order)), [names[c] for c in order], fontsize=7)
+    ax.set_ylim(-0.5, len(order) - 0.5)
+    ax.set_xlabel("images")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title("images per class, fewest training images first")
+    save_figure(fig, path)
+
+
+def plot_sizes(widths: list[int], heights: list[int], path: Path) -> None:
+    """Width against height of every image, and the aspect ratios."""
+    fig, (scatter, ratios) = plt.subplots(1, 2, figsize=(12, 4.5))
+    scatter.scatter(widths, heights, s=4, alpha=0.4)
+    scatter.set_xlabel("width (px)")
+    scatter.set_ylabel("height (px)")
+    scatter.set_title("image sizes")
+    scatter.grid(alpha=0.3)
+    ratios.hist([w / h for w, h in zip(widths, heights)], bins=40, color="gray")
+    ratios.set_xlabel("aspect ratio (width / height)")
+    ratios.set_ylabel("images")
+    ratios.set_title("aspect ratios")
+    save_figure(fig, path)
+
+
+def plot_duplicates(pairs: list[tuple], path: Path) -> None:
+    """pairs: (image a, image b, title a, title b, distance), each pair side by side."""
+    import textwrap
+
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(7, 3 * len(pairs)), squeeze=False)
+    for (image_a, image_b, title_a, title_b, distance), (left, right) in zip(pairs, axes):
+        for ax, image, title in ((left, image_a, title_a), (right, image_b, title_b)):
+            ax.imshow(image)
+            ax.axis("off")
+            ax.set_title(textwrap.fill(title, 40), fontsize=8)
+        left.text(1.05, 0.5, "same pixels" if distance == 0 else f"{distance} bits apart", transform=left.transAxes, fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=90)
+
+
+def plot_samples(rows: list[tuple], resolution: int, path: Path) -> None:
+    """rows: (class name, image as stored, [training crops], eval crop); what the model sees, beside the picture."""
+    import textwrap
+
+    columns = 2 + len(rows[0][2]) if rows else 1
+    fig, axes = plt.subplots(max(len(rows), 1), columns, figsize=(2.6 * columns, 2.8 * max(len(rows), 1)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for (name, image, crops, eval_crop), row in zip(rows, axes):
+        row[0].imshow(image)
+        row[0].set_title(textwrap.fill(f"{name} ({image.width}x{image.height}, as stored)", 30), fontsize=8)
+        for k, crop in enumerate(crops, 1):
+            row[k].imshow(crop.permute(1, 2, 0).numpy())
+            row[k].set_title(f"training crop {k} ({resolution} px)", fontsize=8)
+        row[-1].imshow(eval_crop.permute(1, 2, 0).numpy())
+        row[-1].set_title(f"eval crop ({resolution} px)", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=90)

@@ -17,8 +17,9 @@ OUTPUTS = {
     "eval folder": {"report.md", "summary.json", "per_class.csv", "per_class.png", "predictions.csv", "confused_pairs.csv",
                     "confusion_matrix.csv", "confusion.png", "gradcam_samples.png", "gradcam_worst.png"},
     "lr_find folder": {"lr_find.csv", "lr_find.png"},
+    "data report folder": {"report.md", "data.json", "class_counts.png", "sizes.png", "duplicates.csv", "duplicates.png", "samples.png"},
 }
-SIGNATURE = {"run folder": "config.toml", "eval folder": "summary.json", "lr_find folder": "lr_find.csv"}
+SIGNATURE = {"run folder": "config.toml", "eval folder": "summary.json", "lr_find folder": "lr_find.csv", "data report folder": "data.json"}
 
 
 def foreign_entries(folder: Path, kind: str) -> list[str]:

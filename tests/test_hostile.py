@@ -270,3 +270,17 @@ def test_compare_shows_damaged_runs_as_unreadable_and_the_others(tmp_path, train
     assert "| finished |" in rows["good"] and "| crashed |" in rows["summary"]
     assert "| unreadable |" in rows["metrics"] and "metrics.csv is damaged" in rows["metrics"]
     assert "| unreadable |" in rows["config"] and "unknown key 'colour'" in rows["config"]
+
+
+def test_a_crash_leaves_the_run_marked_crashed_not_running(tmp_path, data, monkeypatch):
+    from cars import engine
+
+    def failing_step(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(engine, "train_step", failing_step)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        train.main(tiny_args(data, tmp_path / "run"))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "crashed" and summary["epochs_done"] == 0
+    assert torch.load(tmp_path / "run" / "last.pt")["epoch"] == 0  # still resumable from its start
