@@ -57,25 +57,49 @@ def augmentation(cfg: Config) -> str:
     return ", ".join(parts)
 
 
+OVERFIT_GAP = 15.0  # points of train accuracy above eval accuracy at the last evaluation (the seed's run 5: 73 % against 52 %)
+UNDERFIT_TRAIN = 80.0  # % of its own training images a model must get right; below, it underfits (the seed's runs 1-2)
+VERDICT_RULE = (f"Verdict, at the last evaluated epoch: diverged if the loss stopped being finite; overfitting if train accuracy is "
+                f"more than {OVERFIT_GAP:g} points above eval accuracy; else underfitting if train accuracy is below {UNDERFIT_TRAIN:g} %; "
+                "else fine. (Train accuracy is measured on the augmented training crops, so heavy augmentation, MixUp or CutMix "
+                "lower it.)")
+
+
+def verdict(status: str, metrics: list[dict]) -> str:
+    """The seed's diagnosis of a run from the gap between train and eval accuracy (VERDICT_RULE)."""
+    if status == "diverged":
+        return "diverged"
+    if not evaluated(metrics):
+        return "-"
+    last = evaluated(metrics)[-1]
+    if last["train_acc"] - last["eval_acc"] > OVERFIT_GAP:
+        return "overfitting"
+    return "underfitting" if last["train_acc"] < UNDERFIT_TRAIN else "fine"
+
+
 def row(run: Run) -> list[str]:
     cfg, metrics, summary = run.config, run.metrics, run.summary
     split = summary.get("selected_on", "val" if cfg.val_split else "test")
     if evaluated(metrics):
         best = max(evaluated(metrics), key=lambda r: r["eval_acc"])
+        last = evaluated(metrics)[-1]
         best_text = f"{best['eval_acc']:.2f}% @{int(best['epoch'])} ({split})"
-        final_text = f"{evaluated(metrics)[-1]['eval_acc']:.2f}%"
+        final_text = f"{last['eval_acc']:.2f}%"
+        train_text = f"{best['train_acc']:.2f}% / {last['train_acc']:.2f}%"
+        gap_text = f"{last['train_acc'] - last['eval_acc']:+.2f}"
         seconds = summary.get("seconds", sum(r["seconds"] for r in metrics))
     else:
-        best_text, final_text, seconds = "-", "-", 0
+        best_text, final_text, train_text, gap_text, seconds = "-", "-", "-", "-", 0
     test_text = f"{summary['test_acc_of_best']:.2f}%" if "test_acc_of_best" in summary else ("(= best)" if split == "test" else "-")
     minutes = f"{seconds / 60:.1f} min"
     lr = f"{base_lr(cfg):g}" + (" (scaled)" if cfg.lr_scaling == "linear" else "")
     return [run.name, run.status, cfg.arch, strategy(cfg), str(cfg.resolution), cfg.optimizer, lr, f"{cfg.weight_decay:g}",
-            str(cfg.batch_size), augmentation(cfg), f"{len(metrics)}/{cfg.epochs}", best_text, final_text, test_text, minutes]
+            str(cfg.batch_size), augmentation(cfg), f"{len(metrics)}/{cfg.epochs}", best_text, final_text, train_text, gap_text,
+            verdict(run.status, metrics), test_text, minutes]
 
 
 HEADER = ["run", "status", "arch", "strategy", "res", "optimizer", "lr", "wd", "batch", "augmentation", "epochs",
-          "best eval (epoch, split)", "final epoch", "test of best", "time"]
+          "best eval (epoch, split)", "final epoch", "train at best / final", "train-eval gap", "verdict", "test of best", "time"]
 
 
 def main(argv=None) -> None:
@@ -94,7 +118,7 @@ def main(argv=None) -> None:
     table = markdown_table(HEADER, rows)
     notes = ("The best epoch is chosen on the split in brackets; chosen on test (the seed's practice), it flatters "
              "the result: the final-epoch column is the honest one. With --val-split the test column is the test accuracy "
-             "of the epoch chosen on val.")
+             "of the epoch chosen on val. " + VERDICT_RULE)
     print(table + "\n\n" + notes)
     if skipped:
         print(f"\nnot run folders, skipped: {', '.join(skipped)}")

@@ -71,6 +71,8 @@ class Config:
     cache_side: int = knob(0, "0: the cache keeps training images at native size (the seed's pixels); N: a smaller, lossy copy, longer side at most N px")
     eval_every: int = knob(1, "evaluate every N epochs (and always after the last one)")
     save_every_steps: int = knob(0, "also write last.pt every N steps within an epoch, for long epochs (0: at epoch ends only)")
+    early_stop: int = knob(0, "stop after N evaluations without a better eval accuracy (0: off); the run stays resumable")
+    log_every_steps: int = knob(50, "TensorBoard: also the training loss and lr every N steps (0: once per epoch only)")
     seed: int = knob(0, "random seed")
     device: str = knob("auto", "where to train (auto: CUDA, then MPS, then CPU)", ["auto", "cuda", "mps", "cpu"])
     run_dir: str = knob("", "run folder (default runs/<preset name>)")
@@ -93,7 +95,8 @@ class Config:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
         non_negative = ["momentum", "weight_decay", "gamma", "freeze_epochs", "backbone_lr_mult", "color_jitter", "dropout",
-                        "mixup", "cutmix", "warmup_epochs", "save_every_steps", "cache_side"]
+                        "mixup", "cutmix", "warmup_epochs", "save_every_steps", "cache_side", "early_stop",
+                        "log_every_steps"]
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise UserError(f"--{flag(name)} must not be negative, got {getattr(self, name)}")

@@ -2,7 +2,7 @@
 
 Sources (`--data`): a hub id, a `save_to_disk` folder, a folder of parquet files laid out like
 the hub repo, an ImageFolder tree, the Stanford Cars devkit layout, or `demo`. Images stay
-encoded until a DataLoader worker needs them, and every one becomes RGB there.
+encoded until read_rgb decodes them (once, into the cache), and every one becomes RGB there.
 """
 
 import io

@@ -108,15 +108,16 @@ class RunningTotals:
 def train_one_epoch(model, loader, optimizer, scaler, device: Device, scheduler=None, ema=None, mixer=None,
                     label_smoothing: float = 0.0, frozen_backbone: bool = False, description: str = "train",
                     progress: Progress | None = None, on_step=None, save_every: int = 0, save=None,
-                    refresh_seconds: float = 0.5) -> EpochResult:
+                    log_every: int = 0, log=None, refresh_seconds: float = 0.5) -> EpochResult:
     """One pass over the loader (the rest of it, when `progress` comes from a mid-epoch checkpoint).
     The scheduler and the EMA advance every step; accuracy is counted against the true labels, also
     when MixUp/CutMix blend them.
 
     A step never makes the host wait for the device: loss and accuracy add up on the device and are
     read (with the divergence check) every `refresh_seconds` for the progress bar, before each
-    `save(progress)` (every `save_every` steps within the epoch) and at the end. `on_step(progress)`
-    runs after every step, with the step count current and the sums as last read."""
+    `save(progress)` (every `save_every` steps within the epoch) and at the end; `log(steps, loss, lr)`
+    gets the step's loss every `log_every` steps (a read of its own). `on_step(progress)` runs after
+    every step, with the step count current and the sums as last read."""
     model.train()
     set_backbone_frozen(unwrap(model), frozen_backbone)  # after train(): a frozen backbone keeps its BatchNorm statistics
     progress = progress or Progress(lr=optimizer.param_groups[-1]["lr"])
@@ -141,6 +142,8 @@ def train_one_epoch(model, loader, optimizer, scaler, device: Device, scheduler=
             read_at = time.monotonic()
         if saving:
             save(progress)
+        if log is not None and log_every and progress.steps % log_every == 0:
+            log(progress.steps, loss.item(), optimizer.param_groups[-1]["lr"])
         if on_step is not None:
             on_step(progress)
     totals.settle(progress, optimizer.param_groups[-1]["lr"])

@@ -146,14 +146,16 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 
 def plot_comparison(runs: dict[str, list[dict]], path: Path) -> None:
-    """Eval accuracy of every run on one chart, their lr schedules beneath on the same epochs."""
+    """Eval accuracy (solid) and train accuracy (dashed) of every run on one chart, their lr schedules beneath: the gap
+    between a run's two lines is what tells overfitting from underfitting."""
     fig, (acc_ax, lr_ax) = plt.subplots(2, 1, figsize=(11, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
     for name, rows in runs.items():
         scored = evaluated(rows)
         best = f" (best {max(r['eval_acc'] for r in scored):.2f}%)" if scored else ""
         line, = acc_ax.plot([r["epoch"] for r in scored], [r["eval_acc"] for r in scored], "-", lw=1.5, label=name + best)
+        acc_ax.plot([r["epoch"] for r in rows], [r["train_acc"] for r in rows], "--", lw=1, color=line.get_color())  # train, dashed
         lr_ax.plot([r["epoch"] for r in rows], [r["lr"] for r in rows], "-", lw=1.2, color=line.get_color())
-    acc_ax.set_ylabel("eval accuracy (%)")
+    acc_ax.set_ylabel("accuracy (%): eval solid, train dashed")
     acc_ax.grid(alpha=0.3)
     acc_ax.legend(fontsize=8, loc="lower right")
     lr_ax.set_yscale("log")

@@ -24,12 +24,12 @@ SIGNATURE = {"run folder": "config.toml", "eval folder": "summary.json", "lr_fin
 
 def foreign_entries(folder: Path, kind: str) -> list[str]:
     """What in `folder` this project did not write as a `kind` (a temporary file of an interrupted
-    atomic write, '.<name>.xxxx', counts as written; so do a run folder's eval-* folders)."""
+    atomic write, '.<name>.xxxx', counts as written; so do a run folder's eval-* folders and TensorBoard events)."""
     known = OUTPUTS[kind]
     foreign = []
     for entry in sorted(os.listdir(folder)):
         base = entry[1:].rsplit(".", 1)[0] if entry.startswith(".") else entry
-        if base in known or (kind == "run folder" and entry.startswith("eval-")):
+        if base in known or (kind == "run folder" and entry.startswith(("eval-", "events.out.tfevents."))):
             continue
         foreign.append(entry)
     return foreign

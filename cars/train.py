@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
 
 from cars import config as config_module
 from cars.checkpoint import load_checkpoint, save_checkpoint, unwrap
@@ -30,7 +31,7 @@ from cars.runs import RunLog, check_folder_free, duration, prepare_folder, read_
 from cars.runtime import pick_device, restore_rng, rng_state, seed_everything, worker_count
 from cars.transforms import batch_mixer
 
-RESUMABLE_FLAGS = {"epochs", "workers", "device", "save_every_steps", "cache", "eval_every"}  # the only flags that may come with --resume: none changes the recipe
+RESUMABLE_FLAGS = {"epochs", "workers", "device", "save_every_steps", "cache", "eval_every", "early_stop", "log_every_steps"}  # the only flags that may come with --resume: none changes the recipe
 
 
 def resolve_run(args) -> tuple[config_module.Config, str, Path, dict | None]:
@@ -57,7 +58,7 @@ def resolve_run(args) -> tuple[config_module.Config, str, Path, dict | None]:
     if changed:
         flags = ", ".join("--" + config_module.flag(k) for k in changed)
         raise UserError(f"{flags} would change the recipe of {run_dir}; --resume only takes --epochs (to extend), --workers, --device, "
-                        "--save-every-steps, --cache and --eval-every. "
+                        "--save-every-steps, --cache, --eval-every, --early-stop and --log-every-steps. "
                         "Start a new run (--run-dir) to change the recipe")
     cfg = dataclasses.replace(saved, **{k: given[k] for k in RESUMABLE_FLAGS & set(given)}).validate()
     if cfg.scheduler == "cosine" and cfg.epochs != saved.epochs:  # the step schedule does not depend on the length
@@ -104,6 +105,7 @@ class Run:
     train_batches: object
     eval_batches: object
     workers: int
+    board: SummaryWriter | None  # TensorBoard events in the run folder (the main process only)
     rows: list[dict] = field(default_factory=list)  # metrics.csv, one row per epoch done
     first_epoch: int = 1
     progress: Progress | None = None  # where a mid-epoch checkpoint left the first epoch to run
@@ -181,7 +183,9 @@ def start(args, argv) -> Run:
     run = Run(cfg, preset, run_dir, splits, world, device, log, model, trained,
               evaluated=ema.module if ema else unwrap(trained) if world.size > 1 else trained, optimizer=optimizer, scheduler=scheduler,
               scaler=scaler, ema=ema, mixer=batch_mixer(cfg.mixup, cfg.cutmix, len(splits.class_names)), train_batches=train_batches,
-              eval_batches=eval_batches, workers=workers)
+              eval_batches=eval_batches, workers=workers, board=None)
+    if world.main:  # after a resume, events past the checkpoint (an interrupted epoch's steps) are dropped
+        run.board = SummaryWriter(str(run_dir), purge_step=resumed_step(resumed, len(train_batches)) if resumed else None)
     if resumed:
         restore_state(run, resumed)
         log(f"resuming after epoch {resumed['epoch']} of {cfg.epochs}")
@@ -218,6 +222,36 @@ def restore_state(run: Run, checkpoint: dict) -> None:
     run.progress = Progress(**checkpoint["progress"]) if checkpoint.get("progress") else None  # a mid-epoch checkpoint
 
 
+def resumed_step(checkpoint: dict, steps_per_epoch: int) -> int:
+    """The global step a checkpoint stands at: its epochs, and the steps of a mid-epoch checkpoint."""
+    return checkpoint["epoch"] * steps_per_epoch + ((checkpoint.get("progress") or {}).get("steps") or 0)
+
+
+def log_step(run: Run, epoch: int, steps: int, loss: float, lr: float) -> None:
+    """TensorBoard, every --log-every-steps steps: the training loss and lr of this step."""
+    if run.board:
+        step = (epoch - 1) * len(run.train_batches) + steps
+        run.board.add_scalar("step/train_loss", loss, step)
+        run.board.add_scalar("step/lr", lr, step)
+
+
+def log_epoch(run: Run, row: dict) -> None:
+    """TensorBoard, every epoch: what metrics.csv holds, at the step the epoch ended (logged before
+    last.pt is written, so a resume from the previous epoch drops it and logs it again)."""
+    if run.board:
+        for key in ("lr", "train_loss", "train_acc", "eval_loss", "eval_acc"):
+            if row[key] is not None:
+                run.board.add_scalar(f"epoch/{key.replace('eval', run.splits.eval_name)}", row[key], row["epoch"] * len(run.train_batches))
+        run.board.flush()
+
+
+def stale_evaluations(rows: list[dict]) -> int:
+    """How many evaluations came after the best one (--early-stop counts these)."""
+    scored = evaluated(rows)
+    best = max(range(len(scored)), key=lambda k: (scored[k]["eval_acc"], -k)) if scored else 0
+    return len(scored) - 1 - best if scored else 0
+
+
 def save_within_epoch(run: Run, epoch: int, progress: Progress) -> None:
     """With --save-every-steps, every N steps of `epoch`: a last.pt that resumes from this step."""
     save_last(run, epoch - 1, progress)
@@ -235,7 +269,8 @@ def train_and_evaluate(run: Run, epoch: int) -> tuple[EpochResult, EpochResult |
         run.log(f"epoch {epoch}: unfreezing the backbone; all layers train from now on")
     train = train_one_epoch(run.trained, run.train_batches, run.optimizer, run.scaler, run.device, run.scheduler, run.ema, run.mixer,
                             cfg.label_smoothing, frozen_backbone=epoch <= cfg.freeze_epochs, description=f"epoch {epoch}/{cfg.epochs}",
-                            progress=progress, save_every=cfg.save_every_steps, save=functools.partial(save_within_epoch, run, epoch))
+                            progress=progress, save_every=cfg.save_every_steps, save=functools.partial(save_within_epoch, run, epoch),
+                            log_every=cfg.log_every_steps, log=functools.partial(log_step, run, epoch))
     train = average_over_processes(train, run.world)
     result = None
     if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
@@ -266,13 +301,14 @@ def main(argv=None) -> None:
     write_summary(status)
     previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt) if threading.current_thread() is threading.main_thread() else None
     started = plotted = time.time()
-    epoch, train, result = run.first_epoch, None, None
+    epoch, train, result, stopped_early = run.first_epoch, None, None, False
     try:
         for epoch in range(run.first_epoch, cfg.epochs + 1):
             epoch_start, best_before = time.time(), run.best
             train, result = train_and_evaluate(run, epoch)
             improved = result is not None and (best_before is None or result.accuracy > best_before["eval_acc"])
             seconds = run.rows[-1]["seconds"] = round(time.time() - epoch_start, 2)
+            log_epoch(run, run.rows[-1])
             record(run, improved)
             if run.world.main and (time.time() - plotted > 30 or epoch == cfg.epochs):  # a plot costs about a second
                 plot_curves(run.rows, run.run_dir / "curves.png", run.splits.eval_name, title=f"{run.preset}: {cfg.arch} {cfg.resolution}px")
@@ -282,6 +318,11 @@ def main(argv=None) -> None:
             evaluation = f"{name} loss {result.loss:.4f} acc {result.accuracy:5.2f}%" if result else f"{name} not evaluated"
             log(f"epoch {epoch:3d}/{cfg.epochs} lr {run.rows[-1]['lr']:.4g} | train loss {train.loss:.4f} acc {train.accuracy:5.2f}% | "
                 f"{evaluation} | {seconds:.1f}s | ETA {duration(eta)}" + (" *" if improved else ""))
+            if cfg.early_stop and epoch < cfg.epochs and stale_evaluations(run.rows) >= cfg.early_stop:
+                stopped_early = True
+                log(f"stopping early after epoch {epoch}: {cfg.early_stop} evaluations without a better {run.splits.eval_name} accuracy "
+                    f"(--early-stop {cfg.early_stop}). To go on: uv run train.py --resume {run.run_dir} --early-stop N")
+                break
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every file on disk is complete (atomic writes); say how to go on
         write_summary({**status, "status": "interrupted", "epochs_done": epoch - 1})
         log(f"interrupted in epoch {epoch}; last.pt holds epoch {epoch - 1}"
@@ -298,8 +339,13 @@ def main(argv=None) -> None:
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
+        if run.board:
+            run.board.close()
         shutdown(run.world)
-    write_summary(finish(run, train, result))
+    summary = finish(run, train, result)
+    if stopped_early:
+        summary.update(status="stopped early", epochs_done=epoch)
+    write_summary(summary)
 
 
 def finish(run: Run, train: EpochResult, result: EpochResult) -> dict:

@@ -352,3 +352,33 @@ def test_lr_find_suggestion_rules_on_a_known_curve():
     suggestion = lr_find.suggest(lrs, losses)
     assert lrs[20] < suggestion["valley"] < lrs[44]
     assert lrs[20] <= suggestion["steepest"] <= lrs[44]
+
+
+@pytest.mark.parametrize("rows, status, expected", [
+    ([(1, 60.0, 50.0), (2, 73.0, 52.0)], "finished", "overfitting"),  # the seed's run 5: 73 % train against 52 % test
+    ([(1, 40.0, 38.0), (2, 55.0, 51.0)], "finished", "underfitting"),  # runs 1-2: over-regularised, neither fits
+    ([(1, 90.0, 80.0), (2, 99.0, 89.4)], "finished", "fine"),  # run 7: 9.6 points apart, both high
+    ([(1, 90.0, 80.0), (2, 99.0, None)], "finished", "fine"),  # the last evaluated epoch decides
+    ([(1, 30.0, 20.0)], "diverged", "diverged"),
+])
+def test_compare_verdicts_on_hand_made_metrics(tmp_path, capsys, rows, status, expected):
+    from cars.config import Config
+    from cars.report import METRIC_COLUMNS, write_csv
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    Config(epochs=len(rows)).save(run_dir / "config.toml")
+    write_csv(run_dir / "metrics.csv", [dict(epoch=e, lr=0.1, train_loss=1.0, train_acc=t, eval_loss=1.0 if v else None, eval_acc=v,
+                                             seconds=1.0) for e, t, v in rows], METRIC_COLUMNS)
+    (run_dir / "summary.json").write_text(json.dumps({"status": status, "selected_on": "test"}))
+    capsys.readouterr()
+    compare.main([str(run_dir)])
+    lines = capsys.readouterr().out.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    cells = dict(zip(header, [c.strip() for c in lines[2].strip("|").split("|")]))
+    last = [r for r in rows if r[2] is not None][-1]
+    best = max((r for r in rows if r[2] is not None), key=lambda r: r[2])
+    assert cells["verdict"] == expected
+    assert cells["train-eval gap"] == f"{last[1] - last[2]:+.2f}"
+    assert cells["train at best / final"] == f"{best[1]:.2f}% / {last[1]:.2f}%"
+    assert any("Verdict, at the last evaluated epoch: diverged if" in line for line in lines)  # the rule, printed under the table

@@ -372,3 +372,46 @@ def test_a_training_step_never_waits_for_the_device(monkeypatch):
     train_one_epoch(model, batches, optimizer, torch.amp.GradScaler("cpu", enabled=False), Device("cpu", show_progress=False),
                     save_every=4, save=lambda progress: saved.append(Progress(**vars(progress))), refresh_seconds=1e9)
     assert [(p.steps, p.seen) for p in saved] == [(4, 16)] and saved[0].loss_sum > 0 and 0 <= saved[0].correct <= 16
+
+
+def test_tensorboard_events_match_metrics_csv(tmp_path, hub_folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = run_tiny(tmp_path, hub_folder, "--epochs", "3", "--eval-every", "2", "--log-every-steps", "1")
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    rows = read_metrics(run_dir / "metrics.csv")
+    for key, tag in (("lr", "epoch/lr"), ("train_loss", "epoch/train_loss"), ("train_acc", "epoch/train_acc"),
+                     ("eval_loss", "epoch/test_loss"), ("eval_acc", "epoch/test_acc")):
+        logged = {e.step: e.value for e in events.Scalars(tag)}
+        expected = {int(r["epoch"]) * 3: r[key] for r in rows if r[key] is not None}  # 18 images, batch 6: 3 steps an epoch
+        assert logged.keys() == expected.keys(), tag
+        assert all(logged[s] == pytest.approx(v, rel=1e-6) for s, v in expected.items()), tag
+    steps = events.Scalars("step/train_loss")
+    assert [e.step for e in steps] == list(range(1, 10)) and all(e.value > 0 for e in steps)
+    # an epoch's mean training loss is the mean of its steps' losses (every batch has 6 images)
+    assert sum(e.value for e in steps[:3]) / 3 == pytest.approx(rows[0]["train_loss"], rel=1e-5)
+
+
+def test_early_stop_stops_after_n_evaluations_without_improvement_and_resumes(tmp_path, hub_folder, monkeypatch, capsys):
+    from cars.engine import EpochResult
+
+    accuracies = iter([50.0, 60.0, 55.0, 58.0, 59.0, 70.0])  # scripted evaluations: the best is epoch 2
+
+    def scripted(model, loader, device, description="eval", world=None, pad_to=None):
+        return EpochResult(1.0, next(accuracies), 9)
+
+    monkeypatch.setattr(train, "evaluate", scripted)
+    run_dir = run_tiny(tmp_path, hub_folder, "--epochs", "6", "--early-stop", "2")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "stopped early" and summary["epochs_done"] == 4 and summary["best_epoch"] == 2
+    assert [r["eval_acc"] for r in read_metrics(run_dir / "metrics.csv")] == [50.0, 60.0, 55.0, 58.0]
+    assert "stopping early after epoch 4: 2 evaluations without a better test accuracy" in (run_dir / "train.log").read_text()
+    capsys.readouterr()
+    compare.main([str(run_dir)])
+    assert "| stopped early |" in capsys.readouterr().out
+
+    train.main(["--resume", str(run_dir), "--early-stop", "3"])  # one more evaluation is allowed: 59 is still no better
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "stopped early" and summary["epochs_done"] == 5
+    assert [r["epoch"] for r in read_metrics(run_dir / "metrics.csv")] == [1, 2, 3, 4, 5]
