@@ -318,7 +318,7 @@ def main(argv=None) -> None:
             evaluation = f"{name} loss {result.loss:.4f} acc {result.accuracy:5.2f}%" if result else f"{name} not evaluated"
             log(f"epoch {epoch:3d}/{cfg.epochs} lr {run.rows[-1]['lr']:.4g} | train loss {train.loss:.4f} acc {train.accuracy:5.2f}% | "
                 f"{evaluation} | {seconds:.1f}s | ETA {duration(eta)}" + (" *" if improved else ""))
-            if cfg.early_stop and epoch < cfg.epochs and stale_evaluations(run.rows) >= cfg.early_stop:
+            if cfg.early_stop and result is not None and epoch < cfg.epochs and stale_evaluations(run.rows) >= cfg.early_stop:
                 stopped_early = True
                 log(f"stopping early after epoch {epoch}: {cfg.early_stop} evaluations without a better {run.splits.eval_name} accuracy "
                     f"(--early-stop {cfg.early_stop}). To go on: uv run train.py --resume {run.run_dir} --early-stop N")
