@@ -15,6 +15,7 @@ the preprocessing parameters, so a changed dataset or parameter means another fo
 under a temporary name and renamed when complete; a lock makes a second process (torchrun, or a
 second run) wait for the first instead of building it twice.
 """
+
 import fcntl
 import hashlib
 import json

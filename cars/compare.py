@@ -6,8 +6,9 @@ from pathlib import Path
 from cars.cli import parse_compare
 from cars.config import Config, load_saved
 from cars.errors import UserError
+from cars.files import make_folder
 from cars.optim import base_lr
-from cars.report import METRIC_COLUMNS, evaluated, markdown_table, plot_comparison, read_metrics, write_text
+from cars.report import METRIC_COLUMNS, best_row, evaluated, markdown_table, plot_comparison, read_metrics, write_text
 from cars.runs import read_summary, run_status
 
 
@@ -81,7 +82,7 @@ def row(run: Run) -> list[str]:
     cfg, metrics, summary = run.config, run.metrics, run.summary
     split = summary.get("selected_on", "val" if cfg.val_split else "test")
     if evaluated(metrics):
-        best = max(evaluated(metrics), key=lambda r: r["eval_acc"])
+        best = best_row(metrics)
         last = evaluated(metrics)[-1]
         best_text = f"{best['eval_acc']:.2f}% @{int(best['epoch'])} ({split})"
         final_text = f"{last['eval_acc']:.2f}%"
@@ -124,10 +125,7 @@ def main(argv=None) -> None:
         print(f"\nnot run folders, skipped: {', '.join(skipped)}")
     if args.out:
         out = Path(args.out)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise UserError(f"cannot write {out}: {error.strerror or error}; choose another --out") from None
+        make_folder(out)
         plot_comparison({run.name: run.metrics for run in runs if run.metrics}, out / "compare.png")
         write_text(out / "compare.md", f"# Experiments\n\n{table}\n\n{notes}\n\n![eval accuracy and lr of every run](compare.png)\n")
         print(f"\nwrote {out / 'compare.md'} and {out / 'compare.png'}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from cars.demo import ensure_demo
 from cars.errors import UserError
@@ -92,12 +92,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+# what PIL raises for a file it cannot decode: corrupt, truncated, not an image (UnidentifiedImageError is an
+# OSError), or so large that it refuses (a decompression bomb)
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def read_rgb(split, i: int) -> Image.Image:
     try:
         with split.open(i) as image:
             image.load()
             return to_rgb(image)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    except UNREADABLE as error:
         raise UserError(f"cannot read image {split.where(i)}: {error}") from None
 
 
@@ -261,8 +266,9 @@ def open_image_folder(path: Path):
     for name, folder in (("train", path / "train"), ("test", eval_dir)):
         samples, seen = [], set()
         for file, label in make_dataset(str(folder), class_to_idx, extensions=extensions, allow_empty=True):
-            if os.path.realpath(file) not in seen:  # a symlink loop would list the same files again and again
-                seen.add(os.path.realpath(file))
+            real = os.path.realpath(file)
+            if real not in seen:  # a symlink loop would list the same files again and again
+                seen.add(real)
                 samples.append((file, label))
         splits.append(FileSplit(samples, name))
         ignored = sum(1 for _, _, files in os.walk(folder) for f in files if not f.lower().endswith(extensions))

@@ -15,6 +15,14 @@ def default_mode(folder: bool = False) -> int:
     return (0o777 if folder else 0o666) & ~umask
 
 
+def make_folder(folder: Path, elsewhere: str = "--out") -> None:
+    """`folder` and its parents, if missing; a path that cannot be one is one clear line."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot write {folder}: {error.strerror or error}; choose another {elsewhere}") from None
+
+
 def atomic_write(path: Path, write) -> None:
     """write(file) into a temporary file beside `path`, fsync, then rename over `path`:
     a crash at any instant leaves either the old file or the new one, never half of one."""

@@ -14,12 +14,12 @@ from pathlib import Path
 import imagehash
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from cars.cli import parse_inspect
 from cars.config import Config
-from cars.data import load_splits, read_rgb, to_rgb
+from cars.cache import keep_as_is
+from cars.data import UNREADABLE, load_splits, read_rgb, to_rgb
 from cars.models import check_arch, resolve_weights
 from cars.report import markdown_table, plot_class_counts, plot_duplicates, plot_samples, plot_sizes, write_csv, write_json, write_text
 from cars.runs import check_folder_free, prepare_folder
@@ -68,13 +68,9 @@ class Facts(torch.utils.data.Dataset):
                 image.draft("RGB", (max(HASH_SIZE * 8, image.width // 4), max(HASH_SIZE * 8, image.height // 4)))
                 image.load()
                 facts.phash = str(imagehash.phash(to_rgb(image), hash_size=HASH_SIZE))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        except UNREADABLE as error:
             facts.error = str(error)
         return facts
-
-
-def keep_as_is(sample):
-    return sample
 
 
 def inspect_split(split, workers: int) -> list[ImageFacts]:
@@ -97,13 +93,13 @@ def find_duplicates(facts: list[ImageFacts], same_pixels, max_distance: int = NE
         distance = np.bitwise_count(hashes[a + 1 :] ^ hashes[a]).sum(1)  # differing bits, against every later image
         for offset in np.nonzero(distance <= max_distance)[0]:
             fa, fb = readable[a], readable[a + 1 + offset]
-            exact = same_pixels(fa, fb)
+            exact = int(distance[offset]) == 0 and same_pixels(fa, fb)  # only matching hashes can be the same pixels
             pairs.append(dict(split_a=fa.split, index_a=fa.index, split_b=fb.split, index_b=fb.index,
                               distance=0 if exact else int(distance[offset]), exact=exact, same_label=fa.label == fb.label))
     return sorted(pairs, key=lambda p: (p["split_b"] != "test", p["distance"], p["index_a"], p["index_b"]))
 
 
-def imagenet_check(splits, sample: list[tuple[str, int]], cfg: Config, device: str) -> dict:
+def imagenet_check(by_split: dict, sample: list[tuple[str, int]], cfg: Config, device: str) -> dict:
     """The original write-up's check: the ImageNet model itself (its own 1000-way head) on a sample of images."""
     import torchvision
 
@@ -118,7 +114,6 @@ def imagenet_check(splits, sample: list[tuple[str, int]], cfg: Config, device: s
                            "$TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch/hub/checkpoints/), or run once with a network"}
     categories = weights.meta["categories"]
     transform = eval_transform(cfg.resolution)
-    by_split = {"train": splits.train, "test": splits.eval}
     predictions = []
     with torch.no_grad():
         for start in range(0, len(sample), 32):
@@ -139,12 +134,12 @@ def size_stats(values: list[int]) -> dict:
 
 def main(argv=None) -> None:
     args = parse_inspect(argv)
-    cfg = Config(data=args.data, arch=args.arch, weights=args.weights, resolution=args.resolution).validate()
+    cfg = Config(data=args.data, arch=args.arch, weights=args.weights, resolution=args.resolution, workers=args.workers).validate()
     name = Path(args.data).name if Path(args.data).exists() else args.data.replace("/", "_")
     out = Path(args.out or f"runs/data-{name}")
     check_folder_free(out, args.overwrite, "data report folder", "--out")
     splits = load_splits(args.data)
-    workers = worker_count(args.workers)
+    workers = worker_count(cfg.workers)
     prepare_folder(out, args.overwrite, "data report folder", "--out")
     names = splits.class_names
     facts = inspect_split(splits.train, workers) + inspect_split(splits.eval, workers)
@@ -202,7 +197,7 @@ def main(argv=None) -> None:
 
     # the sanity check of the original write-up
     sample = rng.sample([(f.split, f.index) for f in readable if f.split == "train"], min(args.check_images, len([f for f in readable if f.split == "train"])))
-    check = imagenet_check(splits, sorted(sample), cfg, pick_device(args.device))
+    check = imagenet_check(by_split, sorted(sample), cfg, pick_device(args.device))
     if "predictions" in check:
         labels_of = {(p["split"], p["index"]): p["imagenet"] for p in check["predictions"]}
         largest = sorted(range(len(names)), key=lambda c: (-per_class[c], c))[:10]

@@ -42,6 +42,11 @@ def evaluated(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["eval_acc"] is not None]
 
 
+def best_row(rows: list[dict]) -> dict | None:
+    """The evaluated epoch with the highest eval accuracy, the first of equals (a tie is no improvement); None before any."""
+    return max(evaluated(rows), key=lambda r: r["eval_acc"], default=None)
+
+
 def plot_curves(rows: list[dict], path: Path, eval_name: str = "test", title: str = "") -> None:
     """Loss and accuracy, train vs eval, with the learning rate on a second axis so lr drops
     line up with the jumps they cause."""
@@ -59,8 +64,8 @@ def plot_curves(rows: list[dict], path: Path, eval_name: str = "test", title: st
         lr_ax.set_ylabel("learning rate", color="grey")
         handles = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
         ax.legend(handles=handles, loc="center right")
-    if evaluated(rows):  # with --eval-every N, the first plots may come before the first evaluation
-        best = max(evaluated(rows), key=lambda r: r["eval_acc"])
+    best = best_row(rows)
+    if best:  # with --eval-every N, the first plots may come before the first evaluation
         acc_ax.annotate(f"best {best['eval_acc']:.2f}%", (best["epoch"], best["eval_acc"]), textcoords="offset points", xytext=(-80, -45),
                         arrowprops=dict(arrowstyle="->"))
     if title:

@@ -26,7 +26,7 @@ from cars.errors import UserError
 from cars.loaders import CachedLoader, eval_loader, train_loader
 from cars.models import build_model, check_resolution
 from cars.optim import base_lr, ema_decay, load_scaler_state, make_ema, make_optimizer, make_scheduler
-from cars.report import METRIC_COLUMNS, evaluated, plot_curves, write_csv, write_json
+from cars.report import METRIC_COLUMNS, best_row, evaluated, plot_curves, write_csv, write_json
 from cars.runs import RunLog, check_folder_free, duration, prepare_folder, read_summary, run_status
 from cars.runtime import pick_device, restore_rng, rng_state, seed_everything, worker_count
 from cars.transforms import batch_mixer
@@ -112,7 +112,7 @@ class Run:
 
     @property
     def best(self) -> dict | None:
-        return max(evaluated(self.rows), key=lambda r: r["eval_acc"]) if evaluated(self.rows) else None
+        return best_row(self.rows)
 
 
 def start(args, argv) -> Run:
@@ -183,9 +183,10 @@ def start(args, argv) -> Run:
     run = Run(cfg, preset, run_dir, splits, world, device, log, model, trained,
               evaluated=ema.module if ema else unwrap(trained) if world.size > 1 else trained, optimizer=optimizer, scheduler=scheduler,
               scaler=scaler, ema=ema, mixer=batch_mixer(cfg.mixup, cfg.cutmix, len(splits.class_names)), train_batches=train_batches,
-              eval_batches=eval_batches, workers=workers, board=None)
-    if world.main:  # after a resume, events past the checkpoint (an interrupted epoch's steps) are dropped
-        run.board = SummaryWriter(str(run_dir), purge_step=resumed_step(resumed, len(train_batches)) if resumed else None)
+              eval_batches=eval_batches, workers=workers,
+              # after a resume, events past the checkpoint (an interrupted epoch's steps) are dropped
+              board=SummaryWriter(str(run_dir), purge_step=resumed_step(resumed, len(train_batches)) if resumed else None)
+              if world.main else None)
     if resumed:
         restore_state(run, resumed)
         log(f"resuming after epoch {resumed['epoch']} of {cfg.epochs}")
@@ -247,14 +248,8 @@ def log_epoch(run: Run, row: dict) -> None:
 
 def stale_evaluations(rows: list[dict]) -> int:
     """How many evaluations came after the best one (--early-stop counts these)."""
-    scored = evaluated(rows)
-    best = max(range(len(scored)), key=lambda k: (scored[k]["eval_acc"], -k)) if scored else 0
-    return len(scored) - 1 - best if scored else 0
-
-
-def save_within_epoch(run: Run, epoch: int, progress: Progress) -> None:
-    """With --save-every-steps, every N steps of `epoch`: a last.pt that resumes from this step."""
-    save_last(run, epoch - 1, progress)
+    best = best_row(rows)
+    return sum(1 for r in evaluated(rows) if r["epoch"] > best["epoch"]) if best else 0
 
 
 def train_and_evaluate(run: Run, epoch: int) -> tuple[EpochResult, EpochResult | None]:
@@ -269,7 +264,7 @@ def train_and_evaluate(run: Run, epoch: int) -> tuple[EpochResult, EpochResult |
         run.log(f"epoch {epoch}: unfreezing the backbone; all layers train from now on")
     train = train_one_epoch(run.trained, run.train_batches, run.optimizer, run.scaler, run.device, run.scheduler, run.ema, run.mixer,
                             cfg.label_smoothing, frozen_backbone=epoch <= cfg.freeze_epochs, description=f"epoch {epoch}/{cfg.epochs}",
-                            progress=progress, save_every=cfg.save_every_steps, save=functools.partial(save_within_epoch, run, epoch),
+                            progress=progress, save_every=cfg.save_every_steps, save=functools.partial(save_last, run, epoch - 1),
                             log_every=cfg.log_every_steps, log=functools.partial(log_step, run, epoch))
     train = average_over_processes(train, run.world)
     result = None
@@ -304,9 +299,9 @@ def main(argv=None) -> None:
     epoch, train, result, stopped_early = run.first_epoch, None, None, False
     try:
         for epoch in range(run.first_epoch, cfg.epochs + 1):
-            epoch_start, best_before = time.time(), run.best
+            epoch_start = time.time()
             train, result = train_and_evaluate(run, epoch)
-            improved = result is not None and (best_before is None or result.accuracy > best_before["eval_acc"])
+            improved = run.best is run.rows[-1]  # strictly better than every earlier evaluation
             seconds = run.rows[-1]["seconds"] = round(time.time() - epoch_start, 2)
             log_epoch(run, run.rows[-1])
             record(run, improved)
@@ -362,8 +357,8 @@ def finish(run: Run, train: EpochResult, result: EpochResult) -> dict:
     log(f"done in {duration(total)}: best {name} accuracy {best['eval_acc']:.2f}% at epoch {int(best['epoch'])} "
         f"(final epoch {rows[-1]['eval_acc']:.2f}%)")
     if run.splits.test is not None and run.world.main:  # the held-out val split chose the epoch; the test split was never looked at until now
-        final_model = run.ema.module if run.ema else run.model
-        unwrap(final_model).load_state_dict(load_checkpoint(run.run_dir / "best.pt")["model"])
+        final_model = unwrap(run.evaluated)
+        final_model.load_state_dict(load_checkpoint(run.run_dir / "best.pt")["model"])
         test_batches = eval_loader(run.splits.test, cfg.resolution, cfg.cache, cfg.skip_bad_images, cfg.batch_size, run.workers,
                                    run.device.type)
         test = evaluate(final_model, test_batches, run.device, "test")

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save
 from cars.checkpoint import clean_state_dict, load_checkpoint, state_dict_of, unwrap
 from cars.data import label_map, open_source
 from cars.errors import UserError
-from cars.files import atomic_write
+from cars.files import atomic_write, make_folder
 from cars.models import build_model, check_resolution, head_name, load_checked
 from cars.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize
 
@@ -66,7 +66,6 @@ def load_trained(path, arch=None, num_classes=None, resolution=None, data=None) 
     """A run folder, one of our checkpoints, an exported model (folder or model.safetensors), or any
     other state dict (then --arch, --num-classes, --resolution and --data supply what our files
     carry). Flags win over what the file says."""
-
     path = Path(path)
     if path.is_dir():
         candidates = [path / "model.safetensors", path / "best.pt", path / "last.pt"]
@@ -104,11 +103,7 @@ def load_trained(path, arch=None, num_classes=None, resolution=None, data=None) 
 
 def export_safetensors(trained: Trained, out: Path) -> None:
     """model.safetensors (weights only: loading it can never run code) and model.json (what it needs)."""
-
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot write {out}: {error.strerror or error}; choose another --out") from None
+    make_folder(out)
     state = {k: v.contiguous() for k, v in unwrap(trained.model).state_dict().items()}
     atomic_write(out / "model.safetensors", lambda file: file.write(save(state)))
     info = {"arch": trained.arch, "resolution": trained.resolution, "eval_resize": eval_resize(trained.resolution),

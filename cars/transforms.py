@@ -115,10 +115,10 @@ def resize_crops(regions: list[torch.Tensor], flips, size: int, in_float: bool |
     (`in_float` chooses, to measure one path on the other's device)."""
     crops = []
     for region, flip in zip(regions, flips):
-        if not (region.device.type != "cpu" if in_float is None else in_float):
-            crop = F.resize(region, [size, size], antialias=True)
-        else:
+        if region.device.type != "cpu" if in_float is None else in_float:
             crop = F.resize(region.float(), [size, size], antialias=True).round_().clamp_(0, 255).to(torch.uint8)
+        else:
+            crop = F.resize(region, [size, size], antialias=True)
         crops.append(crop.flip(-1) if flip else crop)
     return torch.stack(crops)
 
