@@ -1,4 +1,4 @@
-"""Export a trained model as model.safetensors + model.json: `uv run export.py runs/demo`."""
+"""Export a trained model, each format checked against it: `uv run export.py runs/demo --format safetensors,onnx,torch-export`."""
 
 from cars.cli import launch
 

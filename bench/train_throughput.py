@@ -1,11 +1,12 @@
-"""Training throughput end to end (cached dataset -> DataLoader -> train step) against the same
-train step fed synthetic in-memory batches (the compute limit), side by side in one run.
+"""Training and eval throughput, eager against compiled + mixed precision + channels-last, side by
+side in one run. For each: training end to end (cached dataset -> loader -> train step) against the
+same step fed synthetic in-memory batches (the compute limit), and eval on synthetic batches.
 
     uv run python bench/train_throughput.py                                  # ResNet-50, 224 px, batch 128
     uv run python bench/train_throughput.py --arch resnet18 --resolution 64 --batch-size 32 --steps 10   # a CPU smoke run
 
-On CUDA it trains as train.py does by default: AMP, channels_last, torch.compile. The last line is
-the summary: end-to-end images/s as a percentage of synthetic.
+"compiled" is what `train.py --compile --amp --channels-last` runs: on CUDA float16 autocast with
+loss scaling, on a CPU bfloat16 autocast and inductor's C++ kernels. The last line is the summary.
 """
 
 import argparse
@@ -23,29 +24,68 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cars.config import Config  # noqa: E402
 from cars.data import load_splits  # noqa: E402
-from cars.engine import Device, train_one_epoch  # noqa: E402
+from cars.engine import Device, predict, train_one_epoch  # noqa: E402
 from cars.loaders import train_loader  # noqa: E402
 from cars.models import build_model  # noqa: E402
 from cars.optim import make_optimizer  # noqa: E402
-from cars.runtime import pick_device  # noqa: E402
+from cars.runtime import check_compiler, pick_device  # noqa: E402
 
 
 def endless(loader):
-    """Batches from epoch after epoch (workers restart each epoch, as in training)."""
+    """Batches from epoch after epoch (as in training)."""
     for epoch in itertools.count(1):
         loader.dataset.epoch = epoch
         yield from loader
 
 
-def timed_steps(model, batches, optimizer, scaler, device: Device, steps: int) -> float:
-    """Images per second over `steps` training steps."""
+def wait(device: Device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def timed(device: Device, work) -> tuple[float, object]:
+    """How long `work()` takes, the device's queue drained before and after: (seconds, its result)."""
+    wait(device)
     started = time.perf_counter()
-    result = train_one_epoch(model, itertools.islice(batches, steps), optimizer, scaler, device, description="timing")
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return result.images / (time.perf_counter() - started)
+    result = work()
+    wait(device)
+    return time.perf_counter() - started, result
+
+
+def train_rate(model, batches, optimizer, scaler, device: Device, steps: int) -> float:
+    """Training images per second over `steps` steps."""
+    seconds, result = timed(device, lambda: train_one_epoch(model, itertools.islice(batches, steps), optimizer, scaler, device,
+                                                            description="timing"))
+    return result.images / seconds
+
+
+def eval_rate(model, batch, device: Device, steps: int) -> float:
+    seconds, _ = timed(device, lambda: predict(model, [batch] * steps, device, description="timing"))
+    return steps * len(batch[0]) / seconds
+
+
+def measure(mode: str, cfg: Config, classes: int, loader, synthetic, args, device_type: str) -> dict:
+    fast = mode == "compiled"
+    device = Device(device_type, channels_last=fast, amp=fast, show_progress=False)
+    torch.manual_seed(0)
+    model = device.place(build_model(cfg.arch, "none", classes))
+    if fast:
+        check_compiler(device_type)
+    trained = torch.compile(model) if fast else model
+    optimizer, scaler = make_optimizer(cfg, model), device.scaler()
+    started = time.perf_counter()
+    train_rate(trained, synthetic, optimizer, scaler, device, args.warmup)  # compilation, cuDNN autotuning
+    eval_rate(trained, next(synthetic), device, 2)
+    warmup = time.perf_counter() - started
+    real_batches = endless(loader)
+    train_rate(trained, real_batches, optimizer, scaler, device, 2)
+    rates = dict(mode=mode, warmup=warmup, synthetic=train_rate(trained, synthetic, optimizer, scaler, device, args.steps),
+                 end_to_end=train_rate(trained, real_batches, optimizer, scaler, device, args.steps),
+                 eval=eval_rate(trained, next(synthetic), device, args.steps))
+    print(f"{mode:>8} ({device.describe(fast)}): warm-up {warmup:.0f} s; training {rates['synthetic']:.0f} img/s on synthetic batches, "
+          f"{rates['end_to_end']:.0f} end to end ({100 * rates['end_to_end'] / rates['synthetic']:.0f}%); eval {rates['eval']:.0f} img/s",
+          flush=True)
+    return rates
 
 
 def main() -> None:
@@ -58,7 +98,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="timed steps of each kind")
     parser.add_argument("--warmup", type=int, default=15, help="untimed steps first (compilation, cudnn autotuning)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes that build the cache")
-    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--modes", default="eager,compiled", help="eager, compiled, or both (default)")
     args = parser.parse_args()
 
     if args.data:
@@ -68,38 +108,25 @@ def main() -> None:
 
         location = str(fake_cars(args.images))
     device_type = pick_device("auto")
-    on_cuda = device_type == "cuda"
-    device = Device(device_type, channels_last=on_cuda, amp=on_cuda, show_progress=False)
+    torch.backends.cudnn.benchmark = device_type == "cuda"
     cfg = Config(data=location, arch=args.arch, resolution=args.resolution, batch_size=args.batch_size, weights="none")
     splits = load_splits(location)
-    model = build_model(cfg.arch, "none", len(splits.class_names)).to(device_type)
-    if on_cuda:
-        model = model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
-    trained = torch.compile(model) if on_cuda and not args.no_compile else model
-    optimizer = make_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler(device_type, enabled=on_cuda)
-
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (args.batch_size, 3, args.resolution, args.resolution), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, len(splits.class_names), (args.batch_size,), generator=generator)
-    if on_cuda:
+    if device_type == "cuda":
         images, labels = images.pin_memory(), labels.pin_memory()
     synthetic = itertools.repeat((images, labels))
 
+    print(f"{args.arch}, {args.resolution} px, batch {args.batch_size} on {device_type}; {len(splits.train)} cached training images")
     with tempfile.TemporaryDirectory() as scratch:
         loader = train_loader(splits.train, Config(**{**cfg.__dict__, "cache": scratch}), args.workers, device_type)
-        print(f"{args.arch}, {args.resolution} px, batch {args.batch_size} on {device_type} "
-              f"(amp {device.amp}, channels_last {device.channels_last}, compile {trained is not model}); "
-              f"{len(splits.train)} cached training images")
-        timed_steps(trained, synthetic, optimizer, scaler, device, args.warmup)
-        real_batches = endless(loader)
-        timed_steps(trained, real_batches, optimizer, scaler, device, 2)  # start the workers
-        synthetic_rate = timed_steps(trained, synthetic, optimizer, scaler, device, args.steps)
-        real_rate = timed_steps(trained, real_batches, optimizer, scaler, device, args.steps)
-    print(f"synthetic in-memory batches: {synthetic_rate:.0f} img/s")
-    print(f"end to end (cache -> loader -> step): {real_rate:.0f} img/s")
-    print(f"end-to-end {100 * real_rate / synthetic_rate:.0f}% of synthetic ({real_rate:.0f} vs {synthetic_rate:.0f} img/s, {args.arch} {args.resolution} px batch {args.batch_size})")
+        results = [measure(mode, cfg, len(splits.class_names), loader, synthetic, args, device_type) for mode in args.modes.split(",")]
+    summary = "; ".join(f"{r['mode']} {r['synthetic']:.0f} img/s ({100 * r['end_to_end'] / r['synthetic']:.0f}% end to end), "
+                        f"eval {r['eval']:.0f}" for r in results)
+    if len(results) == 2:
+        summary += f"; compiled/eager training {results[1]['synthetic'] / results[0]['synthetic']:.2f}x"
+    print(f"{args.arch} {args.resolution} px batch {args.batch_size}: {summary}")
 
 
 if __name__ == "__main__":

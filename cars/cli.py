@@ -22,6 +22,12 @@ def add_model_flags(parser, data_help: str = "dataset to take class names from, 
     parser.add_argument("--data", help=data_help)
 
 
+def add_backend_flag(parser) -> None:
+    parser.add_argument("--backend", default="pytorch", choices=["pytorch", "onnxruntime"],
+                        help="pytorch (default), or onnxruntime: run an exported model.onnx (give the export folder or the .onnx file) "
+                             "on the CPU, without gradients, so without CAMs")
+
+
 def parse_train(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Fine-tune an ImageNet-pretrained model on Stanford Cars. Defaults are the seed's run 7 "
@@ -49,6 +55,7 @@ def parse_eval(argv=None) -> argparse.Namespace:
                         "(TTA and corrupted copies are always decoded)")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     parser.add_argument("--seed", type=int, default=0, help="chooses the GradCAM sample images (default 0)")
+    add_backend_flag(parser)
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.num_gradcam < 0 or (args.num_classes is not None and args.num_classes < 2):
         raise UserError("--batch-size must be positive, --num-gradcam not negative, --num-classes at least 2")
@@ -64,19 +71,37 @@ def parse_predict(argv=None) -> argparse.Namespace:
     parser.add_argument("--cam", metavar="DIR", help="write a CAM overlay of the top class per image into DIR")
     parser.add_argument("--cam-method", default="gradcam", choices=CAM_METHODS)
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    add_backend_flag(parser)
     args = parser.parse_args(argv)
     if args.topk < 1:
         raise UserError(f"--topk must be at least 1, got {args.topk}")
+    if args.cam and args.backend == "onnxruntime":
+        raise UserError("--cam needs the PyTorch model's gradients; drop --cam or --backend onnxruntime")
     return args
 
 
+EXPORT_FORMATS = ("safetensors", "onnx", "torch-export")
+
+
 def parse_export(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Export a trained model as model.safetensors plus model.json "
-                                                 "(arch, resolution, normalisation, class names); eval.py and predict.py load it.")
+    parser = argparse.ArgumentParser(description="Export a trained model for use without this project: model.safetensors, model.onnx "
+                                                 "and/or model.pt2 (torch.export), each checked against the PyTorch model, plus "
+                                                 "model.json (arch, resolution, normalisation, class names); eval.py and predict.py load it.")
     add_model_flags(parser)
+    parser.add_argument("--format", default="safetensors",
+                        help=f"one or more of {', '.join(EXPORT_FORMATS)}, comma-separated (default safetensors)")
+    parser.add_argument("--check-images", type=int, default=16, help="test images each export is checked on (default 16)")
+    parser.add_argument("--verify", action="store_true", help="check an existing export folder again against the model, write nothing")
     parser.add_argument("--out", help="output folder (default: <run>/export)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.format = list(dict.fromkeys(f.strip() for f in args.format.split(",")))  # in order, once each
+    unknown = [f for f in args.format if f not in EXPORT_FORMATS]
+    if unknown:
+        raise UserError(f"--format {','.join(unknown)} is not a format; choose from {', '.join(EXPORT_FORMATS)}")
+    if args.check_images < 1:
+        raise UserError(f"--check-images must be at least 1, got {args.check_images}")
+    return args
 
 
 def parse_lr_find(argv=None) -> argparse.Namespace:
@@ -125,10 +150,27 @@ def parse_inspect(argv=None) -> argparse.Namespace:
     return args
 
 
+def parse_app(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="A web page for a trained model: classify your own photos with a CAM of where the "
+                                                 "model looked and, once eval.py has run, browse its evaluation.")
+    add_model_flags(parser)
+    parser.add_argument("--eval", help="eval.py's output folder for the Evaluation tab (default: <run>/eval when it exists)")
+    parser.add_argument("--cam-method", default="gradcam", choices=CAM_METHODS, help="the CAM method shown first (default gradcam)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    add_backend_flag(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    parser.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
+    args = parser.parse_args(argv)
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be in 1..65535, got {args.port}")
+    return args
+
+
 # entry point -> (its parser, the module whose main(argv) runs it)
 TOOLS = {"train": (parse_train, "cars.train"), "eval": (parse_eval, "cars.evaluate"), "predict": (parse_predict, "cars.predict"),
          "export": (parse_export, "cars.export"), "lr_find": (parse_lr_find, "cars.lr_find"), "compare": (parse_compare, "cars.compare"),
-         "inspect_data": (parse_inspect, "cars.inspect_data")}
+         "inspect_data": (parse_inspect, "cars.inspect_data"), "app": (parse_app, "cars.app")}
 
 
 def launch(tool: str) -> None:

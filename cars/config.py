@@ -17,6 +17,11 @@ from cars.errors import UserError
 from cars.files import atomic_write
 
 
+# amp, compile, channels_last: auto is on with CUDA, where they pay, and off elsewhere (on a CPU they
+# usually cost time); on and off apply on every device. A bare --amp means on.
+SWITCH = ["auto", "on", "off"]
+
+
 def knob(default, help, choices=None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
@@ -61,9 +66,9 @@ class Config:
     ema_half_life: float = knob(1.0, "EMA half-life in epochs: the weights of this many epochs ago count half as much as the newest")
     ema_decay: float = knob(0.0, "EMA decay per optimisation step, instead of --ema-half-life (0: from the half-life)")
     # speed and hardware
-    amp: bool = knob(True, "mixed precision (CUDA only)")
-    compile: bool = knob(True, "torch.compile the model (CUDA only)")
-    channels_last: bool = knob(True, "channels-last memory format (CUDA only)")
+    amp: str = knob("auto", "mixed precision: float16 autocast and loss scaling on CUDA and MPS, bfloat16 autocast on a CPU", SWITCH)
+    compile: str = knob("auto", "torch.compile the model (inductor; on a CPU it needs a C++ compiler)", SWITCH)
+    channels_last: str = knob("auto", "channels-last memory format of the model and its input", SWITCH)
     sync_bn: bool = knob(False, "with torchrun on GPUs: BatchNorm statistics over the global batch, not each GPU's share")
     workers: int = knob(-1, "processes that decode images: the cache's one-time build, or every epoch with --cache off (-1: one per core, at most 8)")
     cache: str = knob("auto", "preprocessing cache: every image decoded once and kept as pixels. auto ($CARS_CACHE/pixels, "
@@ -125,6 +130,10 @@ class Config:
                 raise UserError(f"--{flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
         return self
 
+    def speedup_on(self, name: str, device_type: str) -> bool:
+        """Whether the switch `name` (amp, compile, channels_last) is on for this device."""
+        return getattr(self, name) == "on" or (getattr(self, name) == "auto" and device_type == "cuda")
+
     def save(self, path: Path) -> None:
         atomic_write(path, lambda file: file.write(tomli_w.dumps(dataclasses.asdict(self)).encode()))
 
@@ -150,6 +159,8 @@ def from_dict(values: dict, source: str) -> dict:
         if key not in fields:
             raise UserError(f"{source}: unknown key {key!r}; known keys are the flags of train.py --help with '_' for '-'")
         expected = fields[key].type
+        if fields[key].metadata["choices"] is SWITCH and isinstance(value, bool):
+            value = "auto" if value else "off"  # written before on/auto/off: true meant "with CUDA", which is auto
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if type(value) is not expected:
@@ -185,11 +196,17 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         options = dict(default=argparse.SUPPRESS, help=help)
         if f.type is bool:
             options["action"] = argparse.BooleanOptionalAction
+        elif f.metadata["choices"] is SWITCH:  # --amp (on), --amp auto|on|off, --no-amp (off)
+            options.update(nargs="?", const="on", choices=SWITCH,
+                           help=f"{f.metadata['help']} (default: auto, on with CUDA only; --{flag(f.name)} alone: on)")
         else:
             options["type"] = f.type
             options["choices"] = f.metadata["choices"]
             options["metavar"] = f.name.split("_")[-1].upper() if not f.metadata["choices"] else None
         parser.add_argument(f"--{flag(f.name)}", **options)
+        if f.metadata["choices"] is SWITCH:
+            parser.add_argument(f"--no-{flag(f.name)}", dest=f.name, action="store_const", const="off", default=argparse.SUPPRESS,
+                                help=f"the same as --{flag(f.name)} off")
 
 
 def resolve(args: argparse.Namespace) -> tuple[Config, str]:

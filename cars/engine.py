@@ -14,6 +14,10 @@ from cars.models import set_backbone_frozen
 from cars.transforms import normalize
 
 
+# CPUs autocast to bfloat16: float32's range, so no loss scaling; GPUs to float16, with loss scaling
+AMP_DTYPES = {"cuda": torch.float16, "mps": torch.float16, "cpu": torch.bfloat16}
+
+
 @dataclass
 class Device:
     """Where batches run, and how: memory format and mixed precision."""
@@ -23,8 +27,30 @@ class Device:
     amp: bool = False
     show_progress: bool = True  # only one process of a torchrun job draws progress bars
 
+    @classmethod
+    def for_run(cls, cfg, device_type: str, show_progress: bool = True) -> "Device":
+        return cls(device_type, channels_last=cfg.speedup_on("channels_last", device_type), amp=cfg.speedup_on("amp", device_type),
+                   show_progress=show_progress)
+
+    @property
+    def amp_dtype(self) -> torch.dtype:
+        return AMP_DTYPES[self.type]
+
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model onto the device, in the memory format its input will have."""
+        return model.to(self.type, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
+        return torch.autocast(self.type, dtype=self.amp_dtype) if self.amp else nullcontext()
+
+    def scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling keeps float16 gradients from underflowing; bfloat16 and float32 need none."""
+        return torch.amp.GradScaler(self.type, enabled=self.amp and self.amp_dtype == torch.float16)
+
+    def describe(self, compiled: bool) -> str:
+        amp = f"on ({str(self.amp_dtype).removeprefix('torch.')} autocast)" if self.amp else "off"
+        return (f"{self.type}: mixed precision {amp}, torch.compile {'on' if compiled else 'off'}, "
+                f"channels-last {'on' if self.channels_last else 'off'}")
 
     def put(self, images, labels):
         """A batch of uint8 pixels onto the device, then made the model's input there: converting
@@ -33,8 +59,8 @@ class Device:
         images = images.to(self.type, non_blocking=True)
         if images.dtype == torch.uint8:
             images = normalize(images)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        # every batch in one memory format (a compiled model guards on strides: another layout would recompile it)
+        images = images.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         return images, labels.to(self.type, non_blocking=True)
 
 
@@ -161,10 +187,11 @@ def predict(model, loader, device: Device, description: str = "eval", pad_to: in
     for batch in tqdm(loader, desc=description, leave=False, dynamic_ncols=True, disable=not device.show_progress):
         if batch is None:
             continue
-        images, labels = device.put(*batch)
+        images, labels = batch
         count = len(images)
-        if pad_to and count < pad_to:
+        if pad_to and count < pad_to:  # padded before put(), which gives the padded batch the memory format of every other
             images = torch.cat([images, images.new_zeros((pad_to - count, *images.shape[1:]))])
+        images, labels = device.put(images, labels)
         with device.autocast():
             logits = model(images)[:count]
         all_logits.append(logits.float().cpu())

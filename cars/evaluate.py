@@ -102,7 +102,7 @@ def main(argv=None) -> None:
     evaluation = start(parse_eval(argv))
     scores = Scores(*evaluation.logits_of(evaluation.test_split, cache=evaluation.args.cache), evaluation.names)
     summary = write_scores(evaluation, scores)
-    cams = draw_cams(evaluation, scores)
+    cams = draw_cams(evaluation, scores) if evaluation.trained.backend == "pytorch" else []  # CAMs need gradients: none from ONNX Runtime
     tta = test_time_augmentation(evaluation, scores, summary) if evaluation.args.tta else ""
     robustness = corrupted_copies(evaluation, summary) if evaluation.corruptions else ""
     write_json(evaluation.out / "summary.json", summary)
@@ -221,7 +221,8 @@ def write_report(evaluation: Evaluation, scores: Scores, summary: dict, cams: li
         "## Most confused pairs", "True class -> predicted class, counted over the test split "
         "([confused_pairs.csv](confused_pairs.csv), full matrix in [confusion_matrix.csv](confusion_matrix.csv)):", scores.pair_table(),
         "![confusion among the most confused classes](confusion.png)",
-        "## What the model looks at", f"{evaluation.args.cam_method} heatmaps for the predicted class, over the image the model saw.",
+        "## What the model looks at", f"{evaluation.args.cam_method} heatmaps for the predicted class, over the image the model saw."
+        if trained.backend == "pytorch" else "No heatmaps: CAMs need the model's gradients, and ONNX Runtime gives none (use --backend pytorch).",
     ]
     if "gradcam_samples.png" in cams:
         report.append("![CAM on random test images](gradcam_samples.png)")

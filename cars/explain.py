@@ -14,6 +14,7 @@ from torch import nn
 
 from cars.checkpoint import unwrap
 from cars.errors import UserError
+from cars.transforms import normalize
 
 CAM_METHODS = {
     "gradcam": GradCAM,
@@ -73,3 +74,9 @@ def finer_targets(model: nn.Module, images: torch.Tensor, classes: list[int], si
 def overlay(display_image: np.ndarray, cam: np.ndarray) -> np.ndarray:
     """The heatmap blended over an HxWx3 uint8 image; returns uint8."""
     return show_cam_on_image(display_image.astype(np.float32) / 255, cam, use_rgb=True)
+
+
+def cam_overlay(model: nn.Module, pixels: torch.Tensor, target: int, method: str = "gradcam") -> np.ndarray:
+    """The CAM of class `target` for one image's uint8 pixels, blended over them (HxWx3 uint8)."""
+    cam = class_activation_maps(model, normalize(pixels)[None], [target], method)[0]
+    return overlay(pixels.permute(1, 2, 0).numpy(), cam)

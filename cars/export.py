@@ -1,10 +1,141 @@
-"""export.py: a trained model as model.safetensors + model.json, for sharing and safe loading."""
+"""export.py: a trained model for use without this project's code, each format checked against the
+PyTorch model before it is kept:
 
+- model.safetensors: the weights only (loading it can never run code), for torchvision's architecture;
+- model.onnx: the whole network with a dynamic batch, for ONNX Runtime and every ONNX tool;
+- model.pt2: torch.export's ExportedProgram, for PyTorch without the model's Python code;
+- model.json: what feeding any of them needs (resolution, normalisation, class names), and each check's result.
+"""
+
+import json
+import os
 from pathlib import Path
 
+import torch
+
 from cars.cli import parse_export
+from cars.data import load_splits, read_rgb
 from cars.errors import UserError
-from cars.trained import export_safetensors, load_trained_from
+from cars.files import atomic_write, make_folder
+from cars.models import build_model
+from cars.trained import Trained, load_trained_from, read_model_json
+from cars.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize, eval_transform, normalize
+
+FILES = {"safetensors": "model.safetensors", "onnx": "model.onnx", "torch-export": "model.pt2"}
+TOLERANCE = 1e-4  # the largest |logit difference| an export may show, relative to the largest |logit| (float32 kernels differ by ~1e-6)
+
+
+def check_inputs(trained: Trained, count: int) -> tuple[torch.Tensor, str]:
+    """The model's input for `count` test images of its dataset, as eval.py feeds them; random pixels when there is no dataset."""
+    transform = eval_transform(trained.resolution)
+    if trained.data:
+        test = load_splits(trained.data).eval
+        chosen = range(min(count, len(test)))
+        return normalize(torch.stack([transform(read_rgb(test, i)) for i in chosen])), f"{len(chosen)} test images of {trained.data}"
+    pixels = torch.randint(0, 256, (count, 3, trained.resolution, trained.resolution), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    return normalize(pixels), f"{count} images of random pixels (no dataset known: pass --data for test images)"
+
+
+def run_export(fmt: str, path: Path, trained: Trained, images: torch.Tensor) -> torch.Tensor:
+    """The logits that the exported file at `path` gives for `images`, loaded as its users would load it."""
+    if fmt == "safetensors":
+        from safetensors.torch import load_file
+
+        model = build_model(trained.arch, "none", len(trained.class_names))
+        model.load_state_dict(load_file(str(path)))
+        return model.eval()(images)
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: images.numpy()})[0])
+    return torch.export.load(str(path)).module()(images)
+
+
+def write_export(fmt: str, path: Path, model: torch.nn.Module, example: torch.Tensor) -> None:
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        return
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    if fmt == "onnx":
+        program = torch.onnx.export(model, (example,), input_names=["image"], output_names=["logits"], dynamic_shapes=({0: batch},),
+                                    dynamo=True, verbose=False)
+        program.save(str(path))
+    else:
+        torch.export.save(torch.export.export(model, (example,), dynamic_shapes=({0: batch},)), str(path))
+
+
+def parity(expected: torch.Tensor, got: torch.Tensor) -> dict:
+    """How far an export's logits are from the PyTorch model's: the largest difference, and how often the top-1 class agrees.
+    It passes when the difference is within TOLERANCE (a top-1 that flips then is a near tie, not an error)."""
+    if got.shape != expected.shape:
+        return {"passed": False, "reason": f"logits of shape {tuple(got.shape)}, expected {tuple(expected.shape)}"}
+    difference = (got - expected).abs().max().item()
+    allowed = TOLERANCE * max(1.0, expected.abs().max().item())
+    agreement = 100 * (got.argmax(1) == expected.argmax(1)).sum().item() / len(expected)
+    return {"passed": difference <= allowed, "max_abs_logit_diff": difference, "allowed": allowed, "top1_agreement": agreement}
+
+
+def check(fmt: str, path: Path, trained: Trained, images: torch.Tensor, expected: torch.Tensor, described: str) -> dict:
+    """Load the export back and compare; a failed check is an error that names the file."""
+    with torch.no_grad():
+        try:
+            result = parity(expected, run_export(fmt, path, trained, images))
+        except Exception as error:  # a file its own runtime cannot load is a failed check, said in one line
+            result = {"passed": False, "reason": f"it does not load: {str(error).strip().splitlines()[0][:300]}"}
+    result = {"images": described, **result}
+    if not result["passed"]:
+        why = result.get("reason") or (f"its logits differ from the PyTorch model's by up to {result['max_abs_logit_diff']:.3g} "
+                                       f"(allowed {result['allowed']:.3g}); top-1 agrees on {result['top1_agreement']:.1f}%")
+        raise UserError(f"{FILES[fmt]} fails its parity check: {why}")
+    return result
+
+
+def export_info(trained: Trained) -> dict:
+    return {"arch": trained.arch, "resolution": trained.resolution, "eval_resize": eval_resize(trained.resolution),
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "num_classes": len(trained.class_names),
+            "class_names": trained.class_names, "data": trained.data, "source": str(trained.path)}
+
+
+def export(trained: Trained, out: Path, formats: list[str], check_images: int) -> dict:
+    """Every format written beside `out`, checked, then renamed into place; model.json last, listing them."""
+    make_folder(out)
+    model = trained.model.eval()
+    images, described = check_inputs(trained, check_images)
+    with torch.no_grad():
+        expected = model(images)
+    info = {**export_info(trained), "formats": {}}
+    for fmt in formats:
+        path = out / FILES[fmt]
+        partial = out / f".{path.stem}.partial{path.suffix}"  # the file lands under its name only once it has passed its check
+        try:
+            write_export(fmt, partial, model, images[:2])
+            result = check(fmt, partial, trained, images, expected, described)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+        info["formats"][fmt] = {"file": path.name, "check": result}
+        print(f"{path}: top-1 agrees on {result['top1_agreement']:.1f}% of {described}, largest |logit difference| "
+              f"{result['max_abs_logit_diff']:.2g}")
+    atomic_write(out / "model.json", lambda file: file.write((json.dumps(info, indent=2) + "\n").encode()))
+    return info
+
+
+def verify(trained: Trained, out: Path, check_images: int) -> None:
+    """Check an existing export folder again against the model it came from: a changed file fails."""
+    formats = read_model_json(out / "model.json").get("formats") or {}
+    if not formats:
+        raise UserError(f"{out} holds no export written by export.py (no formats in model.json); export the model first")
+    images, described = check_inputs(trained, check_images)
+    with torch.no_grad():
+        expected = trained.model.eval()(images)
+    for fmt, entry in formats.items():
+        result = check(fmt, out / entry["file"], trained, images, expected, described)
+        print(f"{out / entry['file']}: passes (top-1 agrees on {result['top1_agreement']:.1f}%, largest |logit difference| "
+              f"{result['max_abs_logit_diff']:.2g})")
 
 
 def main(argv=None) -> None:
@@ -14,8 +145,13 @@ def main(argv=None) -> None:
     out = Path(args.out) if args.out else (given if given.is_dir() else trained.path.parent) / "export"
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file, not a folder; choose another --out")
-    if (out / "model.safetensors").exists() and not args.overwrite:
-        raise UserError(f"{out / 'model.safetensors'} already exists; pass --overwrite or another --out")
-    export_safetensors(trained, out)
-    print(f"wrote {out / 'model.safetensors'} and {out / 'model.json'} ({trained.arch}, {trained.resolution} px, "
+    if args.verify:
+        return verify(trained, out, args.check_images)
+    ours = [out / name for name in (*FILES.values(), "model.json") if (out / name).exists()]
+    if ours and not args.overwrite:
+        raise UserError(f"{out} already holds an export ({', '.join(p.name for p in ours)}); pass --overwrite or another --out")
+    for path in ours:  # one folder, one export: no file of an earlier one stays beside the new model.json
+        path.unlink()
+    info = export(trained, out, args.format, args.check_images)
+    print(f"wrote {', '.join(FILES[f] for f in info['formats'])} and model.json to {out} ({trained.arch}, {trained.resolution} px, "
           f"{len(trained.class_names)} classes)")

@@ -10,7 +10,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cars import config as config_module
 from cars.checkpoint import unwrap
@@ -69,11 +68,11 @@ def readable_batches(loader):
 
 def range_test(model, loader, cfg, device: Device, start_lr: float, end_lr: float, steps: int, phase: str, num_classes: int):
     """Sweep on a deep copy: `model` itself is never touched. Returns the lrs and raw losses seen, and the swept copy."""
-    model = copy.deepcopy(model).to(device.type)
+    model = device.place(copy.deepcopy(model))
     optimizer = make_optimizer(cfg, model)
     ratios = [group["lr"] / optimizer.param_groups[-1]["lr"] for group in optimizer.param_groups]  # keep --backbone-lr-mult
     mixer = batch_mixer(cfg.mixup, cfg.cutmix, num_classes)
-    scaler = torch.amp.GradScaler(device.type, enabled=device.amp)
+    scaler = device.scaler()
     lrs, losses, best, average = [], [], math.inf, 0.0
     batches = readable_batches(loader)
     for step in range(steps):
@@ -99,7 +98,7 @@ def main(argv=None) -> None:
     out = Path(args.out or f"runs/lr_find-{preset}")
     check_folder_free(out, args.overwrite, "lr_find folder", "--out")
     device_type = pick_device(cfg.device)
-    device = Device(device_type, channels_last=cfg.channels_last and device_type == "cuda", amp=cfg.amp and device_type == "cuda")
+    device = Device.for_run(cfg, device_type)
     seed_everything(cfg.seed)
     splits = load_splits(cfg.data, cfg.val_split, cfg.seed)
     model = build_model(cfg.arch, cfg.weights, len(splits.class_names), cfg.dropout)

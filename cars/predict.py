@@ -4,16 +4,15 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from cars.cli import parse_predict
 from cars.data import FileSplit, read_rgb
 from cars.errors import UserError, message_of, printable
-from cars.explain import class_activation_maps, overlay
+from cars.explain import cam_overlay
 from cars.runtime import pick_device
 from cars.trained import load_trained_from
-from cars.transforms import eval_transform, normalize
+from cars.transforms import eval_transform
 
 
 def unique_cam_names(paths: list[str]) -> list[str]:
@@ -32,7 +31,7 @@ def main(argv=None) -> None:
     args = parse_predict(argv)
     trained = load_trained_from(args)
     device_type = pick_device(args.device)
-    model = trained.model.to(device_type)
+    trained.model.to(device_type)
     transform = eval_transform(trained.resolution)
     images = FileSplit([(path, -1) for path in args.images], "input")
     cam_dir = Path(args.cam) if args.cam else None
@@ -51,16 +50,11 @@ def main(argv=None) -> None:
             print(f"error: {printable(message_of(error))}", file=sys.stderr)
             failures += 1
             continue
-        with torch.no_grad():
-            probabilities = model(normalize(pixels)[None].to(device_type)).float().softmax(1)[0].cpu()
-        top = probabilities.topk(min(args.topk, len(probabilities)))
-        result = {"image": path, "predictions": [{"class": trained.class_names[c], "index": int(c), "probability": round(float(p), 6)}
-                                                 for p, c in zip(top.values, top.indices)]}
+        result = {"image": path, "predictions": trained.classify(pixels, args.topk)}
         if cam_dir:
-            cam = class_activation_maps(model, normalize(pixels)[None], [int(top.indices[0])], args.cam_method)[0]
             result["cam"] = str(cam_dir / cam_names[i])
             try:
-                Image.fromarray(overlay(pixels.permute(1, 2, 0).numpy(), cam)).save(result["cam"])
+                Image.fromarray(cam_overlay(trained.model, pixels, result["predictions"][0]["index"], args.cam_method)).save(result["cam"])
             except OSError as error:
                 raise UserError(f"cannot write {result['cam']}: {error.strerror or error}; choose another --cam folder") from None
         results.append(result)

@@ -2,6 +2,7 @@
 
 import os
 import random
+import shutil
 from contextlib import contextmanager
 
 import numpy as np
@@ -17,6 +18,13 @@ def pick_device(name: str) -> str:
     if not available[name]:
         raise UserError(f"--device {name} is not available on this machine; use --device auto")
     return name
+
+
+def check_compiler(device_type: str) -> None:
+    """torch.compile on a CPU builds C++ kernels: refuse at once, not at the first step, when no compiler is there."""
+    if device_type == "cpu" and not any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+        raise UserError("--compile on a CPU needs a C++ compiler (inductor builds its kernels with one) and none was found; "
+                        "install g++ (e.g. apt-get install g++) or set CXX, or drop --compile")
 
 
 def worker_count(workers: int) -> int:

@@ -28,10 +28,11 @@ from cars.models import build_model, check_resolution
 from cars.optim import base_lr, ema_decay, load_scaler_state, make_ema, make_optimizer, make_scheduler
 from cars.report import METRIC_COLUMNS, best_row, evaluated, plot_curves, write_csv, write_json
 from cars.runs import RunLog, check_folder_free, duration, prepare_folder, read_summary, run_status
-from cars.runtime import pick_device, restore_rng, rng_state, seed_everything, worker_count
+from cars.runtime import check_compiler, pick_device, restore_rng, rng_state, seed_everything, worker_count
 from cars.transforms import batch_mixer
 
-RESUMABLE_FLAGS = {"epochs", "workers", "device", "save_every_steps", "cache", "eval_every", "early_stop", "log_every_steps"}  # the only flags that may come with --resume: none changes the recipe
+RESUMABLE_FLAGS = {"epochs", "workers", "device", "save_every_steps", "cache", "eval_every", "early_stop", "log_every_steps",
+                   "amp", "compile", "channels_last"}  # the only flags that may come with --resume: none changes the recipe
 
 
 def resolve_run(args) -> tuple[config_module.Config, str, Path, dict | None]:
@@ -126,7 +127,10 @@ def start(args, argv) -> Run:
     if cfg.sync_bn and processes > 1 and not on_cuda:
         raise UserError("--sync-bn needs CUDA (NCCL); on CPUs drop it")
     world = init_world(device_type)  # one process, or one of torchrun's
-    device = Device(device_type, channels_last=cfg.channels_last and on_cuda, amp=cfg.amp and on_cuda, show_progress=world.main)
+    device = Device.for_run(cfg, device_type, show_progress=world.main)
+    compiled = cfg.speedup_on("compile", device_type)
+    if compiled:
+        check_compiler(device_type)
     seed_everything(cfg.seed)
 
     # Data and model first: every input is checked before the run folder is touched.
@@ -148,12 +152,12 @@ def start(args, argv) -> Run:
         cfg.save(run_dir / "config.toml")  # on resume, records an extended --epochs
     world.barrier()
     log = RunLog(run_dir / "train.log", enabled=world.main)
+    log(device.describe(compiled))
     log(f"$ {' '.join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)])}")
     log(f"run folder {run_dir}; data {cfg.data}: {len(splits.train)} train / {len(splits.eval)} {splits.eval_name} images, "
         f"{len(splits.class_names)} classes")
     log(f"{cfg.arch} ({cfg.weights} weights), {cfg.resolution} px, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:g}, "
-        f"{cfg.scheduler} schedule, {cfg.epochs} epochs on {device_type} "
-        f"(amp {device.amp}, compile {cfg.compile and on_cuda}, channels_last {device.channels_last})"
+        f"{cfg.scheduler} schedule, {cfg.epochs} epochs"
         + (f", {world.size} processes of {cfg.batch_size // world.size} images each" if world.size > 1 else ""))
     kept = f"their longer side at most {cfg.cache_side} px (lossy)" if cfg.cache_side else "at native size"
     log(f"input: preprocessing cache in {train_batches.dataset.cache.folder.parent} (training images kept {kept}, each crop resized "
@@ -161,12 +165,12 @@ def start(args, argv) -> Run:
     if cfg.lr_scaling == "linear":
         log(f"linear lr scaling: lr {cfg.lr:g} x batch {cfg.batch_size} / 128 = {base_lr(cfg):g}")
 
-    model = model.to(device_type, memory_format=torch.channels_last if device.channels_last else torch.preserve_format)
+    model = device.place(model)
     if cfg.sync_bn and world.size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=len(train_batches))
-    scaler = torch.amp.GradScaler(device_type, enabled=device.amp)
+    scaler = device.scaler()
     ema = None
     if cfg.ema:  # when on, the EMA weights are evaluated and kept
         decay, steps = ema_decay(cfg, len(train_batches)), cfg.epochs * len(train_batches)
@@ -177,7 +181,7 @@ def start(args, argv) -> Run:
     if world.size > 1:  # gradients averaged over processes; a frozen backbone leaves parameters without gradients
         trained = DistributedDataParallel(model, device_ids=[world.local_rank] if on_cuda else None,
                                           find_unused_parameters=cfg.freeze_epochs > 0)
-    if cfg.compile and on_cuda:
+    if compiled:
         trained = torch.compile(trained)
     torch.backends.cudnn.benchmark = on_cuda  # one input shape throughout: let cuDNN pick its fastest kernels
     run = Run(cfg, preset, run_dir, splits, world, device, log, model, trained,

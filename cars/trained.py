@@ -6,14 +6,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
-from cars.checkpoint import clean_state_dict, load_checkpoint, state_dict_of, unwrap
+from cars.checkpoint import clean_state_dict, load_checkpoint, state_dict_of
 from cars.data import label_map, open_source
 from cars.errors import UserError
-from cars.files import atomic_write, make_folder
 from cars.models import build_model, check_resolution, head_name, load_checked
-from cars.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize
+from cars.transforms import normalize
 
 
 @dataclass
@@ -26,6 +25,34 @@ class Trained:
     class_names: list[str]
     data: str | None  # the dataset it was trained on, when known
     path: Path  # the checkpoint file
+    backend: str = "pytorch"  # or onnxruntime: an exported model.onnx, called like the PyTorch model (no gradients, so no CAMs)
+
+    def classify(self, pixels: torch.Tensor, topk: int) -> list[dict]:
+        """The top-k classes for one image's uint8 pixels (as eval_transform gives them), most probable first."""
+        device = next(self.model.parameters(), torch.empty(0)).device  # ONNX Runtime's stand-in has no parameters: the CPU
+        with torch.no_grad():
+            probabilities = self.model(normalize(pixels)[None].to(device)).float().softmax(1)[0].cpu()
+        top = probabilities.topk(min(topk, len(probabilities)))
+        return [{"class": self.class_names[c], "index": int(c), "probability": round(float(p), 6)} for p, c in zip(top.values, top.indices)]
+
+
+class OnnxRuntimeModel(torch.nn.Module):
+    """An exported model.onnx run by ONNX Runtime on the CPU, called as the PyTorch model is: a
+    normalised float batch in, logits out (on the batch's device)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        import onnxruntime
+
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own exception types for a damaged or foreign file
+            raise UserError(f"cannot load {path} with ONNX Runtime: {str(error).strip().splitlines()[0][:200]}; export it again") from None
+        self.input = self.session.get_inputs()[0]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.session.run(None, {self.input.name: images.detach().float().cpu().contiguous().numpy()})[0]
+        return torch.from_numpy(logits).to(images.device)
 
 
 def read_model_file(path: Path) -> tuple[dict, dict]:
@@ -59,7 +86,34 @@ def read_model_json(path: Path) -> dict:
 
 
 def load_trained_from(args) -> "Trained":
+    if getattr(args, "backend", "pytorch") == "onnxruntime":
+        return load_onnx(args.checkpoint, args.resolution, args.data)
     return load_trained(args.checkpoint, args.arch, args.num_classes, args.resolution, args.data)
+
+
+def load_onnx(path, resolution=None, data=None) -> Trained:
+    """An export folder's model.onnx (with the model.json beside it), or any .onnx file of an image classifier
+    (then --resolution and --data supply what model.json would)."""
+    path = Path(path)
+    if path.is_dir():
+        found = next((p for p in (path / "model.onnx", path / "export" / "model.onnx") if p.is_file()), None)
+        if found is None:
+            raise UserError(f"{path} has no model.onnx; export one with: uv run export.py RUN --format onnx")
+        path = found
+    if path.suffix != ".onnx" or not path.is_file():
+        raise UserError(f"--backend onnxruntime runs a .onnx file or an export folder holding model.onnx; {path} is neither")
+    info = read_model_json(path.parent / "model.json")
+    model = OnnxRuntimeModel(path)
+    resolution = resolution or info.get("resolution") or model.input.shape[-1]
+    if not isinstance(resolution, int):
+        raise UserError(f"{path} does not say its input size; pass --resolution")
+    data = data or info.get("data")
+    class_names = info.get("class_names") or (open_source(data)[2] if data else None)
+    num_classes = model.session.get_outputs()[0].shape[-1]
+    class_names = class_names or [f"class {i}" for i in range(num_classes)]
+    if isinstance(num_classes, int) and len(class_names) != num_classes:
+        raise UserError(f"{path}: the model has {num_classes} classes but the class names number {len(class_names)}; check --data")
+    return Trained(model, info.get("arch") or "onnx", resolution, class_names, data, path, backend="onnxruntime")
 
 
 def load_trained(path, arch=None, num_classes=None, resolution=None, data=None) -> Trained:
@@ -99,14 +153,3 @@ def load_trained(path, arch=None, num_classes=None, resolution=None, data=None) 
     load_checked(model, state, f"checkpoint {path}", arch)
     check_resolution(model, arch, resolution)
     return Trained(model.eval(), arch, resolution, class_names, data, path)
-
-
-def export_safetensors(trained: Trained, out: Path) -> None:
-    """model.safetensors (weights only: loading it can never run code) and model.json (what it needs)."""
-    make_folder(out)
-    state = {k: v.contiguous() for k, v in unwrap(trained.model).state_dict().items()}
-    atomic_write(out / "model.safetensors", lambda file: file.write(save(state)))
-    info = {"arch": trained.arch, "resolution": trained.resolution, "eval_resize": eval_resize(trained.resolution),
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "num_classes": len(trained.class_names),
-            "class_names": trained.class_names, "data": trained.data}
-    atomic_write(out / "model.json", lambda file: file.write((json.dumps(info, indent=2) + "\n").encode()))

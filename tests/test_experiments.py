@@ -382,3 +382,29 @@ def test_compare_verdicts_on_hand_made_metrics(tmp_path, capsys, rows, status, e
     assert cells["train-eval gap"] == f"{last[1] - last[2]:+.2f}"
     assert cells["train at best / final"] == f"{best[1]:.2f}% / {last[1]:.2f}%"
     assert any("Verdict, at the last evaluated epoch: diverged if" in line for line in lines)  # the rule, printed under the table
+
+
+LESSONS = ROOT / "configs" / "lessons"
+
+
+def lesson_config(name: str) -> dict:
+    return vars(Config(**tomllib.loads((LESSONS / f"{name}.toml").read_text())).validate())
+
+
+def differences(a: str, b: str) -> dict:
+    first, second = lesson_config(a), lesson_config(b)
+    return {key: (first[key], second[key]) for key in first if first[key] != second[key]}
+
+
+def test_each_lesson_is_a_pair_of_presets_that_differ_in_one_variable():
+    files = sorted(path.stem for path in LESSONS.glob("*.toml"))
+    pairs = sorted({name[0] for name in files})
+    assert pairs == ["1", "2", "3", "4", "5"] and len(files) == 10
+    expected = {"1": {"backbone_lr_mult": (1.0, 0.005)}, "2": {"freeze_epochs": (0, 5)}, "3": {"resolution": (224, 448)},
+                "4": {"lr_scaling": ("none", "linear")}, "5": {"augment": ("basic", "heavy")}}
+    for lesson in pairs:
+        a, b = [name for name in files if name.startswith(lesson)]
+        assert differences(a, b) == expected[lesson], (a, b)
+        assert "Expect:" in (LESSONS / f"{b}.toml").read_text(), f"{b} says what to expect and why"
+    assert differences("3b_448px_batch64", "4b_448px_batch16_lr_scaled") == {"batch_size": (64, 16)}  # lesson 4's other pair
+    assert lesson_config("1a_lr_same_for_all") == vars(Config()), "the a side of lesson 1 is run 7 itself"

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = {"train.py": "cars.train", "eval.py": "cars.evaluate", "predict.py": "cars.predict", "export.py": "cars.export",
-                "inspect_data.py": "cars.inspect_data",
+                "inspect_data.py": "cars.inspect_data", "app.py": "cars.app",
                 "lr_find.py": "cars.lr_find", "compare.py": "cars.compare"}
 
 

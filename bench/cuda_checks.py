@@ -1,0 +1,84 @@
+"""What only a GPU can confirm about the training loop, on the demo data (offline, a minute or two):
+
+    uv run python bench/cuda_checks.py
+
+1. No recompiles on CUDA: a compiled AMP run (inductor, Triton kernels) with a frozen first epoch
+   compiles one graph for training and one for eval per backbone state, then nothing more
+   (the same count tests/test_compiled.py asserts on a CPU: 2 after epoch 1, 4 after every later one).
+2. Host waits in the training step: torch.cuda.set_sync_debug_mode counts every operation that
+   makes the host wait for the GPU during steady-state steps. Two are expected, both PyTorch's own:
+   the float16 GradScaler's overflow check, and (with --ema) AveragedModel's first-update check.
+"""
+
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cars import train  # noqa: E402
+from cars.config import Config  # noqa: E402
+from cars.data import load_splits  # noqa: E402
+from cars.demo import demo_root  # noqa: E402
+from cars.engine import Device, train_one_epoch  # noqa: E402
+from cars.loaders import train_loader  # noqa: E402
+from cars.models import build_model  # noqa: E402
+from cars.optim import make_optimizer  # noqa: E402
+
+
+def count_compiles(scratch: Path) -> list[int]:
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    after_epoch, train_and_evaluate = [], train.train_and_evaluate
+
+    def counted(run, epoch):
+        result = train_and_evaluate(run, epoch)
+        after_epoch.append(counters["frames"]["ok"])
+        return result
+
+    train.train_and_evaluate = counted
+    train.main(["--config", "configs/demo.toml", "--device", "cuda", "--compile", "--amp", "--channels-last", "--epochs", "4",
+                "--freeze-epochs", "1", "--run-dir", str(scratch / "run"), "--workers", "0"])
+    train.train_and_evaluate = train_and_evaluate
+    return after_epoch
+
+
+def count_waits(scratch: Path) -> list[str]:
+    cfg = Config(data="demo", arch="resnet50", weights="none", resolution=224, batch_size=64, cache=str(scratch / "cache"))
+    splits = load_splits("demo")
+    device = Device("cuda", channels_last=True, amp=True, show_progress=False)
+    model = device.place(build_model(cfg.arch, "none", len(splits.class_names)))
+    optimizer, scaler = make_optimizer(cfg, model), device.scaler()
+    loader = train_loader(splits.train, cfg, 0, "cuda")
+    train_one_epoch(model, loader, optimizer, scaler, device, refresh_seconds=1e9)  # warm up: cuDNN autotuning, the scaler's first steps
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        steps = train_one_epoch(model, loader, optimizer, scaler, device, refresh_seconds=1e9).images // cfg.batch_size
+        torch.cuda.set_sync_debug_mode("default")
+    waits = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]  # where each wait was asked for
+    print(f"{len(waits)} host waits in {steps} steps (one is the epoch's final read of loss and accuracy)")
+    return waits
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        sys.exit("bench/cuda_checks.py needs CUDA")
+    demo_root()  # generated once, offline
+    with tempfile.TemporaryDirectory() as scratch:
+        compiles = count_compiles(Path(scratch))
+        print(f"compiled frames after each epoch: {compiles} (expected [2, 4, 4, 4])")
+        waits = count_waits(Path(scratch))
+        for wait in sorted(set(waits)):
+            print(f"  {waits.count(wait)} x at {wait}")
+    print(f"cuda checks: compiles {compiles} ({'as expected' if compiles == [2, 4, 4, 4] else 'UNEXPECTED'}), "
+          f"{len(waits)} host waits in an epoch")
+
+
+if __name__ == "__main__":
+    main()

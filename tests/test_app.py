@@ -1,0 +1,110 @@
+"""app.py, the web page: served on 127.0.0.1, answered through Gradio's own client, and used in a real
+headless Chromium the way a person would: upload a photo, read the top-1 car name off the page."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import tiny_args, write_hub_folder
+from PIL import Image
+
+from cars import evaluate, predict, train
+from cars.data import load_splits
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny trained and evaluated run, served by `app.py RUN --port N` in its own process."""
+    root = tmp_path_factory.mktemp("app")
+    data = write_hub_folder(root / "data")
+    train.main(tiny_args(data, root / "run", "--epochs", "1"))
+    evaluate.main([str(root / "run"), "--workers", "0", "--num-gradcam", "2"])
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(ROOT / "app.py"), str(root / "run"), "--port", str(port)], cwd=root,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    line = server.stdout.readline()  # printed once the server listens
+    assert line.startswith(f"serving {root / 'run' / 'best.pt'} at http://127.0.0.1:{port}"), line + server.stdout.read()
+    image = root / "car.png"
+    load_splits(str(data)).eval.open(1).save(image)
+    yield f"http://127.0.0.1:{port}/", root, image
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def top1_by_predict_py(run: Path, image: Path, capsys) -> str:
+    capsys.readouterr()
+    predict.main([str(run), str(image), "--json"])
+    return json.loads(capsys.readouterr().out)[0]["predictions"][0]["class"]
+
+
+def test_the_page_answers_as_predict_py_and_survives_bad_photos(served, tmp_path, capsys):
+    from gradio_client import Client, handle_file
+
+    url, root, image = served
+    client = Client(url, verbose=False)
+    top5, cam = client.predict(handle_file(str(image)), "gradcam", api_name="/predict")
+    assert top5["label"] == top1_by_predict_py(root / "run", image, capsys)
+    assert len(top5["confidences"]) == 3 and Image.open(cam).size == (32, 32)  # every class of 3; the CAM over the model's view
+
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("this is text, not a photo")
+    bomb = tmp_path / "bomb.png"  # 200 megapixels in a few hundred kB: PIL refuses to decode it
+    Image.new("1", (14_200, 14_200)).save(bomb)
+    huge = tmp_path / "huge.png"  # over the page's 20 MB upload limit
+    huge.write_bytes(os.urandom(21 * 2**20))
+    for bad, message in ((not_an_image, "not a photo the model can read"), (bomb, "not a photo the model can read"),
+                         (huge, "exceed|too large|max")):
+        with pytest.raises(Exception, match=message):
+            client.predict(handle_file(str(bad)), "gradcam", api_name="/predict")
+    again, _ = client.predict(handle_file(str(image)), "eigencam", api_name="/predict")  # still serving
+    assert again["label"] == top5["label"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine: install Debian's chromium (.ci/run does) to run the browser test")
+def test_in_a_real_browser_an_uploaded_photo_shows_its_top_car(served, capsys):
+    from playwright.sync_api import sync_playwright
+
+    url, root, image = served
+    expected = top1_by_predict_py(root / "run", image, capsys)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url)
+        page.locator("#photo input[type=file]").set_input_files(str(image))
+        top1 = page.locator("#top5 h2")  # the label's heading: the most probable class
+        top1.wait_for(timeout=60_000)
+        deadline = time.time() + 60
+        while top1.inner_text().strip() != expected and time.time() < deadline:
+            time.sleep(0.2)
+        assert top1.inner_text().strip() == expected
+        page.screenshot(path=str(root / "app-predict.png"), full_page=True)
+
+        page.get_by_role("tab", name="Evaluation").click()
+        table = page.locator("#per_class")
+        table.wait_for(timeout=30_000)
+        names = load_splits(str(root / "data")).class_names
+        assert all(name in table.inner_text() for name in names)
+        page.screenshot(path=str(root / "app-evaluation.png"), full_page=True)
+        browser.close()
+    if os.environ.get("CARS_SCREENSHOTS"):  # how the README's screenshots are made
+        for name in ("app-predict.png", "app-evaluation.png"):
+            shutil.copy(root / name, Path(os.environ["CARS_SCREENSHOTS"]) / name)
+    assert re.match(r"\S", expected)

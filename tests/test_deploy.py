@@ -1,0 +1,141 @@
+"""The model outside training: exports that check themselves (safetensors, ONNX, torch.export), ONNX Runtime in
+predict.py and eval.py."""
+
+import csv
+import json
+
+import onnx
+import pytest
+import torch
+from conftest import tiny_args, write_hub_folder
+from safetensors.torch import load_file, save_file
+
+from cars import evaluate, export, predict, train
+from cars.data import load_splits
+from cars.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny trained run, exported in every format."""
+    root = tmp_path_factory.mktemp("deploy")
+    data = write_hub_folder(root / "data")
+    train.main(tiny_args(data, root / "run", "--epochs", "1"))
+    export.main([str(root / "run"), "--format", "safetensors,onnx,torch-export", "--check-images", "9"])
+    return root
+
+
+def test_every_format_is_written_checked_and_recorded(exported, capsys):
+    out = exported / "run" / "export"
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx", "model.pt2", "model.safetensors"]
+    info = json.loads((out / "model.json").read_text())
+    assert info["arch"] == "resnet18" and info["resolution"] == 32 and len(info["class_names"]) == 3
+    assert list(info["formats"]) == ["safetensors", "onnx", "torch-export"]
+    for fmt, entry in info["formats"].items():
+        check = entry["check"]
+        assert check["passed"] and check["top1_agreement"] == 100.0 and check["images"] == f"9 test images of {exported / 'data'}"
+        assert check["max_abs_logit_diff"] <= check["allowed"]
+    assert info["formats"]["safetensors"]["check"]["max_abs_logit_diff"] == 0  # the same weights in the same model
+    assert info["formats"]["torch-export"]["check"]["max_abs_logit_diff"] == 0  # the same kernels
+    # the ONNX graph takes any batch size
+    graph_input = onnx.load(str(out / "model.onnx")).graph.input[0]
+    assert [d.dim_param or d.dim_value for d in graph_input.type.tensor_type.shape.dim] == ["batch", 3, 32, 32]
+    export.main([str(exported / "run"), "--verify"])
+    assert capsys.readouterr().out.count("passes") == 3
+
+
+def predictions_of(args, capsys) -> list[dict]:
+    capsys.readouterr()
+    predict.main(args)
+    return json.loads(capsys.readouterr().out)
+
+
+def test_onnx_runtime_predicts_and_evaluates_as_pytorch_does(exported, tmp_path, capsys):
+    run, out = exported / "run", exported / "run" / "export"
+    images = []
+    for i in range(3):
+        images.append(tmp_path / f"car{i}.png")
+        load_splits(str(exported / "data")).eval.open(i).save(images[-1])
+    by_pytorch = predictions_of([str(run), *map(str, images), "--json"], capsys)
+    for given in (out, out / "model.onnx", run):  # the export folder, the file, or the run folder holding export/
+        by_onnx = predictions_of([str(given), *map(str, images), "--json", "--backend", "onnxruntime"], capsys)
+        for a, b in zip(by_pytorch, by_onnx):
+            assert [p["class"] for p in a["predictions"]] == [p["class"] for p in b["predictions"]]
+            assert [p["probability"] for p in a["predictions"]] == pytest.approx([p["probability"] for p in b["predictions"]], abs=1e-5)
+
+    evaluate.main([str(run), "--out", str(tmp_path / "eval-pt"), "--workers", "0"])
+    evaluate.main([str(out), "--out", str(tmp_path / "eval-onnx"), "--workers", "0", "--backend", "onnxruntime"])
+    rows = [list(csv.DictReader(open(tmp_path / folder / "predictions.csv"))) for folder in ("eval-pt", "eval-onnx")]
+    assert [(r["true"], r["predicted"]) for r in rows[0]] == [(r["true"], r["predicted"]) for r in rows[1]]
+    assert [float(r["confidence"]) for r in rows[0]] == pytest.approx([float(r["confidence"]) for r in rows[1]], abs=2e-4)
+    summaries = [json.loads((tmp_path / folder / "summary.json").read_text()) for folder in ("eval-pt", "eval-onnx")]
+    assert summaries[0]["top1"] == summaries[1]["top1"] and summaries[0]["top5"] == summaries[1]["top5"]
+    assert (tmp_path / "eval-pt" / "gradcam_samples.png").exists() and not (tmp_path / "eval-onnx" / "gradcam_samples.png").exists()
+    assert "ONNX Runtime gives none" in (tmp_path / "eval-onnx" / "report.md").read_text()
+
+
+def tamper_onnx(path):
+    model = onnx.load(str(path))
+    weight = next(t for t in model.graph.initializer if len(t.dims) == 4)  # a convolution's kernel
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values.flat[0] += 1.0
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    onnx.save(model, str(path))
+
+
+def tamper_safetensors(path):
+    state = load_file(str(path))
+    state["conv1.weight"][0, 0, 0, 0] += 1.0
+    save_file(state, str(path))
+
+
+def tamper_pt2(path):
+    program = torch.export.load(str(path))
+    weight = next(iter(program.state_dict))
+    program.state_dict[weight].data[0] += 1.0
+    torch.export.save(program, str(path))
+
+
+@pytest.mark.parametrize("name, tamper", [("model.onnx", tamper_onnx), ("model.safetensors", tamper_safetensors),
+                                          ("model.pt2", tamper_pt2)])
+def test_a_tampered_export_fails_its_check(exported, tmp_path, name, tamper):
+    copy = tmp_path / "export"
+    export.main([str(exported / "run"), "--out", str(copy), "--format", "safetensors,onnx,torch-export", "--check-images", "9"])
+    tamper(copy / name)
+    with pytest.raises(UserError, match=f"{name} fails its parity check: its logits differ from the PyTorch model's by up to"):
+        export.main([str(exported / "run"), "--out", str(copy), "--verify", "--check-images", "9"])
+
+
+def test_an_export_that_fails_its_check_is_never_kept(exported, tmp_path, monkeypatch):
+    write = export.write_export
+
+    def wrong_weights(fmt, path, model, example):  # as a broken exporter would: another model under the name
+        with torch.no_grad():
+            model.fc.bias += 1.0
+        try:
+            write(fmt, path, model, example)
+        finally:
+            with torch.no_grad():
+                model.fc.bias -= 1.0
+
+    monkeypatch.setattr(export, "write_export", wrong_weights)
+    with pytest.raises(UserError, match="model.onnx fails its parity check"):
+        export.main([str(exported / "run"), "--out", str(tmp_path / "bad"), "--format", "onnx", "--check-images", "4"])
+    assert list((tmp_path / "bad").iterdir()) == []  # neither the failed file nor a model.json that lists it
+
+
+def test_bad_export_and_backend_requests_are_one_clear_line(exported, tmp_path):
+    run = str(exported / "run")
+    with pytest.raises(UserError, match="--format pickle is not a format; choose from safetensors, onnx, torch-export"):
+        export.main([run, "--format", "onnx,pickle"])
+    with pytest.raises(UserError, match="already holds an export .*; pass --overwrite"):
+        export.main([run, "--format", "onnx"])
+    with pytest.raises(UserError, match="--cam needs the PyTorch model's gradients"):
+        predict.main([run, "x.png", "--backend", "onnxruntime", "--cam", str(tmp_path)])
+    with pytest.raises(UserError, match="has no model.onnx; export one with"):
+        predict.main([str(tmp_path), "x.png", "--backend", "onnxruntime"])
+    (tmp_path / "broken.onnx").write_bytes(b"not a model")
+    with pytest.raises(UserError, match="cannot load .*broken.onnx with ONNX Runtime"):
+        predict.main([str(tmp_path / "broken.onnx"), "x.png", "--backend", "onnxruntime"])
+    with pytest.raises(UserError, match="holds no export written by export.py"):
+        export.main([run, "--out", str(tmp_path), "--verify"])
