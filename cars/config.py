@@ -17,8 +17,9 @@ from cars.errors import UserError
 from cars.files import atomic_write
 
 
-# amp, compile, channels_last: auto is on with CUDA, where they pay, and off elsewhere (on a CPU they
-# usually cost time); on and off apply on every device. A bare --amp means on.
+# amp, compile, channels_last: auto is on with CUDA, where they pay, and off elsewhere (on a CPU compiling
+# costs a minute or more up front, and bfloat16 is slow without bfloat16 units); on and off apply on every
+# device. A bare --amp means on.
 SWITCH = ["auto", "on", "off"]
 
 

@@ -18,7 +18,7 @@ from cars.data import load_splits, read_rgb
 from cars.errors import UserError
 from cars.files import atomic_write, make_folder
 from cars.models import build_model
-from cars.trained import Trained, load_trained_from, read_model_json
+from cars.trained import OnnxRuntimeModel, Trained, load_trained_from, read_model_json
 from cars.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize, eval_transform, normalize
 
 FILES = {"safetensors": "model.safetensors", "onnx": "model.onnx", "torch-export": "model.pt2"}
@@ -46,10 +46,7 @@ def run_export(fmt: str, path: Path, trained: Trained, images: torch.Tensor) -> 
         model.load_state_dict(load_file(str(path)))
         return model.eval()(images)
     if fmt == "onnx":
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: images.numpy()})[0])
+        return OnnxRuntimeModel(path)(images)  # as predict.py and eval.py run it
     return torch.export.load(str(path)).module()(images)
 
 
