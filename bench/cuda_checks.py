@@ -29,7 +29,7 @@ from cars.models import build_model  # noqa: E402
 from cars.optim import make_optimizer  # noqa: E402
 
 
-def count_compiles(scratch: Path) -> list[int]:
+def count_compiles(scratch: Path, device: str = "cuda") -> list[int]:
     from torch._dynamo.utils import counters
 
     counters.clear()
@@ -41,7 +41,7 @@ def count_compiles(scratch: Path) -> list[int]:
         return result
 
     train.train_and_evaluate = counted
-    train.main(["--config", "configs/demo.toml", "--device", "cuda", "--compile", "--amp", "--channels-last", "--epochs", "4",
+    train.main(["--config", "configs/demo.toml", "--device", device, "--compile", "--amp", "--channels-last", "--epochs", "4",
                 "--freeze-epochs", "1", "--run-dir", str(scratch / "run"), "--workers", "0"])
     train.train_and_evaluate = train_and_evaluate
     return after_epoch

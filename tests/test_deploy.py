@@ -8,6 +8,7 @@ import onnx
 import pytest
 import torch
 from conftest import tiny_args, write_hub_folder
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from cars import evaluate, export, predict, train
@@ -42,6 +43,15 @@ def test_every_format_is_written_checked_and_recorded(exported, capsys):
     assert [d.dim_param or d.dim_value for d in graph_input.type.tensor_type.shape.dim] == ["batch", 3, 32, 32]
     export.main([str(exported / "run"), "--verify"])
     assert capsys.readouterr().out.count("passes") == 3
+
+
+def predict_label(run, image) -> str:
+    """The top-1 class PyTorch gives for one image, as predict.py computes it."""
+    from cars.trained import load_trained
+    from cars.transforms import eval_transform
+
+    trained = load_trained(run)
+    return trained.classify(eval_transform(trained.resolution)(Image.open(image).convert("RGB")), 1)[0]["class"]
 
 
 def predictions_of(args, capsys) -> list[dict]:
@@ -139,3 +149,25 @@ def test_bad_export_and_backend_requests_are_one_clear_line(exported, tmp_path):
         predict.main([str(tmp_path / "broken.onnx"), "x.png", "--backend", "onnxruntime"])
     with pytest.raises(UserError, match="holds no export written by export.py"):
         export.main([run, "--out", str(tmp_path), "--verify"])
+
+
+def test_the_web_page_runs_an_onnx_export_without_cams(exported, tmp_path):
+    from gradio_client import Client, handle_file
+
+    from cars.app import build_app
+    from cars.trained import load_onnx
+    from test_app import free_port
+
+    image = tmp_path / "car.png"
+    load_splits(str(exported / "data")).eval.open(0).save(image)
+    trained = load_onnx(exported / "run" / "export")
+    assert trained.classify(torch.zeros(3, 32, 32, dtype=torch.uint8), 5)[0]["class"] in trained.class_names
+    app = build_app(trained, eval_dir=None)
+    port = free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=True)
+    try:
+        top5, cam = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(handle_file(str(image)), "gradcam", api_name="/predict")
+    finally:
+        app.close()
+    expected = predict_label(exported / "run", image)
+    assert top5["label"] == expected and cam is None
