@@ -3,6 +3,7 @@ where the model looked. "Evaluation" (once eval.py has run): per-class accuracy,
 pairs with their images and CAMs, and the report's charts. Served on 127.0.0.1 only, unless asked."""
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def evaluation_tab(trained: Trained, eval_dir: Path, cam_method: str) -> tuple:
     per_class = read_csv(eval_dir / "per_class.csv")
     pairs = read_csv(eval_dir / "confused_pairs.csv")
     predictions = read_csv(eval_dir / "predictions.csv")
-    splits = load_splits(trained.data)
+    summary = json.loads((eval_dir / "summary.json").read_text()) if (eval_dir / "summary.json").is_file() else {}
+    splits = load_splits(summary.get("data") or trained.data)  # the dataset eval.py ran on: predictions.csv indexes its test split
     transform = eval_transform(trained.resolution)
 
     def with_cam(split, index: int, target: int, caption: str):

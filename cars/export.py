@@ -28,13 +28,18 @@ TOLERANCE = 1e-4  # the largest |logit difference| an export may show, relative 
 def check_inputs(trained: Trained, count: int) -> tuple[torch.Tensor, str]:
     """The model's input for `count` test images of its dataset, as eval.py feeds them; random pixels when there is no dataset."""
     transform = eval_transform(trained.resolution)
+    why = "no dataset known: pass --data for test images"
     if trained.data:
-        test = load_splits(trained.data).eval
-        chosen = range(min(count, len(test)))
-        return normalize(torch.stack([transform(read_rgb(test, i)) for i in chosen])), f"{len(chosen)} test images of {trained.data}"
+        try:
+            test = load_splits(trained.data).eval
+            chosen = range(min(count, len(test)))
+            return normalize(torch.stack([transform(read_rgb(test, i)) for i in chosen])), f"{len(chosen)} test images of {trained.data}"
+        except UserError as error:  # offline, say, with the dataset not in the cache: check on random pixels and say so
+            why = f"{trained.data} could not be read: {error}"
+    print(f"note: checking on random pixels ({why})")
     pixels = torch.randint(0, 256, (count, 3, trained.resolution, trained.resolution), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
-    return normalize(pixels), f"{count} images of random pixels (no dataset known: pass --data for test images)"
+    return normalize(pixels), f"{count} images of random pixels ({why})"
 
 
 def run_export(fmt: str, path: Path, trained: Trained, images: torch.Tensor) -> torch.Tensor:

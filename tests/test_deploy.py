@@ -171,3 +171,13 @@ def test_the_web_page_runs_an_onnx_export_without_cams(exported, tmp_path):
         app.close()
     expected = predict_label(exported / "run", image)
     assert top5["label"] == expected and cam is None
+
+
+def test_a_bare_state_dict_is_checked_on_random_pixels_and_says_so(exported, tmp_path, capsys):
+    from cars.checkpoint import load_checkpoint
+
+    torch.save(load_checkpoint(exported / "run" / "best.pt")["model"], tmp_path / "weights.pt")
+    export.main([str(tmp_path / "weights.pt"), "--arch", "resnet18", "--resolution", "32", "--format", "onnx", "--check-images", "4"])
+    check = json.loads((tmp_path / "export" / "model.json").read_text())["formats"]["onnx"]["check"]
+    assert check["images"] == "4 images of random pixels (no dataset known: pass --data for test images)" and check["passed"]
+    assert "note: checking on random pixels" in capsys.readouterr().out
