@@ -26,7 +26,8 @@ TOLERANCE = 1e-4  # the largest |logit difference| an export may show, relative 
 
 
 def check_inputs(trained: Trained, count: int) -> tuple[torch.Tensor, str]:
-    """The model's input for `count` test images of its dataset, as eval.py feeds them; random pixels when there is no dataset."""
+    """The model's input for `count` test images of its dataset, as eval.py feeds them; random pixels when there is
+    no dataset or it cannot be read."""
     transform = eval_transform(trained.resolution)
     why = "no dataset known: pass --data for test images"
     if trained.data:
