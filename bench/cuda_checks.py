@@ -29,7 +29,8 @@ from cars.models import build_model  # noqa: E402
 from cars.optim import make_optimizer  # noqa: E402
 
 
-def count_compiles(scratch: Path, device: str = "cuda") -> list[int]:
+def compiles_per_epoch(argv: list[str]) -> list[int]:
+    """train.main(argv), with dynamo's compiled frames (recompiles included) counted after every epoch."""
     from torch._dynamo.utils import counters
 
     counters.clear()
@@ -41,9 +42,10 @@ def count_compiles(scratch: Path, device: str = "cuda") -> list[int]:
         return result
 
     train.train_and_evaluate = counted
-    train.main(["--config", "configs/demo.toml", "--device", device, "--compile", "--amp", "--channels-last", "--epochs", "4",
-                "--freeze-epochs", "1", "--run-dir", str(scratch / "run"), "--workers", "0"])
-    train.train_and_evaluate = train_and_evaluate
+    try:
+        train.main(argv)
+    finally:
+        train.train_and_evaluate = train_and_evaluate
     return after_epoch
 
 
@@ -71,7 +73,8 @@ def main() -> None:
         sys.exit("bench/cuda_checks.py needs CUDA")
     demo_root()  # generated once, offline
     with tempfile.TemporaryDirectory() as scratch:
-        compiles = count_compiles(Path(scratch))
+        compiles = compiles_per_epoch(["--config", "configs/demo.toml", "--device", "cuda", "--compile", "--amp", "--channels-last",
+                                       "--epochs", "4", "--freeze-epochs", "1", "--run-dir", str(Path(scratch) / "run"), "--workers", "0"])
         print(f"compiled frames after each epoch: {compiles} (expected [2, 4, 4, 4])")
         waits = count_waits(Path(scratch))
         for wait in sorted(set(waits)):

@@ -43,6 +43,13 @@ def check_inputs(trained: Trained, count: int) -> tuple[torch.Tensor, str]:
     return normalize(pixels), f"{count} images of random pixels ({why})"
 
 
+def reference(trained: Trained, count: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """What every check compares against: the check's inputs, the PyTorch model's logits on them, and their description."""
+    images, described = check_inputs(trained, count)
+    with torch.no_grad():
+        return images, trained.model.eval()(images), described
+
+
 def run_export(fmt: str, path: Path, trained: Trained, images: torch.Tensor) -> torch.Tensor:
     """The logits that the exported file at `path` gives for `images`, loaded as its users would load it."""
     if fmt == "safetensors":
@@ -97,6 +104,10 @@ def check(fmt: str, path: Path, trained: Trained, images: torch.Tensor, expected
     return result
 
 
+def agreement(result: dict) -> str:
+    return f"top-1 agrees on {result['top1_agreement']:.1f}% of {result['images']}, largest |logit difference| {result['max_abs_logit_diff']:.2g}"
+
+
 def export_info(trained: Trained) -> dict:
     return {"arch": trained.arch, "resolution": trained.resolution, "eval_resize": eval_resize(trained.resolution),
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "num_classes": len(trained.class_names),
@@ -106,23 +117,19 @@ def export_info(trained: Trained) -> dict:
 def export(trained: Trained, out: Path, formats: list[str], check_images: int) -> dict:
     """Every format written beside `out`, checked, then renamed into place; model.json last, listing them."""
     make_folder(out)
-    model = trained.model.eval()
-    images, described = check_inputs(trained, check_images)
-    with torch.no_grad():
-        expected = model(images)
+    images, expected, described = reference(trained, check_images)
     info = {**export_info(trained), "formats": {}}
     for fmt in formats:
         path = out / FILES[fmt]
         partial = out / f".{path.stem}.partial{path.suffix}"  # the file lands under its name only once it has passed its check
         try:
-            write_export(fmt, partial, model, images[:2])
+            write_export(fmt, partial, trained.model, images[:2])
             result = check(fmt, partial, trained, images, expected, described)
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)
         info["formats"][fmt] = {"file": path.name, "check": result}
-        print(f"{path}: top-1 agrees on {result['top1_agreement']:.1f}% of {described}, largest |logit difference| "
-              f"{result['max_abs_logit_diff']:.2g}")
+        print(f"{path}: {agreement(result)}")
     atomic_write(out / "model.json", lambda file: file.write((json.dumps(info, indent=2) + "\n").encode()))
     return info
 
@@ -132,13 +139,10 @@ def verify(trained: Trained, out: Path, check_images: int) -> None:
     formats = read_model_json(out / "model.json").get("formats") or {}
     if not formats:
         raise UserError(f"{out} holds no export written by export.py (no formats in model.json); export the model first")
-    images, described = check_inputs(trained, check_images)
-    with torch.no_grad():
-        expected = trained.model.eval()(images)
+    images, expected, described = reference(trained, check_images)
     for fmt, entry in formats.items():
         result = check(fmt, out / entry["file"], trained, images, expected, described)
-        print(f"{out / entry['file']}: passes (top-1 agrees on {result['top1_agreement']:.1f}%, largest |logit difference| "
-              f"{result['max_abs_logit_diff']:.2g})")
+        print(f"{out / entry['file']}: passes ({agreement(result)})")
 
 
 def main(argv=None) -> None:
