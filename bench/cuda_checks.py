@@ -8,6 +8,8 @@
 2. Host waits in the training step: torch.cuda.set_sync_debug_mode counts every operation that
    makes the host wait for the GPU during steady-state steps. Two are expected, both PyTorch's own:
    the float16 GradScaler's overflow check, and (with --ema) AveragedModel's first-update check.
+   Counted with basic augmentation, and with the extra augmentation that runs on the batch
+   (heavy; TrivialAugment + erasing), which should add none.
 """
 
 import sys
@@ -49,8 +51,8 @@ def compiles_per_epoch(argv: list[str]) -> list[int]:
     return after_epoch
 
 
-def count_waits(scratch: Path) -> list[str]:
-    cfg = Config(data="demo", arch="resnet50", weights="none", resolution=224, batch_size=64, cache=str(scratch / "cache"))
+def count_waits(scratch: Path, **augmentation) -> list[str]:
+    cfg = Config(data="demo", arch="resnet50", weights="none", resolution=224, batch_size=64, cache=str(scratch / "cache"), **augmentation)
     splits = load_splits("demo")
     device = Device("cuda", channels_last=True, amp=True, show_progress=False)
     model = device.place(build_model(cfg.arch, "none", len(splits.class_names)))
@@ -64,7 +66,7 @@ def count_waits(scratch: Path) -> list[str]:
         steps = train_one_epoch(model, loader, optimizer, scaler, device, refresh_seconds=1e9).images // cfg.batch_size
         torch.cuda.set_sync_debug_mode("default")
     waits = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]  # where each wait was asked for
-    print(f"{len(waits)} host waits in {steps} steps (one is the epoch's final read of loss and accuracy)")
+    print(f"{augmentation or 'basic augmentation'}: {len(waits)} host waits in {steps} steps (one is the epoch's final read of loss and accuracy)")
     return waits
 
 
@@ -76,11 +78,14 @@ def main() -> None:
         compiles = compiles_per_epoch(["--config", "configs/demo.toml", "--device", "cuda", "--compile", "--amp", "--channels-last",
                                        "--epochs", "4", "--freeze-epochs", "1", "--run-dir", str(Path(scratch) / "run"), "--workers", "0"])
         print(f"compiled frames after each epoch: {compiles} (expected [2, 4, 4, 4])")
-        waits = count_waits(Path(scratch))
-        for wait in sorted(set(waits)):
-            print(f"  {waits.count(wait)} x at {wait}")
+        counts = []
+        for augmentation in ({}, dict(augment="heavy"), dict(augment="trivialaugment", random_erasing=0.25)):
+            waits = count_waits(Path(scratch), **augmentation)
+            for wait in sorted(set(waits)):
+                print(f"  {waits.count(wait)} x at {wait}")
+            counts.append(len(waits))
     print(f"cuda checks: compiles {compiles} ({'as expected' if compiles == [2, 4, 4, 4] else 'UNEXPECTED'}), "
-          f"{len(waits)} host waits in an epoch")
+          f"host waits in an epoch {counts[0]} (basic), {counts[1]} (heavy), {counts[2]} (trivialaugment + erasing)")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 echo "$(nproc) CPU cores" | tee -a "$log.hardware"
 
 uv run python bench/input_pipeline.py --images 1024 2>&1 | quiet | tee "$log.input"
+# the extra augmentation, image by image against the whole batch, on the GPU
+uv run python bench/augment.py 2>&1 | quiet | tee "$log.augment"
 # eager against compiled + AMP + channels-last, each end to end and on synthetic batches, and eval
 uv run python bench/train_throughput.py --arch resnet50 --resolution 224 --batch-size 128 2>&1 | quiet | tee "$log.224"
 uv run python bench/train_throughput.py --arch resnet50 --resolution 448 --batch-size 64 --steps 40 2>&1 | quiet | tee "$log.448"
@@ -24,6 +26,7 @@ echo "| benchmark | result |"
 echo "|---|---|"
 echo "| hardware | $(head -1 "$log.hardware"), $(nproc) cores |"
 echo "| input pipeline (bench/input_pipeline.py) | $(tail -1 "$log.input") |"
+echo "| extra augmentation (bench/augment.py) | $(tail -1 "$log.augment") |"
 echo "| training and eval, 224 px (bench/train_throughput.py) | $(tail -1 "$log.224") |"
 echo "| training and eval, 448 px | $(tail -1 "$log.448") |"
 echo "| demo, 2 epochs on the GPU | $(grep '^done in' "$log.demo") |"

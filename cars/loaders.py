@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import torch
 
+from cars.augment import apply_steps
 from cars.cache import PixelCache, cache_root, cached_pixels
 from cars.data import read_rgb
 from cars.errors import UserError
@@ -107,7 +108,7 @@ class CachedSplit:
 class CachedLoader:
     """Batches of a CachedSplit on the device, uint8 NCHW, and their labels: read in this process by
     a thread that stays a few batches ahead; for training, each crop's pixels read at native size,
-    resized and flipped on the device, then given the config's extra augmentation image by image.
+    resized and flipped on the device, then given the config's extra augmentation as a batch.
     Same batches as make_loader would make."""
 
     def __init__(self, dataset: CachedSplit, batch_size: int, shuffle: bool, seed: int, device_type: str, rank: int = 0, world: int = 1):
@@ -132,7 +133,8 @@ class CachedLoader:
         boxes, flips = self.dataset.crops(indices)
         regions = self.dataset.cache.regions(indices, boxes)  # only the pixels each crop needs, at native size
         flat = torch.cat([region.reshape(-1) for region in regions])  # one buffer: one copy to the device
-        return [flat.pin_memory() if pin else flat, labels, [region.shape for region in regions], flips, indices]
+        steps = self.dataset.augmentation.extra_steps(self.dataset.epoch, indices)
+        return [flat.pin_memory() if pin else flat, labels, [region.shape for region in regions], flips, steps]
 
     def __iter__(self):
         ready, stop = queue.Queue(maxsize=3), threading.Event()
@@ -161,20 +163,17 @@ class CachedLoader:
         finally:
             stop.set()
 
-    def finish(self, pixels, labels, shapes=None, flips=None, indices=None):
-        """On the device: an eval batch made NCHW (channels-last in memory); training crops resized, then augmented further."""
+    def finish(self, pixels, labels, shapes=None, flips=None, steps=None):
+        """On the device: an eval batch made NCHW (channels-last in memory); training crops resized,
+        then augmented further, the whole batch at once."""
         pixels = pixels.to(self.device_type, non_blocking=True)
         labels = labels.to(self.device_type, non_blocking=True)
         if shapes is None:
             return pixels.permute(0, 3, 1, 2), labels
         sizes = [height * width * 3 for height, width, _ in shapes]
         regions = [part.view(shape).permute(2, 0, 1) for part, shape in zip(pixels.split(sizes), shapes)]
-        augmentation = self.dataset.augmentation
-        crops = resize_crops(regions, flips.tolist(), augmentation.resolution)
-        if augmentation.extra is not None:
-            for n, i in enumerate(indices):
-                crops[n] = augmentation.finish(crops[n], self.dataset.epoch, i)
-        return crops, labels
+        crops = resize_crops(regions, flips.tolist(), self.dataset.augmentation.resolution)
+        return apply_steps(crops, steps), labels
 
 
 def checked(cache: PixelCache, skip_bad_images: bool) -> PixelCache:

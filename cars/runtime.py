@@ -3,7 +3,6 @@
 import os
 import random
 import shutil
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -61,16 +60,3 @@ def image_seed(seed: int, epoch: int, i: int, *stream: int) -> int:
     these numbers alone, so resume and torchrun draw the same. (A hash of numbers only: a string's
     hash differs from process to process.)"""
     return hash((seed, epoch, i, *stream))
-
-
-@contextmanager
-def seeded_torch_rng(seed: int):
-    """torch's global generator (which torchvision's random transforms draw from) seeded for a
-    block, then put back. torch.random.fork_rng does this too, but costs 100x more per image."""
-    generator = torch.default_generator
-    state = generator.get_state()
-    generator.manual_seed(seed % 2**62)
-    try:
-        yield
-    finally:
-        generator.set_state(state)

@@ -4,9 +4,10 @@ Both end in uint8 pixels: batches travel to the device as bytes (a quarter of fl
 `normalize` makes them the model's input there (Device.put).
 
 Training augmentation is decided in one place, TrainAugmentation, for both pipelines: with the
-preprocessing cache it runs in two halves (boxes and flips drawn on the CPU, each box's pixels read
-from the cache and resized on the device), without it on each decoded image. Either way the crop is
-cut from the image at its native size and resized once, as the seed's RandomResizedCrop did.
+preprocessing cache it runs in two halves (boxes, flips and the extra ops' parameters drawn on the
+CPU; each box's pixels read from the cache, resized and augmented further on the device, a batch at
+a time), without it on each decoded image. Either way the crop is cut from the image at its native
+size and resized once, as the seed's RandomResizedCrop did.
 """
 
 import math
@@ -16,7 +17,8 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from cars.runtime import image_seed, seeded_torch_rng
+from cars.augment import Step, apply_steps, draw_steps, group_steps
+from cars.runtime import image_seed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -33,26 +35,27 @@ class TrainAugmentation:
     then the config's extra ops (rotation, colour jitter, TrivialAugment, erasing), each drawn from
     (seed, epoch, image) alone: not from the worker, the process (torchrun) or an interruption (resume).
 
-    With the preprocessing cache the two halves run apart: `draw` on the CPU, and on the device the
-    resizing of each box's pixels (resize_crops) followed by `finish` per image. Without it,
-    `__call__` does all of it on one decoded image."""
+    With the preprocessing cache the two halves run apart: `draw` and `extra_steps` on the CPU, and
+    on the device the resizing of each box's pixels (resize_crops) followed by the extra steps, on
+    the whole batch (cars.augment.apply_steps). Without it, `__call__` does all of it on one decoded
+    image, with the same kernels: the same pixels."""
 
     def __init__(self, cfg):
         self.cfg, self.seed, self.resolution = cfg, cfg.seed, cfg.resolution
-        ops = extra_augmentation(cfg)
-        self.extra = v2.Compose(ops) if ops else None
+        self.extra = extra_augmentation(cfg)  # torchvision's transforms, for their parameters; run batched by cars.augment
 
     def draw(self, epoch: int, i: int, height: int, width: int) -> tuple[tuple[float, float, float, float], bool]:
         """Image i's crop box (fractions of the image) and whether it is mirrored, in `epoch`."""
         rng = random.Random(image_seed(self.seed, epoch, i))
         return crop_box(height, width, self.cfg, rng), rng.random() < 0.5
 
-    def finish(self, crop: torch.Tensor, epoch: int, i: int) -> torch.Tensor:
-        """The extra ops on image i's crop (uint8 CHW), with its own draw (v2 gives a whole batch one draw)."""
-        if self.extra is None:
-            return crop
-        with seeded_torch_rng(image_seed(self.seed, epoch, i, 1)):
-            return self.extra(crop)
+    def extra_draw(self, epoch: int, i: int) -> list[Step]:
+        """Image i's extra ops in `epoch`, from a generator of its own."""
+        return draw_steps(self.extra, torch.Generator().manual_seed(image_seed(self.seed, epoch, i, 1) % 2**62), self.resolution)
+
+    def extra_steps(self, epoch: int, indices) -> list:
+        """The extra ops of a batch of images, grouped to run on the whole batch (apply_steps); [] when there are none."""
+        return group_steps([self.extra_draw(epoch, i) for i in indices]) if self.extra else []
 
     def __call__(self, image, epoch: int, i: int) -> torch.Tensor:
         """The whole augmentation of one decoded image (PIL) -> uint8 CHW, resolution x resolution:
@@ -60,7 +63,7 @@ class TrainAugmentation:
         box, flip = self.draw(epoch, i, image.height, image.width)
         x0, y0, x1, y1 = pixel_box(box, image.height, image.width)
         region = F.pil_to_tensor(image.crop((x0, y0, x1, y1)))
-        return self.finish(resize_crops([region], [flip], self.resolution)[0], epoch, i)
+        return apply_steps(resize_crops([region], [flip], self.resolution), self.extra_steps(epoch, [i]))[0]
 
 
 def extra_augmentation(cfg) -> list:

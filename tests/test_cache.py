@@ -286,3 +286,22 @@ def test_both_pipelines_draw_the_same_crop_of_each_image(tmp_path):
         assert torch.equal(a, b), epoch
         flips.add(region(a)[4])
     assert flips == {True, False}
+
+
+@pytest.mark.parametrize("extra", [dict(augment="heavy"), dict(augment="trivialaugment", random_erasing=0.5)], ids=["heavy", "trivialaugment"])
+def test_both_pipelines_give_the_same_augmented_pixels(noisy_hub, tmp_path, extra):
+    """The extra augmentation runs on the cached pipeline's whole batch, and with --cache off on each
+    decoded image: the same pixels, bit for bit, image by image, epoch by epoch."""
+    from cars.loaders import TransformedSplit
+    from cars.transforms import TrainAugmentation
+
+    cfg = Config(data=str(noisy_hub), resolution=48, cache=str(tmp_path / "cache"), seed=5, **extra)
+    split = load_splits(cfg.data).train
+    cached, decoded = train_loader(split, cfg, workers=0), TransformedSplit(split, TrainAugmentation(cfg))
+    indices = list(range(len(split)))
+    for epoch in range(4):
+        cached.dataset.epoch = decoded.epoch = epoch
+        batch, labels = cached.finish(*cached.read(indices))  # what iterating the loader does, with a known order
+        assert batch.shape == (6, 3, 48, 48) and labels.tolist() == split.labels
+        for i in indices:
+            assert torch.equal(batch[i], decoded[i][0]), (epoch, i)

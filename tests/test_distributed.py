@@ -33,7 +33,8 @@ def runs(tmp_path_factory):
     torch.save(build_model("shufflenet_v2_x0_5", "none", 10).state_dict(), root / "start.pth")  # both runs start here
     args = ["--config", str(ROOT / "configs" / "demo.toml"), "--epochs", "2", "--batch-size", "16", "--optimizer", "sgd",
             "--lr", "0.02", "--weight-decay", "1e-4", "--freeze-epochs", "1", "--weights", str(root / "start.pth"),
-            "--scheduler", "step", "--step-size", "1", "--gamma", "0"]  # lr 0 after the frozen epoch: last.pt keeps its weights
+            "--scheduler", "step", "--step-size", "1", "--gamma", "0",  # lr 0 after the frozen epoch: last.pt keeps its weights
+            "--augment", "heavy"]  # augmented a batch at a time: each process augments its half, with the same pixels
     old_cache = os.environ["CARS_CACHE"]
     os.environ["CARS_CACHE"] = env["CARS_CACHE"]
     train.main([*args, "--run-dir", str(root / "single")])
