@@ -210,6 +210,15 @@ def solarize(x, args):
     return torch.where(x >= per_image(args), 255 - x, x)
 
 
+def autocontrast(x, args):
+    """Each channel stretched to 0-255 (one without contrast left as it is): torchvision's
+    autocontrast, with `where` in place of its masked assignment, which may make the host wait."""
+    low, high = x.amin(dim=(-2, -1), keepdim=True).float(), x.amax(dim=(-2, -1), keepdim=True).float()
+    flat = high == low
+    step = torch.where(flat, 1.0, (high - low) * (1.0 / 255))
+    return to_pixels((x - torch.where(flat, 0.0, low)) / step)
+
+
 def erase(x, args):
     """Each image's box (top, left, height, width) filled with its value (one per channel)."""
     rows = torch.arange(x.shape[-2], device=x.device).view(1, 1, -1, 1)
@@ -222,5 +231,5 @@ def erase(x, args):
 KERNELS = {
     "affine": warp, "brightness": brightness, "contrast": contrast, "saturation": saturation, "hue": hue,
     "sharpness": sharpness, "posterize": posterize, "solarize": solarize, "erase": erase,
-    "autocontrast": lambda x, args: F.autocontrast(x), "equalize": lambda x, args: F.equalize(x),
+    "autocontrast": autocontrast, "equalize": lambda x, args: F.equalize(x),
 }
