@@ -12,7 +12,6 @@ group a batch's parameters (in the training process's read-ahead thread, off the
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,24 +19,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cars.augment import apply_steps  # noqa: E402
 from cars.config import Config  # noqa: E402
 from cars.runtime import image_seed  # noqa: E402
 from cars.transforms import TrainAugmentation  # noqa: E402
+from train_throughput import timed  # noqa: E402  (the device's queue drained before and after)
 
 CONFIGS = {"heavy": dict(augment="heavy"), "trivialaugment + erasing 0.25": dict(augment="trivialaugment", random_erasing=0.25)}
 
 
 def median_ms(work, device: torch.device, repeats: int) -> float:
-    times = []
-    for _ in range(repeats + 1):  # the first is a warm-up
-        start = time.perf_counter()
-        work()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times[1:])
+    work()  # a warm-up
+    return 1000 * statistics.median(timed(device, work)[0] for _ in range(repeats))
 
 
 class CountOps(TorchDispatchMode):

@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-from cars.config import add_config_flags
+from cars.config import DEVICES, add_config_flags
 from cars.errors import UserError, run_cli
 
 # the CAM methods eval.py and predict.py offer (cars.explain maps each to its pytorch_grad_cam class)
@@ -20,6 +20,10 @@ def add_model_flags(parser, data_help: str = "dataset to take class names from, 
     parser.add_argument("--num-classes", type=int, help="class count, for a bare state dict (default: its head's)")
     parser.add_argument("--resolution", type=int, help="input size (default: the run's, else 224)")
     parser.add_argument("--data", help=data_help)
+
+
+def add_device_flag(parser) -> None:
+    parser.add_argument("--device", default="auto", choices=DEVICES)
 
 
 def add_backend_flag(parser) -> None:
@@ -53,7 +57,7 @@ def parse_eval(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: one per core, at most 8)")
     parser.add_argument("--cache", default="auto", help="preprocessing cache for the test split, as train.py's --cache: auto, a folder, or off "
                         "(TTA and corrupted copies are always decoded)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    add_device_flag(parser)
     parser.add_argument("--seed", type=int, default=0, help="chooses the GradCAM sample images (default 0)")
     add_backend_flag(parser)
     args = parser.parse_args(argv)
@@ -70,7 +74,7 @@ def parse_predict(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--cam", metavar="DIR", help="write a CAM overlay of the top class per image into DIR")
     parser.add_argument("--cam-method", default="gradcam", choices=CAM_METHODS)
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    add_device_flag(parser)
     add_backend_flag(parser)
     args = parser.parse_args(argv)
     if args.topk < 1:
@@ -142,7 +146,7 @@ def parse_inspect(argv=None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=224, help="what the samples and the sanity check show the model (default 224)")
     parser.add_argument("--check-images", type=int, default=500, help="training images the ImageNet model looks at (default 500)")
     parser.add_argument("--workers", type=int, default=-1, help="processes that look at the images (-1: one per core, at most 8)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    add_device_flag(parser)
     parser.add_argument("--seed", type=int, default=0, help="chooses the samples (default 0)")
     args = parser.parse_args(argv)
     if args.check_images < 0:
@@ -156,7 +160,7 @@ def parse_app(argv=None) -> argparse.Namespace:
     add_model_flags(parser)
     parser.add_argument("--eval", help="eval.py's output folder for the Evaluation tab (default: <run>/eval when it exists)")
     parser.add_argument("--cam-method", default="gradcam", choices=CAM_METHODS, help="the CAM method shown first (default gradcam)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    add_device_flag(parser)
     add_backend_flag(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")

@@ -21,6 +21,7 @@ from cars.files import atomic_write
 # costs a minute or more up front, and bfloat16 is slow without bfloat16 units); on and off apply on every
 # device. A bare --amp means on.
 SWITCH = ["auto", "on", "off"]
+DEVICES = ["auto", "cuda", "mps", "cpu"]  # auto: CUDA, then MPS, then CPU
 
 
 def knob(default, help, choices=None):
@@ -80,7 +81,7 @@ class Config:
     early_stop: int = knob(0, "stop after N evaluations without a better eval accuracy (0: off); the run stays resumable")
     log_every_steps: int = knob(50, "TensorBoard: also the training loss and lr every N steps (0: once per epoch only)")
     seed: int = knob(0, "random seed")
-    device: str = knob("auto", "where to train (auto: CUDA, then MPS, then CPU)", ["auto", "cuda", "mps", "cpu"])
+    device: str = knob("auto", "where to train (auto: CUDA, then MPS, then CPU)", DEVICES)
     run_dir: str = knob("", "run folder (default runs/<preset name>)")
 
     def validate(self) -> "Config":
