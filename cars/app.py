@@ -12,7 +12,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the
 import gradio as gr  # noqa: E402
 
 from cars.cli import CAM_METHODS, parse_app  # noqa: E402
-from cars.data import FileSplit, load_splits, read_rgb  # noqa: E402
+from cars.data import FileSplit, label_map, load_splits, read_rgb  # noqa: E402
 from cars.errors import UserError, message_of  # noqa: E402
 from cars.explain import cam_overlay  # noqa: E402
 from cars.runtime import pick_device  # noqa: E402
@@ -62,7 +62,11 @@ def evaluation_tab(trained: Trained, eval_dir: Path, cam_method: str) -> tuple:
     pairs = read_csv(eval_dir / "confused_pairs.csv")
     predictions = read_csv(eval_dir / "predictions.csv")
     summary = json.loads((eval_dir / "summary.json").read_text()) if (eval_dir / "summary.json").is_file() else {}
-    splits = load_splits(summary.get("data") or trained.data)  # the dataset eval.py ran on: predictions.csv indexes its test split
+    data = summary.get("data") or trained.data
+    splits = load_splits(data)  # the dataset eval.py ran on: predictions.csv indexes its test split
+    # predictions.csv holds the model's class indices; the dataset may list the same classes in another order (as eval.py maps them)
+    to_model = label_map(trained.class_names, splits.class_names, data)
+    model_labels = [int(to_model[label]) if to_model is not None else label for label in splits.train.labels]
     transform = eval_transform(trained.resolution)
 
     def with_cam(split, index: int, target: int, caption: str):
@@ -77,7 +81,7 @@ def evaluation_tab(trained: Trained, eval_dir: Path, cam_method: str) -> tuple:
         true, predicted = int(pair["true_id"]), int(pair["predicted_id"])
         wrong = [int(r["index"]) for r in predictions if int(r["true"]) == true and int(r["predicted"]) == predicted][:6]
         mistaken = [with_cam(splits.eval, i, predicted, f"test #{i}: a {pair['true']}, taken for a {pair['predicted']}") for i in wrong]
-        examples = [i for i, label in enumerate(splits.train.labels) if label == predicted][:6]
+        examples = [i for i, label in enumerate(model_labels) if label == predicted][:6]
         references = [with_cam(splits.train, i, predicted, f"training image #{i}: a {pair['predicted']}") for i in examples]
         return mistaken, references
 

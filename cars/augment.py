@@ -176,8 +176,8 @@ def brightness(x, args):
 
 
 def contrast(x, args):
-    gray = grayscale(x)  # whole numbers: their sum is exact in float64, whatever the order of summation
-    mean = (gray.sum(dim=(1, 2, 3), keepdim=True, dtype=torch.float64) / gray[0].numel()).float()
+    gray = grayscale(x)  # whole numbers: summed as int64, exact whatever the order (and no float64, which MPS lacks)
+    mean = gray.to(torch.int64).sum(dim=(1, 2, 3), keepdim=True).float() / gray[0].numel()
     return blend(x, mean, per_image(args))
 
 

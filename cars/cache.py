@@ -32,7 +32,7 @@ from cars.errors import UserError
 from cars.paths import cache_home
 from cars.transforms import pixel_box
 
-VERSION = 3  # bump when the stored format or the preprocessing changes
+VERSION = 4  # 4: EXIF orientation applied. Bump when the stored format or the preprocessing changes
 
 
 def cache_root(setting: str) -> Path | None:

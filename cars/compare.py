@@ -60,17 +60,21 @@ def augmentation(cfg: Config) -> str:
 
 OVERFIT_GAP = 15.0  # points of train accuracy above eval accuracy at the last evaluation (the seed's run 5: 73 % against 52 %)
 UNDERFIT_TRAIN = 80.0  # % of its own training images a model must get right; below, it underfits (the seed's runs 1-2)
-VERDICT_RULE = (f"Verdict, at the last evaluated epoch: diverged if the loss stopped being finite; overfitting if train accuracy is "
+VERDICT_RULE = (f"Verdict, for finished runs and runs stopped early, at the last evaluated epoch: diverged if the loss stopped being finite; overfitting if train accuracy is "
                 f"more than {OVERFIT_GAP:g} points above eval accuracy; else underfitting if train accuracy is below {UNDERFIT_TRAIN:g} %; "
                 "else fine. (Train accuracy is measured on the augmented training crops, so heavy augmentation, MixUp or CutMix "
                 "lower it.)")
 
 
+JUDGED = ("finished", "stopped early")  # a run still running or stopped part way is not judged on its first epochs
+
+
 def verdict(status: str, metrics: list[dict]) -> str:
-    """The seed's diagnosis of a run from the gap between train and eval accuracy (VERDICT_RULE)."""
+    """The original write-up's diagnosis of a run from the gap between train and eval accuracy (VERDICT_RULE);
+    "-" for a run that has not ended its training (its status column says why)."""
     if status == "diverged":
         return "diverged"
-    if not evaluated(metrics):
+    if status not in JUDGED or not evaluated(metrics):
         return "-"
     last = evaluated(metrics)[-1]
     if last["train_acc"] - last["eval_acc"] > OVERFIT_GAP:

@@ -33,6 +33,7 @@ class Config:
     # data
     data: str = knob("tanganke/stanford_cars", "hub id, local folder (save_to_disk, parquet, ImageFolder, devkit) or 'demo'")
     val_split: float = knob(0.0, "hold out this stratified fraction of train to choose the best epoch (0: use the test split, as the seed did)")
+    split_seed: int = knob(0, "seed of the --val-split draw, apart from --seed: runs that differ only in --seed are chosen on the same images")
     skip_bad_images: bool = knob(False, "skip unreadable images (and count them) instead of stopping at the first one")
     # model
     arch: str = knob("resnet50", "any torchvision classification model, e.g. resnet18/34/50/101, efficientnet_b0..b4")
@@ -88,8 +89,9 @@ class Config:
         for f in dataclasses.fields(self):
             if f.type is float and not math.isfinite(getattr(self, f.name)):
                 raise UserError(f"--{flag(f.name)} must be a finite number, got {getattr(self, f.name)}")
-        if not 0 <= self.seed < 2**32:
-            raise UserError(f"--seed must be in 0..{2**32 - 1} (NumPy's range), got {self.seed}")
+        for name in ("seed", "split_seed"):
+            if not 0 <= getattr(self, name) < 2**32:
+                raise UserError(f"--{flag(name)} must be in 0..{2**32 - 1} (NumPy's range), got {getattr(self, name)}")
         if self.batch_size == 1:
             raise UserError("--batch-size must be at least 2: BatchNorm cannot normalise over one image")
         if self.workers > 64:
@@ -146,6 +148,7 @@ APPLIES_ONLY = [  # (knob, whether it has an effect in a config, what it needs)
     ("gamma", lambda c: c.scheduler == "step", "--scheduler step"),
     ("momentum", lambda c: c.optimizer == "sgd", "--optimizer sgd"),
     ("ema_half_life", lambda c: c.ema and not c.ema_decay, "--ema (and no --ema-decay)"),
+    ("split_seed", lambda c: c.val_split > 0, "--val-split"),
 ]
 
 
@@ -223,5 +226,9 @@ def resolve(args: argparse.Namespace) -> tuple[Config, str]:
 
 
 def load_saved(path: Path) -> Config:
-    """The config a run folder was trained with."""
-    return Config(**from_dict(load_toml(str(path)), str(path)))
+    """The config a run folder was trained with. A run saved before --split-seed existed drew its validation split
+    with --seed: it keeps that split."""
+    values = from_dict(load_toml(str(path)), str(path))
+    if values.get("val_split") and "split_seed" not in values:
+        values["split_seed"] = values.get("seed", 0)
+    return Config(**values)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from cars.demo import ensure_demo
 from cars.errors import UserError
@@ -97,11 +97,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """The image as a browser shows it: a phone photo's EXIF orientation applied to its pixels."""
+    return ImageOps.exif_transpose(image)
+
+
 def read_rgb(split, i: int) -> Image.Image:
     try:
         with split.open(i) as image:
             image.load()
-            return to_rgb(image)
+            return to_rgb(upright(image))
     except UNREADABLE as error:
         raise UserError(f"cannot read image {split.where(i)}: {error}") from None
 

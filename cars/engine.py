@@ -108,14 +108,15 @@ class RunningTotals:
     to them makes the host wait for nothing. `settle` reads them (one wait) into a Progress."""
 
     def __init__(self, progress: Progress, device_type: str):
-        self.loss_sum = torch.tensor(progress.loss_sum, dtype=torch.float64, device=device_type)  # float64, as a Python float sums
+        # float32: Apple's MPS has no float64. The correct count is an int64, so the accuracy stays exact
+        self.loss_sum = torch.tensor(progress.loss_sum, dtype=torch.float32, device=device_type)
         self.correct = torch.tensor(progress.correct, dtype=torch.int64, device=device_type)
         self.bad_step = torch.tensor(-1, device=device_type)  # the first step whose loss was not finite
         self.bad_loss = torch.tensor(0.0, device=device_type)
 
     def add(self, step: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         loss = loss.detach()
-        self.loss_sum += loss.double() * len(labels)
+        self.loss_sum += loss.float() * len(labels)
         self.correct += (logits.detach().argmax(1) == labels).sum()
         first = (self.bad_step < 0) & ~torch.isfinite(loss)
         self.bad_step = torch.where(first, step, self.bad_step)
@@ -123,12 +124,12 @@ class RunningTotals:
 
     def settle(self, progress: Progress, lr: float) -> None:
         """Into `progress`; a loss that stopped being finite raises Diverged (nothing after it could be trusted)."""
-        bad_step, loss_sum, correct, bad_loss = torch.stack([self.bad_step.double(), self.loss_sum, self.correct.double(),
-                                                            self.bad_loss.double()]).tolist()
+        bad_step, correct = torch.stack([self.bad_step, self.correct]).tolist()  # int64: read exactly
+        loss_sum, bad_loss = torch.stack([self.loss_sum, self.bad_loss]).tolist()
         if bad_step >= 0:
-            raise Diverged(f"the training loss became {bad_loss} at step {int(bad_step) + 1} "
+            raise Diverged(f"the training loss became {bad_loss} at step {bad_step + 1} "
                            f"(lr {lr:.3g}); lower --lr, check --lr-scaling, or try lr_find.py")
-        progress.loss_sum, progress.correct = loss_sum, int(correct)
+        progress.loss_sum, progress.correct = loss_sum, correct
 
 
 def train_one_epoch(model, loader, optimizer, scaler, device: Device, scheduler=None, ema=None, mixer=None,

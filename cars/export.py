@@ -2,7 +2,7 @@
 PyTorch model before it is kept:
 
 - model.safetensors: the weights only (loading it can never run code), for torchvision's architecture;
-- model.onnx: the whole network with a dynamic batch, for ONNX Runtime and every ONNX tool;
+- model.onnx: the whole network with a dynamic batch, height and width, for ONNX Runtime and every ONNX tool;
 - model.pt2: torch.export's ExportedProgram, for PyTorch without the model's Python code;
 - model.json: what feeding any of them needs (resolution, normalisation, class names), and each check's result.
 """
@@ -69,13 +69,15 @@ def write_export(fmt: str, path: Path, model: torch.nn.Module, example: torch.Te
 
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
         return
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    # any batch, and any height and width the network allows (TTA's scales, another --resolution): Dim.AUTO lets
+    # torch.export find the sizes the model works for from the example, where a fixed range would be refused
+    shapes = ({0: torch.export.Dim("batch", min=1, max=4096), 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO},)
     if fmt == "onnx":
-        program = torch.onnx.export(model, (example,), input_names=["image"], output_names=["logits"], dynamic_shapes=({0: batch},),
+        program = torch.onnx.export(model, (example,), input_names=["image"], output_names=["logits"], dynamic_shapes=shapes,
                                     dynamo=True, verbose=False)
         program.save(str(path))
     else:
-        torch.export.save(torch.export.export(model, (example,), dynamic_shapes=({0: batch},)), str(path))
+        torch.export.save(torch.export.export(model, (example,), dynamic_shapes=shapes), str(path))
 
 
 def parity(expected: torch.Tensor, got: torch.Tensor) -> dict:

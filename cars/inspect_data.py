@@ -19,7 +19,7 @@ from tqdm import tqdm
 from cars.cli import parse_inspect
 from cars.config import Config
 from cars.cache import keep_as_is
-from cars.data import UNREADABLE, load_splits, read_rgb, to_rgb
+from cars.data import UNREADABLE, load_splits, read_rgb, to_rgb, upright
 from cars.models import check_arch, resolve_weights
 from cars.report import markdown_table, plot_class_counts, plot_duplicates, plot_samples, plot_sizes, write_csv, write_json, write_text
 from cars.runs import check_folder_free, prepare_folder
@@ -67,7 +67,7 @@ class Facts(torch.utils.data.Dataset):
                 # a JPEG decodes at 1/2 to 1/8 of its size, several times faster: plenty for a 16 x 16 hash
                 image.draft("RGB", (max(HASH_SIZE * 8, image.width // 4), max(HASH_SIZE * 8, image.height // 4)))
                 image.load()
-                facts.phash = str(imagehash.phash(to_rgb(image), hash_size=HASH_SIZE))
+                facts.phash = str(imagehash.phash(to_rgb(upright(image)), hash_size=HASH_SIZE))
         except UNREADABLE as error:
             facts.error = str(error)
         return facts
@@ -95,7 +95,7 @@ def find_duplicates(facts: list[ImageFacts], same_pixels, max_distance: int = NE
             fa, fb = readable[a], readable[a + 1 + offset]
             exact = int(distance[offset]) == 0 and same_pixels(fa, fb)  # only matching hashes can be the same pixels
             pairs.append(dict(split_a=fa.split, index_a=fa.index, split_b=fb.split, index_b=fb.index,
-                              distance=0 if exact else int(distance[offset]), exact=exact, same_label=fa.label == fb.label))
+                              distance=int(distance[offset]), exact=exact, same_label=fa.label == fb.label))
     return sorted(pairs, key=lambda p: (p["split_b"] != "test", p["distance"], p["index_a"], p["index_b"]))
 
 
@@ -170,14 +170,14 @@ def main(argv=None) -> None:
         return first.size == second.size and first.tobytes() == second.tobytes()
 
     pairs = find_duplicates(facts, same_pixels)
-    columns = ["split_a", "index_a", "split_b", "index_b", "distance", "same_label"]
+    columns = ["split_a", "index_a", "split_b", "index_b", "distance", "exact", "same_label"]
     write_csv(out / "duplicates.csv", [{k: p[k] for k in columns} for p in pairs], columns)
     leaked = sorted({p["index_b"] for p in pairs if p["split_b"] == "test"})
     leak_bound = 100 * len(leaked) / max(len(splits.eval), 1)
     if pairs:
         plot_duplicates([(read_rgb(by_split[p["split_a"]], p["index_a"]), read_rgb(by_split[p["split_b"]], p["index_b"]),
                           f"{p['split_a']} {p['index_a']}: {names[by_split[p['split_a']].labels[p['index_a']]]}",
-                          f"{p['split_b']} {p['index_b']}: {names[by_split[p['split_b']].labels[p['index_b']]]}", p["distance"])
+                          f"{p['split_b']} {p['index_b']}: {names[by_split[p['split_b']].labels[p['index_b']]]}", p["distance"], p["exact"])
                          for p in pairs[:12]], out / "duplicates.png")
 
     # samples: as stored, the training crops and the eval crop

@@ -100,7 +100,7 @@ def main(argv=None) -> None:
     device_type = pick_device(cfg.device)
     device = Device.for_run(cfg, device_type)
     seed_everything(cfg.seed)
-    splits = load_splits(cfg.data, cfg.val_split, cfg.seed)
+    splits = load_splits(cfg.data, cfg.val_split, cfg.split_seed)
     model = build_model(cfg.arch, cfg.weights, len(splits.class_names), cfg.dropout)
     check_resolution(model, cfg.arch, cfg.resolution)
     workers = worker_count(cfg.workers)

@@ -215,17 +215,23 @@ def plot_sizes(widths: list[int], heights: list[int], path: Path) -> None:
     save_figure(fig, path)
 
 
+def duplicate_label(distance: int, exact: bool) -> str:
+    """How duplicates.png names a pair: "same pixels" only when the pixels were compared and are equal."""
+    return "same pixels" if exact else f"{distance} bits apart" + (" (other pixels)" if distance == 0 else "")
+
+
 def plot_duplicates(pairs: list[tuple], path: Path) -> None:
-    """pairs: (image a, image b, title a, title b, distance), each pair side by side."""
+    """pairs: (image a, image b, title a, title b, distance, exact), each pair side by side; "same pixels" only where
+    the pixels were compared and are equal (equal hashes alone are not)."""
     import textwrap
 
     fig, axes = plt.subplots(len(pairs), 2, figsize=(7, 3 * len(pairs)), squeeze=False)
-    for (image_a, image_b, title_a, title_b, distance), (left, right) in zip(pairs, axes):
+    for (image_a, image_b, title_a, title_b, distance, exact), (left, right) in zip(pairs, axes):
         for ax, image, title in ((left, image_a, title_a), (right, image_b, title_b)):
             ax.imshow(image)
             ax.axis("off")
             ax.set_title(textwrap.fill(title, 40), fontsize=8)
-        left.text(1.05, 0.5, "same pixels" if distance == 0 else f"{distance} bits apart", transform=left.transAxes, fontsize=8)
+        left.text(1.05, 0.5, duplicate_label(distance, exact), transform=left.transAxes, fontsize=8)
     fig.tight_layout()
     save_figure(fig, path, dpi=90)
 

@@ -134,7 +134,7 @@ def start(args, argv) -> Run:
     seed_everything(cfg.seed)
 
     # Data and model first: every input is checked before the run folder is touched.
-    splits = load_splits(cfg.data, cfg.val_split, cfg.seed)
+    splits = load_splits(cfg.data, cfg.val_split, cfg.split_seed)
     if resumed and resumed.get("class_names") != splits.class_names:
         raise UserError(f"the classes of {cfg.data} changed since {run_dir} was trained ({len(resumed.get('class_names') or [])} then, "
                         f"{len(splits.class_names)} now); resume on the same dataset, or start a new run")

@@ -18,10 +18,11 @@ from cars.errors import UserError
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A tiny trained run, exported in every format."""
+    """A tiny trained run, exported in every format. At 64 px (not 32) the last feature map is larger than one pixel at
+    every TTA scale, so torch.export's program takes all of them too."""
     root = tmp_path_factory.mktemp("deploy")
     data = write_hub_folder(root / "data")
-    train.main(tiny_args(data, root / "run", "--epochs", "1"))
+    train.main(tiny_args(data, root / "run", "--epochs", "1", "--resolution", "64"))
     export.main([str(root / "run"), "--format", "safetensors,onnx,torch-export", "--check-images", "9"])
     return root
 
@@ -30,7 +31,7 @@ def test_every_format_is_written_checked_and_recorded(exported, capsys):
     out = exported / "run" / "export"
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx", "model.pt2", "model.safetensors"]
     info = json.loads((out / "model.json").read_text())
-    assert info["arch"] == "resnet18" and info["resolution"] == 32 and len(info["class_names"]) == 3
+    assert info["arch"] == "resnet18" and info["resolution"] == 64 and len(info["class_names"]) == 3
     assert list(info["formats"]) == ["safetensors", "onnx", "torch-export"]
     for fmt, entry in info["formats"].items():
         check = entry["check"]
@@ -38,9 +39,10 @@ def test_every_format_is_written_checked_and_recorded(exported, capsys):
         assert check["max_abs_logit_diff"] <= check["allowed"]
     assert info["formats"]["safetensors"]["check"]["max_abs_logit_diff"] == 0  # the same weights in the same model
     assert info["formats"]["torch-export"]["check"]["max_abs_logit_diff"] == 0  # the same kernels
-    # the ONNX graph takes any batch size
+    # the ONNX graph takes any batch size, height and width
     graph_input = onnx.load(str(out / "model.onnx")).graph.input[0]
-    assert [d.dim_param or d.dim_value for d in graph_input.type.tensor_type.shape.dim] == ["batch", 3, 32, 32]
+    batch, channels, height, width = graph_input.type.tensor_type.shape.dim
+    assert batch.dim_param == "batch" and channels.dim_value == 3 and height.dim_param and width.dim_param
     export.main([str(exported / "run"), "--verify"])
     assert capsys.readouterr().out.count("passes") == 3
 
@@ -82,6 +84,31 @@ def test_onnx_runtime_predicts_and_evaluates_as_pytorch_does(exported, tmp_path,
     assert summaries[0]["top1"] == summaries[1]["top1"] and summaries[0]["top5"] == summaries[1]["top5"]
     assert (tmp_path / "eval-pt" / "gradcam_samples.png").exists() and not (tmp_path / "eval-onnx" / "gradcam_samples.png").exists()
     assert "ONNX Runtime gives none" in (tmp_path / "eval-onnx" / "report.md").read_text()
+
+
+def test_onnx_tta_and_other_resolutions_equal_pytorch(exported, tmp_path):
+    """The ONNX graph and torch.export's program take every TTA scale and another --resolution, with the logits
+    of the PyTorch model within the export tolerance; eval.py --tta gives the same numbers on both backends."""
+    from cars.cli import TTA_SCALES
+    from cars.trained import OnnxRuntimeModel, load_trained
+
+    run, out = exported / "run", exported / "run" / "export"
+    model, onnx_model = load_trained(run).model, OnnxRuntimeModel(out / "model.onnx")
+    program = torch.export.load(str(out / "model.pt2")).module()
+    for size in sorted({round(64 * s) for s in TTA_SCALES} | {80}):
+        images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(size))
+        with torch.no_grad():
+            expected = model(images)
+            allowed = export.TOLERANCE * max(1.0, expected.abs().max().item())
+            assert (onnx_model(images) - expected).abs().max().item() <= allowed, size
+            assert (program(images) - expected).abs().max().item() <= allowed, size
+
+    evaluate.main([str(run), "--out", str(tmp_path / "pt"), "--workers", "0", "--tta", "--num-gradcam", "0"])
+    evaluate.main([str(out), "--out", str(tmp_path / "onnx"), "--workers", "0", "--tta", "--backend", "onnxruntime"])
+    tta = [json.loads((tmp_path / folder / "summary.json").read_text())["tta"] for folder in ("pt", "onnx")]
+    assert tta[0] == tta[1] and tta[0]["scales"] == [56, 64, 72]
+    evaluate.main([str(out), "--out", str(tmp_path / "onnx-80"), "--workers", "0", "--backend", "onnxruntime", "--resolution", "80"])
+    assert json.loads((tmp_path / "onnx-80" / "summary.json").read_text())["resolution"] == 80
 
 
 def tamper_onnx(path):
@@ -161,7 +188,7 @@ def test_the_web_page_runs_an_onnx_export_without_cams(exported, tmp_path):
     image = tmp_path / "car.png"
     load_splits(str(exported / "data")).eval.open(0).save(image)
     trained = load_onnx(exported / "run" / "export")
-    assert trained.classify(torch.zeros(3, 32, 32, dtype=torch.uint8), 5)[0]["class"] in trained.class_names
+    assert trained.classify(torch.zeros(3, 64, 64, dtype=torch.uint8), 5)[0]["class"] in trained.class_names
     app = build_app(trained, eval_dir=None)
     port = free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=True)
@@ -177,7 +204,7 @@ def test_a_bare_state_dict_is_checked_on_random_pixels_and_says_so(exported, tmp
     from cars.checkpoint import load_checkpoint
 
     torch.save(load_checkpoint(exported / "run" / "best.pt")["model"], tmp_path / "weights.pt")
-    export.main([str(tmp_path / "weights.pt"), "--arch", "resnet18", "--resolution", "32", "--format", "onnx", "--check-images", "4"])
+    export.main([str(tmp_path / "weights.pt"), "--arch", "resnet18", "--resolution", "64", "--format", "onnx", "--check-images", "4"])
     check = json.loads((tmp_path / "export" / "model.json").read_text())["formats"]["onnx"]["check"]
     assert check["images"] == "4 images of random pixels (no dataset known: pass --data for test images)" and check["passed"]
     assert "note: checking on random pixels" in capsys.readouterr().out

@@ -332,6 +332,23 @@ def test_a_dataset_with_the_classes_in_another_order_is_matched_by_name(tmp_path
     assert "lists the model's 3 classes in another order; its labels are matched to the model's by name" in capsys.readouterr().out
     assert read_csv(tmp_path / "eval" / "predictions.csv") == read_csv(evaluated / "predictions.csv")
     assert read_csv(tmp_path / "eval" / "per_class.csv") == read_csv(evaluated / "per_class.csv")
+    # the web page's Evaluation tab: the training examples of the class a mistake was taken for are of that class
+    import gradio as gr
+
+    from cars.app import evaluation_tab
+    from cars.trained import load_trained
+
+    from cars.report import write_csv
+
+    pairs = [dict(true_id=t, true=CLASSES[t], predicted_id=(t + 1) % 3, predicted=CLASSES[(t + 1) % 3], count=1) for t in range(3)]
+    write_csv(tmp_path / "eval" / "confused_pairs.csv", pairs, list(pairs[0]))  # every class once as "taken for", whatever the model did
+    with gr.Blocks():
+        show_pair = evaluation_tab(load_trained(run_dir), tmp_path / "eval", "gradcam")[1]
+    data_names, data_labels = list(reversed(CLASSES)), load_splits(str(reordered)).train.labels
+    for choice, pair in enumerate(pairs):
+        _, references = show_pair(choice)
+        shown = [int(caption.split("#")[1].split(":")[0]) for _, caption in references]
+        assert len(shown) == 6 and all(data_names[data_labels[i]] == pair["predicted"] for i in shown)
 
     other = write_hub_folder(tmp_path / "other", classes=[*CLASSES[:2], "Tesla Model S Sedan 2012"])
     with pytest.raises(UserError, match="has other classes than the model .*'Tesla Model S Sedan 2012'.*pass the --data the model"):

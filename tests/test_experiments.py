@@ -1,4 +1,6 @@
 import json
+import os
+import socket
 import subprocess
 import sys
 import tomllib
@@ -360,6 +362,10 @@ def test_lr_find_suggestion_rules_on_a_known_curve():
     ([(1, 90.0, 80.0), (2, 99.0, 89.4)], "finished", "fine"),  # run 7: 9.6 points apart, both high
     ([(1, 90.0, 80.0), (2, 99.0, None)], "finished", "fine"),  # the last evaluated epoch decides
     ([(1, 30.0, 20.0)], "diverged", "diverged"),
+    ([(1, 40.0, 38.0), (2, 55.0, 51.0)], "stopped early", "underfitting"),  # --early-stop ended it: judged as it ended
+    ([(1, 40.0, 38.0), (2, 55.0, 51.0)], "interrupted", "-"),  # epoch 2 of 90: not underfitting, just unfinished
+    ([(1, 40.0, 38.0), (2, 55.0, 51.0)], "crashed", "-"),
+    ([(1, 40.0, 38.0), (2, 55.0, 51.0)], "running", "-"),
 ])
 def test_compare_verdicts_on_hand_made_metrics(tmp_path, capsys, rows, status, expected):
     from cars.config import Config
@@ -370,7 +376,10 @@ def test_compare_verdicts_on_hand_made_metrics(tmp_path, capsys, rows, status, e
     Config(epochs=len(rows)).save(run_dir / "config.toml")
     write_csv(run_dir / "metrics.csv", [dict(epoch=e, lr=0.1, train_loss=1.0, train_acc=t, eval_loss=1.0 if v else None, eval_acc=v,
                                              seconds=1.0) for e, t, v in rows], METRIC_COLUMNS)
-    (run_dir / "summary.json").write_text(json.dumps({"status": status, "selected_on": "test"}))
+    summary = {"status": status, "selected_on": "test"}
+    if status == "running":  # this process: alive, so compare.py takes the run for a live one
+        summary.update(pid=os.getpid(), host=socket.gethostname())
+    (run_dir / "summary.json").write_text(json.dumps(summary))
     capsys.readouterr()
     compare.main([str(run_dir)])
     lines = capsys.readouterr().out.splitlines()
@@ -378,10 +387,10 @@ def test_compare_verdicts_on_hand_made_metrics(tmp_path, capsys, rows, status, e
     cells = dict(zip(header, [c.strip() for c in lines[2].strip("|").split("|")]))
     last = [r for r in rows if r[2] is not None][-1]
     best = max((r for r in rows if r[2] is not None), key=lambda r: r[2])
-    assert cells["verdict"] == expected
+    assert cells["verdict"] == expected and cells["status"] == status
     assert cells["train-eval gap"] == f"{last[1] - last[2]:+.2f}"
     assert cells["train at best / final"] == f"{best[1]:.2f}% / {last[1]:.2f}%"
-    assert any("Verdict, at the last evaluated epoch: diverged if" in line for line in lines)  # the rule, printed under the table
+    assert any("at the last evaluated epoch: diverged if" in line for line in lines)  # the rule, printed under the table
 
 
 LESSONS = ROOT / "configs" / "lessons"

@@ -77,6 +77,8 @@ def test_every_planted_duplicate_and_no_other(report):
     with open(report / "duplicates.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     found = {(r["split_a"], int(r["index_a"]), r["split_b"], int(r["index_b"])): (int(r["distance"]), r["same_label"]) for r in rows}
+    exact = {(r["split_a"], int(r["index_a"]), r["split_b"], int(r["index_b"])): r["exact"] for r in rows}
+    assert exact == {("train", 0, "train", 5): "True", ("train", 1, "test", 0): "True", ("train", 2, "test", 1): "False"}
     assert set(found) == {("train", 0, "train", 5), ("train", 1, "test", 0), ("train", 2, "test", 1)}
     assert found[("train", 0, "train", 5)] == (0, "False")  # the same picture under two classes: a labelling mistake
     assert found[("train", 1, "test", 0)] == (0, "True")
@@ -120,3 +122,17 @@ def test_an_existing_report_is_kept_and_bad_data_is_one_line(planted, report):
     with pytest.raises(UserError, match="dataset folder /no/such does not exist"):
         inspect_data.main(["--data", "/no/such", "--out", str(root / "x")])
     assert not (root / "x").exists()
+
+
+def test_equal_hashes_with_other_pixels_are_not_called_the_same_pixels(tmp_path):
+    """Two pictures one pixel apart share their perceptual hash: a near copy at distance 0, never "same pixels"."""
+    from cars.inspect_data import ImageFacts, find_duplicates
+    from cars.report import duplicate_label
+
+    facts = [ImageFacts("train", 0, 0, phash="ab" * 32), ImageFacts("train", 1, 1, phash="ab" * 32),
+             ImageFacts("test", 0, 0, phash="ab" * 32)]
+    pairs = find_duplicates(facts, same_pixels=lambda a, b: (a.index, b.split) == (0, "test"))  # train 0 is test 0 copied
+    assert [(p["split_b"], p["distance"], p["exact"]) for p in pairs] == [("test", 0, True), ("test", 0, False), ("train", 0, False)]
+    assert [duplicate_label(p["distance"], p["exact"]) for p in pairs] == ["same pixels", "0 bits apart (other pixels)",
+                                                                           "0 bits apart (other pixels)"]
+    assert duplicate_label(5, False) == "5 bits apart"

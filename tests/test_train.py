@@ -11,6 +11,7 @@ from conftest import jpeg_bytes, split_rows, tiny_args, write_hub_folder
 
 from cars import compare, optim, train
 from cars.checkpoint import load_checkpoint, read_state_dict
+from cars import config as config_module
 from cars.config import Config
 from cars.data import load_splits
 from cars.engine import Device, train_one_epoch
@@ -415,3 +416,22 @@ def test_early_stop_stops_after_n_evaluations_without_improvement_and_resumes(tm
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "stopped early" and summary["epochs_done"] == 5
     assert [r["epoch"] for r in read_metrics(run_dir / "metrics.csv")] == [1, 2, 3, 4, 5]
+
+
+def test_the_validation_split_stays_put_when_only_the_seed_changes(tmp_path, hub_folder, monkeypatch):
+    held_out = []
+    real = train.load_splits
+    monkeypatch.setattr(train, "load_splits", lambda *args: held_out.append(real(*args).eval.indices) or real(*args))
+    for seed in (0, 1):
+        train.main(tiny_args(hub_folder, tmp_path / f"seed{seed}", "--epochs", "1", "--val-split", "0.34", "--seed", str(seed)))
+    train.main(tiny_args(hub_folder, tmp_path / "other", "--epochs", "1", "--val-split", "0.34", "--split-seed", "5"))
+    assert held_out[0] == held_out[1] != held_out[2] and len(held_out[0]) == 6  # 2 of each class's 6 images
+    assert tomllib.loads((tmp_path / "other" / "config.toml").read_text())["split_seed"] == 5
+    # a run saved before --split-seed drew its split with --seed, and keeps it
+    legacy = (tmp_path / "seed1" / "config.toml").read_text().replace("split_seed = 0\n", "")
+    (tmp_path / "seed1" / "config.toml").write_text(legacy)
+    assert config_module.load_saved(tmp_path / "seed1" / "config.toml").split_seed == 1
+
+
+def test_split_seed_without_val_split_is_refused(cli, tmp_path, hub_folder):
+    cli(train.main, tiny_args(hub_folder, tmp_path / "r", "--split-seed", "3"), "--split-seed 3 does nothing without --val-split")
