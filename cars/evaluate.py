@@ -28,6 +28,8 @@ def output_folder(args, checkpoint: Path) -> Path:
     given = Path(args.checkpoint)
     out = Path(args.out) if args.out else given / "eval" if given.is_dir() else checkpoint.parent / f"eval-{checkpoint.stem}"
     prepare_folder(out, args.overwrite, "eval folder", "--out")
+    # marked as eval's own before anything else is written: a crash part way leaves a folder --overwrite may replace
+    write_json(out / "summary.json", {"status": "running", "checkpoint": str(checkpoint)})
     return out
 
 
@@ -132,7 +134,7 @@ def start(args) -> Evaluation:
 def write_scores(evaluation: Evaluation, scores: Scores) -> dict:
     """Accuracy overall and per class, the best and worst classes, the confusions: printed, and as CSVs and plots."""
     trained, out, names, labels = evaluation.trained, evaluation.out, scores.names, scores.labels
-    summary = {"checkpoint": str(trained.path), "arch": trained.arch, "resolution": trained.resolution, "data": trained.data,
+    summary = {"status": "finished", "checkpoint": str(trained.path), "arch": trained.arch, "resolution": trained.resolution, "data": trained.data,
                "split": "test", "images": len(labels), "top1": analysis.topk_accuracy(scores.logits, labels, 1),
                "top5": analysis.topk_accuracy(scores.logits, labels, 5)}
     print(f"top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  ({len(labels)} images)")

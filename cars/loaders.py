@@ -75,12 +75,13 @@ def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int
     """Training (shuffle): global batches, this process's share of each. Evaluation: this process's
     share of the images (every world-th), each image exactly once over all processes.
 
-    Workers are started afresh each epoch, seeded from the generator, so that an epoch's data order
-    depends on the generator's seed alone (train.py reseeds it every epoch)."""
-    generator = torch.Generator().manual_seed(seed)
-    options = dict(num_workers=workers, generator=generator, collate_fn=collate_readable, pin_memory=pin_memory)
+    The order of the training batches comes from the sampler's own generator (train.py reseeds it every epoch).
+    The DataLoader draws its workers' seed from a generator of its own before the first batch: from the sampler's, it
+    would shift the order away from CachedLoader's, and a resume that switches --cache would not be exact."""
+    options = dict(num_workers=workers, generator=torch.Generator().manual_seed(seed), collate_fn=collate_readable, pin_memory=pin_memory)
     if shuffle:
-        return torch.utils.data.DataLoader(dataset, batch_sampler=GlobalBatches(len(dataset), batch_size, generator, rank, world), **options)
+        order = torch.Generator().manual_seed(seed)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=GlobalBatches(len(dataset), batch_size, order, rank, world), **options)
     if world > 1:
         dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     return torch.utils.data.DataLoader(dataset, batch_size=max(1, batch_size // world), shuffle=False, **options)
@@ -113,9 +114,8 @@ class CachedLoader:
 
     def __init__(self, dataset: CachedSplit, batch_size: int, shuffle: bool, seed: int, device_type: str, rank: int = 0, world: int = 1):
         self.dataset, self.device_type = dataset, device_type
-        self.generator = torch.Generator().manual_seed(seed)
         if shuffle:
-            self.batch_sampler = GlobalBatches(len(dataset), batch_size, self.generator, rank, world)
+            self.batch_sampler = GlobalBatches(len(dataset), batch_size, torch.Generator().manual_seed(seed), rank, world)
         else:  # this process's share of the images, in order
             share, per_process = list(range(rank, len(dataset), world)), max(1, batch_size // world)
             self.batch_sampler = [share[start : start + per_process] for start in range(0, len(share), per_process)]

@@ -67,9 +67,23 @@ def resolve_run(args) -> tuple[config_module.Config, str, Path, dict | None]:
                         "the lr would jump. To train on, start a new run from its weights: "
                         f"--weights {run_dir / 'last.pt'} --run-dir NEW_RUN")
     checkpoint = load_checkpoint(run_dir / "last.pt")
+    check_best_matches_history(run_dir, checkpoint)
     if checkpoint.get("epoch", 0) >= cfg.epochs:
         raise UserError(f"{run_dir} already trained {checkpoint['epoch']} of {cfg.epochs} epochs; pass --epochs N to extend it")
     return cfg, run_dir.name, run_dir, checkpoint
+
+
+def check_best_matches_history(run_dir: Path, checkpoint: dict) -> None:
+    """best.pt must hold the best epoch of last.pt's history, or an epoch after last.pt (written just before an
+    interruption, and trained again on resume). Anything else would make summary.json and compare.py name one model
+    while eval, export and the app use another."""
+    best = best_row(checkpoint.get("history") or [])
+    best_epoch = load_checkpoint(run_dir / "best.pt").get("epoch") if (run_dir / "best.pt").is_file() else None
+    if best is None or best_epoch == best["epoch"] or (best_epoch or 0) > checkpoint.get("epoch", 0):
+        return
+    raise UserError(f"{run_dir / 'best.pt'} holds epoch {best_epoch} but the run's records name epoch {int(best['epoch'])} as the best "
+                    "(an older version could be interrupted between the two files); its best weights are lost. Start a new run "
+                    f"from its last weights instead: --weights {run_dir / 'last.pt'} --run-dir NEW_RUN")
 
 
 def average_over_processes(result: EpochResult, world) -> EpochResult:
@@ -110,6 +124,7 @@ class Run:
     rows: list[dict] = field(default_factory=list)  # metrics.csv, one row per epoch done
     first_epoch: int = 1
     progress: Progress | None = None  # where a mid-epoch checkpoint left the first epoch to run
+    saved: tuple[int, int] = (0, 0)  # what last.pt holds: its epoch, and the steps of the next epoch a mid-epoch save kept
 
     @property
     def best(self) -> dict | None:
@@ -188,8 +203,9 @@ def start(args, argv) -> Run:
               evaluated=ema.module if ema else unwrap(trained) if world.size > 1 else trained, optimizer=optimizer, scheduler=scheduler,
               scaler=scaler, ema=ema, mixer=batch_mixer(cfg.mixup, cfg.cutmix, len(splits.class_names)), train_batches=train_batches,
               eval_batches=eval_batches, workers=workers,
-              # after a resume, events past the checkpoint (an interrupted epoch's steps) are dropped
-              board=SummaryWriter(str(run_dir), purge_step=resumed_step(resumed, len(train_batches)) if resumed else None)
+              # after a resume, events past the checkpoint (an interrupted epoch's steps) are dropped; those at its own step
+              # (the epoch it ended, logged at that step) belong to it and stay
+              board=SummaryWriter(str(run_dir), purge_step=resumed_step(resumed, len(train_batches)) + 1 if resumed else None)
               if world.main else None)
     if resumed:
         restore_state(run, resumed)
@@ -199,18 +215,23 @@ def start(args, argv) -> Run:
     return run
 
 
-def save_last(run: Run, epoch: int, progress: Progress | None = None) -> dict:
+def model_part(run: Run, epoch: int) -> dict:
+    """What best.pt holds, and last.pt too: the evaluated weights and what they need to be used."""
+    return {"model": unwrap(run.evaluated).state_dict(), "config": dataclasses.asdict(run.cfg), "class_names": run.splits.class_names,
+            "epoch": epoch, "metric": run.rows[-1]["eval_acc"] if run.rows else None, "metric_name": f"{run.splits.eval_name}_acc"}
+
+
+def save_last(run: Run, epoch: int, progress: Progress | None = None) -> None:
     """last.pt: the whole state of the run where `epoch` ended, or where the next epoch's `progress`
-    stands: what restore_state needs to go on exactly. Returns its model part (best.pt's content)."""
-    checkpoint = {"model": unwrap(run.evaluated).state_dict(), "config": dataclasses.asdict(run.cfg), "class_names": run.splits.class_names,
-                  "epoch": epoch, "metric": run.rows[-1]["eval_acc"] if run.rows else None, "metric_name": f"{run.splits.eval_name}_acc"}
+    stands: what restore_state needs to go on exactly."""
+    checkpoint = model_part(run, epoch)
     state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
              "rng": rng_state(), "history": run.rows, "progress": dataclasses.asdict(progress) if progress else None}
     if run.ema:  # "model" holds the EMA weights; the raw ones are needed to go on training
         state.update(raw_model=unwrap(run.model).state_dict(), ema=run.ema.state_dict())
     if run.world.main:
         save_checkpoint(run.run_dir / "last.pt", {**checkpoint, **state})
-    return checkpoint
+    run.saved = (epoch, progress.steps if progress else 0)
 
 
 def restore_state(run: Run, checkpoint: dict) -> None:
@@ -224,6 +245,7 @@ def restore_state(run: Run, checkpoint: dict) -> None:
     restore_rng(checkpoint["rng"])
     run.rows = checkpoint["history"]
     run.first_epoch = checkpoint["epoch"] + 1
+    run.saved = (checkpoint["epoch"], (checkpoint.get("progress") or {}).get("steps") or 0)
     run.progress = Progress(**checkpoint["progress"]) if checkpoint.get("progress") else None  # a mid-epoch checkpoint
 
 
@@ -259,7 +281,7 @@ def stale_evaluations(rows: list[dict]) -> int:
 def train_and_evaluate(run: Run, epoch: int) -> tuple[EpochResult, EpochResult | None]:
     """One epoch: its training steps (the rest of them, after a mid-epoch checkpoint), then the evaluation when due."""
     cfg = run.cfg
-    run.train_batches.generator.manual_seed(cfg.seed * 1_000_003 + epoch)  # the data order depends on the epoch alone
+    run.train_batches.batch_sampler.generator.manual_seed(cfg.seed * 1_000_003 + epoch)  # the data order depends on the epoch alone
     run.train_batches.dataset.epoch = epoch  # and so does each image's augmentation
     progress = run.progress or Progress(lr=run.optimizer.param_groups[-1]["lr"])  # a fresh epoch, or the rest of one
     run.progress = None
@@ -282,11 +304,14 @@ def train_and_evaluate(run: Run, epoch: int) -> tuple[EpochResult, EpochResult |
 
 
 def record(run: Run, improved: bool) -> None:
-    """The epoch's files: last.pt, best.pt when the eval accuracy improved, metrics.csv."""
-    checkpoint = save_last(run, run.rows[-1]["epoch"])
+    """The epoch's files: best.pt when the eval accuracy improved, then last.pt, then metrics.csv. best.pt comes
+    first: last.pt's history names the new best epoch, so an interruption between the two must find best.pt ahead
+    (this epoch is trained again on resume), never behind."""
+    epoch = run.rows[-1]["epoch"]
+    if improved and run.world.main:
+        save_checkpoint(run.run_dir / "best.pt", model_part(run, epoch))
+    save_last(run, epoch)
     if run.world.main:
-        if improved:
-            save_checkpoint(run.run_dir / "best.pt", checkpoint)
         write_csv(run.run_dir / "metrics.csv", run.rows, METRIC_COLUMNS)
 
 
@@ -323,9 +348,10 @@ def main(argv=None) -> None:
                     f"(--early-stop {cfg.early_stop}). To go on: uv run train.py --resume {run.run_dir} --early-stop N")
                 break
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every file on disk is complete (atomic writes); say how to go on
-        write_summary({**status, "status": "interrupted", "epochs_done": epoch - 1})
-        log(f"interrupted in epoch {epoch}; last.pt holds epoch {epoch - 1}"
-            + (f" and the first steps of epoch {epoch} (--save-every-steps)" if cfg.save_every_steps else "")
+        saved_epoch, saved_steps = run.saved
+        write_summary({**status, "status": "interrupted", "epochs_done": saved_epoch})
+        log(f"interrupted in epoch {epoch}; last.pt holds epoch {saved_epoch}"
+            + (f" and {saved_steps} steps of epoch {saved_epoch + 1} (--save-every-steps)" if saved_steps else "")
             + f". Resume with: uv run train.py --resume {run.run_dir}")
         sys.exit(130)
     except Diverged as error:

@@ -358,3 +358,19 @@ def test_a_dataset_with_the_classes_in_another_order_is_matched_by_name(tmp_path
     load_splits(str(other)).eval.open(0).save(image)
     with pytest.raises(UserError, match="has other classes than the model"):
         predict.main([str(run_dir), str(image), "--data", str(other)])
+
+
+def test_an_eval_that_crashed_part_way_is_replaced_with_overwrite(tmp_path, trained_run, monkeypatch):
+    run_dir, _ = trained_run
+    out = tmp_path / "eval"
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("the CAMs ran out of memory")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(evaluate, "cam_tiles", crash)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            evaluate.main([str(run_dir), "--out", str(out), "--num-gradcam", "2", "--workers", "0"])
+    assert json.loads((out / "summary.json").read_text())["status"] == "running" and (out / "per_class.csv").exists()
+    evaluate.main([str(run_dir), "--out", str(out), "--num-gradcam", "2", "--workers", "0", "--overwrite"])
+    assert json.loads((out / "summary.json").read_text())["status"] == "finished" and (out / "report.md").exists()

@@ -353,3 +353,70 @@ def test_written_files_and_folders_follow_the_umask(tmp_path):
         assert (tmp_path / "private.txt").stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
+
+
+def rising_accuracy(monkeypatch):
+    """Every evaluation 10 points better than the one before: each epoch is a new best, whatever the model does."""
+    real, calls = train.evaluate, []
+
+    def evaluate(*args, **kwargs):
+        calls.append(None)
+        return engine.EpochResult(real(*args, **kwargs).loss, 10.0 * len(calls), 18)
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+
+
+def test_best_pt_never_falls_behind_the_records(tmp_path, hub_folder, monkeypatch, capsys):
+    """An interruption between the epoch's two checkpoints leaves best.pt ahead of last.pt, never behind its history."""
+    rising_accuracy(monkeypatch)
+    real_save, written = train.save_checkpoint, []
+
+    def save(path, checkpoint):
+        written.append(path.name)
+        if len(written) == 5:  # last.pt at epoch 0; best.pt and last.pt of epoch 1; then epoch 2's two files: the second
+            raise KeyboardInterrupt
+        real_save(path, checkpoint)
+
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        train.main(tiny_args(hub_folder, run_dir, "--epochs", "3"))
+    last, best = load_checkpoint(run_dir / "last.pt"), load_checkpoint(run_dir / "best.pt")
+    history_best = max(last["history"], key=lambda r: r["eval_acc"])["epoch"]
+    assert best["epoch"] == history_best or best["epoch"] > last["epoch"], (best["epoch"], history_best, last["epoch"])
+    assert json.loads((run_dir / "summary.json").read_text())["epochs_done"] == last["epoch"] == 1
+    assert "last.pt holds epoch 1. Resume" in (run_dir / "train.log").read_text()
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    train.main(["--resume", str(run_dir)])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best_epoch"] == load_checkpoint(run_dir / "best.pt")["epoch"] == 3
+
+    # a run left inconsistent by an older version is refused, in one line, and left as it was
+    stale = load_checkpoint(run_dir / "best.pt")
+    save_checkpoint(run_dir / "best.pt", {**stale, "epoch": 2})
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    with pytest.raises(UserError, match="best.pt holds epoch 2 but the run's records name epoch 3 as the best"):
+        train.main(["--resume", str(run_dir), "--epochs", "4"])
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+def test_the_interrupt_message_names_the_epoch_last_pt_holds(tmp_path, hub_folder, monkeypatch):
+    def interrupted(*args, **kwargs):  # Ctrl-C after epoch 2's files are written, while its curves are drawn
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "plot_curves", interrupted)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        train.main(tiny_args(hub_folder, run_dir, "--epochs", "2"))
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 2
+    assert "interrupted in epoch 2; last.pt holds epoch 2. Resume" in (run_dir / "train.log").read_text()
+    assert json.loads((run_dir / "summary.json").read_text())["epochs_done"] == 2
+
+
+def test_a_resume_that_switches_the_cache_is_exact(tmp_path, hub_folder):
+    """--cache off and the cache draw the same batches in the same order for a seed: switching on resume changes nothing."""
+    reference, switched = tmp_path / "reference", tmp_path / "switched"
+    train.main(tiny_args(hub_folder, reference, "--epochs", "2", "--augment", "heavy"))
+    train.main(tiny_args(hub_folder, switched, "--epochs", "1", "--augment", "heavy", "--cache", "off"))
+    train.main(["--resume", str(switched), "--epochs", "2", "--cache", "auto"])
+    assert_same_run(reference, switched)

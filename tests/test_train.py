@@ -394,6 +394,21 @@ def test_tensorboard_events_match_metrics_csv(tmp_path, hub_folder):
     assert sum(e.value for e in steps[:3]) / 3 == pytest.approx(rows[0]["train_loss"], rel=1e-5)
 
 
+def test_tensorboard_keeps_one_point_per_epoch_and_tag_after_resumes(tmp_path, hub_folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = run_tiny(tmp_path, hub_folder, "--epochs", "1", "--log-every-steps", "1")
+    train.main(["--resume", str(run_dir), "--epochs", "2"])  # resumed from the end of epoch 1, then of epoch 2
+    train.main(["--resume", str(run_dir), "--epochs", "3"])
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    epochs = [int(r["epoch"]) for r in read_metrics(run_dir / "metrics.csv")]
+    assert epochs == [1, 2, 3]
+    for tag in ("epoch/lr", "epoch/train_loss", "epoch/train_acc", "epoch/test_loss", "epoch/test_acc"):
+        assert [e.step for e in events.Scalars(tag)] == [3 * epoch for epoch in epochs], tag  # 3 steps an epoch
+    assert [e.step for e in events.Scalars("step/train_loss")] == list(range(1, 10))
+
+
 def test_early_stop_stops_after_n_evaluations_without_improvement_and_resumes(tmp_path, hub_folder, monkeypatch, capsys):
     from cars.engine import EpochResult
 
