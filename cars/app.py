@@ -5,6 +5,7 @@ pairs with their images and CAMs, and the report's charts. Served on 127.0.0.1 o
 import csv
 import json
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
@@ -29,10 +30,13 @@ def predict_tab(trained: Trained, cam_method: str) -> None:
     def answer(photo, method):  # the upload as sent (not preprocessed): our reader's message, not Gradio's, for a bad file
         if not photo:
             raise gr.Error("Upload or paste a photo first.")
+        name = photo.get("orig_name") or Path(photo["path"]).name  # the user's own file name, not where Gradio stored it
         try:
             pixels = transform(read_rgb(FileSplit([(photo["path"], -1)], "upload"), 0))
         except UserError as error:
-            raise gr.Error(f"This is not a photo the model can read: {message_of(error)}") from None
+            reason = message_of(error).replace(photo["path"], name)
+            print(f"refused an upload: {reason}", file=sys.stderr, flush=True)  # one line in the server's log, not a traceback
+            raise gr.Error(f"This is not a photo the model can read: {reason}", print_exception=False) from None
         predictions = trained.classify(pixels, 5)
         top = {p["class"]: p["probability"] for p in predictions}
         cam = cam_overlay(trained.model, pixels, predictions[0]["index"], method) if trained.backend == "pytorch" else None

@@ -36,10 +36,14 @@ def served(tmp_path_factory):
     train.main(tiny_args(data, root / "run", "--epochs", "1"))
     evaluate.main([str(root / "run"), "--workers", "0", "--num-gradcam", "2"])
     port = free_port()
+    log = root / "server.log"  # the server's own log, read by the tests
     server = subprocess.Popen([sys.executable, str(ROOT / "app.py"), str(root / "run"), "--port", str(port)], cwd=root,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
-    line = server.stdout.readline()  # printed once the server listens
-    assert line.startswith(f"serving {root / 'run' / 'best.pt'} at http://127.0.0.1:{port}"), line + server.stdout.read()
+                              stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    deadline = time.time() + 120
+    while "serving" not in log.read_text() and server.poll() is None and time.time() < deadline:  # printed once it listens
+        time.sleep(0.1)
+    line = log.read_text()
+    assert line.startswith(f"serving {root / 'run' / 'best.pt'} at http://127.0.0.1:{port}"), line
     image = root / "car.png"
     load_splits(str(data)).eval.open(1).save(image)
     yield f"http://127.0.0.1:{port}/", root, image
@@ -68,10 +72,15 @@ def test_the_page_answers_as_predict_py_and_survives_bad_photos(served, tmp_path
     Image.new("1", (14_200, 14_200)).save(bomb)
     huge = tmp_path / "huge.png"  # over the page's 20 MB upload limit
     huge.write_bytes(os.urandom(21 * 2**20))
-    for bad, message in ((not_an_image, "not a photo the model can read"), (bomb, "not a photo the model can read"),
-                         (huge, "exceed|too large|max")):
-        with pytest.raises(Exception, match=message):
+    logged_before = (root / "server.log").read_text()
+    for bad, message in ((not_an_image, "not a photo the model can read: cannot read image notes.jpg: "),
+                         (bomb, "not a photo the model can read: cannot read image bomb.png: "), (huge, "exceed|too large|max")):
+        with pytest.raises(Exception, match=message) as refused:
             client.predict(handle_file(str(bad)), "gradcam", api_name="/predict")
+        assert "gradio" not in str(refused.value)  # nothing of the server's own upload folder
+    log = (root / "server.log").read_text()[len(logged_before) :]
+    refusals = [line for line in log.splitlines() if line.startswith("refused an upload: ")]
+    assert len(refusals) == 2 and "Traceback" not in log and "notes.jpg" in refusals[0] and "bomb.png" in refusals[1], log
     again, _ = client.predict(handle_file(str(image)), "eigencam", api_name="/predict")  # still serving
     assert again["label"] == top5["label"]
 
