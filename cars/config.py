@@ -58,6 +58,8 @@ class Config:
     lr: float = knob(0.1, "learning rate (of the head when --backbone-lr-mult is not 1)")
     momentum: float = knob(0.9, "SGD momentum")
     weight_decay: float = knob(1e-4, "weight decay")
+    norm_weight_decay: float = knob(-1.0, "weight decay of normalisation layers' weights and of every bias, as torchvision's "
+                                    "--norm-weight-decay (-1: the same as --weight-decay, as in the original runs)")
     lr_scaling: str = knob("none", "linear: lr x batch-size/128, the seed's lesson 4 (batch and lr go together)", ["none", "linear"])
     scheduler: str = knob("step", "lr schedule, updated every step", ["step", "cosine"])
     warmup_epochs: int = knob(0, "linear lr warmup over the first N epochs, before the schedule")
@@ -109,6 +111,8 @@ class Config:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise UserError(f"--{flag(name)} must not be negative, got {getattr(self, name)}")
+        if self.norm_weight_decay < 0 and self.norm_weight_decay != -1:
+            raise UserError(f"--norm-weight-decay must be 0 or more, or -1 for the same as --weight-decay; got {self.norm_weight_decay}")
         if not 0 <= self.val_split < 1:
             raise UserError(f"--val-split must be in [0, 1), got {self.val_split}")
         for name in ("dropout", "label_smoothing", "random_erasing", "ema_decay"):

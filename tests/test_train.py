@@ -450,3 +450,23 @@ def test_the_validation_split_stays_put_when_only_the_seed_changes(tmp_path, hub
 
 def test_split_seed_without_val_split_is_refused(cli, tmp_path, hub_folder):
     cli(train.main, tiny_args(hub_folder, tmp_path / "r", "--split-seed", "3"), "--split-seed 3 does nothing without --val-split")
+
+
+def test_norm_weight_decay_gives_normalisation_weights_and_biases_their_own_decay():
+    model = build_model("resnet18", "none", 3)
+    norm_and_bias = {name for name, module in model.named_modules() if isinstance(module, torch.nn.BatchNorm2d)}
+    expected = {f"{name}.{p}" for name in norm_and_bias for p in ("weight", "bias")} | {"fc.bias"}
+    optimizer = optim.make_optimizer(Config(norm_weight_decay=0.0, weight_decay=0.1), model)
+    decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    assert {name for name, p in model.named_parameters() if decay_of[id(p)] == 0.0} == expected
+    assert all(decay_of[id(p)] == 0.1 for name, p in model.named_parameters() if name not in expected)
+    assert [g["name"] for g in optimizer.param_groups] == ["backbone", "backbone norm and bias", "head", "head norm and bias"]
+    # a step without gradients: only decay moves the weights, so the chosen ones stay and the others shrink by lr x decay
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) if name in expected else torch.allclose(p, before[name] * (1 - 0.1 * 0.1)), name
+    default = optim.make_optimizer(Config(), model)  # the original runs': one decay for all, two groups
+    assert [(g["name"], g["weight_decay"]) for g in default.param_groups] == [("backbone", 1e-4), ("head", 1e-4)]
