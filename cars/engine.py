@@ -86,13 +86,13 @@ class EpochResult:
     images: int  # how many were seen (fewer than the split when unreadable ones were skipped)
 
 
-def train_step(model, batch, optimizer, scaler, device: Device, mixer=None, label_smoothing: float = 0.0):
-    """One optimisation step on one batch. Returns the loss, the logits and the true labels (MixUp
-    and CutMix blend the targets the loss sees, not these)."""
+def train_step(model, batch, optimizer, scaler, device: Device, mixer=None, label_smoothing: float = 0.0, step: int = 0):
+    """One optimisation step on one batch (the epoch's `step`-th). Returns the loss, the logits and the true labels
+    (MixUp and CutMix blend the targets the loss sees, not these)."""
     images, labels = device.put(*batch)
     targets = labels
     if mixer is not None:
-        images, targets = mixer(images, labels)
+        images, targets = mixer(images, labels, step)
     with device.autocast():
         logits = model(images)
         loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
@@ -154,7 +154,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device: Device, scheduler=
     for batch in bar:
         if batch is None:  # every image of the batch was unreadable and skipped
             continue
-        loss, logits, labels = train_step(model, batch, optimizer, scaler, device, mixer, label_smoothing)
+        loss, logits, labels = train_step(model, batch, optimizer, scaler, device, mixer, label_smoothing, step=progress.steps)
         totals.add(progress.steps, loss, logits, labels)
         if scheduler is not None:
             scheduler.step()

@@ -52,14 +52,22 @@ class GlobalBatches(torch.utils.data.Sampler):
     A ragged last batch is dropped (a different few images each epoch): every step then has the same
     shape, so a compiled model never recompiles, and BatchNorm never sees a batch of one."""
 
-    def __init__(self, length: int, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1):
+    def __init__(self, length: int, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1, readable=None):
         self.length, self.batch_size, self.generator, self.rank, self.world = length, batch_size, generator, rank, world
+        self.readable = readable  # which images can be read (--skip-bad-images with the cache), or None: all
         self.skip = 0  # global batches already trained, when an epoch resumes from a mid-epoch checkpoint
 
     def __iter__(self):
         order = torch.randperm(self.length, generator=self.generator).tolist()
         for start in range(self.skip * self.batch_size, len(self) * self.batch_size, self.batch_size):
-            yield order[start : start + self.batch_size][self.rank :: self.world]
+            batch = order[start : start + self.batch_size]
+            shares = [batch[rank :: self.world] for rank in range(self.world)]
+            if self.readable is not None and not all(any(self.readable[i] for i in share) for share in shares):
+                # a process with nothing to train on would skip the step while the others wait for its gradients:
+                # every process skips this batch (each knows, from the same order and the same list of unreadable images)
+                yield []
+            else:
+                yield shares[self.rank]
 
     def __len__(self):
         # a split smaller than one batch still trains, as one smaller batch (if every process gets an image)
@@ -115,7 +123,8 @@ class CachedLoader:
     def __init__(self, dataset: CachedSplit, batch_size: int, shuffle: bool, seed: int, device_type: str, rank: int = 0, world: int = 1):
         self.dataset, self.device_type = dataset, device_type
         if shuffle:
-            self.batch_sampler = GlobalBatches(len(dataset), batch_size, torch.Generator().manual_seed(seed), rank, world)
+            self.batch_sampler = GlobalBatches(len(dataset), batch_size, torch.Generator().manual_seed(seed), rank, world,
+                                               readable=dataset.readable)
         else:  # this process's share of the images, in order
             share, per_process = list(range(rank, len(dataset), world)), max(1, batch_size // world)
             self.batch_sampler = [share[start : start + per_process] for start in range(0, len(share), per_process)]

@@ -71,7 +71,7 @@ def range_test(model, loader, cfg, device: Device, start_lr: float, end_lr: floa
     model = device.place(copy.deepcopy(model))
     optimizer = make_optimizer(cfg, model)
     ratios = [group["lr"] / optimizer.param_groups[-1]["lr"] for group in optimizer.param_groups]  # keep --backbone-lr-mult
-    mixer = batch_mixer(cfg.mixup, cfg.cutmix, num_classes)
+    mixer = batch_mixer(cfg.mixup, cfg.cutmix, num_classes, cfg.seed)
     scaler = device.scaler()
     lrs, losses, best, average = [], [], math.inf, 0.0
     batches = readable_batches(loader)
@@ -81,7 +81,7 @@ def range_test(model, loader, cfg, device: Device, start_lr: float, end_lr: floa
             group["lr"] = lr * ratio
         model.train()
         set_backbone_frozen(unwrap(model), phase == "head")
-        loss, _, _ = train_step(model, next(batches), optimizer, scaler, device, mixer, cfg.label_smoothing)
+        loss, _, _ = train_step(model, next(batches), optimizer, scaler, device, mixer, cfg.label_smoothing, step=step)
         lrs.append(lr)
         losses.append(loss.item())
         average = SMOOTHING * average + (1 - SMOOTHING) * losses[-1]

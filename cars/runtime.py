@@ -37,22 +37,42 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_process(seed: int, rank: int) -> None:
+    """Under torchrun, each process its own random stream (dropout, stochastic depth), on the CPU and the GPU: with
+    one seed for all, every process would drop the same units of its images. The first process keeps the stream one
+    process has, so a run in one process is as before. Called after the model is built (every process builds the same)."""
+    if rank > 0:
+        torch.manual_seed(hash((seed, rank, 3)) % 2**63)
+
+
 def rng_state() -> dict:
     numpy_state = np.random.get_state(legacy=False)
     numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+    """This process's random streams; on a GPU, the stream of its own device only (a torchrun job has one per process)."""
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def restore_rng(state: dict) -> None:
+def restore_rng(states, rank: int = 0) -> None:
+    """rng_state's twin, for process `rank` of a job that saved `states` (one per process; a dict: one process, as
+    written before there was a state per process). A process the checkpoint has no state for keeps the stream
+    seed_process gave it; a GPU stream is restored on any machine, whatever its number of GPUs."""
+    states = [states] if isinstance(states, dict) else states
+    if rank >= len(states):
+        return
+    state = states[rank]
     random.setstate(state["python"])
     numpy_state = dict(state["numpy"], state=dict(state["numpy"]["state"], key=state["numpy"]["state"]["key"].numpy().astype(np.uint32)))
     np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # written by get_rng_state_all: every GPU of the machine that saved it
+        device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        cuda = cuda[device] if device < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 def image_seed(seed: int, epoch: int, i: int, *stream: int) -> int:

@@ -28,7 +28,7 @@ from cars.models import build_model, check_resolution
 from cars.optim import base_lr, ema_decay, load_scaler_state, make_ema, make_optimizer, make_scheduler
 from cars.report import METRIC_COLUMNS, best_row, evaluated, plot_curves, write_csv, write_json
 from cars.runs import RunLog, check_folder_free, duration, prepare_folder, read_summary, run_status
-from cars.runtime import check_compiler, pick_device, restore_rng, rng_state, seed_everything, worker_count
+from cars.runtime import check_compiler, pick_device, restore_rng, rng_state, seed_everything, seed_process, worker_count
 from cars.transforms import batch_mixer
 
 RESUMABLE_FLAGS = {"epochs", "workers", "device", "save_every_steps", "cache", "eval_every", "early_stop", "log_every_steps",
@@ -108,7 +108,7 @@ class Run:
     splits: Splits
     world: World
     device: Device
-    log: RunLog
+    log: RunLog | None  # made once every input, the checkpoint of a resume included, has been checked
     model: torch.nn.Module  # the plain model, whose raw weights train
     trained: torch.nn.Module  # what runs the training steps: the model, under DDP and torch.compile when on
     evaluated: torch.nn.Module  # what is evaluated and kept in best.pt: the EMA of the weights when on
@@ -139,6 +139,9 @@ def start(args, argv) -> Run:
     processes = world_size()
     if cfg.batch_size % processes:  # checked before joining the others: a refused process must not leave them waiting
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch; it must divide evenly over {processes} processes")
+    if cfg.skip_bad_images and cfg.cache == "off" and processes > 1:  # only the cache knows the unreadable images before the steps
+        raise UserError("--skip-bad-images under torchrun needs the preprocessing cache, which finds unreadable images before "
+                        "training so that every process skips the same steps; drop --cache off")
     if cfg.sync_bn and processes > 1 and not on_cuda:
         raise UserError("--sync-bn needs CUDA (NCCL); on CPUs drop it")
     world = init_world(device_type)  # one process, or one of torchrun's
@@ -155,18 +158,47 @@ def start(args, argv) -> Run:
                         f"{len(splits.class_names)} now); resume on the same dataset, or start a new run")
     model = build_model(cfg.arch, "none" if resumed else cfg.weights, len(splits.class_names), cfg.dropout)
     check_resolution(model, cfg.arch, cfg.resolution)
+    seed_process(cfg.seed, world.rank)
     workers = worker_count(cfg.workers)
     # batches from the preprocessing cache (the first run on a dataset fills it), or with --cache off decoded by worker processes
     train_batches = train_loader(splits.train, cfg, workers, device_type, world.rank, world.size)
     eval_batches = eval_loader(splits.eval, cfg.resolution, cfg.cache, cfg.skip_bad_images, cfg.batch_size, workers, device_type,
                                world.rank, world.size)
+    model = device.place(model)
+    if cfg.sync_bn and world.size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=len(train_batches))
+    scaler = device.scaler()
+    ema = None
+    if cfg.ema:  # when on, the EMA weights are evaluated and kept
+        ema = make_ema(model, ema_decay(cfg, len(train_batches)))
+    trained = model
+    if world.size > 1:  # gradients averaged over processes; a frozen backbone leaves parameters without gradients
+        trained = DistributedDataParallel(model, device_ids=[world.local_rank] if on_cuda else None,
+                                          find_unused_parameters=cfg.freeze_epochs > 0)
+    if compiled:
+        trained = torch.compile(trained)
+    torch.backends.cudnn.benchmark = on_cuda  # one input shape throughout: let cuDNN pick its fastest kernels
+    run = Run(cfg, preset, run_dir, splits, world, device, None, model, trained,
+              evaluated=ema.module if ema else unwrap(trained) if world.size > 1 else trained, optimizer=optimizer, scheduler=scheduler,
+              scaler=scaler, ema=ema, mixer=batch_mixer(cfg.mixup, cfg.cutmix, len(splits.class_names), cfg.seed),
+              train_batches=train_batches, eval_batches=eval_batches, workers=workers, board=None)
+    if resumed:  # before the run folder is touched: a resume that fails changes nothing
+        try:
+            restore_state(run, resumed)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as error:
+            detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise UserError(f"{run_dir / 'last.pt'} does not fit this run ({detail}); it is damaged or was written by another "
+                            f"recipe. Nothing in {run_dir} was changed") from None
+
     world.barrier()  # every process has checked the run folder before the main one replaces it
     if world.main:
         if not resumed:
             prepare_folder(run_dir, args.overwrite)
         cfg.save(run_dir / "config.toml")  # on resume, records an extended --epochs
     world.barrier()
-    log = RunLog(run_dir / "train.log", enabled=world.main)
+    run.log = log = RunLog(run_dir / "train.log", enabled=world.main)
     log(device.describe(compiled))
     log(f"$ {' '.join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)])}")
     log(f"run folder {run_dir}; data {cfg.data}: {len(splits.train)} train / {len(splits.eval)} {splits.eval_name} images, "
@@ -179,36 +211,14 @@ def start(args, argv) -> Run:
         "on the device)" if isinstance(train_batches, CachedLoader) else f"input: no cache, {workers} workers decode every image every epoch")
     if cfg.lr_scaling == "linear":
         log(f"linear lr scaling: lr {cfg.lr:g} x batch {cfg.batch_size} / 128 = {base_lr(cfg):g}")
-
-    model = device.place(model)
-    if cfg.sync_bn and world.size > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = make_optimizer(cfg, model)
-    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=len(train_batches))
-    scaler = device.scaler()
-    ema = None
-    if cfg.ema:  # when on, the EMA weights are evaluated and kept
+    if ema:
         decay, steps = ema_decay(cfg, len(train_batches)), cfg.epochs * len(train_batches)
-        ema = make_ema(model, decay)
         log(f"EMA of the weights: decay {decay:.6g} per step, a half-life of {math.log(0.5) / math.log(decay) / len(train_batches):.3g} "
             f"epochs; the first step's weights keep a share of {decay ** (steps - 1):.3g} after all {steps} steps")
-    trained = model
-    if world.size > 1:  # gradients averaged over processes; a frozen backbone leaves parameters without gradients
-        trained = DistributedDataParallel(model, device_ids=[world.local_rank] if on_cuda else None,
-                                          find_unused_parameters=cfg.freeze_epochs > 0)
-    if compiled:
-        trained = torch.compile(trained)
-    torch.backends.cudnn.benchmark = on_cuda  # one input shape throughout: let cuDNN pick its fastest kernels
-    run = Run(cfg, preset, run_dir, splits, world, device, log, model, trained,
-              evaluated=ema.module if ema else unwrap(trained) if world.size > 1 else trained, optimizer=optimizer, scheduler=scheduler,
-              scaler=scaler, ema=ema, mixer=batch_mixer(cfg.mixup, cfg.cutmix, len(splits.class_names)), train_batches=train_batches,
-              eval_batches=eval_batches, workers=workers,
-              # after a resume, events past the checkpoint (an interrupted epoch's steps) are dropped; those at its own step
-              # (the epoch it ended, logged at that step) belong to it and stay
-              board=SummaryWriter(str(run_dir), purge_step=resumed_step(resumed, len(train_batches)) + 1 if resumed else None)
-              if world.main else None)
+    if world.main:  # after a resume, events past the checkpoint (an interrupted epoch's steps) are dropped; those at its
+        # own step (the epoch it ended, logged at that step) belong to it and stay
+        run.board = SummaryWriter(str(run_dir), purge_step=resumed_step(resumed, len(train_batches)) + 1 if resumed else None)
     if resumed:
-        restore_state(run, resumed)
         log(f"resuming after epoch {resumed['epoch']} of {cfg.epochs}")
     else:
         save_last(run, epoch=0)  # resumable even if the first epoch never ends
@@ -226,7 +236,7 @@ def save_last(run: Run, epoch: int, progress: Progress | None = None) -> None:
     stands: what restore_state needs to go on exactly."""
     checkpoint = model_part(run, epoch)
     state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
-             "rng": rng_state(), "history": run.rows, "progress": dataclasses.asdict(progress) if progress else None}
+             "rng": run.world.all(rng_state()), "history": run.rows, "progress": dataclasses.asdict(progress) if progress else None}
     if run.ema:  # "model" holds the EMA weights; the raw ones are needed to go on training
         state.update(raw_model=unwrap(run.model).state_dict(), ema=run.ema.state_dict())
     if run.world.main:
@@ -242,7 +252,7 @@ def restore_state(run: Run, checkpoint: dict) -> None:
     load_scaler_state(run.scaler, checkpoint["scaler"])
     if run.ema:
         run.ema.load_state_dict(checkpoint["ema"])
-    restore_rng(checkpoint["rng"])
+    restore_rng(checkpoint["rng"], run.world.rank)
     run.rows = checkpoint["history"]
     run.first_epoch = checkpoint["epoch"] + 1
     run.saved = (checkpoint["epoch"], (checkpoint.get("progress") or {}).get("steps") or 0)
@@ -283,6 +293,8 @@ def train_and_evaluate(run: Run, epoch: int) -> tuple[EpochResult, EpochResult |
     cfg = run.cfg
     run.train_batches.batch_sampler.generator.manual_seed(cfg.seed * 1_000_003 + epoch)  # the data order depends on the epoch alone
     run.train_batches.dataset.epoch = epoch  # and so does each image's augmentation
+    if run.mixer:
+        run.mixer.epoch = epoch  # and each batch's MixUp or CutMix
     progress = run.progress or Progress(lr=run.optimizer.param_groups[-1]["lr"])  # a fresh epoch, or the rest of one
     run.progress = None
     run.train_batches.batch_sampler.skip = progress.steps

@@ -126,14 +126,31 @@ def resize_crops(regions: list[torch.Tensor], flips, size: int, in_float: bool |
     return torch.stack(crops)
 
 
-def batch_mixer(mixup: float, cutmix: float, num_classes: int):
-    """MixUp and/or CutMix over a whole (normalised) batch (labels become soft); None when both are off."""
+class BatchMixer:
+    """MixUp or CutMix of a whole (normalised) batch, labels made soft. Its draw (which of the two, the mixing ratio,
+    the box) comes from (seed, epoch, step) alone, not from the process's random stream: every process of a torchrun
+    job mixes its share of a global batch alike, as one process would mix the whole, and a resume draws the same."""
+
+    def __init__(self, transform, seed: int):
+        self.transform, self.seed = transform, seed
+        self.epoch = 0  # set by the recipe each epoch
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, step: int = 0):
+        with torch.random.fork_rng(devices=[]):  # torchvision draws from the CPU's global generator: lend it, then give it back
+            torch.manual_seed(image_seed(self.seed, self.epoch, step, 2) % 2**63)
+            return self.transform(images, labels)
+
+
+def batch_mixer(mixup: float, cutmix: float, num_classes: int, seed: int = 0) -> BatchMixer | None:
+    """MixUp and/or CutMix (with both, each batch gets one of the two); None when both are off."""
     mixers = []
     if mixup > 0:
         mixers.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
     if cutmix > 0:
         mixers.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
-    return v2.RandomChoice(mixers) if len(mixers) > 1 else (mixers[0] if mixers else None)
+    if not mixers:
+        return None
+    return BatchMixer(v2.RandomChoice(mixers) if len(mixers) > 1 else mixers[0], seed)
 
 
 def eval_transform(resolution: int) -> v2.Compose:

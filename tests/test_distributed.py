@@ -116,3 +116,50 @@ def test_batch_not_divisible_by_processes_is_refused(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="--batch-size 16 is the global batch; it must divide evenly over 3 processes"):
         train.main(["--batch-size", "16", "--data", "demo", "--run-dir", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()
+
+
+def test_with_unreadable_images_every_process_takes_the_same_steps():
+    """Two thirds of the images unreadable: many global batches leave one process's share with nothing it can read.
+    Every process skips exactly those batches, so none waits in the gradient all-reduce for a step another skipped."""
+    import numpy as np
+
+    readable = np.arange(24) >= 16
+    whole = list(GlobalBatches(24, 4, torch.Generator().manual_seed(3)))  # the global batches, in one process
+    expected = [all(readable[batch[rank::2]].any() for rank in range(2)) for batch in whole]
+    assert 0 < expected.count(False) < len(whole)
+    for rank in range(2):
+        shares = list(GlobalBatches(24, 4, torch.Generator().manual_seed(3), rank, 2, readable=readable))
+        assert [bool(share) for share in shares] == expected
+        assert all(share == batch[rank::2] for share, batch, taken in zip(shares, whole, expected) if taken)
+
+
+def test_skip_bad_images_under_torchrun_without_the_cache_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="--skip-bad-images under torchrun needs the preprocessing cache"):
+        train.main(["--data", "demo", "--batch-size", "16", "--skip-bad-images", "--cache", "off", "--run-dir", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
+
+
+def test_each_process_has_its_own_dropout_and_all_share_the_mixup_draw():
+    from cars.runtime import seed_process
+    from cars.transforms import batch_mixer
+
+    masks = []
+    for rank in range(3):  # what each process of a job of three draws after the same seeding
+        torch.manual_seed(0)
+        seed_process(0, rank)
+        masks.append(torch.nn.functional.dropout(torch.ones(1000), 0.5))
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+    torch.manual_seed(0)
+    assert torch.equal(masks[0], torch.nn.functional.dropout(torch.ones(1000), 0.5))  # one process: as before
+
+    mixer = batch_mixer(mixup=0.4, cutmix=1.0, num_classes=4, seed=0)
+    images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    mixed = []
+    for rank in range(2):  # two processes, two random streams: the same MixUp/CutMix draw for the same step
+        torch.manual_seed(rank)
+        state = torch.get_rng_state()
+        mixed.append(mixer(images, labels, step=7)[1])
+        assert torch.equal(torch.get_rng_state(), state)  # the process's own stream is left as it was
+    assert torch.equal(mixed[0], mixed[1])
+    assert any(not torch.equal(mixer(images, labels, step=s)[1], mixed[0]) for s in range(8, 12))  # another step, another draw

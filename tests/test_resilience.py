@@ -420,3 +420,42 @@ def test_a_resume_that_switches_the_cache_is_exact(tmp_path, hub_folder):
     train.main(tiny_args(hub_folder, switched, "--epochs", "1", "--augment", "heavy", "--cache", "off"))
     train.main(["--resume", str(switched), "--epochs", "2", "--cache", "auto"])
     assert_same_run(reference, switched)
+
+
+def test_a_resume_that_fails_changes_nothing_in_the_run_folder(tmp_path, hub_folder):
+    run_dir = tmp_path / "run"
+    train.main(tiny_args(hub_folder, run_dir, "--epochs", "1"))
+    last = load_checkpoint(run_dir / "last.pt")
+    del last["model"]["fc.weight"]  # the weights of another model, or a damaged file
+    save_checkpoint(run_dir / "last.pt", last)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    with pytest.raises(UserError, match="last.pt does not fit this run .*Nothing in .* was changed"):
+        train.main(["--resume", str(run_dir), "--epochs", "2"])
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before  # config.toml, train.log, events, summary.json
+
+
+def test_random_streams_are_restored_per_process_whatever_the_job_size():
+    """What each process of a job saved is restored in the process of the same rank; a process the checkpoint has no
+    state for keeps its own stream. (On a CPU the GPU part is absent: restore_rng's pick of this process's own GPU
+    stream from an older checkpoint's list of every GPU is not exercised here.)"""
+    from cars.runtime import restore_rng, rng_state, seed_process
+
+    states = []
+    for rank in range(2):  # a job of two processes saves each one's streams
+        torch.manual_seed(0)
+        seed_process(0, rank)
+        states.append(rng_state())
+
+    def next_draw(rank):
+        restore_rng(states, rank)
+        return torch.rand(3)
+
+    assert torch.equal(next_draw(0), next_draw(0)) and torch.equal(next_draw(1), next_draw(1))
+    assert not torch.equal(next_draw(0), next_draw(1))  # two processes, two streams
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    restore_rng(states, 2)  # a third process, new to the job: nothing was saved for it, its stream is left alone
+    assert torch.equal(torch.rand(3), expected)
+    restore_rng(states[0])  # a checkpoint of one process, as written before there was a state per process
+    assert torch.equal(torch.rand(3), next_draw(0))
