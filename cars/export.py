@@ -9,6 +9,7 @@ PyTorch model before it is kept:
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -16,7 +17,8 @@ import torch
 from cars.cli import parse_export
 from cars.data import load_splits, read_rgb
 from cars.errors import UserError
-from cars.files import atomic_write, make_folder
+from cars.files import atomic_write, make_folder, recover_folder, replace_folder
+from cars.runs import check_folder_free
 from cars.models import build_model
 from cars.trained import OnnxRuntimeModel, Trained, load_trained_from, read_model_json
 from cars.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize, eval_transform, normalize
@@ -131,7 +133,7 @@ def export(trained: Trained, out: Path, formats: list[str], check_images: int) -
         finally:
             partial.unlink(missing_ok=True)
         info["formats"][fmt] = {"file": path.name, "check": result}
-        print(f"{path}: {agreement(result)}")
+        print(f"{path.name}: {agreement(result)}")
     atomic_write(out / "model.json", lambda file: file.write((json.dumps(info, indent=2) + "\n").encode()))
     return info
 
@@ -154,13 +156,18 @@ def main(argv=None) -> None:
     out = Path(args.out) if args.out else (given if given.is_dir() else trained.path.parent) / "export"
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file, not a folder; choose another --out")
+    recover_folder(out)  # an export killed while it replaced this folder
     if args.verify:
         return verify(trained, out, args.check_images)
-    ours = [out / name for name in (*FILES.values(), "model.json") if (out / name).exists()]
-    if ours and not args.overwrite:
-        raise UserError(f"{out} already holds an export ({', '.join(p.name for p in ours)}); pass --overwrite or another --out")
-    for path in ours:  # one folder, one export: no file of an earlier one stays beside the new model.json
-        path.unlink()
-    info = export(trained, out, args.format, args.check_images)
+    check_folder_free(out, args.overwrite, "export folder", "--out")
+    # the new export is written and checked beside the old one, then takes its place: a failed check or a crash
+    # at any moment leaves the old export, or the new one, whole
+    staging = out.parent / f".{out.name}.new"
+    try:
+        shutil.rmtree(staging, ignore_errors=True)  # left by an export that was killed
+        info = export(trained, staging, args.format, args.check_images)
+        replace_folder(out, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {', '.join(FILES[f] for f in info['formats'])} and model.json to {out} ({trained.arch}, {trained.resolution} px, "
           f"{len(trained.class_names)} classes)")

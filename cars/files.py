@@ -1,6 +1,8 @@
 """Files the project writes: whole or not at all, with the permissions the user's umask gives."""
 
+import ctypes
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -43,3 +45,40 @@ def atomic_write(path: Path, write) -> None:
             raise UserError(f"cannot write {path}: {error.strerror or error}; free some space or choose another --run-dir. "
                             "The previous files are intact") from None
         raise
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux's renameat2 with RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_cwd, rename_exchange = -100, 2
+    return renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0
+
+
+def aside(folder: Path) -> Path:
+    return folder.parent / f".{folder.name}.old"
+
+
+def replace_folder(folder: Path, new: Path) -> None:
+    """`new` (a finished folder beside `folder`) takes the place of `folder`, in one step where the system can swap
+    two folders. Elsewhere the old folder is moved aside first, and `recover_folder` puts it back if a crash
+    falls between the two moves."""
+    if not folder.exists():
+        os.rename(new, folder)
+    elif exchange(new, folder):
+        shutil.rmtree(new)  # it holds the old folder now
+    else:
+        os.rename(folder, aside(folder))
+        os.rename(new, folder)
+        shutil.rmtree(aside(folder))
+
+
+def recover_folder(folder: Path) -> None:
+    """After a crash in replace_folder: the old folder back where it was, or what is left of it removed."""
+    if aside(folder).exists():
+        if folder.exists():
+            shutil.rmtree(aside(folder))
+        else:
+            os.rename(aside(folder), folder)

@@ -18,8 +18,10 @@ OUTPUTS = {
                     "confusion_matrix.csv", "confusion.png", "gradcam_samples.png", "gradcam_worst.png"},
     "lr_find folder": {"lr_find.csv", "lr_find.png"},
     "data report folder": {"report.md", "data.json", "class_counts.png", "sizes.png", "duplicates.csv", "duplicates.png", "samples.png"},
+    "export folder": {"model.safetensors", "model.onnx", "model.pt2", "model.json"},
 }
-SIGNATURE = {"run folder": "config.toml", "eval folder": "summary.json", "lr_find folder": "lr_find.csv", "data report folder": "data.json"}
+SIGNATURE = {"run folder": "config.toml", "eval folder": "summary.json", "lr_find folder": "lr_find.csv", "data report folder": "data.json",
+             "export folder": "model.json"}
 
 
 def foreign_entries(folder: Path, kind: str) -> list[str]:
@@ -53,7 +55,8 @@ def check_folder_free(folder: Path, overwrite: bool, kind: str = "run folder", e
     foreign = foreign_entries(folder, kind)
     if foreign or SIGNATURE[kind] not in entries:
         what = f"holds {', '.join(repr(e) for e in foreign[:3])}{' and more' if len(foreign) > 3 else ''}, which" if foreign else "is not one:"
-        raise UserError(f"{folder} is not a {kind} this project wrote ({what} --overwrite would delete); "
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise UserError(f"{folder} is not {article} {kind} this project wrote ({what} --overwrite would delete); "
                         f"refusing to replace it. Choose another {elsewhere}")
 
 

@@ -158,14 +158,14 @@ def test_an_export_that_fails_its_check_is_never_kept(exported, tmp_path, monkey
     monkeypatch.setattr(export, "write_export", wrong_weights)
     with pytest.raises(UserError, match="model.onnx fails its parity check"):
         export.main([str(exported / "run"), "--out", str(tmp_path / "bad"), "--format", "onnx", "--check-images", "4"])
-    assert list((tmp_path / "bad").iterdir()) == []  # neither the failed file nor a model.json that lists it
+    assert list(tmp_path.iterdir()) == []  # neither the failed file nor a model.json that lists it, nor the staging folder
 
 
 def test_bad_export_and_backend_requests_are_one_clear_line(exported, tmp_path):
     run = str(exported / "run")
     with pytest.raises(UserError, match="--format pickle is not a format; choose from safetensors, onnx, torch-export"):
         export.main([run, "--format", "onnx,pickle"])
-    with pytest.raises(UserError, match="already holds an export .*; pass --overwrite"):
+    with pytest.raises(UserError, match="export folder .* already exists; pass --overwrite"):
         export.main([run, "--format", "onnx"])
     with pytest.raises(UserError, match="--cam needs the PyTorch model's gradients"):
         predict.main([run, "x.png", "--backend", "onnxruntime", "--cam", str(tmp_path)])
@@ -208,3 +208,54 @@ def test_a_bare_state_dict_is_checked_on_random_pixels_and_says_so(exported, tmp
     check = json.loads((tmp_path / "export" / "model.json").read_text())["formats"]["onnx"]["check"]
     assert check["images"] == "4 images of random pixels (no dataset known: pass --data for test images)" and check["passed"]
     assert "note: checking on random pixels" in capsys.readouterr().out
+
+
+KILLER = """
+import os, signal, sys
+from cars import export, files
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+point = sys.argv[1]
+if point == "while writing":
+    export.check = die
+elif point == "before the swap":
+    export.replace_folder = die
+elif point == "between the moves":  # where a system cannot swap two folders in one step
+    files.exchange = lambda a, b: False
+    rename = os.rename
+    os.rename = lambda a, b: die() if str(a).endswith(".new") else rename(a, b)  # after the old export was moved aside
+export.main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("point", ["while writing", "before the swap", "between the moves"])
+def test_a_killed_overwrite_leaves_one_whole_export(exported, tmp_path, point, capsys):
+    """--overwrite writes the new export beside the old one and swaps it in: killed at any moment, the folder holds
+    one complete export that passes --verify, and nothing of the old one is lost before the new one has passed."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "export"
+    shutil.copytree(exported / "run" / "export", out)
+    before = json.loads((out / "model.json").read_text())
+    killed = subprocess.run([sys.executable, "-c", KILLER, point, str(exported / "run"), "--out", str(out), "--format", "safetensors",
+                             "--check-images", "4", "--overwrite"], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    export.main([str(exported / "run"), "--out", str(out), "--verify", "--check-images", "4"])  # puts back what a kill moved aside
+    after = json.loads((out / "model.json").read_text())
+    assert after == before and sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx", "model.pt2", "model.safetensors"]
+    assert capsys.readouterr().out.count("passes") == 3
+    export.main([str(exported / "run"), "--out", str(out), "--format", "safetensors", "--check-images", "4", "--overwrite"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # the new export alone: no staging or old folder left
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]
+
+
+def test_overwrite_never_replaces_a_folder_that_is_not_an_export(exported, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="is not an export folder this project wrote .*notes.txt"):
+        export.main([str(exported / "run"), "--out", str(tmp_path), "--format", "safetensors", "--overwrite"])
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -67,7 +67,7 @@ def test_overwrite_never_deletes_a_dataset_or_the_checkpoint_being_read(tmp_path
     assert snapshot(dataset) == before
 
     before = snapshot(trained)
-    refused(run(evaluate.main, trained, "--out", trained, "--overwrite"), "is not a eval folder this project wrote .*'best.pt'")
+    refused(run(evaluate.main, trained, "--out", trained, "--overwrite"), "is not an eval folder this project wrote .*'best.pt'")
     assert snapshot(trained) == before
 
     (tmp_path / "mine").mkdir()
