@@ -124,12 +124,14 @@ class RunningTotals:
 
     def settle(self, progress: Progress, lr: float) -> None:
         """Into `progress`; a loss that stopped being finite raises Diverged (nothing after it could be trusted)."""
-        bad_step, correct = torch.stack([self.bad_step, self.correct]).tolist()  # int64: read exactly
-        loss_sum, bad_loss = torch.stack([self.loss_sum, self.bad_loss]).tolist()
+        # one read for all four; float32 holds every whole number up to 2**24 exactly, so the step and the count
+        # (an epoch's images in one process) come back exact
+        bad_step, loss_sum, correct, bad_loss = torch.stack([self.bad_step.float(), self.loss_sum, self.correct.float(),
+                                                            self.bad_loss]).tolist()
         if bad_step >= 0:
-            raise Diverged(f"the training loss became {bad_loss} at step {bad_step + 1} "
+            raise Diverged(f"the training loss became {bad_loss} at step {int(bad_step) + 1} "
                            f"(lr {lr:.3g}); lower --lr, check --lr-scaling, or try lr_find.py")
-        progress.loss_sum, progress.correct = loss_sum, correct
+        progress.loss_sum, progress.correct = loss_sum, int(correct)
 
 
 def train_one_epoch(model, loader, optimizer, scaler, device: Device, scheduler=None, ema=None, mixer=None,

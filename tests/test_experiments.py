@@ -80,8 +80,11 @@ def test_a_presets_own_values_reach_the_optimizer_the_schedule_and_the_transform
     optimizer = optim.make_optimizer(cfg, model)
     lr = cfg.lr * cfg.batch_size / 128 if cfg.lr_scaling == "linear" else cfg.lr
     assert type(optimizer).__name__ == {"sgd": "SGD", "adamw": "AdamW"}[cfg.optimizer]
-    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([lr * cfg.backbone_lr_mult, lr])
-    assert {g["weight_decay"] for g in optimizer.param_groups} == {cfg.weight_decay}
+    lrs, decays = [lr * cfg.backbone_lr_mult, lr], [cfg.weight_decay] * 2
+    if cfg.norm_weight_decay >= 0:  # each group split: its normalisation weights and biases with their own decay
+        lrs, decays = [lrs[0]] * 2 + [lrs[1]] * 2, [cfg.weight_decay, cfg.norm_weight_decay] * 2
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(lrs)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == decays
     if cfg.optimizer == "sgd":
         assert {g["momentum"] for g in optimizer.param_groups} == {cfg.momentum}
     assert model.get_submodule(head_name(model)).out_features == 196
