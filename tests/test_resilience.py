@@ -241,7 +241,7 @@ def test_export_safetensors_loads_in_predict_and_eval(reference_run, tmp_path, c
     info = json.loads((tmp_path / "export" / "model.json").read_text())
     assert info["arch"] == "resnet18" and info["resolution"] == 32 and len(info["class_names"]) == 3
     assert info["mean"] == [0.485, 0.456, 0.406]
-    with pytest.raises(UserError, match="already holds an export .*; pass --overwrite"):
+    with pytest.raises(UserError, match="export folder .* already exists; pass --overwrite"):
         export.main([str(reference), "--out", str(tmp_path / "export")])
 
     image = tmp_path / "car.png"
