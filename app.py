@@ -1,6 +1,206 @@
-"""A web page for a trained model (Gradio): `uv run app.py runs/demo`, then open http://127.0.0.1:7860."""
+"""app.py: a web page for a trained model. "Predict": drop in a photo, see the top-5 car names and
+where the model looked. "Evaluation" (once eval.py has run): per-class accuracy, the most confused
+pairs with their images and CAMs, and the report's charts. Served on 127.0.0.1 only, unless asked."""
 
-from cars.cli import launch
+from cars.cli import check_command_line, parse_app
+
+check_command_line(__name__, parse_app)  # --help and mistakes answer before the imports below load torch
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
+
+import gradio as gr
+
+from cars.cli import CAM_METHODS
+from cars.data import FileSplit, label_map, load_splits, read_rgb
+from cars.errors import UserError, message_of, run_cli
+from cars.explain import cam_overlay
+from cars.inference import Trained, load_trained_from
+from cars.runtime import pick_device
+from cars.transforms import eval_transform
+
+MAX_UPLOAD = "20mb"  # a photo larger than this is refused on the page, before it reaches the model
+CHARTS = ("per_class.png", "confusion.png", "gradcam_samples.png", "gradcam_worst.png")
+
+
+def predict_tab(trained: Trained, cam_method: str) -> None:
+    transform = eval_transform(trained.resolution)
+
+    def answer(
+        photo, method
+    ):  # the upload as sent (not preprocessed): our reader's message, not Gradio's, for a bad file
+        if not photo:
+            raise gr.Error("Upload or paste a photo first.")
+        # the user's own file name, not where Gradio stored it
+        name = photo.get("orig_name") or Path(photo["path"]).name
+        try:
+            pixels = transform(read_rgb(FileSplit([(photo["path"], -1)], "upload"), 0))
+        except UserError as error:
+            reason = message_of(error).replace(photo["path"], name)
+            # one line in the server's log, not a traceback
+            print(f"refused an upload: {reason}", file=sys.stderr, flush=True)
+            raise gr.Error(f"This is not a photo the model can read: {reason}", print_exception=False) from None
+        predictions = trained.classify(pixels, 5)
+        top = {p["class"]: p["probability"] for p in predictions}
+        cam = (
+            cam_overlay(trained.model, pixels, predictions[0]["index"], method)
+            if trained.backend == "pytorch"
+            else None
+        )
+        return top, cam
+
+    with gr.Row():
+        with gr.Column():
+            photo = gr.Image(
+                type="filepath",
+                sources=["upload", "clipboard"],
+                label="Your photo (upload or paste)",
+                elem_id="photo",
+                height=320,
+            )
+            method = gr.Dropdown(
+                list(CAM_METHODS), value=cam_method, label="CAM method", visible=trained.backend == "pytorch"
+            )
+            button = gr.Button("Predict", variant="primary", elem_id="predict")
+        with gr.Column():
+            top5 = gr.Label(num_top_classes=5, label="Top 5", elem_id="top5")
+            cam = gr.Image(label="Where the model looked (top class)", interactive=False, elem_id="cam", height=320)
+    button.click(answer, [photo, method], [top5, cam], api_name="predict", preprocess=False)
+    # an upload answers at once, too
+    photo.upload(answer, [photo, method], [top5, cam], api_visibility="private", preprocess=False)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def evaluation_tab(trained: Trained, eval_dir: Path, cam_method: str) -> tuple:
+    """The tab's components; returns what the page's load event needs to show the first pair at once."""
+    per_class = read_csv(eval_dir / "per_class.csv")
+    pairs = read_csv(eval_dir / "confused_pairs.csv")
+    predictions = read_csv(eval_dir / "predictions.csv")
+    summary = json.loads((eval_dir / "summary.json").read_text()) if (eval_dir / "summary.json").is_file() else {}
+    data = summary.get("data") or trained.data
+    splits = load_splits(data)  # the dataset eval.py ran on: predictions.csv indexes its test split
+    # predictions.csv holds the model's class indices; the dataset may list the same classes in another order (as
+    # eval.py maps them)
+    to_model = label_map(trained.class_names, splits.class_names, data)
+    model_labels = [int(to_model[label]) if to_model is not None else label for label in splits.train.labels]
+    transform = eval_transform(trained.resolution)
+
+    def with_cam(split, index: int, target: int, caption: str):
+        pixels = transform(read_rgb(split, index))
+        image = (
+            cam_overlay(trained.model, pixels, target, cam_method)
+            if trained.backend == "pytorch"
+            else pixels.permute(1, 2, 0).numpy()
+        )
+        return image, caption
+
+    def show_pair(choice):
+        if choice is None:
+            return [], []
+        pair = pairs[choice]
+        true, predicted = int(pair["true_id"]), int(pair["predicted_id"])
+        wrong = [int(r["index"]) for r in predictions if int(r["true"]) == true and int(r["predicted"]) == predicted][
+            :6
+        ]
+        mistaken = [
+            with_cam(splits.eval, i, predicted, f"test #{i}: a {pair['true']}, taken for a {pair['predicted']}")
+            for i in wrong
+        ]
+        examples = [i for i, label in enumerate(model_labels) if label == predicted][:6]
+        references = [
+            with_cam(splits.train, i, predicted, f"training image #{i}: a {pair['predicted']}") for i in examples
+        ]
+        return mistaken, references
+
+    gr.Markdown(f"Evaluation of `{trained.path}` from `{eval_dir}`: click a column's header to sort.")
+    gr.Dataframe(
+        [[int(r["id"]), r["name"], int(r["correct"]), int(r["total"]), float(r["accuracy"])] for r in per_class],
+        headers=["id", "class", "correct", "total", "accuracy %"],
+        label="Per-class accuracy",
+        interactive=False,
+        elem_id="per_class",
+    )
+    choices = [(f"{p['true']} -> {p['predicted']} ({p['count']} images)", i) for i, p in enumerate(pairs)]
+    pair = gr.Dropdown(
+        choices, value=0 if choices else None, label="Most confused pairs: true class -> taken for", elem_id="pairs"
+    )
+    with gr.Row():
+        mistaken = gr.Gallery(
+            label="The misclassified test images, with the CAM of the class they were taken for", columns=3
+        )
+        references = gr.Gallery(label="Training images of the class they were taken for, with their CAMs", columns=3)
+    pair.change(show_pair, pair, [mistaken, references])
+    charts = [(str(eval_dir / name), name) for name in CHARTS if (eval_dir / name).exists()]
+    gr.Gallery(charts, label="The report's charts", columns=2, object_fit="contain", height=600, elem_id="charts")
+    return pair, show_pair, mistaken, references
+
+
+def build_app(trained: Trained, eval_dir: Path | None, cam_method: str = "gradcam") -> gr.Blocks:
+    with gr.Blocks(title=f"{trained.arch}: {len(trained.class_names)} car models") as app:
+        gr.Markdown(
+            f"## {trained.arch} at {trained.resolution} px, {len(trained.class_names)} classes\n`{trained.path}`"
+        )
+        with gr.Tab("Predict"):
+            predict_tab(trained, cam_method)
+        if eval_dir is not None:
+            with gr.Tab("Evaluation"):
+                pair, show_pair, mistaken, references = evaluation_tab(trained, eval_dir, cam_method)
+            app.load(show_pair, pair, [mistaken, references])
+    return app
+
+
+def find_eval(checkpoint: str, given: str | None) -> Path | None:
+    """eval.py's folder for this model: --eval, else <run>/eval beside a run folder or its checkpoint."""
+    if given:
+        if not (Path(given) / "per_class.csv").is_file():
+            raise UserError(
+                f"--eval {given} is not an eval.py folder (no per_class.csv); run eval.py first or drop --eval"
+            )
+        return Path(given)
+    path = Path(checkpoint)
+    candidates = [path / "eval"] if path.is_dir() else [path.parent / "eval", path.parent / f"eval-{path.stem}"]
+    return next((c for c in candidates if (c / "per_class.csv").is_file()), None)
+
+
+def main(argv=None) -> None:
+    args = parse_app(argv)
+    trained = load_trained_from(args)
+    trained.model.to(pick_device(args.device))
+    eval_dir = find_eval(args.checkpoint, args.eval)
+    if eval_dir is not None and not trained.data:
+        raise UserError(
+            f"{trained.path} does not say which dataset it was trained on; pass --data for the Evaluation tab"
+        )
+    app = build_app(trained, eval_dir, args.cam_method)
+    try:
+        app.launch(
+            server_name=args.host,
+            server_port=args.port,
+            share=args.share,
+            max_file_size=MAX_UPLOAD,
+            quiet=True,
+            show_error=True,
+            prevent_thread_lock=True,
+        )
+    except OSError as error:  # Gradio's "cannot find empty port"
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {error}; choose another --port") from None
+    print(
+        f"serving {trained.path} at http://{args.host}:{args.port}"
+        + ("" if eval_dir else " (no Evaluation tab: run eval.py first)")
+        + " (Ctrl+C stops)",
+        flush=True,
+    )
+    app.block_thread()
+
 
 if __name__ == "__main__":
-    launch("app")
+    run_cli(main)

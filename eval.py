@@ -1,6 +1,386 @@
-"""Explain a trained model: `uv run eval.py runs/demo` (see --help)."""
+"""eval.py: where a trained model is right and wrong, and what it looks at. `main` lists the sections in order."""
 
-from cars.cli import launch
+from cars.cli import check_command_line, parse_eval
+
+check_command_line(__name__, parse_eval)  # --help and mistakes answer before the imports below load torch
+
+import argparse
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cars import analysis
+from cars.cli import TTA_SCALES
+from cars.data import dataset_location, label_map, open_hub_dataset, open_source, read_rgb
+from cars.engine import Device, collect_logits
+from cars.errors import UserError, run_cli
+from cars.explain import class_activation_maps, overlay
+from cars.inference import Trained, load_trained_from
+from cars.loaders import TransformedSplit, eval_loader, make_loader
+from cars.report import markdown_table, plot_cam_grid, plot_confusion, plot_per_class, write_csv, write_json, write_text
+from cars.runs import prepare_folder
+from cars.runtime import pick_device, worker_count
+from cars.transforms import eval_transform, normalize
+
+CORRUPTIONS = ("contrast", "gaussian_noise", "impulse_noise", "jpeg_compression", "motion_blur", "pixelate", "spatter")
+
+
+def output_folder(args, checkpoint: Path) -> Path:
+    given = Path(args.checkpoint)
+    out = (
+        Path(args.out)
+        if args.out
+        else given / "eval"
+        if given.is_dir()
+        else checkpoint.parent / f"eval-{checkpoint.stem}"
+    )
+    prepare_folder(out, args.overwrite, "eval folder", "--out")
+    # marked as eval's own before anything else is written: a crash part way leaves a folder --overwrite may replace
+    write_json(out / "summary.json", {"status": "running", "checkpoint": str(checkpoint)})
+    return out
+
+
+def corruption_splits(data: str) -> list[str]:
+    """The corrupted test copies a hub-layout dataset has (none for other layouts)."""
+    data = dataset_location(data)
+    if Path(data).is_dir():
+        return [c for c in CORRUPTIONS if any(Path(data).glob(f"data/{c}-*.parquet"))]
+    try:
+        from huggingface_hub import list_repo_files
+
+        files = list_repo_files(data, repo_type="dataset")
+    except Exception as error:
+        raise UserError(
+            f"could not list the files of {data} to find its corrupted splits: {str(error).splitlines()[0]}"
+        ) from None
+    return [c for c in CORRUPTIONS if any(f.startswith(f"data/{c}-") for f in files)]
+
+
+@dataclass
+class Evaluation:
+    """One evaluation: the model, where it runs, the test split and where the files go."""
+
+    args: argparse.Namespace
+    trained: Trained
+    device: Device
+    test_split: object
+    # dataset label -> the model's class index, when the dataset orders the classes otherwise
+    to_model: torch.Tensor | None
+    corruptions: list[str]
+    out: Path
+    workers: int
+
+    @property
+    def names(self) -> list[str]:
+        return self.trained.class_names
+
+    def logits_of(self, split, resolution: int | None = None, flip: bool = False, cache: str = "off"):
+        """The model's logits for every image of a split, and the true labels as the model's class indices."""
+        resolution = resolution or self.trained.resolution
+        if (
+            cache != "off"
+        ):  # the test split at the trained resolution: what train.py cached, so usually no decoding at all
+            loader = eval_loader(
+                split,
+                resolution=resolution,
+                cache=cache,
+                skip_bad_images=False,
+                batch_size=self.args.batch_size,
+                workers=self.workers,
+                device_type=self.device.type,
+            )
+        else:
+            transform = eval_transform(resolution)
+            dataset = TransformedSplit(split, (lambda image: transform(image).flip(-1)) if flip else transform)
+            loader = make_loader(
+                dataset, batch_size=self.args.batch_size, shuffle=False, workers=self.workers, seed=self.args.seed
+            )
+        logits, labels = collect_logits(self.trained.model, loader, self.device)
+        return logits, labels if self.to_model is None else self.to_model[labels]
+
+
+@dataclass
+class Scores:
+    """The model's answers on the test split and what they add up to."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    names: list[str]
+
+    def __post_init__(self):
+        self.predicted = self.logits.argmax(1)
+        self.confidence = self.logits.softmax(1).max(1).values
+        self.matrix = analysis.confusion_matrix(self.predicted.numpy(), self.labels.numpy(), len(self.names))
+        self.classes = analysis.per_class_accuracy(self.matrix, self.names)
+        self.worst, self.best = (
+            analysis.ranked(self.classes, 10, worst=True),
+            analysis.ranked(self.classes, 10, worst=False),
+        )
+        self.pairs = analysis.confused_pairs(self.matrix, 10)
+
+    def class_table(self, classes) -> str:
+        return markdown_table(
+            ["class", "correct", "accuracy"],
+            [[c.name, f"{c.correct}/{c.total}", f"{c.accuracy:.1f}%"] for c in classes],
+        )
+
+    def pair_table(self) -> str:
+        return markdown_table(
+            ["true", "predicted as", "count"], [[self.names[t], self.names[p], n] for t, p, n in self.pairs]
+        )
+
+
+def main(argv=None) -> None:
+    evaluation = start(parse_eval(argv))
+    scores = Scores(*evaluation.logits_of(evaluation.test_split, cache=evaluation.args.cache), evaluation.names)
+    summary = write_scores(evaluation, scores)
+    # CAMs need gradients: none from ONNX Runtime
+    cams = draw_cams(evaluation, scores) if evaluation.trained.backend == "pytorch" else []
+    tta = test_time_augmentation(evaluation, scores, summary) if evaluation.args.tta else ""
+    robustness = corrupted_copies(evaluation, summary) if evaluation.corruptions else ""
+    write_json(evaluation.out / "summary.json", summary)
+    write_report(evaluation, scores=scores, summary=summary, cams=cams, sections=[tta, robustness])
+    print(f"\nreport: {evaluation.out / 'report.md'}")
+
+
+def start(args) -> Evaluation:
+    """Every input checked (the model, its dataset and classes, the corrupted copies) before the output folder is
+    made."""
+    trained = load_trained_from(args)
+    if not trained.data:
+        raise UserError(f"{trained.path} does not say which dataset it was trained on; pass --data")
+    corruptions = corruption_splits(trained.data) if args.corruptions else []
+    if args.corruptions and not corruptions:
+        raise UserError(
+            f"{trained.data} has no corrupted copies of its test split ({', '.join(CORRUPTIONS)}); drop --corruptions"
+        )
+    _, test_split, dataset_names = open_source(trained.data)
+    to_model = label_map(trained.class_names, dataset_names, trained.data)
+    if to_model is not None:
+        print(
+            f"note: {trained.data} lists the model's {len(dataset_names)} classes in another order; its labels are "
+            "matched to the model's by name"
+        )
+    out = output_folder(args, trained.path)
+    device = Device(pick_device(args.device))
+    trained.model.to(device.type)
+    print(
+        f"evaluating {trained.path} ({trained.arch}, {trained.resolution} px) on {len(test_split)} test images of "
+        f"{trained.data}"
+    )
+    return Evaluation(args, trained, device, test_split, to_model, corruptions, out, worker_count(args.workers))
+
+
+def write_scores(evaluation: Evaluation, scores: Scores) -> dict:
+    """Accuracy overall and per class, the best and worst classes, the confusions: printed, and as CSVs and plots."""
+    trained, out, names, labels = evaluation.trained, evaluation.out, scores.names, scores.labels
+    summary = {
+        "status": "finished",
+        "checkpoint": str(trained.path),
+        "arch": trained.arch,
+        "resolution": trained.resolution,
+        "data": trained.data,
+        "split": "test",
+        "images": len(labels),
+        "top1": analysis.topk_accuracy(scores.logits, labels, 1),
+        "top5": analysis.topk_accuracy(scores.logits, labels, 5),
+    }
+    print(f"top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  ({len(labels)} images)")
+    write_csv(
+        out / "per_class.csv",
+        [
+            dict(id=c.index, name=c.name, correct=c.correct, total=c.total, accuracy=round(c.accuracy, 2))
+            for c in scores.classes
+        ],
+        ["id", "name", "correct", "total", "accuracy"],
+    )
+    write_csv(
+        out / "predictions.csv",
+        [
+            dict(index=i, true=int(t), predicted=int(p), confidence=round(float(c), 4))
+            for i, (t, p, c) in enumerate(zip(labels, scores.predicted, scores.confidence))
+        ],
+        ["index", "true", "predicted", "confidence"],
+    )
+    write_csv(
+        out / "confused_pairs.csv",
+        [dict(true_id=t, true=names[t], predicted_id=p, predicted=names[p], count=n) for t, p, n in scores.pairs],
+        ["true_id", "true", "predicted_id", "predicted", "count"],
+    )
+    write_csv(
+        out / "confusion_matrix.csv",
+        [
+            {"true \\ predicted": names[i], **{names[j]: int(scores.matrix[i, j]) for j in range(len(names))}}
+            for i in range(len(names))
+        ],
+        ["true \\ predicted", *names],
+    )
+    plot_per_class(scores.classes, out / "per_class.png")
+    plot_confusion(scores.matrix, names, scores.pairs, out / "confusion.png")
+    print(
+        "\nworst classes:\n"
+        + scores.class_table(scores.worst)
+        + "\n\nbest classes:\n"
+        + scores.class_table(scores.best)
+        + "\n\nmost confused pairs:\n"
+        + scores.pair_table()
+    )
+    return summary
+
+
+def draw_cams(evaluation: Evaluation, scores: Scores) -> list[str]:
+    """What the model looks at: CAMs of random test images, and of a mistake from each of the 5 worst classes.
+    Returns the names of the pictures drawn."""
+    args, labels, predicted = evaluation.args, scores.labels, scores.predicted
+    rng = random.Random(args.seed)
+    sample = sorted(rng.sample(range(len(labels)), min(args.num_gradcam, len(labels))))
+    wrong_of_worst = []
+    for c in scores.worst[:5]:
+        wrong = [i for i in range(len(labels)) if labels[i] == c.index and predicted[i] != c.index]
+        if wrong:
+            wrong_of_worst.append(rng.choice(wrong))
+    drawn = []
+    for indices, filename, title in (
+        (sample, "gradcam_samples.png", f"{args.cam_method}: {len(sample)} random test images"),
+        (wrong_of_worst, "gradcam_worst.png", f"{args.cam_method}: a mistake from each of the worst classes"),
+    ):
+        if indices:
+            tiles = cam_tiles(
+                evaluation.trained.model,
+                evaluation.test_split,
+                indices=indices,
+                predicted=predicted,
+                labels=labels,
+                confidence=scores.confidence,
+                names=scores.names,
+                resolution=evaluation.trained.resolution,
+                method=args.cam_method,
+            )
+            plot_cam_grid(tiles, evaluation.out / filename, title)
+            drawn.append(filename)
+    return drawn
+
+
+def test_time_augmentation(evaluation: Evaluation, scores: Scores, summary: dict) -> str:
+    """3 scales x flip, logits averaged: the accuracy with and without, and for the bottom-10 classes. Returns the
+    report's section."""
+    resolution, labels = evaluation.trained.resolution, scores.labels
+    tta_logits = torch.zeros_like(scores.logits)
+    for scale in TTA_SCALES:
+        for flip in (False, True):
+            tta_logits += evaluation.logits_of(evaluation.test_split, round(resolution * scale), flip)[0]
+    tta_predicted = (tta_logits / (2 * len(TTA_SCALES))).argmax(1)
+    tta_classes = analysis.per_class_accuracy(
+        analysis.confusion_matrix(tta_predicted.numpy(), labels.numpy(), len(scores.names)), scores.names
+    )
+    summary["tta"] = {
+        "scales": [round(resolution * s) for s in TTA_SCALES],
+        "flip": True,
+        "top1": analysis.topk_accuracy(tta_logits, labels, 1),
+        "top1_without": summary["top1"],
+    }
+    rows = [
+        [
+            c.name,
+            f"{c.accuracy:.1f}%",
+            f"{tta_classes[c.index].accuracy:.1f}%",
+            f"{tta_classes[c.index].accuracy - c.accuracy:+.1f}",
+        ]
+        for c in scores.worst
+    ]
+    print(f"\nTTA top-1 {summary['tta']['top1']:.2f}% (without {summary['top1']:.2f}%)")
+    return (
+        f"## Test-time augmentation\n\n{len(TTA_SCALES)} scales ({', '.join(map(str, summary['tta']['scales']))} px) x "
+        f"horizontal flip, logits averaged: top-1 **{summary['tta']['top1']:.2f}%** "
+        f"(without: {summary['top1']:.2f}%, {summary['tta']['top1'] - summary['top1']:+.2f}).\n\n"
+        "The bottom-10 classes with and without TTA:\n\n"
+        + markdown_table(["class", "without", "with TTA", "change"], rows)
+        + "\n"
+    )
+
+
+def corrupted_copies(evaluation: Evaluation, summary: dict) -> str:
+    """Robustness: the accuracy on each of the dataset's corrupted copies of the test split. Returns the report's
+    section."""
+    data = evaluation.trained.data
+    splits = open_hub_dataset(dataset_location(data), data, splits=evaluation.corruptions)[:-1]
+    accuracy = {
+        name: analysis.topk_accuracy(*evaluation.logits_of(split), 1)
+        for name, split in zip(evaluation.corruptions, splits)
+    }
+    mean = sum(accuracy.values()) / len(accuracy)
+    summary["corruptions"] = {
+        "accuracy": accuracy,
+        "mean": mean,
+        "clean": summary["top1"],
+        "mean_drop": summary["top1"] - mean,
+    }
+    rows = [[name, f"{acc:.2f}%", f"{acc - summary['top1']:+.2f}"] for name, acc in accuracy.items()]
+    rows.append(["**mean**", f"**{mean:.2f}%**", f"**{mean - summary['top1']:+.2f}**"])
+    print("\nrobustness:\n" + markdown_table(["corruption", "accuracy", "change"], rows))
+    return (
+        "## Robustness\n\nAccuracy on the corrupted copies of the test split, and the change from clean "
+        f"({summary['top1']:.2f}%):\n\n" + markdown_table(["corruption", "accuracy", "change"], rows) + "\n"
+    )
+
+
+def write_report(
+    evaluation: Evaluation, *, scores: Scores, summary: dict, cams: list[str], sections: list[str]
+) -> None:
+    """report.md: one page that ties it all together, pictures embedded."""
+    trained = evaluation.trained
+    report = [
+        f"# Evaluation of `{trained.path}`",
+        f"{trained.arch} at {trained.resolution} px on the test split of `{trained.data}` ({len(scores.labels)} "
+        f"images, {len(scores.names)} classes).",
+        f"**Top-1 {summary['top1']:.2f}%**, top-5 {summary['top5']:.2f}%; mean per-class accuracy "
+        f"{np.nanmean([c.accuracy for c in scores.classes]):.2f}%.",
+        "## Per-class accuracy",
+        "Every class, worst first ([per_class.csv](per_class.csv)):",
+        "![per-class accuracy](per_class.png)",
+        "### Bottom 10",
+        scores.class_table(scores.worst),
+        "### Top 10",
+        scores.class_table(scores.best),
+        "## Most confused pairs",
+        "True class -> predicted class, counted over the test split "
+        "([confused_pairs.csv](confused_pairs.csv), full matrix in [confusion_matrix.csv](confusion_matrix.csv)):",
+        scores.pair_table(),
+        "![confusion among the most confused classes](confusion.png)",
+        "## What the model looks at",
+        f"{evaluation.args.cam_method} heatmaps for the predicted class, over the image the model saw."
+        if trained.backend == "pytorch"
+        else "No heatmaps: CAMs need the model's gradients, and ONNX Runtime gives none (use --backend pytorch).",
+    ]
+    if "gradcam_samples.png" in cams:
+        report.append("![CAM on random test images](gradcam_samples.png)")
+    if "gradcam_worst.png" in cams:
+        report += [
+            "A mistake from each of the worst classes:",
+            "![CAM on mistakes of the worst classes](gradcam_worst.png)",
+        ]
+    tail = "\n".join(section for section in sections if section)
+    write_text(evaluation.out / "report.md", "\n\n".join(report) + "\n\n" + tail)
+
+
+def cam_tiles(model, split, *, indices, predicted, labels, confidence, names, resolution, method) -> list[dict]:
+    """CAM overlays of the predicted class for some images of a split, one CAM object for all."""
+    transform = eval_transform(resolution)
+    pixels = torch.stack([transform(read_rgb(split, i)) for i in indices])
+    maps = class_activation_maps(model, normalize(pixels), [int(predicted[i]) for i in indices], method)
+    return [
+        {
+            "image": overlay(pixels[k].permute(1, 2, 0).numpy(), maps[k]),
+            "true": names[int(labels[i])],
+            "predicted": names[int(predicted[i])],
+            "confidence": float(confidence[i]),
+        }
+        for k, i in enumerate(indices)
+    ]
+
 
 if __name__ == "__main__":
-    launch("eval")
+    run_cli(main)

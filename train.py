@@ -1,6 +1,391 @@
-"""Fine-tune an ImageNet-pretrained model on Stanford Cars: `uv run train.py --help`."""
+"""Fine-tune an ImageNet-pretrained model on Stanford Cars: the training recipe, top to bottom.
 
-from cars.cli import launch
+    uv run train.py --config configs/demo.toml       # the offline demo (see --help for every flag)
+    torchrun --nproc_per_node 4 train.py --config configs/run07_baseline.toml
+
+`main` runs the recipe: `setup` builds the run, `train` is the epoch loop, `train_epoch` the step loop inside it,
+and `finish` writes the summary. The pieces they call live in cars/: the step and evaluation in cars/engine.py,
+the checkpoints in cars/run_state.py, the resume rules in cars/resume.py.
+"""
+
+from cars.cli import check_command_line, parse_train
+
+check_command_line(__name__, parse_train)  # --help and mistakes answer before the imports below load torch
+
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from cars.checkpoint import load_checkpoint, unwrap
+from cars.data import load_splits
+from cars.distributed import check_job, init_world, shutdown
+from cars.engine import (
+    Device,
+    Diverged,
+    EpochResult,
+    Progress,
+    RunningTotals,
+    average_over_processes,
+    evaluate,
+    train_step,
+)
+from cars.errors import UserError, run_cli
+from cars.loaders import eval_loader, start_epoch, train_loader
+from cars.models import build_model, check_resolution, set_backbone_frozen
+from cars.optim import ema_decay, make_ema, make_optimizer, make_scheduler
+from cars.report import METRIC_COLUMNS, best_row, plot_curves, stale_evaluations, write_csv
+from cars.resume import check_same_classes, resolve_run, resumed_step
+from cars.run_state import Run, log_start, restore, save_best, save_last, write_summary
+from cars.runs import RunLog, duration, prepare_folder
+from cars.runtime import check_compiler, pick_device, seed_everything, seed_process, worker_count
+from cars.transforms import batch_mixer
+
+PROGRESS_SECONDS = 0.5  # how often the progress bar reads the loss and accuracy (each read waits for the device)
+
+
+def main(argv=None) -> None:
+    args = parse_train(argv)
+    run = setup(args, command=[Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)])
+    write_summary(run, run.status)
+    # SIGTERM (a scheduler's stop, kill) ends the run as Ctrl-C does
+    previous_sigterm = (
+        signal.signal(signal.SIGTERM, raise_interrupt)
+        if threading.current_thread() is threading.main_thread()
+        else None
+    )
+    try:
+        train_result, eval_result, stopped_early = train(run)
+    except KeyboardInterrupt:  # every file on disk is complete (atomic writes): say how to go on
+        saved_epoch, saved_steps = run.saved
+        write_summary(run, {**run.status, "status": "interrupted", "epochs_done": saved_epoch})
+        run.log(
+            f"interrupted in epoch {run.epoch}; last.pt holds epoch {saved_epoch}"
+            + (f" and {saved_steps} steps of epoch {saved_epoch + 1} (--save-every-steps)" if saved_steps else "")
+            + f". Resume with: uv run train.py --resume {run.run_dir}"
+        )
+        sys.exit(130)
+    except Diverged as error:
+        write_summary(run, {**run.status, "status": "diverged", "epochs_done": run.epoch - 1})
+        run.log(f"diverged in epoch {run.epoch}: {error}")
+        raise UserError(
+            f"training diverged in epoch {run.epoch}: {error}. best.pt and last.pt from before are intact"
+        ) from None
+    except BaseException:  # anything else: the run is not left marked running
+        write_summary(run, {**run.status, "status": "crashed", "epochs_done": run.epoch - 1})
+        raise
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+        if run.board:
+            run.board.close()
+        shutdown(run.world)
+    summary = finish(run, train_result, eval_result)
+    if stopped_early:
+        summary.update(status="stopped early", epochs_done=run.epoch)
+    write_summary(run, summary)
+
+
+def train(run: Run) -> tuple[EpochResult, EpochResult | None, bool]:
+    """The epoch loop: train, evaluate when due, then write the epoch's files and its line in train.log.
+    Returns the last epoch's training and evaluation results, and whether --early-stop ended the run."""
+    cfg, log, eval_name = run.cfg, run.log, run.splits.eval_name
+    started = plotted = time.time()
+    for epoch in range(run.first_epoch, cfg.epochs + 1):
+        run.epoch, epoch_start = epoch, time.time()
+        if cfg.freeze_epochs and epoch == cfg.freeze_epochs + 1:
+            log(f"epoch {epoch}: unfreezing the backbone; all layers train from now on")
+        progress = train_epoch(run, epoch)
+        train_result = average_over_processes(progress.result(), run.world)
+        eval_result = None
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            eval_result = evaluate(
+                run.eval_model,
+                run.eval_batches,
+                run.device,
+                description=eval_name,
+                world=run.world,
+                pad_to=run.eval_pad_to,
+            )
+        row = dict(
+            epoch=epoch,
+            lr=progress.lr,
+            train_loss=train_result.loss,
+            train_acc=train_result.accuracy,
+            seconds=None,
+            eval_loss=eval_result.loss if eval_result else None,
+            eval_acc=eval_result.accuracy if eval_result else None,
+        )
+        run.rows.append(row)
+        improved = best_row(run.rows) is row  # strictly better than every earlier evaluation
+        row["seconds"] = round(time.time() - epoch_start, 2)
+
+        # TensorBoard: what metrics.csv holds, at the step the epoch ended (written before last.pt, so that a resume
+        # from the previous epoch drops these events and writes them again)
+        if run.board:
+            for key in ("lr", "train_loss", "train_acc", "eval_loss", "eval_acc"):
+                if row[key] is not None:
+                    run.board.add_scalar(
+                        f"epoch/{key.replace('eval', eval_name)}", row[key], epoch * len(run.train_batches)
+                    )
+            run.board.flush()
+        # the epoch's files. best.pt comes before last.pt: last.pt's history names the new best epoch, so an
+        # interruption between the two must find best.pt ahead (this epoch is trained again on resume), never behind
+        if improved:
+            save_best(run, epoch)
+        save_last(run, epoch)
+        if run.world.main:
+            write_csv(run.run_dir / "metrics.csv", run.rows, METRIC_COLUMNS)
+        if run.world.main and (time.time() - plotted > 30 or epoch == cfg.epochs):  # a plot costs about a second
+            plot_curves(
+                run.rows, run.run_dir / "curves.png", eval_name, title=f"{run.preset}: {cfg.arch} {cfg.resolution}px"
+            )
+            plotted = time.time()
+
+        eta = (time.time() - started) / (epoch - run.first_epoch + 1) * (cfg.epochs - epoch)
+        evaluation = (
+            f"{eval_name} loss {eval_result.loss:.4f} acc {eval_result.accuracy:5.2f}%"
+            if eval_result
+            else f"{eval_name} not evaluated"
+        )
+        log(
+            f"epoch {epoch:3d}/{cfg.epochs} lr {row['lr']:.4g} | train loss {train_result.loss:.4f} "
+            f"acc {train_result.accuracy:5.2f}% | {evaluation} | {row['seconds']:.1f}s | ETA {duration(eta)}"
+            + (" *" if improved else "")
+        )
+        if (
+            cfg.early_stop
+            and eval_result is not None
+            and epoch < cfg.epochs
+            and stale_evaluations(run.rows) >= cfg.early_stop
+        ):
+            log(
+                f"stopping early after epoch {epoch}: {cfg.early_stop} evaluations without a better {eval_name} "
+                "accuracy "
+                f"(--early-stop {cfg.early_stop}). To go on: uv run train.py --resume {run.run_dir} --early-stop N"
+            )
+            return train_result, eval_result, True
+    return train_result, eval_result, False
+
+
+def train_epoch(run: Run, epoch: int) -> Progress:
+    """The step loop: one pass over the training batches (the rest of them, after a mid-epoch checkpoint). The
+    scheduler and the EMA advance every step. A step never makes the host wait for the device: the loss and the
+    correct count add up on the device, and are read for the progress bar, a mid-epoch checkpoint and the end.
+    Returns this process's sums for the epoch, and the lr it started with."""
+    cfg, steps_per_epoch = run.cfg, len(run.train_batches)
+    # a fresh epoch, with the lr it starts at for its row of metrics.csv; or the rest of one a checkpoint kept
+    progress = run.progress or Progress(lr=run.optimizer.param_groups[-1]["lr"])
+    run.progress = None
+    start_epoch(run.train_batches, epoch=epoch, seed=cfg.seed, done_steps=progress.steps)
+    if run.mixer:
+        run.mixer.epoch = epoch  # each batch's MixUp or CutMix depends on (seed, epoch, step) too
+    run.model.train()
+    # after train(): a frozen backbone keeps its BatchNorm statistics
+    set_backbone_frozen(run.raw_model, epoch <= cfg.freeze_epochs)
+    totals = RunningTotals(progress, run.device.type)
+    bar = tqdm(
+        run.train_batches,
+        desc=f"epoch {epoch}/{cfg.epochs}",
+        leave=False,
+        dynamic_ncols=True,
+        disable=not run.device.show_progress,
+    )
+    read_at = time.monotonic()
+    for batch in bar:
+        if batch is None:  # every image of the batch was unreadable and skipped
+            continue
+        loss, logits, labels = train_step(
+            run.model,
+            batch,
+            run.optimizer,
+            run.scaler,
+            run.device,
+            mixer=run.mixer,
+            label_smoothing=cfg.label_smoothing,
+            step=progress.steps,
+        )
+        totals.add(progress.steps, loss, logits, labels)
+        run.scheduler.step()
+        if run.ema:
+            run.ema.update_parameters(run.raw_model)
+        progress.steps += 1
+        progress.seen += len(labels)
+        lr = run.optimizer.param_groups[-1]["lr"]
+
+        mid_epoch_save = (
+            cfg.save_every_steps and progress.steps % cfg.save_every_steps == 0 and progress.steps < steps_per_epoch
+        )
+        if mid_epoch_save or time.monotonic() - read_at > PROGRESS_SECONDS:
+            totals.settle(progress, lr)  # raises Diverged when the loss stopped being finite
+            bar.set_postfix(
+                loss=f"{progress.loss_sum / progress.seen:.3f}", acc=f"{100 * progress.correct / progress.seen:.1f}%"
+            )
+            read_at = time.monotonic()
+        if mid_epoch_save:  # last.pt keeps the previous epoch's end and this epoch's progress
+            save_last(run, epoch - 1, progress)
+        if run.board and cfg.log_every_steps and progress.steps % cfg.log_every_steps == 0:  # TensorBoard, per step
+            step = (epoch - 1) * steps_per_epoch + progress.steps
+            run.board.add_scalar("step/train_loss", loss.item(), step)
+            run.board.add_scalar("step/lr", lr, step)
+    totals.settle(progress, run.optimizer.param_groups[-1]["lr"])
+    return progress
+
+
+def setup(args, *, command: list[str]) -> Run:
+    """Check every input, build the data, the model and its optimisation state, and only then touch the run folder."""
+    cfg, preset, run_dir, resumed = resolve_run(args)  # with --resume, the checkpoint to go on from
+    device_type = pick_device(cfg.device)
+    check_job(cfg, device_type)
+    world = init_world(device_type)  # one process, or one of torchrun's
+    device = Device.for_run(cfg, device_type, show_progress=world.main)
+    compiled = cfg.speedup_on("compile", device_type)
+    if compiled:
+        check_compiler(device_type)
+    seed_everything(cfg.seed)
+
+    splits = load_splits(cfg.data, cfg.val_split, cfg.split_seed)
+    if resumed:
+        check_same_classes(resumed, splits.class_names, data=cfg.data, run_dir=run_dir)
+    raw_model = build_model(cfg.arch, "none" if resumed else cfg.weights, len(splits.class_names), cfg.dropout)
+    check_resolution(raw_model, cfg.arch, cfg.resolution)
+    seed_process(cfg.seed, world.rank)
+    workers = worker_count(cfg.workers)
+    # from the preprocessing cache (the first run on a dataset fills it), or with --cache off decoded by worker
+    # processes
+    train_batches = train_loader(
+        splits.train, cfg, workers=workers, device_type=device_type, rank=world.rank, world=world.size
+    )
+    eval_batches = eval_loader(
+        splits.eval,
+        resolution=cfg.resolution,
+        cache=cfg.cache,
+        skip_bad_images=cfg.skip_bad_images,
+        batch_size=cfg.batch_size,
+        workers=workers,
+        device_type=device_type,
+        rank=world.rank,
+        world=world.size,
+    )
+    raw_model = device.place(raw_model)
+    if cfg.sync_bn and world.size > 1:
+        raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
+    optimizer = make_optimizer(cfg, raw_model)
+    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=len(train_batches))
+    ema = make_ema(raw_model, ema_decay(cfg, len(train_batches))) if cfg.ema else None
+
+    model = raw_model
+    if world.size > 1:  # gradients averaged over processes; a frozen backbone leaves parameters without gradients
+        model = DistributedDataParallel(
+            raw_model,
+            device_ids=[world.local_rank] if device_type == "cuda" else None,
+            find_unused_parameters=cfg.freeze_epochs > 0,
+        )
+    if compiled:
+        model = torch.compile(model)
+    eval_model = ema.module if ema else raw_model if world.size > 1 else model
+    # one input shape throughout: let cuDNN pick its fastest kernels
+    torch.backends.cudnn.benchmark = device_type == "cuda"
+    run = Run(
+        cfg=cfg,
+        preset=preset,
+        run_dir=run_dir,
+        splits=splits,
+        world=world,
+        device=device,
+        raw_model=raw_model,
+        model=model,
+        eval_model=eval_model,
+        eval_pad_to=cfg.batch_size if eval_model is model and compiled else None,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=device.scaler(),
+        ema=ema,
+        mixer=batch_mixer(cfg.mixup, cfg.cutmix, len(splits.class_names), cfg.seed),
+        train_batches=train_batches,
+        eval_batches=eval_batches,
+        workers=workers,
+    )
+    if resumed:
+        restore(run, resumed)  # before the run folder is touched: a resume that fails changes nothing
+
+    world.barrier()  # every process has checked the run folder before the main one replaces it
+    if world.main:
+        if not resumed:
+            prepare_folder(run_dir, args.overwrite)
+        cfg.save(run_dir / "config.toml")  # on resume, records an extended --epochs
+    world.barrier()
+    run.log = RunLog(run_dir / "train.log", enabled=world.main)
+    log_start(run, command=command, compiled=compiled)
+    if world.main:  # after a resume, events past the checkpoint (an interrupted epoch's steps) are dropped
+        run.board = SummaryWriter(
+            str(run_dir), purge_step=resumed_step(resumed, len(train_batches)) + 1 if resumed else None
+        )
+    if resumed:
+        run.log(f"resuming after epoch {resumed['epoch']} of {cfg.epochs}")
+    else:
+        save_last(run, epoch=0)  # resumable even if the first epoch never ends
+    return run
+
+
+def finish(run: Run, train_result: EpochResult, eval_result: EpochResult) -> dict:
+    """The run's summary: best and final accuracy, skipped images, and with --val-split the test accuracy of the best
+    epoch."""
+    cfg, rows, log, eval_name = run.cfg, run.rows, run.log, run.splits.eval_name
+    best = best_row(rows)
+    total = sum(r["seconds"] for r in rows)
+    summary = {
+        "status": "finished",
+        "epochs": cfg.epochs,
+        "seconds": round(total, 1),
+        "selected_on": eval_name,
+        "best_epoch": int(best["epoch"]),
+        "best_eval_acc": best["eval_acc"],
+        "final_eval_acc": rows[-1]["eval_acc"],
+        "eval_images": eval_result.images,
+    }
+    # the last epoch's count: of the images it drew (a ragged last batch is not drawn), those that could not be read
+    skipped = {
+        "train": run.train_batches.batch_sampler.images_per_epoch - train_result.images,
+        eval_name: len(run.splits.eval) - eval_result.images,
+    }
+    if any(skipped.values()):
+        summary["skipped_images"] = skipped
+        log(f"skipped unreadable images: {skipped}")
+    log(
+        f"done in {duration(total)}: best {eval_name} accuracy {best['eval_acc']:.2f}% at epoch {int(best['epoch'])} "
+        f"(final epoch {rows[-1]['eval_acc']:.2f}%)"
+    )
+    if (
+        run.splits.test is not None and run.world.main
+    ):  # the val split chose the epoch; the test split is looked at only now
+        best_model = unwrap(run.eval_model)  # uncompiled: the test split is seen once
+        best_model.load_state_dict(load_checkpoint(run.run_dir / "best.pt")["model"])
+        test_batches = eval_loader(
+            run.splits.test,
+            resolution=cfg.resolution,
+            cache=cfg.cache,
+            skip_bad_images=cfg.skip_bad_images,
+            batch_size=cfg.batch_size,
+            workers=run.workers,
+            device_type=run.device.type,
+        )
+        test = evaluate(best_model, test_batches, run.device, description="test")
+        summary["test_acc_of_best"] = test.accuracy
+        log(f"test accuracy of the best epoch (chosen on val): {test.accuracy:.2f}%")
+    log(f"run folder: {run.run_dir} (best.pt, last.pt, metrics.csv, curves.png)")
+    return summary
+
+
+def raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
 
 if __name__ == "__main__":
-    launch("train")
+    run_cli(main)

@@ -21,13 +21,17 @@ from torchvision.transforms import v2
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cars.augment import apply_steps  # noqa: E402
-from cars.config import Config  # noqa: E402
-from cars.runtime import image_seed  # noqa: E402
-from cars.transforms import TrainAugmentation  # noqa: E402
 from train_throughput import timed  # noqa: E402  (the device's queue drained before and after)
 
-CONFIGS = {"heavy": dict(augment="heavy"), "trivialaugment + erasing 0.25": dict(augment="trivialaugment", random_erasing=0.25)}
+from cars.augment import apply_steps
+from cars.config import Config
+from cars.runtime import image_seed
+from cars.transforms import TrainAugmentation
+
+CONFIGS = {
+    "heavy": dict(augment="heavy"),
+    "trivialaugment + erasing 0.25": dict(augment="trivialaugment", random_erasing=0.25),
+}
 
 
 def median_ms(work, device: torch.device, repeats: int) -> float:
@@ -60,7 +64,9 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     generator = torch.Generator().manual_seed(0)
-    crops = torch.randint(0, 256, (args.batch_size, 3, args.resolution, args.resolution), dtype=torch.uint8, generator=generator).to(device)
+    crops = torch.randint(
+        0, 256, (args.batch_size, 3, args.resolution, args.resolution), dtype=torch.uint8, generator=generator
+    ).to(device)
     indices = list(range(args.batch_size))
     print(f"{args.batch_size} crops of {args.resolution} px on {device}, median of {args.repeats} batches")
     ratios = []
@@ -68,22 +74,29 @@ def main() -> None:
         augmentation = TrainAugmentation(Config(resolution=args.resolution, **extra))
         pipeline = v2.Compose(augmentation.extra)
 
-        def image_by_image():
+        def image_by_image(augmentation=augmentation, pipeline=pipeline):  # this config's, not the loop's last
             for n, i in enumerate(indices):
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(image_seed(augmentation.seed, 0, i, 1) % 2**62)
                     pipeline(crops[n])
 
         steps = augmentation.extra_steps(0, indices)
-        draw = median_ms(lambda: augmentation.extra_steps(0, indices), torch.device("cpu"), args.repeats)
+        draw = median_ms(
+            lambda augmentation=augmentation: augmentation.extra_steps(0, indices), torch.device("cpu"), args.repeats
+        )
         one_by_one = median_ms(image_by_image, device, args.repeats)
-        batched = median_ms(lambda: apply_steps(crops.clone(), steps), device, args.repeats)
+        batched = median_ms(lambda steps=steps: apply_steps(crops.clone(), steps), device, args.repeats)
         ratios.append(one_by_one / batched)
-        counts = ops(image_by_image), ops(lambda: apply_steps(crops.clone(), steps))
-        print(f"{name}: image by image {one_by_one:.1f} ms ({counts[0]} ops), batched {batched:.1f} ms ({counts[1]} ops): "
-              f"{one_by_one / batched:.2f}x; draw {draw:.1f} ms")
-    print(f"summary: batched extra augmentation {', '.join(f'{r:.2f}x' for r in ratios)} the speed of image by image "
-          f"({', '.join(CONFIGS)}; {args.batch_size} x {args.resolution} px on {device})")
+        counts = ops(image_by_image), ops(lambda steps=steps: apply_steps(crops.clone(), steps))
+        print(
+            f"{name}: image by image {one_by_one:.1f} ms ({counts[0]} ops), batched {batched:.1f} ms ({counts[1]} "
+            "ops): "
+            f"{one_by_one / batched:.2f}x; draw {draw:.1f} ms"
+        )
+    print(
+        f"summary: batched extra augmentation {', '.join(f'{r:.2f}x' for r in ratios)} the speed of image by image "
+        f"({', '.join(CONFIGS)}; {args.batch_size} x {args.resolution} px on {device})"
+    )
 
 
 if __name__ == "__main__":

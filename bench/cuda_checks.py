@@ -20,15 +20,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cars import train  # noqa: E402
-from cars.config import Config  # noqa: E402
-from cars.data import load_splits  # noqa: E402
-from cars.demo import demo_root  # noqa: E402
-from cars.engine import Device, train_one_epoch  # noqa: E402
-from cars.loaders import train_loader  # noqa: E402
-from cars.models import build_model  # noqa: E402
-from cars.optim import make_optimizer  # noqa: E402
+from train_throughput import train_steps
+
+import train
+from cars.config import Config
+from cars.data import load_splits
+from cars.demo import demo_root
+from cars.engine import Device
+from cars.loaders import train_loader
+from cars.models import build_model
+from cars.optim import make_optimizer
 
 
 def compiles_per_epoch(argv: list[str]) -> list[int]:
@@ -36,37 +39,48 @@ def compiles_per_epoch(argv: list[str]) -> list[int]:
     from torch._dynamo.utils import counters
 
     counters.clear()
-    after_epoch, train_and_evaluate = [], train.train_and_evaluate
+    after_epoch, write_csv = [], train.write_csv
 
-    def counted(run, epoch):
-        result = train_and_evaluate(run, epoch)
+    def counted(*args, **kwargs):  # metrics.csv is written once per epoch, after its training and evaluation
+        write_csv(*args, **kwargs)
         after_epoch.append(counters["frames"]["ok"])
-        return result
 
-    train.train_and_evaluate = counted
+    train.write_csv = counted
     try:
         train.main(argv)
     finally:
-        train.train_and_evaluate = train_and_evaluate
+        train.write_csv = write_csv
     return after_epoch
 
 
 def count_waits(scratch: Path, **augmentation) -> list[str]:
-    cfg = Config(data="demo", arch="resnet50", weights="none", resolution=224, batch_size=64, cache=str(scratch / "cache"), **augmentation)
+    cfg = Config(
+        data="demo",
+        arch="resnet50",
+        weights="none",
+        resolution=224,
+        batch_size=64,
+        cache=str(scratch / "cache"),
+        **augmentation,
+    )
     splits = load_splits("demo")
     device = Device("cuda", channels_last=True, amp=True, show_progress=False)
     model = device.place(build_model(cfg.arch, "none", len(splits.class_names)))
     optimizer, scaler = make_optimizer(cfg, model), device.scaler()
-    loader = train_loader(splits.train, cfg, 0, "cuda")
-    train_one_epoch(model, loader, optimizer, scaler, device, refresh_seconds=1e9)  # warm up: cuDNN autotuning, the scaler's first steps
+    loader = train_loader(splits.train, cfg, workers=0, device_type="cuda")
+    train_steps(model, loader, optimizer, scaler, device)  # warm up: cuDNN autotuning, the scaler's first steps
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
-        steps = train_one_epoch(model, loader, optimizer, scaler, device, refresh_seconds=1e9).images // cfg.batch_size
+        steps = train_steps(model, loader, optimizer, scaler, device) // cfg.batch_size
         torch.cuda.set_sync_debug_mode("default")
-    waits = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]  # where each wait was asked for
-    print(f"{augmentation or 'basic augmentation'}: {len(waits)} host waits in {steps} steps (one is the epoch's final read of loss and accuracy)")
+    # where each wait was asked for
+    waits = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    print(
+        f"{augmentation or 'basic augmentation'}: {len(waits)} host waits in {steps} steps (one is the epoch's final "
+        "read of loss and accuracy)"
+    )
     return waits
 
 
@@ -75,8 +89,25 @@ def main() -> None:
         sys.exit("bench/cuda_checks.py needs CUDA")
     demo_root()  # generated once, offline
     with tempfile.TemporaryDirectory() as scratch:
-        compiles = compiles_per_epoch(["--config", "configs/demo.toml", "--device", "cuda", "--compile", "--amp", "--channels-last",
-                                       "--epochs", "4", "--freeze-epochs", "1", "--run-dir", str(Path(scratch) / "run"), "--workers", "0"])
+        compiles = compiles_per_epoch(
+            [
+                "--config",
+                "configs/demo.toml",
+                "--device",
+                "cuda",
+                "--compile",
+                "--amp",
+                "--channels-last",
+                "--epochs",
+                "4",
+                "--freeze-epochs",
+                "1",
+                "--run-dir",
+                str(Path(scratch) / "run"),
+                "--workers",
+                "0",
+            ]
+        )
         print(f"compiled frames after each epoch: {compiles} (expected [2, 4, 4, 4])")
         counts = []
         for augmentation in ({}, dict(augment="heavy"), dict(augment="trivialaugment", random_erasing=0.25)):
@@ -84,8 +115,10 @@ def main() -> None:
             for wait in sorted(set(waits)):
                 print(f"  {waits.count(wait)} x at {wait}")
             counts.append(len(waits))
-    print(f"cuda checks: compiles {compiles} ({'as expected' if compiles == [2, 4, 4, 4] else 'UNEXPECTED'}), "
-          f"host waits in an epoch {counts[0]} (basic), {counts[1]} (heavy), {counts[2]} (trivialaugment + erasing)")
+    print(
+        f"cuda checks: compiles {compiles} ({'as expected' if compiles == [2, 4, 4, 4] else 'UNEXPECTED'}), "
+        f"host waits in an epoch {counts[0]} (basic), {counts[1]} (heavy), {counts[2]} (trivialaugment + erasing)"
+    )
 
 
 if __name__ == "__main__":

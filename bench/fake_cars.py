@@ -23,7 +23,8 @@ def photo_like(rng: np.random.Generator) -> Image.Image:
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         (draw.ellipse if rng.random() < 0.4 else draw.rectangle)(box, fill=colour)
     image = image.filter(ImageFilter.GaussianBlur(1.2))
-    noisy = np.asarray(image, dtype=np.int16) + rng.normal(0, 7, (height, width, 1)).astype(np.int16)  # sensor noise, texture
+    # sensor noise, texture
+    noisy = np.asarray(image, dtype=np.int16) + rng.normal(0, 7, (height, width, 1)).astype(np.int16)
     return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
 
 
@@ -45,5 +46,7 @@ def fake_cars(images: int = 512, classes: int = 196, seed: int = 0) -> Path:
             photo_like(rng).save(buffer, "JPEG", quality=int(rng.integers(75, 96)))
             encoded.append({"bytes": buffer.getvalue(), "path": None})
         labels = [i % classes for i in range(images)]
-        Dataset.from_dict({"image": encoded, "label": labels}, features=features).to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+        Dataset.from_dict({"image": encoded, "label": labels}, features=features).to_parquet(
+            str(root / "data" / f"{split}-00000-of-00001.parquet")
+        )
     return root

@@ -1,9 +1,9 @@
-"""Input pipeline throughput: the seed's pipeline against ours, side by side in one run.
+"""Input pipeline throughput: the original pipeline against ours, side by side in one run.
 
     uv run python bench/input_pipeline.py                 # 512+512 generated JPEGs sized like Stanford Cars
     uv run python bench/input_pipeline.py --data DIR      # any dataset train.py reads
 
-(a) the seed's: Hugging Face dataset -> PIL decode -> RandomResizedCrop/flip/ToTensor/Normalize
+(a) the original pipeline's: Hugging Face dataset -> PIL decode -> RandomResizedCrop/flip/ToTensor/Normalize
     (eval: Resize/CenterCrop/ToTensor/Normalize) in a DataLoader, 1 worker and one per core;
 (b) ours: the preprocessing cache (built once first, its time shown apart; training images at
     native size), read a batch at a time by one thread of the training process: crop boxes and
@@ -12,8 +12,8 @@
     bench/train_throughput.py). The row "ours, device half on this CPU" adds that work done on the
     CPU instead, as on a machine without a GPU.
 
-Images per second per CPU core: the seed's with n workers is divided by n; ours uses one core.
-The last line is the summary (per core, ours against the seed's better per-core figure).
+Images per second per CPU core: the original pipeline's with n workers is divided by n; ours uses one core.
+The last line is the summary (per core, ours against the original pipeline's better per-core figure).
 """
 
 import argparse
@@ -29,14 +29,14 @@ from torchvision import transforms as v1
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cars.config import Config  # noqa: E402
-from cars.data import load_splits  # noqa: E402
-from cars.loaders import eval_loader, train_loader  # noqa: E402
-from cars.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize  # noqa: E402
+from cars.config import Config
+from cars.data import load_splits
+from cars.loaders import eval_loader, train_loader
+from cars.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize
 
 
 class SeedDataset(torch.utils.data.Dataset):
-    """The seed's data path: the hub dataset decodes each image (full size, PIL) on access."""
+    """The original pipeline's data path: the hub dataset decodes each image (full size, PIL) on access."""
 
     def __init__(self, hf_split, transform):
         self.hf_split, self.transform = hf_split, transform
@@ -52,7 +52,9 @@ class SeedDataset(torch.utils.data.Dataset):
 def seed_datasets(location: str, resolution: int):
     import datasets
 
-    loaded = datasets.load_dataset(location, data_files={"train": "data/train-*.parquet", "test": "data/test-*.parquet"})
+    loaded = datasets.load_dataset(
+        location, data_files={"train": "data/train-*.parquet", "test": "data/test-*.parquet"}
+    )
     normalize = [v1.ToTensor(), v1.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     train = v1.Compose([v1.RandomResizedCrop(resolution), v1.RandomHorizontalFlip(), *normalize])
     test = v1.Compose([v1.Resize(eval_resize(resolution)), v1.CenterCrop(resolution), *normalize])
@@ -86,11 +88,18 @@ def whole(loader, repeats: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", help="a dataset folder in the hub layout (default: generated JPEGs sized like Stanford Cars)")
+    parser.add_argument(
+        "--data", help="a dataset folder in the hub layout (default: generated JPEGs sized like Stanford Cars)"
+    )
     parser.add_argument("--images", type=int, default=512, help="generated images per split")
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--cores", type=int, default=os.cpu_count(), help="the seed's 'all cores' run uses this many workers")
+    parser.add_argument(
+        "--cores",
+        type=int,
+        default=os.cpu_count(),
+        help="the original pipeline's 'all cores' run uses this many workers",
+    )
     parser.add_argument("--cache-dir", help="where to build our cache (default: a temporary folder, removed after)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -103,19 +112,35 @@ def main() -> None:
         location = str(fake_cars(args.images))
     splits = load_splits(location)
     sizes = [splits.train.open(i).size for i in range(min(len(splits.train), 200))]
-    print(f"data: {location}: {len(splits.train)} train / {len(splits.eval)} test images, "
-          f"mean size {sum(w for w, _ in sizes) / len(sizes):.0f} x {sum(h for _, h in sizes) / len(sizes):.0f} (first 200)")
+    print(
+        f"data: {location}: {len(splits.train)} train / {len(splits.eval)} test images, "
+        f"mean size {sum(w for w, _ in sizes) / len(sizes):.0f} x {sum(h for _, h in sizes) / len(sizes):.0f} (first "
+        "200)"
+    )
 
     with tempfile.TemporaryDirectory() as scratch:
-        cfg = Config(data=location, resolution=args.resolution, batch_size=args.batch_size, cache=args.cache_dir or scratch)
+        cfg = Config(
+            data=location, resolution=args.resolution, batch_size=args.batch_size, cache=args.cache_dir or scratch
+        )
         started = time.perf_counter()
-        ours = {"train": train_loader(splits.train, cfg, args.cores),
-                "eval": eval_loader(splits.eval, cfg.resolution, cfg.cache, False, cfg.batch_size, args.cores)}
+        ours = {
+            "train": train_loader(splits.train, cfg, workers=args.cores),
+            "eval": eval_loader(
+                splits.eval,
+                resolution=cfg.resolution,
+                cache=cfg.cache,
+                skip_bad_images=False,
+                batch_size=cfg.batch_size,
+                workers=args.cores,
+            ),
+        }
         build_seconds = time.perf_counter() - started
         cached_bytes = sum((loader.dataset.cache.folder / "pixels.u8").stat().st_size for loader in ours.values())
         images = len(splits.train) + len(splits.eval)
-        print(f"our cache: built in {build_seconds:.1f} s with {args.cores} workers (once per dataset and resolution), "
-              f"{cached_bytes / 2**20:.0f} MiB for {images} images ({cached_bytes / images / 1024:.0f} KiB per image)")
+        print(
+            f"our cache: built in {build_seconds:.1f} s with {args.cores} workers (once per dataset and resolution), "
+            f"{cached_bytes / 2**20:.0f} MiB for {images} images ({cached_bytes / images / 1024:.0f} KiB per image)"
+        )
         seed = dict(zip(("train", "eval"), seed_datasets(location, args.resolution)))
 
         per_core = {}
@@ -127,14 +152,21 @@ def main() -> None:
 
         for split in ("train", "eval"):
             for workers in (1, args.cores):
-                loader = torch.utils.data.DataLoader(seed[split], args.batch_size, shuffle=split == "train", num_workers=workers)
+                loader = torch.utils.data.DataLoader(
+                    seed[split], args.batch_size, shuffle=split == "train", num_workers=workers
+                )
                 report("seed", split, workers, images_per_second(loader))
             report("ours", split, 1, images_per_second(cpu_half(ours[split], repeats=20)))
             report("ours, device half on this CPU", split, 1, images_per_second(whole(ours[split], repeats=3)))
 
-    speedup = {split: per_core["ours", split, 1] / max(per_core["seed", split, w] for w in (1, args.cores)) for split in ("train", "eval")}
-    print(f"\ntrain-input speedup {speedup['train']:.1f}x ({per_core['ours', 'train', 1]:.0f} img/s/core), "
-          f"eval-input speedup {speedup['eval']:.1f}x")
+    speedup = {
+        split: per_core["ours", split, 1] / max(per_core["seed", split, w] for w in (1, args.cores))
+        for split in ("train", "eval")
+    }
+    print(
+        f"\ntrain-input speedup {speedup['train']:.1f}x ({per_core['ours', 'train', 1]:.0f} img/s/core), "
+        f"eval-input speedup {speedup['eval']:.1f}x"
+    )
 
 
 if __name__ == "__main__":

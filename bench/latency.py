@@ -1,6 +1,6 @@
 """Inference latency on the CPU: PyTorch eager against ONNX Runtime, the same exported model, side by side in one run.
 
-    uv run python bench/latency.py                       # ResNet-50 at 224 px (random weights: speed does not depend on them)
+    uv run python bench/latency.py    # ResNet-50 at 224 px (random weights: speed does not depend on them)
     uv run python bench/latency.py --arch resnet18 --repeats 20
 
 For batch 1 and batch 32: the median time per batch over --repeats runs after warm-up, and images per second.
@@ -18,9 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cars.export import write_export  # noqa: E402
-from cars.models import build_model  # noqa: E402
-from cars.trained import OnnxRuntimeModel  # noqa: E402
+from cars.inference import OnnxRuntimeModel
+from cars.models import build_model
+from export import write_export
 
 
 def median_seconds(model, images: torch.Tensor, repeats: int) -> float:
@@ -49,14 +49,22 @@ def main() -> None:
         path = Path(scratch) / "model.onnx"
         write_export("onnx", path, model, torch.randn(2, 3, args.resolution, args.resolution))
         onnx_model = OnnxRuntimeModel(path)
-        print(f"{args.arch} at {args.resolution} px on the CPU ({torch.get_num_threads()} torch threads), median of {args.repeats} runs")
+        print(
+            f"{args.arch} at {args.resolution} px on the CPU ({torch.get_num_threads()} torch threads), median of "
+            f"{args.repeats} runs"
+        )
         summary = []
         for batch in (1, 32):
             images = torch.randn(batch, 3, args.resolution, args.resolution)
             eager, ort = median_seconds(model, images, args.repeats), median_seconds(onnx_model, images, args.repeats)
-            print(f"batch {batch:2d}: PyTorch eager {1000 * eager:7.1f} ms ({batch / eager:6.1f} img/s), "
-                  f"ONNX Runtime {1000 * ort:7.1f} ms ({batch / ort:6.1f} img/s): {eager / ort:.2f}x", flush=True)
-            summary.append(f"batch {batch}: eager {1000 * eager:.1f} ms, ONNX Runtime {1000 * ort:.1f} ms ({eager / ort:.2f}x)")
+            print(
+                f"batch {batch:2d}: PyTorch eager {1000 * eager:7.1f} ms ({batch / eager:6.1f} img/s), "
+                f"ONNX Runtime {1000 * ort:7.1f} ms ({batch / ort:6.1f} img/s): {eager / ort:.2f}x",
+                flush=True,
+            )
+            summary.append(
+                f"batch {batch}: eager {1000 * eager:.1f} ms, ONNX Runtime {1000 * ort:.1f} ms ({eager / ort:.2f}x)"
+            )
     print(f"{args.arch} {args.resolution} px: " + "; ".join(summary))
 
 

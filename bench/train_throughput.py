@@ -3,7 +3,7 @@ side in one run. For each: training end to end (cached dataset -> loader -> trai
 same step fed synthetic in-memory batches (the compute limit), and eval on synthetic batches.
 
     uv run python bench/train_throughput.py                                  # ResNet-50, 224 px, batch 128
-    uv run python bench/train_throughput.py --arch resnet18 --resolution 64 --batch-size 32 --steps 10   # a CPU smoke run
+    uv run python bench/train_throughput.py --arch resnet18 --resolution 64 --batch-size 32 --steps 10  # on a CPU
 
 "compiled" is what `train.py --compile --amp --channels-last` runs: on CUDA float16 autocast with
 loss scaling, on a CPU bfloat16 autocast and inductor's C++ kernels. The last line is the summary.
@@ -22,13 +22,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cars.config import Config  # noqa: E402
-from cars.data import load_splits  # noqa: E402
-from cars.engine import Device, predict, train_one_epoch  # noqa: E402
-from cars.loaders import train_loader  # noqa: E402
-from cars.models import build_model  # noqa: E402
-from cars.optim import make_optimizer  # noqa: E402
-from cars.runtime import check_compiler, pick_device  # noqa: E402
+from cars.config import Config
+from cars.data import load_splits
+from cars.engine import Device, Progress, RunningTotals, collect_logits, train_step
+from cars.loaders import train_loader
+from cars.models import build_model
+from cars.optim import make_optimizer
+from cars.runtime import check_compiler, pick_device
 
 
 def endless(loader):
@@ -52,19 +52,34 @@ def timed(device: Device, work) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
-def train_rate(model, batches, optimizer, scaler, device: Device, steps: int) -> float:
+def train_steps(model, batches, optimizer, scaler, device: Device) -> int:
+    """The steps of train.py's step loop without its bookkeeping: each step, and the running totals on the
+    device, read once at the end. Returns the images trained on."""
+    model.train()
+    progress = Progress(lr=optimizer.param_groups[-1]["lr"])
+    totals = RunningTotals(progress, device.type)
+    for batch in batches:
+        loss, logits, labels = train_step(model, batch, optimizer, scaler, device, step=progress.steps)
+        totals.add(progress.steps, loss, logits, labels)
+        progress.steps, progress.seen = progress.steps + 1, progress.seen + len(labels)
+    totals.settle(progress, optimizer.param_groups[-1]["lr"])
+    return progress.seen
+
+
+def train_rate(model, batches, optimizer, scaler, device: Device, *, steps: int) -> float:
     """Training images per second over `steps` steps."""
-    seconds, result = timed(device, lambda: train_one_epoch(model, itertools.islice(batches, steps), optimizer, scaler, device,
-                                                            description="timing"))
-    return result.images / seconds
+    seconds, images = timed(
+        device, lambda: train_steps(model, itertools.islice(batches, steps), optimizer, scaler, device)
+    )
+    return images / seconds
 
 
 def eval_rate(model, batch, device: Device, steps: int) -> float:
-    seconds, _ = timed(device, lambda: predict(model, [batch] * steps, device, description="timing"))
+    seconds, _ = timed(device, lambda: collect_logits(model, [batch] * steps, device, description="timing"))
     return steps * len(batch[0]) / seconds
 
 
-def measure(mode: str, cfg: Config, classes: int, loader, synthetic, args, device_type: str) -> dict:
+def measure(mode: str, cfg: Config, *, classes: int, loader, synthetic, args, device_type: str) -> dict:
     fast = mode == "compiled"
     device = Device(device_type, channels_last=fast, amp=fast, show_progress=False)
     torch.manual_seed(0)
@@ -74,17 +89,25 @@ def measure(mode: str, cfg: Config, classes: int, loader, synthetic, args, devic
     trained = torch.compile(model) if fast else model
     optimizer, scaler = make_optimizer(cfg, model), device.scaler()
     started = time.perf_counter()
-    train_rate(trained, synthetic, optimizer, scaler, device, args.warmup)  # compilation, cuDNN autotuning
+    train_rate(trained, synthetic, optimizer, scaler, device, steps=args.warmup)  # compilation, cuDNN autotuning
     eval_rate(trained, next(synthetic), device, 2)
     warmup = time.perf_counter() - started
     real_batches = endless(loader)
-    train_rate(trained, real_batches, optimizer, scaler, device, 2)
-    rates = dict(mode=mode, warmup=warmup, synthetic=train_rate(trained, synthetic, optimizer, scaler, device, args.steps),
-                 end_to_end=train_rate(trained, real_batches, optimizer, scaler, device, args.steps),
-                 eval=eval_rate(trained, next(synthetic), device, args.steps))
-    print(f"{mode:>8} ({device.describe(fast)}): warm-up {warmup:.0f} s; training {rates['synthetic']:.0f} img/s on synthetic batches, "
-          f"{rates['end_to_end']:.0f} end to end ({100 * rates['end_to_end'] / rates['synthetic']:.0f}%); eval {rates['eval']:.0f} img/s",
-          flush=True)
+    train_rate(trained, real_batches, optimizer, scaler, device, steps=2)
+    rates = dict(
+        mode=mode,
+        warmup=warmup,
+        synthetic=train_rate(trained, synthetic, optimizer, scaler, device, steps=args.steps),
+        end_to_end=train_rate(trained, real_batches, optimizer, scaler, device, steps=args.steps),
+        eval=eval_rate(trained, next(synthetic), device, args.steps),
+    )
+    print(
+        f"{mode:>8} ({device.describe(fast)}): warm-up {warmup:.0f} s; training {rates['synthetic']:.0f} img/s on "
+        "synthetic batches, "
+        f"{rates['end_to_end']:.0f} end to end ({100 * rates['end_to_end'] / rates['synthetic']:.0f}%); eval "
+        f"{rates['eval']:.0f} img/s",
+        flush=True,
+    )
     return rates
 
 
@@ -97,7 +120,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=60, help="timed steps of each kind")
     parser.add_argument("--warmup", type=int, default=15, help="untimed steps first (compilation, cudnn autotuning)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes that build the cache")
+    parser.add_argument(
+        "--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes that build the cache"
+    )
     parser.add_argument("--modes", default="eager,compiled", help="eager, compiled, or both (default)")
     args = parser.parse_args()
 
@@ -112,18 +137,39 @@ def main() -> None:
     cfg = Config(data=location, arch=args.arch, resolution=args.resolution, batch_size=args.batch_size, weights="none")
     splits = load_splits(location)
     generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (args.batch_size, 3, args.resolution, args.resolution), dtype=torch.uint8, generator=generator)
+    images = torch.randint(
+        0, 256, (args.batch_size, 3, args.resolution, args.resolution), dtype=torch.uint8, generator=generator
+    )
     labels = torch.randint(0, len(splits.class_names), (args.batch_size,), generator=generator)
     if device_type == "cuda":
         images, labels = images.pin_memory(), labels.pin_memory()
     synthetic = itertools.repeat((images, labels))
 
-    print(f"{args.arch}, {args.resolution} px, batch {args.batch_size} on {device_type}; {len(splits.train)} cached training images")
+    print(
+        f"{args.arch}, {args.resolution} px, batch {args.batch_size} on {device_type}; {len(splits.train)} cached "
+        "training images"
+    )
     with tempfile.TemporaryDirectory() as scratch:
-        loader = train_loader(splits.train, Config(**{**cfg.__dict__, "cache": scratch}), args.workers, device_type)
-        results = [measure(mode, cfg, len(splits.class_names), loader, synthetic, args, device_type) for mode in args.modes.split(",")]
-    summary = "; ".join(f"{r['mode']} {r['synthetic']:.0f} img/s ({100 * r['end_to_end'] / r['synthetic']:.0f}% end to end), "
-                        f"eval {r['eval']:.0f}" for r in results)
+        loader = train_loader(
+            splits.train, Config(**{**cfg.__dict__, "cache": scratch}), workers=args.workers, device_type=device_type
+        )
+        results = [
+            measure(
+                mode,
+                cfg,
+                classes=len(splits.class_names),
+                loader=loader,
+                synthetic=synthetic,
+                args=args,
+                device_type=device_type,
+            )
+            for mode in args.modes.split(",")
+        ]
+    summary = "; ".join(
+        f"{r['mode']} {r['synthetic']:.0f} img/s ({100 * r['end_to_end'] / r['synthetic']:.0f}% end to end), "
+        f"eval {r['eval']:.0f}"
+        for r in results
+    )
     if len(results) == 2:
         summary += f"; compiled/eager training {results[1]['synthetic'] / results[0]['synthetic']:.2f}x"
     print(f"{args.arch} {args.resolution} px batch {args.batch_size}: {summary}")

@@ -126,7 +126,10 @@ def group_steps(plans: list[list[Step]]) -> list[tuple[str, torch.Tensor, torch.
                 images, arguments = kinds.setdefault(kind, ([], []))
                 images.append(n)
                 arguments.append(args)
-        groups += [(kind, torch.tensor(images), torch.tensor(arguments, dtype=torch.float32)) for kind, (images, arguments) in kinds.items()]
+        groups += [
+            (kind, torch.tensor(images), torch.tensor(arguments, dtype=torch.float32))
+            for kind, (images, arguments) in kinds.items()
+        ]
     return groups
 
 
@@ -139,6 +142,7 @@ def apply_steps(crops: torch.Tensor, groups) -> torch.Tensor:
 
 
 # --- the kernels: uint8 NCHW crops and one row of arguments per image -> uint8 NCHW ----------------
+
 
 def per_image(args: torch.Tensor, column: int = 0) -> torch.Tensor:
     return args[:, column].view(-1, 1, 1, 1)
@@ -155,7 +159,10 @@ def warp(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     n, _, height, width = x.shape
     xs = torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, steps=width, device=x.device).view(1, 1, width)
     ys = torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, steps=height, device=x.device).view(1, height, 1)
-    to_x, to_y = (matrix[:, :3] / (0.5 * width)).view(n, 3, 1, 1), (matrix[:, 3:] / (0.5 * height)).view(n, 3, 1, 1)  # to [-1, 1]
+    to_x, to_y = (
+        (matrix[:, :3] / (0.5 * width)).view(n, 3, 1, 1),
+        (matrix[:, 3:] / (0.5 * height)).view(n, 3, 1, 1),
+    )  # to [-1, 1]
     grid = torch.stack([xs * m[:, 0] + ys * m[:, 1] + m[:, 2] for m in (to_x, to_y)], dim=-1)
     warped = torch.nn.functional.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return warped.to(torch.uint8)
@@ -229,7 +236,15 @@ def erase(x, args):
 
 
 KERNELS = {
-    "affine": warp, "brightness": brightness, "contrast": contrast, "saturation": saturation, "hue": hue,
-    "sharpness": sharpness, "posterize": posterize, "solarize": solarize, "erase": erase,
-    "autocontrast": autocontrast, "equalize": lambda x, args: F.equalize(x),
+    "affine": warp,
+    "brightness": brightness,
+    "contrast": contrast,
+    "saturation": saturation,
+    "hue": hue,
+    "sharpness": sharpness,
+    "posterize": posterize,
+    "solarize": solarize,
+    "erase": erase,
+    "autocontrast": autocontrast,
+    "equalize": lambda x, args: F.equalize(x),
 }

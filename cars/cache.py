@@ -1,13 +1,13 @@
 """The preprocessing cache: every image of a split decoded once, kept as uint8 pixels.
 
-Decoding full-size JPEGs, not the GPU, bounds a training run (DESIGN.md). So each split is decoded
-once, on first use, into one file of uint8 pixels that is memory-mapped: the operating system's page
-cache holds it, so RAM stays bounded and every process shares it.
+Decoding full-size JPEGs, not the GPU, bounds a training run (see docs/benchmarks.md, input pipeline). So
+each split is decoded once, on first use, into one file of uint8 pixels that is memory-mapped: the operating
+system's page cache holds it, so RAM stays bounded and every process shares it.
 
 - eval: exactly what the eval transform's Resize + CenterCrop make, resolution x resolution: the
-  seed's pixels, finished; a batch is one indexed read.
+  original pipeline's pixels, finished; a batch is one indexed read.
 - train: every image at its native size, so each epoch's random crop is cut from the same pixels
-  the seed cut it from (cars.loaders reads only each crop's box, cars.transforms resizes it).
+  the original pipeline cut it from (cars.loaders reads only each crop's box, cars.transforms resizes it).
   `--cache-side N` keeps a smaller, lossy copy instead: the longer side at most N pixels.
 
 A cache lives in a folder named after what it holds and a hash of the dataset's fingerprint and
@@ -49,7 +49,8 @@ def fingerprint(split) -> str:
         return split.dataset._fingerprint
     digest = hashlib.sha256()
     for path, label in zip(split.paths, split.labels):
-        stat = os.lstat(path) if not os.path.exists(path) else os.stat(path)  # a dangling link is an unreadable image, later
+        # a dangling link is an unreadable image, later
+        stat = os.lstat(path) if not os.path.exists(path) else os.stat(path)
         digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{label}\n".encode(errors="surrogateescape"))
     return digest.hexdigest()
 
@@ -80,7 +81,9 @@ class PixelCache:
     def pixels(self) -> torch.Tensor:
         """The whole file, flat (a uniform cache: N x H x W x 3)."""
         if self._pixels is None:  # copy-on-write: a writable mapping that never writes to the file
-            mapped = torch.from_numpy(np.memmap(self.folder / "pixels.u8", np.uint8, mode="c", shape=(int(self.offsets[-1]),)))
+            mapped = torch.from_numpy(
+                np.memmap(self.folder / "pixels.u8", np.uint8, mode="c", shape=(int(self.offsets[-1]),))
+            )
             self._pixels = mapped.view(len(self.shapes), *self.uniform, 3) if self.uniform else mapped
         return self._pixels
 
@@ -95,7 +98,8 @@ class PixelCache:
         return self.image(i).permute(2, 0, 1)
 
     def batch(self, indices, pin_memory: bool = False) -> torch.Tensor:
-        """Images `indices` of a uniform cache as one NHWC uint8 tensor (in page-locked memory, for a fast copy to the GPU)."""
+        """Images `indices` of a uniform cache as one NHWC uint8 tensor (in page-locked memory, for a fast copy to the
+        GPU)."""
         rows = torch.from_numpy(self.rows[indices])
         out = torch.empty((len(rows), *self.uniform, 3), dtype=torch.uint8, pin_memory=pin_memory)
         return torch.index_select(self.pixels, 0, rows, out=out)
@@ -141,18 +145,29 @@ def is_complete(folder: Path) -> bool:
     try:
         meta = json.loads((folder / "meta.json").read_text())
         shapes = np.load(folder / "shapes.npy")
-        return (folder / "pixels.u8").stat().st_size == int(shapes.prod(1).sum()) * 3 and len(shapes) == meta["images"] \
+        return (
+            (folder / "pixels.u8").stat().st_size == int(shapes.prod(1).sum()) * 3
+            and len(shapes) == meta["images"]
             and len(np.load(folder / "sources.npy")) == meta["images"]
+        )
     except (OSError, ValueError, KeyError):
         return False
 
 
-def build(split, transform, uniform: tuple[int, int] | None, folder: Path, description: str, workers: int, meta: dict) -> None:
+def build(
+    split, *, transform, uniform: tuple[int, int] | None, folder: Path, description: str, workers: int, meta: dict
+) -> None:
     """Decode every image of `split` once (in `workers` processes) and write its pixels to `folder`."""
     folder.mkdir(parents=True)
-    # its own generator: drawing the workers' seeds from the global one would make a run depend on whether the cache existed
-    loader = torch.utils.data.DataLoader(Preprocessed(split, transform), batch_size=None, num_workers=workers, collate_fn=keep_as_is,
-                                         generator=torch.Generator())
+    # its own generator: drawing the workers' seeds from the global one would make a run depend on whether the cache
+    # existed
+    loader = torch.utils.data.DataLoader(
+        Preprocessed(split, transform),
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=keep_as_is,
+        generator=torch.Generator(),
+    )
     sources, shapes, unreadable = np.zeros((len(split), 2), np.int64), np.zeros((len(split), 2), np.int64), {}
     blank = np.zeros((*(uniform or (1, 1)), 3), np.uint8)
     with open(folder / "pixels.u8", "wb") as out:
@@ -170,7 +185,7 @@ def build(split, transform, uniform: tuple[int, int] | None, folder: Path, descr
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))  # last: marks the cache complete
 
 
-def cached_pixels(split, kind: str, size: int, transform, root: Path, workers: int = 0, log=print) -> PixelCache:
+def cached_pixels(split, kind: str, *, size: int, transform, root: Path, workers: int = 0, log=print) -> PixelCache:
     """The cache of `split` made by `transform`, built first if it does not exist yet: kind 'eval'
     holds size x size images, kind 'train' every image at its native size (size 0) or with its longer
     side at most `size`. A subset of a split (--val-split) shares its parent's cache."""
@@ -188,15 +203,31 @@ def cached_pixels(split, kind: str, size: int, transform, root: Path, workers: i
                     if folder.exists():
                         log(f"cache {folder} is incomplete (a build was interrupted?); rebuilding it")
                         shutil.rmtree(folder)
-                    partial = root / f"{folder.name}.partial"  # left over only by a killed build: nobody else holds the lock
+                    # left over only by a killed build: nobody else holds the lock
+                    partial = root / f"{folder.name}.partial"
                     shutil.rmtree(partial, ignore_errors=True)
                     what = f"{kind} images of the {base.name} split " + (
-                        f"({size} x {size} px)" if kind == "eval" else f"(longer side at most {size} px)" if size else "(native size)")
-                    build(base, transform, (size, size) if kind == "eval" else None, partial, f"caching {what}", workers, meta)
+                        f"({size} x {size} px)"
+                        if kind == "eval"
+                        else f"(longer side at most {size} px)"
+                        if size
+                        else "(native size)"
+                    )
+                    build(
+                        base,
+                        transform=transform,
+                        uniform=(size, size) if kind == "eval" else None,
+                        folder=partial,
+                        description=f"caching {what}",
+                        workers=workers,
+                        meta=meta,
+                    )
                     os.rename(partial, folder)
                     log(f"cached the {what} in {folder} ({(folder / 'pixels.u8').stat().st_size / 2**20:.0f} MiB)")
         except OSError as error:
-            raise UserError(f"cannot write the preprocessing cache in {root}: {error}; pass --cache DIR for another folder or --cache off") from None
+            raise UserError(
+                f"cannot write the preprocessing cache in {root}: {error}; pass --cache DIR for another folder or "
+                "--cache off"
+            ) from None
     cache = PixelCache(folder)
     return cache.subset(rows) if rows is not None else cache
-

@@ -50,12 +50,16 @@ def load_checkpoint(path: Path) -> dict:
     except pickle.UnpicklingError as error:
         code = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line), None)
         if code:  # a pickle that names a function or class to call: it was not run
-            raise UserError(f"refusing to load {path}: it holds code or objects, not only tensors ({code}); only load checkpoints "
-                            "you trust, and convert them to a plain state dict first") from None
+            raise UserError(
+                f"refusing to load {path}: it holds code or objects, not only tensors ({code}); only load checkpoints "
+                "you trust, and convert them to a plain state dict first"
+            ) from None
         raise UserError(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint, or it is damaged") from None
     except Exception as error:  # untrusted bytes can make torch.load fail in many ways; all mean the same
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot read checkpoint {path}: {detail}; the file is damaged or not a PyTorch checkpoint") from None
+        raise UserError(
+            f"cannot read checkpoint {path}: {detail}; the file is damaged or not a PyTorch checkpoint"
+        ) from None
     if not isinstance(loaded, dict):
         raise UserError(f"{path} holds a {type(loaded).__name__}, not a state dict or checkpoint dict")
     return loaded
@@ -76,4 +80,3 @@ def state_dict_of(loaded: dict, path: Path) -> dict:
     if not state:
         raise UserError(f"{path} holds no tensors; it is not a model checkpoint")
     return clean_state_dict(state)
-

@@ -1,8 +1,7 @@
-"""Every entry point's command line, in one light module: arguments are parsed, and --help answered,
-before torch is imported (which takes seconds). `launch` is what the scripts at the root call."""
+"""Every tool's command line, in one light module: arguments are parsed, and --help answered, before torch is
+imported (which takes seconds). Each tool at the root calls `check_command_line` before its heavy imports."""
 
 import argparse
-import importlib
 import sys
 
 from cars.config import DEVICES, add_config_flags
@@ -15,7 +14,10 @@ TTA_SCALES = (0.875, 1.0, 1.125)
 
 def add_model_flags(parser, data_help: str = "dataset to take class names from, for a bare state dict") -> None:
     """The positional model argument and what a bare state dict needs beside it (see load_trained)."""
-    parser.add_argument("checkpoint", help="a run folder, one of its .pt files, an export folder or model.safetensors, or any state-dict file")
+    parser.add_argument(
+        "checkpoint",
+        help="a run folder, one of its .pt files, an export folder or model.safetensors, or any state-dict file",
+    )
     parser.add_argument("--arch", help="architecture, for a checkpoint that does not carry it (e.g. resnet50)")
     parser.add_argument("--num-classes", type=int, help="class count, for a bare state dict (default: its head's)")
     parser.add_argument("--resolution", type=int, help="input size (default: the run's, else 224)")
@@ -27,36 +29,57 @@ def add_device_flag(parser) -> None:
 
 
 def add_backend_flag(parser) -> None:
-    parser.add_argument("--backend", default="pytorch", choices=["pytorch", "onnxruntime"],
-                        help="pytorch (default), or onnxruntime: run an exported model.onnx (give the export folder or the .onnx file) "
-                             "on the CPU, without gradients, so without CAMs")
+    parser.add_argument(
+        "--backend",
+        default="pytorch",
+        choices=["pytorch", "onnxruntime"],
+        help="pytorch (default), or onnxruntime: run an exported model.onnx (give the export folder or the .onnx file) "
+        "on the CPU, without gradients, so without CAMs",
+    )
 
 
 def parse_train(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Fine-tune an ImageNet-pretrained model on Stanford Cars. Defaults are the seed's run 7 "
+        description="Fine-tune an ImageNet-pretrained model on Stanford Cars. Defaults are run 7 of the original "
+        "experiment log "
         "(ResNet-50, SGD lr 0.1, lr /10 every 30 epochs, 90 epochs, batch 128, 224 px).",
     )
     parser.add_argument("--config", help="TOML preset (e.g. configs/demo.toml); flags override its values")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder instead of refusing")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt, with its own config")
+    parser.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt, with its own config"
+    )
     add_config_flags(parser)
     return parser.parse_args(argv)
 
 
 def parse_eval(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Evaluate a trained model: accuracy per class, confusions, GradCAM, TTA, robustness.")
+    parser = argparse.ArgumentParser(
+        description="Evaluate a trained model: accuracy per class, confusions, GradCAM, TTA, robustness."
+    )
     add_model_flags(parser, data_help="dataset to evaluate on and take class names from (default: the run's)")
     parser.add_argument("--out", help="output folder (default: <run>/eval, or eval-<name> beside a checkpoint file)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--num-gradcam", type=int, default=16, help="random test images in gradcam_samples.png (default 16)")
+    parser.add_argument(
+        "--num-gradcam", type=int, default=16, help="random test images in gradcam_samples.png (default 16)"
+    )
     parser.add_argument("--cam-method", default="gradcam", choices=CAM_METHODS, help="CAM method (default gradcam)")
-    parser.add_argument("--tta", action="store_true", help=f"also evaluate with test-time augmentation ({len(TTA_SCALES)} scales x flip)")
-    parser.add_argument("--corruptions", action="store_true", help="also evaluate the dataset's corrupted copies of the test split")
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help=f"also evaluate with test-time augmentation ({len(TTA_SCALES)} scales x flip)",
+    )
+    parser.add_argument(
+        "--corruptions", action="store_true", help="also evaluate the dataset's corrupted copies of the test split"
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: one per core, at most 8)")
-    parser.add_argument("--cache", default="auto", help="preprocessing cache for the test split, as train.py's --cache: auto, a folder, or off "
-                        "(TTA and corrupted copies are always decoded)")
+    parser.add_argument(
+        "--cache",
+        default="auto",
+        help="preprocessing cache for the test split, as train.py's --cache: auto, a folder, or off "
+        "(TTA and corrupted copies are always decoded)",
+    )
     add_device_flag(parser)
     parser.add_argument("--seed", type=int, default=0, help="chooses the GradCAM sample images (default 0)")
     add_backend_flag(parser)
@@ -88,14 +111,23 @@ EXPORT_FORMATS = ("safetensors", "onnx", "torch-export")
 
 
 def parse_export(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Export a trained model for use without this project: model.safetensors, model.onnx "
-                                                 "and/or model.pt2 (torch.export), each checked against the PyTorch model, plus "
-                                                 "model.json (arch, resolution, normalisation, class names); eval.py and predict.py load it.")
+    parser = argparse.ArgumentParser(
+        description="Export a trained model for use without this project: model.safetensors, model.onnx "
+        "and/or model.pt2 (torch.export), each checked against the PyTorch model, plus "
+        "model.json (arch, resolution, normalisation, class names); eval.py and predict.py load it."
+    )
     add_model_flags(parser)
-    parser.add_argument("--format", default="safetensors",
-                        help=f"one or more of {', '.join(EXPORT_FORMATS)}, comma-separated (default safetensors)")
-    parser.add_argument("--check-images", type=int, default=16, help="test images each export is checked on (default 16)")
-    parser.add_argument("--verify", action="store_true", help="check an existing export folder again against the model, write nothing")
+    parser.add_argument(
+        "--format",
+        default="safetensors",
+        help=f"one or more of {', '.join(EXPORT_FORMATS)}, comma-separated (default safetensors)",
+    )
+    parser.add_argument(
+        "--check-images", type=int, default=16, help="test images each export is checked on (default 16)"
+    )
+    parser.add_argument(
+        "--verify", action="store_true", help="check an existing export folder again against the model, write nothing"
+    )
     parser.add_argument("--out", help="output folder (default: <run>/export)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export")
     args = parser.parse_args(argv)
@@ -109,11 +141,18 @@ def parse_export(argv=None) -> argparse.Namespace:
 
 
 def parse_lr_find(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Learning-rate range test for a preset; train.py's flags override it (those of the "
-                                     "schedule, EMA, evaluation and run length do not apply to a range test).")
+    parser = argparse.ArgumentParser(
+        description="Learning-rate range test for a preset; train.py's flags override it (those of the "
+        "schedule, EMA, evaluation and run length do not apply to a range test)."
+    )
     parser.add_argument("--config", help="TOML preset (e.g. configs/run07_baseline.toml)")
-    parser.add_argument("--phase", choices=["full", "head"], default="full",
-                        help="full: every layer trains (one-stage, or stage 2); head: only the new head (stage 1 of a two-stage preset)")
+    parser.add_argument(
+        "--phase",
+        choices=["full", "head"],
+        default="full",
+        help="full: every layer trains (one-stage, or stage 2); "
+        "head: only the new head (stage 1 of a two-stage preset)",
+    )
     parser.add_argument("--start-lr", type=float, default=1e-7, help="first lr of the sweep (default 1e-7)")
     parser.add_argument("--end-lr", type=float, default=10.0, help="last lr of the sweep (default 10)")
     parser.add_argument("--steps", type=int, default=200, help="mini-batches in the sweep (default 200)")
@@ -129,23 +168,37 @@ def parse_lr_find(argv=None) -> argparse.Namespace:
 
 
 def parse_compare(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Compare run folders: an experiment table and their accuracy curves overlaid.")
+    parser = argparse.ArgumentParser(
+        description="Compare run folders: an experiment table and their accuracy curves overlaid."
+    )
     parser.add_argument("runs", nargs="+", help="run folders (e.g. runs/*)")
     parser.add_argument("--out", help="folder to write compare.md and compare.png into (default: print only)")
     return parser.parse_args(argv)
 
 
 def parse_inspect(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Look at a dataset before training on it: counts, sizes, modes, unreadable files, "
-                                                 "duplicates and train/test leaks, samples, and what an ImageNet model calls the pictures.")
-    parser.add_argument("--data", default="tanganke/stanford_cars", help="any dataset train.py reads (default: the hub's Stanford Cars; 'demo' works offline)")
+    parser = argparse.ArgumentParser(
+        description="Look at a dataset before training on it: counts, sizes, modes, unreadable files, "
+        "duplicates and train/test leaks, samples, and what an ImageNet model calls the pictures."
+    )
+    parser.add_argument(
+        "--data",
+        default="tanganke/stanford_cars",
+        help="any dataset train.py reads (default: the hub's Stanford Cars; 'demo' works offline)",
+    )
     parser.add_argument("--out", help="output folder (default runs/data-<name>)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     parser.add_argument("--arch", default="resnet50", help="the ImageNet model of the sanity check (default resnet50)")
     parser.add_argument("--weights", default="DEFAULT", help="its torchvision weights (default DEFAULT)")
-    parser.add_argument("--resolution", type=int, default=224, help="what the samples and the sanity check show the model (default 224)")
-    parser.add_argument("--check-images", type=int, default=500, help="training images the ImageNet model looks at (default 500)")
-    parser.add_argument("--workers", type=int, default=-1, help="processes that look at the images (-1: one per core, at most 8)")
+    parser.add_argument(
+        "--resolution", type=int, default=224, help="what the samples and the sanity check show the model (default 224)"
+    )
+    parser.add_argument(
+        "--check-images", type=int, default=500, help="training images the ImageNet model looks at (default 500)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=-1, help="processes that look at the images (-1: one per core, at most 8)"
+    )
     add_device_flag(parser)
     parser.add_argument("--seed", type=int, default=0, help="chooses the samples (default 0)")
     args = parser.parse_args(argv)
@@ -155,14 +208,22 @@ def parse_inspect(argv=None) -> argparse.Namespace:
 
 
 def parse_app(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="A web page for a trained model: classify your own photos with a CAM of where the "
-                                                 "model looked and, once eval.py has run, browse its evaluation.")
+    parser = argparse.ArgumentParser(
+        description="A web page for a trained model: classify your own photos with a CAM of where the "
+        "model looked and, once eval.py has run, browse its evaluation."
+    )
     add_model_flags(parser)
-    parser.add_argument("--eval", help="eval.py's output folder for the Evaluation tab (default: <run>/eval when it exists)")
-    parser.add_argument("--cam-method", default="gradcam", choices=CAM_METHODS, help="the CAM method shown first (default gradcam)")
+    parser.add_argument(
+        "--eval", help="eval.py's output folder for the Evaluation tab (default: <run>/eval when it exists)"
+    )
+    parser.add_argument(
+        "--cam-method", default="gradcam", choices=CAM_METHODS, help="the CAM method shown first (default gradcam)"
+    )
     add_device_flag(parser)
     add_backend_flag(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     parser.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
     args = parser.parse_args(argv)
@@ -171,18 +232,8 @@ def parse_app(argv=None) -> argparse.Namespace:
     return args
 
 
-# entry point -> (its parser, the module whose main(argv) runs it)
-TOOLS = {"train": (parse_train, "cars.train"), "eval": (parse_eval, "cars.evaluate"), "predict": (parse_predict, "cars.predict"),
-         "export": (parse_export, "cars.export"), "lr_find": (parse_lr_find, "cars.lr_find"), "compare": (parse_compare, "cars.compare"),
-         "inspect_data": (parse_inspect, "cars.inspect_data"), "app": (parse_app, "cars.app")}
-
-
-def launch(tool: str) -> None:
-    """Check the command line first (--help and mistakes answer at once), then import the tool and run it."""
-    parse, module = TOOLS[tool]
-
-    def main(argv):
-        parse(argv)
-        importlib.import_module(module).main(argv)
-
-    run_cli(main, sys.argv[1:])
+def check_command_line(module_name: str, parse) -> None:
+    """When a tool runs as a script, parse its command line before the tool imports torch: --help and a mistake
+    answer at once instead of after seconds of imports. (The tool's main parses it again: that costs nothing.)"""
+    if module_name == "__main__":
+        run_cli(parse, sys.argv[1:])

@@ -1,6 +1,6 @@
 """Every knob of a run in one dataclass.
 
-Precedence: the defaults below (= the seed's run 7), then a TOML preset (`--config`),
+Precedence: the defaults below (= run 7 of the original experiment log), then a TOML preset (`--config`),
 then command-line flags. The resolved config is saved in the run folder as config.toml.
 """
 
@@ -16,7 +16,6 @@ import tomli_w
 from cars.errors import UserError
 from cars.files import atomic_write
 
-
 # amp, compile, channels_last: auto is on with CUDA, where they pay, and off elsewhere (on a CPU compiling
 # costs a minute or more up front, and bfloat16 is slow without bfloat16 units); on and off apply on every
 # device. A bare --amp means on.
@@ -31,21 +30,40 @@ def knob(default, help, choices=None):
 @dataclass
 class Config:
     # data
-    data: str = knob("tanganke/stanford_cars", "hub id, local folder (save_to_disk, parquet, ImageFolder, devkit) or 'demo'")
-    val_split: float = knob(0.0, "hold out this stratified fraction of train to choose the best epoch (0: use the test split, as the seed did)")
-    split_seed: int = knob(0, "seed of the --val-split draw, apart from --seed: runs that differ only in --seed are chosen on the same images")
+    data: str = knob(
+        "tanganke/stanford_cars", "hub id, local folder (save_to_disk, parquet, ImageFolder, devkit) or 'demo'"
+    )
+    val_split: float = knob(
+        0.0,
+        "hold out this stratified fraction of train to choose the best epoch (0: use the test split, as the original "
+        "experiments did)",
+    )
+    split_seed: int = knob(
+        0,
+        "seed of the --val-split draw, apart from --seed: "
+        "runs that differ only in --seed are chosen on the same images",
+    )
     skip_bad_images: bool = knob(False, "skip unreadable images (and count them) instead of stopping at the first one")
     # model
     arch: str = knob("resnet50", "any torchvision classification model, e.g. resnet18/34/50/101, efficientnet_b0..b4")
-    weights: str = knob("DEFAULT", "torchvision weights name (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT), 'none', or a state-dict file")
+    weights: str = knob(
+        "DEFAULT", "torchvision weights name (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT), 'none', or a state-dict file"
+    )
     dropout: float = knob(0.0, "dropout probability before the new classification head")
     # input
     resolution: int = knob(224, "training crop size; eval resizes to resolution*256/224 and centre-crops")
-    train_crop: str = knob("random-resized", "random-resized: RandomResizedCrop; resize-randomcrop: Resize(resolution*256/224) + RandomCrop",
-                           ["random-resized", "resize-randomcrop"])
+    train_crop: str = knob(
+        "random-resized",
+        "random-resized: RandomResizedCrop; resize-randomcrop: Resize(resolution*256/224) + RandomCrop",
+        ["random-resized", "resize-randomcrop"],
+    )
     crop_scale: float = knob(0.08, "smallest RandomResizedCrop area, as a fraction of the image")
-    augment: str = knob("basic", "basic: crop + flip; heavy: adds rotation, colour jitter, random erasing; trivialaugment: adds TrivialAugmentWide",
-                        ["basic", "heavy", "trivialaugment"])
+    augment: str = knob(
+        "basic",
+        "basic: crop + flip; heavy: adds rotation, colour jitter, random erasing; trivialaugment: adds "
+        "TrivialAugmentWide",
+        ["basic", "heavy", "trivialaugment"],
+    )
     color_jitter: float = knob(0.0, "extra colour jitter strength (brightness, contrast, saturation), 0 = off")
     random_erasing: float = knob(0.0, "probability of RandomErasing on each training image")
     mixup: float = knob(0.0, "MixUp alpha, 0 = off (with --cutmix too, each batch gets one of the two)")
@@ -53,14 +71,23 @@ class Config:
     label_smoothing: float = knob(0.0, "label smoothing of the training loss")
     # optimisation
     epochs: int = knob(90, "number of epochs")
-    batch_size: int = knob(128, "images per optimisation step, over all processes (torchrun splits it, so the lr needs no change)")
+    batch_size: int = knob(
+        128, "images per optimisation step, over all processes (torchrun splits it, so the lr needs no change)"
+    )
     optimizer: str = knob("sgd", "optimizer", ["sgd", "adamw"])
     lr: float = knob(0.1, "learning rate (of the head when --backbone-lr-mult is not 1)")
     momentum: float = knob(0.9, "SGD momentum")
     weight_decay: float = knob(1e-4, "weight decay")
-    norm_weight_decay: float = knob(-1.0, "weight decay of normalisation layers' weights and of every bias, as torchvision's "
-                                    "--norm-weight-decay (-1: the same as --weight-decay, as in the original runs)")
-    lr_scaling: str = knob("none", "linear: lr x batch-size/128, the seed's lesson 4 (batch and lr go together)", ["none", "linear"])
+    norm_weight_decay: float = knob(
+        -1.0,
+        "weight decay of normalisation layers' weights and of every bias, as torchvision's "
+        "--norm-weight-decay (-1: the same as --weight-decay, as in the original runs)",
+    )
+    lr_scaling: str = knob(
+        "none",
+        "linear: lr x batch-size/128, lesson 4 of the original write-up (batch and lr go together)",
+        ["none", "linear"],
+    )
     scheduler: str = knob("step", "lr schedule, updated every step", ["step", "cosine"])
     warmup_epochs: int = knob(0, "linear lr warmup over the first N epochs, before the schedule")
     step_size: int = knob(30, "step schedule: epochs between lr drops")
@@ -68,20 +95,42 @@ class Config:
     freeze_epochs: int = knob(0, "two-stage training: only the new head trains for the first N epochs")
     backbone_lr_mult: float = knob(1.0, "differential lr: backbone lr = lr x this")
     ema: bool = knob(False, "keep an exponential moving average of the weights; evaluate and save it")
-    ema_half_life: float = knob(1.0, "EMA half-life in epochs: the weights of this many epochs ago count half as much as the newest")
+    ema_half_life: float = knob(
+        1.0, "EMA half-life in epochs: the weights of this many epochs ago count half as much as the newest"
+    )
     ema_decay: float = knob(0.0, "EMA decay per optimisation step, instead of --ema-half-life (0: from the half-life)")
     # speed and hardware
-    amp: str = knob("auto", "mixed precision: float16 autocast and loss scaling on CUDA and MPS, bfloat16 autocast on a CPU", SWITCH)
+    amp: str = knob(
+        "auto", "mixed precision: float16 autocast and loss scaling on CUDA and MPS, bfloat16 autocast on a CPU", SWITCH
+    )
     compile: str = knob("auto", "torch.compile the model (inductor; on a CPU it needs a C++ compiler)", SWITCH)
     channels_last: str = knob("auto", "channels-last memory format of the model and its input", SWITCH)
-    sync_bn: bool = knob(False, "with torchrun on GPUs: BatchNorm statistics over the global batch, not each GPU's share")
-    workers: int = knob(-1, "processes that decode images: the cache's one-time build, or every epoch with --cache off (-1: one per core, at most 8)")
-    cache: str = knob("auto", "preprocessing cache: every image decoded once and kept as pixels. auto ($CARS_CACHE/pixels, "
-                      "or ~/.cache/transfer-stanford-cars/pixels), a folder, or off (decode every image every epoch)")
-    cache_side: int = knob(0, "0: the cache keeps training images at native size (the seed's pixels); N: a smaller, lossy copy, longer side at most N px")
+    sync_bn: bool = knob(
+        False, "with torchrun on GPUs: BatchNorm statistics over the global batch, not each GPU's share"
+    )
+    workers: int = knob(
+        -1,
+        "processes that decode images: the cache's one-time build, or every epoch with --cache off (-1: one per core, "
+        "at most 8)",
+    )
+    cache: str = knob(
+        "auto",
+        "preprocessing cache: every image decoded once and kept as pixels. auto ($CARS_CACHE/pixels, "
+        "or ~/.cache/transfer-stanford-cars/pixels), a folder, or off (decode every image every epoch)",
+    )
+    cache_side: int = knob(
+        0,
+        "0: the cache keeps training images at native size (the original pipeline's pixels); N: a smaller, lossy copy, "
+        "longer side "
+        "at most N px",
+    )
     eval_every: int = knob(1, "evaluate every N epochs (and always after the last one)")
-    save_every_steps: int = knob(0, "also write last.pt every N steps within an epoch, for long epochs (0: at epoch ends only)")
-    early_stop: int = knob(0, "stop after N evaluations without a better eval accuracy (0: off); the run stays resumable")
+    save_every_steps: int = knob(
+        0, "also write last.pt every N steps within an epoch, for long epochs (0: at epoch ends only)"
+    )
+    early_stop: int = knob(
+        0, "stop after N evaluations without a better eval accuracy (0: off); the run stays resumable"
+    )
     log_every_steps: int = knob(50, "TensorBoard: also the training loss and lr every N steps (0: once per epoch only)")
     seed: int = knob(0, "random seed")
     device: str = knob("auto", "where to train (auto: CUDA, then MPS, then CPU)", DEVICES)
@@ -97,22 +146,40 @@ class Config:
         if self.batch_size == 1:
             raise UserError("--batch-size must be at least 2: BatchNorm cannot normalise over one image")
         if self.workers > 64:
-            raise UserError(f"--workers {self.workers} is more than 64 processes, each holding a copy of the data pipeline; "
-                            f"use -1 (one per core) or a number up to 64")
+            raise UserError(
+                f"--workers {self.workers} is more than 64 processes, each holding a copy of the data pipeline; "
+                f"use -1 (one per core) or a number up to 64"
+            )
         if not self.cache.strip():
             raise UserError("--cache is empty; give auto, a folder, or off")
         positive = ["epochs", "batch_size", "resolution", "lr", "step_size", "eval_every", "ema_half_life"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
-        non_negative = ["momentum", "weight_decay", "gamma", "freeze_epochs", "backbone_lr_mult", "color_jitter", "dropout",
-                        "mixup", "cutmix", "warmup_epochs", "save_every_steps", "cache_side", "early_stop",
-                        "log_every_steps"]
+        non_negative = [
+            "momentum",
+            "weight_decay",
+            "gamma",
+            "freeze_epochs",
+            "backbone_lr_mult",
+            "color_jitter",
+            "dropout",
+            "mixup",
+            "cutmix",
+            "warmup_epochs",
+            "save_every_steps",
+            "cache_side",
+            "early_stop",
+            "log_every_steps",
+        ]
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise UserError(f"--{flag(name)} must not be negative, got {getattr(self, name)}")
         if self.norm_weight_decay < 0 and self.norm_weight_decay != -1:
-            raise UserError(f"--norm-weight-decay must be 0 or more, or -1 for the same as --weight-decay; got {self.norm_weight_decay}")
+            raise UserError(
+                "--norm-weight-decay must be 0 or more, or -1 for the same as --weight-decay; got "
+                f"{self.norm_weight_decay}"
+            )
         if not 0 <= self.val_split < 1:
             raise UserError(f"--val-split must be in [0, 1), got {self.val_split}")
         for name in ("dropout", "label_smoothing", "random_erasing", "ema_decay"):
@@ -121,17 +188,25 @@ class Config:
         if self.warmup_epochs >= self.epochs:
             raise UserError(f"--warmup-epochs ({self.warmup_epochs}) must be smaller than --epochs ({self.epochs})")
         if self.freeze_epochs >= self.epochs:
-            raise UserError(f"--freeze-epochs ({self.freeze_epochs}) must be smaller than --epochs ({self.epochs}), or nothing but the head is ever trained")
+            raise UserError(
+                f"--freeze-epochs ({self.freeze_epochs}) must be smaller than --epochs ({self.epochs}), or nothing but "
+                "the head is ever trained"
+            )
         if not 0 < self.crop_scale <= 1:
             raise UserError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
         if 0 < self.cache_side < self.resolution:
-            raise UserError(f"--cache-side ({self.cache_side}) must be at least --resolution ({self.resolution}), or 0 for the default")
+            raise UserError(
+                f"--cache-side ({self.cache_side}) must be at least --resolution ({self.resolution}), or 0 for the "
+                "default"
+            )
         if self.resolution < 32:
             raise UserError(f"--resolution must be at least 32, got {self.resolution}")
         defaults = Config()
         for name, applies, when in APPLIES_ONLY:  # a knob that would be silently ignored is refused instead
             if getattr(self, name) != getattr(defaults, name) and not applies(self):
-                raise UserError(f"--{flag(name)} {getattr(self, name)} does nothing without {when}; drop it or add {when}")
+                raise UserError(
+                    f"--{flag(name)} {getattr(self, name)} does nothing without {when}; drop it or add {when}"
+                )
         for f in dataclasses.fields(self):
             choices = f.metadata["choices"]
             if choices and getattr(self, f.name) not in choices:
@@ -166,7 +241,9 @@ def from_dict(values: dict, source: str) -> dict:
     checked = {}
     for key, value in values.items():
         if key not in fields:
-            raise UserError(f"{source}: unknown key {key!r}; known keys are the flags of train.py --help with '_' for '-'")
+            raise UserError(
+                f"{source}: unknown key {key!r}; known keys are the flags of train.py --help with '_' for '-'"
+            )
         expected = fields[key].type
         if fields[key].metadata["choices"] is SWITCH and isinstance(value, bool):
             value = "auto" if value else "off"  # written before on/auto/off: true meant "with CUDA", which is auto
@@ -185,13 +262,20 @@ def load_toml(path: str) -> dict:
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist") from None
     except OSError as error:
-        raise UserError(f"cannot read config file {path}: {error.strerror}; give a TOML file such as configs/demo.toml") from None
+        raise UserError(
+            f"cannot read config file {path}: {error.strerror}; give a TOML file such as configs/demo.toml"
+        ) from None
     if data.startswith(b"\xef\xbb\xbf"):
-        raise UserError(f"config file {path} starts with a byte-order mark (some Windows editors add one); save it as UTF-8 without BOM")
+        raise UserError(
+            f"config file {path} starts with a byte-order mark (some Windows editors add one); save it as UTF-8 "
+            "without BOM"
+        )
     try:
         return tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
-        raise UserError(f"config file {path} is not text (not UTF-8); give a TOML file such as configs/demo.toml") from None
+        raise UserError(
+            f"config file {path} is not text (not UTF-8); give a TOML file such as configs/demo.toml"
+        ) from None
     except tomllib.TOMLDecodeError as error:
         raise UserError(f"config file {path} is not valid TOML: {error}") from None
 
@@ -206,16 +290,26 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         if f.type is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif f.metadata["choices"] is SWITCH:  # --amp (on), --amp auto|on|off, --no-amp (off)
-            options.update(nargs="?", const="on", choices=SWITCH,
-                           help=f"{f.metadata['help']} (default: auto, on with CUDA only; --{flag(f.name)} alone: on)")
+            options.update(
+                nargs="?",
+                const="on",
+                choices=SWITCH,
+                help=f"{f.metadata['help']} (default: auto, on with CUDA only; --{flag(f.name)} alone: on)",
+            )
         else:
             options["type"] = f.type
             options["choices"] = f.metadata["choices"]
             options["metavar"] = f.name.split("_")[-1].upper() if not f.metadata["choices"] else None
         parser.add_argument(f"--{flag(f.name)}", **options)
         if f.metadata["choices"] is SWITCH:
-            parser.add_argument(f"--no-{flag(f.name)}", dest=f.name, action="store_const", const="off", default=argparse.SUPPRESS,
-                                help=f"the same as --{flag(f.name)} off")
+            parser.add_argument(
+                f"--no-{flag(f.name)}",
+                dest=f.name,
+                action="store_const",
+                const="off",
+                default=argparse.SUPPRESS,
+                help=f"the same as --{flag(f.name)} off",
+            )
 
 
 def resolve(args: argparse.Namespace) -> tuple[Config, str]:

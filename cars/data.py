@@ -131,11 +131,16 @@ def load_splits(data: str, val_split: float = 0.0, seed: int = 0) -> Splits:
         return Splits(train, test, None, class_names)
     keep, held_out = stratified_split(train.labels, val_split, seed)
     if not held_out:
-        raise UserError(f"--val-split {val_split} holds out no image: every class has a single training image. "
-                        "Use the test split to choose the epoch (--val-split 0)")
+        raise UserError(
+            f"--val-split {val_split} holds out no image: every class has a single training image. "
+            "Use the test split to choose the epoch (--val-split 0)"
+        )
     missing = len(class_names) - len({train.labels[i] for i in held_out})
     if missing:
-        print(f"note: {missing} of {len(class_names)} classes have a single training image and are not in the validation split")
+        print(
+            f"note: {missing} of {len(class_names)} classes have a single training image and are not in the validation "
+            "split"
+        )
     return Splits(SubsetSplit(train, keep, "train"), SubsetSplit(train, held_out, "val"), test, class_names)
 
 
@@ -160,7 +165,10 @@ def check_labels(split, num_classes: int) -> None:
         raise UserError(f"the {split.name} split is empty: the dataset needs images in both train and test")
     for i, label in enumerate(split.labels):
         if not 0 <= label < num_classes:
-            raise UserError(f"label {label} of {split.where(i)} is outside the {num_classes} classes (0..{num_classes - 1}); fix the dataset's labels")
+            raise UserError(
+                f"label {label} of {split.where(i)} is outside the {num_classes} classes (0..{num_classes - 1}); fix "
+                "the dataset's labels"
+            )
 
 
 def label_map(model_names: list[str], data_names: list[str], data: str) -> torch.Tensor | None:
@@ -170,9 +178,15 @@ def label_map(model_names: list[str], data_names: list[str], data: str) -> torch
     if list(model_names) == list(data_names):
         return None
     if sorted(model_names) != sorted(data_names) or len(set(data_names)) != len(data_names):
-        other = sorted(set(data_names) - set(model_names)) or sorted(set(model_names) - set(data_names)) or ["(duplicated names)"]
-        raise UserError(f"{data} has other classes than the model ({len(data_names)} against {len(model_names)}; "
-                        f"first difference: {other[0]!r}); pass the --data the model was trained on")
+        other = (
+            sorted(set(data_names) - set(model_names))
+            or sorted(set(model_names) - set(data_names))
+            or ["(duplicated names)"]
+        )
+        raise UserError(
+            f"{data} has other classes than the model ({len(data_names)} against {len(model_names)}; "
+            f"first difference: {other[0]!r}); pass the --data the model was trained on"
+        )
     index = {name: i for i, name in enumerate(model_names)}
     return torch.tensor([index[name] for name in data_names])
 
@@ -199,14 +213,17 @@ def open_source(data: str):
         if (path / "stanford_cars" / "devkit").is_dir() or (path / "devkit").is_dir():
             return open_devkit(path)
         raise UserError(
-            f"{path} is not a dataset folder I know: expected dataset_dict.json (save_to_disk), data/train-*.parquet (hub layout), "
+            f"{path} is not a dataset folder I know: expected dataset_dict.json (save_to_disk), data/train-*.parquet "
+            "(hub layout), "
             "train/<class>/*.jpg and test/<class>/*.jpg (ImageFolder), or stanford_cars/devkit (the original devkit)"
         )
     if path.exists():
         raise UserError(f"--data {data} is a file; give the folder that holds the dataset")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", data) and not data.startswith("."):
         return open_hub_dataset(data, f"the Hugging Face hub dataset {data}")
-    raise UserError(f"dataset folder {data} does not exist; give a local folder, a hub id such as tanganke/stanford_cars, or 'demo'")
+    raise UserError(
+        f"dataset folder {data} does not exist; give a local folder, a hub id such as tanganke/stanford_cars, or 'demo'"
+    )
 
 
 def open_hub_dataset(location: str, description: str, splits=("train", "test")):
@@ -218,7 +235,10 @@ def open_hub_dataset(location: str, description: str, splits=("train", "test")):
         loaded = datasets.load_dataset(location, data_files=data_files)
     except Exception as error:  # the hub raises many kinds (offline, not found, gated): all mean the same to the user
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"could not load {description}: {first_line}. Check the name and your network, or pass a local folder with --data") from None
+        raise UserError(
+            f"could not load {description}: {first_line}. Check the name and your network, or pass a local folder with "
+            "--data"
+        ) from None
     return from_hf(loaded, description, splits)
 
 
@@ -239,17 +259,25 @@ def from_hf(loaded, description: str, splits):
     first = loaded[splits[0]]
     missing = {"image", "label"} - set(first.column_names)
     if missing:
-        raise UserError(f"{description} has columns {first.column_names}; it needs 'image' and 'label' (missing: {', '.join(sorted(missing))})")
+        raise UserError(
+            f"{description} has columns {first.column_names}; it needs 'image' and 'label' (missing: "
+            f"{', '.join(sorted(missing))})"
+        )
     label_feature = first.features["label"]
     if hasattr(label_feature, "names"):
         class_names = list(label_feature.names)
     elif label_feature.dtype not in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"):
-        raise UserError(f"the label column of {description} holds {label_feature.dtype} values; it must hold class numbers "
-                        "(a ClassLabel column, or integers 0..N-1)")
+        raise UserError(
+            f"the label column of {description} holds {label_feature.dtype} values; it must hold class numbers "
+            "(a ClassLabel column, or integers 0..N-1)"
+        )
     else:
         top = max(max(loaded[s]["label"]) for s in splits)
         class_names = [f"class {i}" for i in range(top + 1)]
-        print(f"note: {description} has no class names (its label column is not a ClassLabel); using 'class 0'..'class {top}'")
+        print(
+            f"note: {description} has no class names (its label column is not a ClassLabel); using 'class 0'..'class "
+            f"{top}'"
+        )
     return *(HubSplit(loaded[s], s) for s in splits), class_names
 
 
@@ -278,11 +306,16 @@ def open_image_folder(path: Path):
         splits.append(FileSplit(samples, name))
         ignored = sum(1 for _, _, files in os.walk(folder) for f in files if not f.lower().endswith(extensions))
         if ignored:
-            print(f"note: {folder} has {ignored} files that are not images ({', '.join(extensions)}); they were left out")
+            print(
+                f"note: {folder} has {ignored} files that are not images ({', '.join(extensions)}); they were left out"
+            )
     empty = sorted(set(class_names) - {class_names[label] for label in splits[0].labels})
     if empty:
-        raise UserError(f"class folder {path / 'train' / empty[0]} has no images"
-                        f"{f' ({len(empty)} such folders)' if len(empty) > 1 else ''}; a class needs training images: add some or remove it")
+        raise UserError(
+            f"class folder {path / 'train' / empty[0]} has no images"
+            f"{f' ({len(empty)} such folders)' if len(empty) > 1 else ''}; a class needs training images: add some or "
+            "remove it"
+        )
     return *splits, class_names
 
 
@@ -298,4 +331,3 @@ def open_devkit(path: Path):
             raise UserError(f"{path} does not hold a complete Stanford Cars devkit ({name} split: {error})") from None
         splits.append(FileSplit(dataset._samples, name))
     return *splits, [str(name) for name in dataset.classes]
-

@@ -73,7 +73,9 @@ def draw_car(body: str, paint: str, rng: random.Random) -> Image.Image:
     for x in (0.2, 0.8):
         cx_, cy_ = at(x, 0.5)
         draw.ellipse([cx_ - radius, cy_ - radius, cx_ + radius, cy_ + radius], fill=(25, 25, 25))
-        draw.ellipse([cx_ - radius / 2, cy_ - radius / 2, cx_ + radius / 2, cy_ + radius / 2], fill=jitter((160, 160, 160), rng))
+        draw.ellipse(
+            [cx_ - radius / 2, cy_ - radius / 2, cx_ + radius / 2, cy_ + radius / 2], fill=jitter((160, 160, 160), rng)
+        )
     if rng.random() < 0.5:  # a detail that says nothing about the class: a headlight or a stripe
         lx, ly = at(0.97, top + 0.05)
         draw.ellipse([lx - car_w / 40, ly - car_w / 40, lx + car_w / 40, ly + car_w / 40], fill=(250, 240, 160))

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from cars.errors import UserError
+
 
 @dataclass
 class World:
@@ -43,6 +45,24 @@ class World:
 def world_size() -> int:
     """How many processes torchrun started (1 without torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_job(cfg, device_type: str) -> None:
+    """What a torchrun job needs, checked before the processes join: a refused one must not leave the others waiting."""
+    processes = world_size()
+    if cfg.batch_size % processes:
+        raise UserError(
+            f"--batch-size {cfg.batch_size} is the global batch; it must divide evenly over {processes} processes"
+        )
+    if (
+        cfg.skip_bad_images and cfg.cache == "off" and processes > 1
+    ):  # only the cache knows the unreadable images in advance
+        raise UserError(
+            "--skip-bad-images under torchrun needs the preprocessing cache, which finds unreadable images before "
+            "training so that every process skips the same steps; drop --cache off"
+        )
+    if cfg.sync_bn and processes > 1 and device_type != "cuda":
+        raise UserError("--sync-bn needs CUDA (NCCL); on CPUs drop it")
 
 
 def init_world(device_type: str) -> World:

@@ -1,6 +1,6 @@
-"""train_one_epoch and evaluate: the only places that run batches."""
+"""The per-batch pieces of training and evaluation: the device, one training step, the running totals of an
+epoch, predictions and evaluation. train.py's loop calls them; nothing here calls back into it."""
 
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -8,11 +8,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cars.checkpoint import unwrap
 from cars.errors import UserError
-from cars.models import set_backbone_frozen
 from cars.transforms import normalize
-
 
 # CPUs autocast to bfloat16: float32's range, so no loss scaling; GPUs to float16, with loss scaling
 AMP_DTYPES = {"cuda": torch.float16, "mps": torch.float16, "cpu": torch.bfloat16}
@@ -29,8 +26,12 @@ class Device:
 
     @classmethod
     def for_run(cls, cfg, device_type: str, show_progress: bool = True) -> "Device":
-        return cls(device_type, channels_last=cfg.speedup_on("channels_last", device_type), amp=cfg.speedup_on("amp", device_type),
-                   show_progress=show_progress)
+        return cls(
+            device_type,
+            channels_last=cfg.speedup_on("channels_last", device_type),
+            amp=cfg.speedup_on("amp", device_type),
+            show_progress=show_progress,
+        )
 
     @property
     def amp_dtype(self) -> torch.dtype:
@@ -49,8 +50,10 @@ class Device:
 
     def describe(self, compiled: bool) -> str:
         amp = f"on ({str(self.amp_dtype).removeprefix('torch.')} autocast)" if self.amp else "off"
-        return (f"{self.type}: mixed precision {amp}, torch.compile {'on' if compiled else 'off'}, "
-                f"channels-last {'on' if self.channels_last else 'off'}")
+        return (
+            f"{self.type}: mixed precision {amp}, torch.compile {'on' if compiled else 'off'}, "
+            f"channels-last {'on' if self.channels_last else 'off'}"
+        )
 
     def put(self, images, labels):
         """A batch of uint8 pixels onto the device, then made the model's input there: converting
@@ -78,6 +81,10 @@ class Progress:
     correct: int = 0
     seen: int = 0
 
+    def result(self) -> "EpochResult":
+        seen = max(self.seen, 1)
+        return EpochResult(self.loss_sum / seen, 100 * self.correct / seen, self.seen)
+
 
 @dataclass
 class EpochResult:
@@ -86,7 +93,18 @@ class EpochResult:
     images: int  # how many were seen (fewer than the split when unreadable ones were skipped)
 
 
-def train_step(model, batch, optimizer, scaler, device: Device, mixer=None, label_smoothing: float = 0.0, step: int = 0):
+def average_over_processes(result: EpochResult, world) -> EpochResult:
+    """One process's training loss and accuracy -> the whole job's, weighted by images seen."""
+    parts = world.all({"loss": result.loss, "accuracy": result.accuracy, "images": result.images})
+    images = sum(p["images"] for p in parts)
+    return EpochResult(
+        *(sum(p[key] * p["images"] for p in parts) / max(images, 1) for key in ("loss", "accuracy")), images
+    )
+
+
+def train_step(
+    model, batch, optimizer, scaler, device: Device, *, mixer=None, label_smoothing: float = 0.0, step: int = 0
+):
     """One optimisation step on one batch (the epoch's `step`-th). Returns the loss, the logits and the true labels
     (MixUp and CutMix blend the targets the loss sees, not these)."""
     images, labels = device.put(*batch)
@@ -126,62 +144,19 @@ class RunningTotals:
         """Into `progress`; a loss that stopped being finite raises Diverged (nothing after it could be trusted)."""
         # one read for all four; float32 holds every whole number up to 2**24 exactly, so the step and the count
         # (an epoch's images in one process) come back exact
-        bad_step, loss_sum, correct, bad_loss = torch.stack([self.bad_step.float(), self.loss_sum, self.correct.float(),
-                                                            self.bad_loss]).tolist()
+        bad_step, loss_sum, correct, bad_loss = torch.stack(
+            [self.bad_step.float(), self.loss_sum, self.correct.float(), self.bad_loss]
+        ).tolist()
         if bad_step >= 0:
-            raise Diverged(f"the training loss became {bad_loss} at step {int(bad_step) + 1} "
-                           f"(lr {lr:.3g}); lower --lr, check --lr-scaling, or try lr_find.py")
+            raise Diverged(
+                f"the training loss became {bad_loss} at step {int(bad_step) + 1} "
+                f"(lr {lr:.3g}); lower --lr, check --lr-scaling, or try lr_find.py"
+            )
         progress.loss_sum, progress.correct = loss_sum, int(correct)
 
 
-def train_one_epoch(model, loader, optimizer, scaler, device: Device, scheduler=None, ema=None, mixer=None,
-                    label_smoothing: float = 0.0, frozen_backbone: bool = False, description: str = "train",
-                    progress: Progress | None = None, on_step=None, save_every: int = 0, save=None,
-                    log_every: int = 0, log=None, refresh_seconds: float = 0.5) -> EpochResult:
-    """One pass over the loader (the rest of it, when `progress` comes from a mid-epoch checkpoint).
-    The scheduler and the EMA advance every step; accuracy is counted against the true labels, also
-    when MixUp/CutMix blend them.
-
-    A step never makes the host wait for the device: loss and accuracy add up on the device and are
-    read (with the divergence check) every `refresh_seconds` for the progress bar, before each
-    `save(progress)` (every `save_every` steps within the epoch) and at the end; `log(steps, loss, lr)`
-    gets the step's loss every `log_every` steps (a read of its own). `on_step(progress)` runs after
-    every step, with the step count current and the sums as last read."""
-    model.train()
-    set_backbone_frozen(unwrap(model), frozen_backbone)  # after train(): a frozen backbone keeps its BatchNorm statistics
-    progress = progress or Progress(lr=optimizer.param_groups[-1]["lr"])
-    totals = RunningTotals(progress, device.type)
-    bar = tqdm(loader, desc=description, leave=False, dynamic_ncols=True, disable=not device.show_progress)
-    read_at = time.monotonic()
-    for batch in bar:
-        if batch is None:  # every image of the batch was unreadable and skipped
-            continue
-        loss, logits, labels = train_step(model, batch, optimizer, scaler, device, mixer, label_smoothing, step=progress.steps)
-        totals.add(progress.steps, loss, logits, labels)
-        if scheduler is not None:
-            scheduler.step()
-        if ema is not None:
-            ema.update_parameters(unwrap(model))
-        progress.steps += 1
-        progress.seen += len(labels)
-        saving = save is not None and save_every and progress.steps % save_every == 0 and progress.steps < len(loader)
-        if saving or time.monotonic() - read_at > refresh_seconds:
-            totals.settle(progress, optimizer.param_groups[-1]["lr"])
-            bar.set_postfix(loss=f"{progress.loss_sum / progress.seen:.3f}", acc=f"{100 * progress.correct / progress.seen:.1f}%")
-            read_at = time.monotonic()
-        if saving:
-            save(progress)
-        if log is not None and log_every and progress.steps % log_every == 0:
-            log(progress.steps, loss.item(), optimizer.param_groups[-1]["lr"])
-        if on_step is not None:
-            on_step(progress)
-    totals.settle(progress, optimizer.param_groups[-1]["lr"])
-    seen = max(progress.seen, 1)
-    return EpochResult(progress.loss_sum / seen, 100 * progress.correct / seen, progress.seen)
-
-
 @torch.no_grad()
-def predict(model, loader, device: Device, description: str = "eval", pad_to: int | None = None):
+def collect_logits(model, loader, device: Device, *, description: str = "eval", pad_to: int | None = None):
     """Logits and labels for every readable image of the loader, in order, on the CPU. With
     `pad_to`, a smaller (last) batch is padded to that size and the padding's logits dropped, so a
     compiled model sees one shape only and never recompiles."""
@@ -192,7 +167,9 @@ def predict(model, loader, device: Device, description: str = "eval", pad_to: in
             continue
         images, labels = batch
         count = len(images)
-        if pad_to and count < pad_to:  # padded before put(), which gives the padded batch the memory format of every other
+        if (
+            pad_to and count < pad_to
+        ):  # padded before put(), which gives the padded batch the memory format of every other
             images = torch.cat([images, images.new_zeros((pad_to - count, *images.shape[1:]))])
         images, labels = device.put(images, labels)
         with device.autocast():
@@ -204,13 +181,16 @@ def predict(model, loader, device: Device, description: str = "eval", pad_to: in
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
-def evaluate(model, loader, device: Device, description: str = "eval", world=None, pad_to: int | None = None) -> EpochResult:
+def evaluate(
+    model, loader, device: Device, *, description: str = "eval", world=None, pad_to: int | None = None
+) -> EpochResult:
     """Loss and accuracy over the loader; under torchrun, over every process's share together."""
-    logits, labels = predict(model, loader, device, description, pad_to)
+    logits, labels = collect_logits(model, loader, device, description=description, pad_to=pad_to)
     if world is not None:
         logits, labels = world.gather(logits, labels)
     if len(labels) == 0:
         return EpochResult(float("nan"), 0.0, 0)
     loss = F.cross_entropy(logits, labels).item()
-    accuracy = 100 * (logits.argmax(1) == labels).sum().item() / len(labels)  # counted, not a float32 mean: 270 of 300 is 90.0
+    # counted, not a float32 mean: 270 of 300 is 90.0
+    accuracy = 100 * (logits.argmax(1) == labels).sum().item() / len(labels)
     return EpochResult(loss, accuracy, len(labels))

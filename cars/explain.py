@@ -40,7 +40,9 @@ def target_layer(model: nn.Module) -> nn.Module:
     return convolutions[-1]
 
 
-def class_activation_maps(model: nn.Module, images: torch.Tensor, classes: list[int], method: str = "gradcam") -> np.ndarray:
+def class_activation_maps(
+    model: nn.Module, images: torch.Tensor, classes: list[int], method: str = "gradcam"
+) -> np.ndarray:
     """One map in [0, 1] per image, of the image's size, for the given class of each image."""
     if method not in CAM_METHODS:
         raise UserError(f"unknown --cam-method {method!r}; choose one of {', '.join(CAM_METHODS)}")

@@ -42,8 +42,10 @@ def atomic_write(path: Path, write) -> None:
         if tmp:
             Path(tmp).unlink(missing_ok=True)
         if isinstance(error, OSError):  # a full disk, a read-only or vanished folder
-            raise UserError(f"cannot write {path}: {error.strerror or error}; free some space or choose another --run-dir. "
-                            "The previous files are intact") from None
+            raise UserError(
+                f"cannot write {path}: {error.strerror or error}; free some space or choose another --run-dir. "
+                "The previous files are intact"
+            ) from None
         raise
 
 

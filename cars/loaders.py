@@ -32,7 +32,9 @@ class TransformedSplit(torch.utils.data.Dataset):
         except UserError as error:
             if self.skip_bad_images:
                 return None
-            raise UserError(f"{error}. Replace or remove it, or pass --skip-bad-images to skip unreadable images") from None
+            raise UserError(
+                f"{error}. Replace or remove it, or pass --skip-bad-images to skip unreadable images"
+            ) from None
         if isinstance(self.transform, TrainAugmentation):
             return self.transform(image, self.epoch, i), self.split.labels[i]
         return self.transform(image), self.split.labels[i]
@@ -52,7 +54,9 @@ class GlobalBatches(torch.utils.data.Sampler):
     A ragged last batch is dropped (a different few images each epoch): every step then has the same
     shape, so a compiled model never recompiles, and BatchNorm never sees a batch of one."""
 
-    def __init__(self, length: int, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1, readable=None):
+    def __init__(
+        self, length: int, *, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1, readable=None
+    ):
         self.length, self.batch_size, self.generator, self.rank, self.world = length, batch_size, generator, rank, world
         self.readable = readable  # which images can be read (--skip-bad-images with the cache), or None: all
         self.skip = 0  # global batches already trained, when an epoch resumes from a mid-epoch checkpoint
@@ -64,7 +68,8 @@ class GlobalBatches(torch.utils.data.Sampler):
             shares = [batch[rank :: self.world] for rank in range(self.world)]
             if self.readable is not None and not all(any(self.readable[i] for i in share) for share in shares):
                 # a process with nothing to train on would skip the step while the others wait for its gradients:
-                # every process skips this batch (each knows, from the same order and the same list of unreadable images)
+                # every process skips this batch (each knows, from the same order and the same list of unreadable
+                # images)
                 yield []
             else:
                 yield shares[self.rank]
@@ -79,17 +84,36 @@ class GlobalBatches(torch.utils.data.Sampler):
         return min(len(self) * self.batch_size, self.length)
 
 
-def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int, pin_memory: bool = False, rank: int = 0, world: int = 1):
+def make_loader(
+    dataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    workers: int,
+    seed: int,
+    pin_memory: bool = False,
+    rank: int = 0,
+    world: int = 1,
+):
     """Training (shuffle): global batches, this process's share of each. Evaluation: this process's
     share of the images (every world-th), each image exactly once over all processes.
 
     The order of the training batches comes from the sampler's own generator (train.py reseeds it every epoch).
     The DataLoader draws its workers' seed from a generator of its own before the first batch: from the sampler's, it
     would shift the order away from CachedLoader's, and a resume that switches --cache would not be exact."""
-    options = dict(num_workers=workers, generator=torch.Generator().manual_seed(seed), collate_fn=collate_readable, pin_memory=pin_memory)
+    options = dict(
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(seed),
+        collate_fn=collate_readable,
+        pin_memory=pin_memory,
+    )
     if shuffle:
         order = torch.Generator().manual_seed(seed)
-        return torch.utils.data.DataLoader(dataset, batch_sampler=GlobalBatches(len(dataset), batch_size, order, rank, world), **options)
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=GlobalBatches(len(dataset), batch_size=batch_size, generator=order, rank=rank, world=world),
+            **options,
+        )
     if world > 1:
         dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     return torch.utils.data.DataLoader(dataset, batch_size=max(1, batch_size // world), shuffle=False, **options)
@@ -120,11 +144,27 @@ class CachedLoader:
     resized and flipped on the device, then given the config's extra augmentation as a batch.
     Same batches as make_loader would make."""
 
-    def __init__(self, dataset: CachedSplit, batch_size: int, shuffle: bool, seed: int, device_type: str, rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        dataset: CachedSplit,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        device_type: str,
+        rank: int = 0,
+        world: int = 1,
+    ):
         self.dataset, self.device_type = dataset, device_type
         if shuffle:
-            self.batch_sampler = GlobalBatches(len(dataset), batch_size, torch.Generator().manual_seed(seed), rank, world,
-                                               readable=dataset.readable)
+            self.batch_sampler = GlobalBatches(
+                len(dataset),
+                batch_size=batch_size,
+                generator=torch.Generator().manual_seed(seed),
+                rank=rank,
+                world=world,
+                readable=dataset.readable,
+            )
         else:  # this process's share of the images, in order
             share, per_process = list(range(rank, len(dataset), world)), max(1, batch_size // world)
             self.batch_sampler = [share[start : start + per_process] for start in range(0, len(share), per_process)]
@@ -138,12 +178,13 @@ class CachedLoader:
             return None
         labels, pin = self.dataset.labels[indices], self.device_type == "cuda"
         if self.dataset.augmentation is None:  # evaluation: the cached pixels are final
-            return [self.dataset.cache.batch(indices, pin_memory=pin), labels]
+            return dict(pixels=self.dataset.cache.batch(indices, pin_memory=pin), labels=labels)
         boxes, flips = self.dataset.crops(indices)
         regions = self.dataset.cache.regions(indices, boxes)  # only the pixels each crop needs, at native size
         flat = torch.cat([region.reshape(-1) for region in regions])  # one buffer: one copy to the device
         steps = self.dataset.augmentation.extra_steps(self.dataset.epoch, indices)
-        return [flat.pin_memory() if pin else flat, labels, [region.shape for region in regions], flips, steps]
+        shapes = [region.shape for region in regions]
+        return dict(pixels=flat.pin_memory() if pin else flat, labels=labels, shapes=shapes, flips=flips, steps=steps)
 
     def __iter__(self):
         ready, stop = queue.Queue(maxsize=3), threading.Event()
@@ -168,11 +209,11 @@ class CachedLoader:
             while (batch := ready.get()) is not StopIteration:
                 if isinstance(batch, BaseException):
                     raise batch
-                yield None if batch is None else self.finish(*batch)
+                yield None if batch is None else self.finish(**batch)
         finally:
             stop.set()
 
-    def finish(self, pixels, labels, shapes=None, flips=None, steps=None):
+    def finish(self, *, pixels, labels, shapes=None, flips=None, steps=None):
         """On the device: an eval batch made NCHW (channels-last in memory); training crops resized,
         then augmented further, the whole batch at once."""
         pixels = pixels.to(self.device_type, non_blocking=True)
@@ -190,28 +231,89 @@ def checked(cache: PixelCache, skip_bad_images: bool) -> PixelCache:
     unreadable = cache.unreadable()
     if unreadable and not skip_bad_images:
         count = f" ({len(unreadable)} in all)" if len(unreadable) > 1 else ""
-        raise UserError(f"{next(iter(unreadable.values()))}{count}. Replace or remove it, or pass --skip-bad-images to skip unreadable images")
+        raise UserError(
+            f"{next(iter(unreadable.values()))}{count}. Replace or remove it, or pass --skip-bad-images to skip "
+            "unreadable images"
+        )
     return cache
 
 
-def train_loader(split, cfg, workers: int, device_type: str = "cpu", rank: int = 0, world: int = 1):
+def train_loader(split, cfg, *, workers: int, device_type: str = "cpu", rank: int = 0, world: int = 1):
     """The training batches, augmented afresh every epoch: from the cache (built on first use), or
     (--cache off) decoded and augmented image by image in DataLoader workers."""
     root = cache_root(cfg.cache)
     if root is None:
         dataset = TransformedSplit(split, TrainAugmentation(cfg), cfg.skip_bad_images)
-        return make_loader(dataset, cfg.batch_size, True, workers, cfg.seed, device_type == "cuda", rank, world)
+        return make_loader(
+            dataset,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            workers=workers,
+            seed=cfg.seed,
+            pin_memory=device_type == "cuda",
+            rank=rank,
+            world=world,
+        )
     keep = functools.partial(keep_for_cache, side=cfg.cache_side)
-    cache = checked(cached_pixels(split, "train", cfg.cache_side, keep, root, workers), cfg.skip_bad_images)
-    return CachedLoader(CachedSplit(cache, split, TrainAugmentation(cfg)), cfg.batch_size, True, cfg.seed, device_type, rank, world)
+    cache = checked(
+        cached_pixels(split, "train", size=cfg.cache_side, transform=keep, root=root, workers=workers),
+        cfg.skip_bad_images,
+    )
+    return CachedLoader(
+        CachedSplit(cache, split, TrainAugmentation(cfg)),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        seed=cfg.seed,
+        device_type=device_type,
+        rank=rank,
+        world=world,
+    )
 
 
-def eval_loader(split, resolution: int, cache: str, skip_bad_images: bool, batch_size: int, workers: int, device_type: str = "cpu",
-                rank: int = 0, world: int = 1):
+def start_epoch(train_batches, *, epoch: int, seed: int, done_steps: int = 0) -> None:
+    """Set the training batches to `epoch`: its image order and each image's augmentation depend on (seed, epoch)
+    alone, so a resumed epoch repeats them; the `done_steps` a mid-epoch checkpoint already trained are skipped."""
+    train_batches.batch_sampler.generator.manual_seed(seed * 1_000_003 + epoch)
+    train_batches.dataset.epoch = epoch
+    train_batches.batch_sampler.skip = done_steps
+
+
+def eval_loader(
+    split,
+    *,
+    resolution: int,
+    cache: str,
+    skip_bad_images: bool,
+    batch_size: int,
+    workers: int,
+    device_type: str = "cpu",
+    rank: int = 0,
+    world: int = 1,
+):
     """The images as evaluation sees them; the cache holds them finished, so nothing is left to do per epoch."""
     root = cache_root(cache)
     if root is None:
         dataset = TransformedSplit(split, eval_transform(resolution), skip_bad_images)
-        return make_loader(dataset, batch_size, False, workers, 0, device_type == "cuda", rank, world)
-    pixels = checked(cached_pixels(split, "eval", resolution, eval_transform(resolution), root, workers), skip_bad_images)
-    return CachedLoader(CachedSplit(pixels, split), batch_size, False, 0, device_type, rank, world)
+        return make_loader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            workers=workers,
+            seed=0,
+            pin_memory=device_type == "cuda",
+            rank=rank,
+            world=world,
+        )
+    pixels = checked(
+        cached_pixels(split, "eval", size=resolution, transform=eval_transform(resolution), root=root, workers=workers),
+        skip_bad_images,
+    )
+    return CachedLoader(
+        CachedSplit(pixels, split),
+        batch_size=batch_size,
+        shuffle=False,
+        seed=0,
+        device_type=device_type,
+        rank=rank,
+        world=world,
+    )

@@ -80,7 +80,9 @@ def resolve_weights(arch: str, weights: str):
         return enum[weights] if weights != "DEFAULT" else enum.DEFAULT
     except KeyError:
         names = ", ".join(["DEFAULT", *enum.__members__])
-        raise UserError(f"{arch} has no weights named {weights!r}; choose one of {names}, 'none', or a state-dict file") from None
+        raise UserError(
+            f"{arch} has no weights named {weights!r}; choose one of {names}, 'none', or a state-dict file"
+        ) from None
 
 
 def check_resolution(model: nn.Module, arch: str, resolution: int) -> None:
@@ -90,7 +92,10 @@ def check_resolution(model: nn.Module, arch: str, resolution: int) -> None:
         raise UserError(f"{arch} takes {size} x {size} px images only; pass --resolution {size}")
 
 
-UNSUPPORTED = {"googlenet": "its training output carries auxiliary heads", "inception_v3": "its training output carries auxiliary heads"}
+UNSUPPORTED = {
+    "googlenet": "its training output carries auxiliary heads",
+    "inception_v3": "its training output carries auxiliary heads",
+}
 
 
 def check_arch(arch: str) -> None:
@@ -136,10 +141,10 @@ def load_weights_file(model: nn.Module, path: Path, arch: str) -> None:
     head_keys = [k for k in state if k.startswith(head + ".")]
     if any(k not in own or own[k].shape != state[k].shape for k in head_keys):
         state = {k: v for k, v in state.items() if k not in head_keys}  # e.g. an ImageNet 1000-way head
-    load_checked(model, state, f"weights file {path}", arch, allow_missing_head=True)
+    load_checked(model, state, what=f"weights file {path}", arch=arch, allow_missing_head=True)
 
 
-def load_checked(model: nn.Module, state: dict, what: str, arch: str, allow_missing_head: bool = False) -> None:
+def load_checked(model: nn.Module, state: dict, *, what: str, arch: str, allow_missing_head: bool = False) -> None:
     """load_state_dict with one clear line instead of a wall of missing keys."""
     own = model.state_dict()
     head = head_name(model)
@@ -183,4 +188,3 @@ def guess_arch(state: dict) -> str | None:
         if own == {k: v for k, v in shapes.items() if not k.startswith(head)}:
             return arch
     return None
-

@@ -19,7 +19,9 @@ def no_decay_parameters(model: nn.Module) -> set[int]:
     a weight towards 0; a BatchNorm scale or a bias is not a weight that overfits by growing, and shrinking it only
     fights the normalisation (torchvision's and timm's recipes leave them undecayed)."""
     norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
-    chosen = {id(p) for module in model.modules() if isinstance(module, norms) for p in module.parameters(recurse=False)}
+    chosen = {
+        id(p) for module in model.modules() if isinstance(module, norms) for p in module.parameters(recurse=False)
+    }
     return chosen | {id(p) for name, p in model.named_parameters() if name.endswith(".bias")}
 
 
@@ -38,7 +40,14 @@ def make_optimizer(cfg, model) -> torch.optim.Optimizer:
             decayed = [p for p in group["params"] if id(p) not in chosen]
             undecayed = [p for p in group["params"] if id(p) in chosen]
             split.append({**group, "params": decayed})
-            split.append({**group, "params": undecayed, "name": f"{group['name']} norm and bias", "weight_decay": cfg.norm_weight_decay})
+            split.append(
+                {
+                    **group,
+                    "params": undecayed,
+                    "name": f"{group['name']} norm and bias",
+                    "weight_decay": cfg.norm_weight_decay,
+                }
+            )
         groups = [group for group in split if group["params"]]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

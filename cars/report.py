@@ -43,8 +43,15 @@ def evaluated(rows: list[dict]) -> list[dict]:
 
 
 def best_row(rows: list[dict]) -> dict | None:
-    """The evaluated epoch with the highest eval accuracy, the first of equals (a tie is no improvement); None before any."""
+    """The evaluated epoch with the highest eval accuracy, the first of equals (a tie is no improvement); None before
+    any."""
     return max(evaluated(rows), key=lambda r: r["eval_acc"], default=None)
+
+
+def stale_evaluations(rows: list[dict]) -> int:
+    """How many evaluations came after the best one (--early-stop counts these)."""
+    best = best_row(rows)
+    return sum(1 for r in evaluated(rows) if r["epoch"] > best["epoch"]) if best else 0
 
 
 def plot_curves(rows: list[dict], path: Path, eval_name: str = "test", title: str = "") -> None:
@@ -54,7 +61,13 @@ def plot_curves(rows: list[dict], path: Path, eval_name: str = "test", title: st
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, label in ((loss_ax, "loss", "loss"), (acc_ax, "acc", "accuracy (%)")):
         ax.plot(epochs, [r[f"train_{key}"] for r in rows], "o-", ms=3, label="train")
-        ax.plot([r["epoch"] for r in evaluated(rows)], [r[f"eval_{key}"] for r in evaluated(rows)], "o-", ms=3, label=eval_name)
+        ax.plot(
+            [r["epoch"] for r in evaluated(rows)],
+            [r[f"eval_{key}"] for r in evaluated(rows)],
+            "o-",
+            ms=3,
+            label=eval_name,
+        )
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -66,8 +79,13 @@ def plot_curves(rows: list[dict], path: Path, eval_name: str = "test", title: st
         ax.legend(handles=handles, loc="center right")
     best = best_row(rows)
     if best:  # with --eval-every N, the first plots may come before the first evaluation
-        acc_ax.annotate(f"best {best['eval_acc']:.2f}%", (best["epoch"], best["eval_acc"]), textcoords="offset points", xytext=(-80, -45),
-                        arrowprops=dict(arrowstyle="->"))
+        acc_ax.annotate(
+            f"best {best['eval_acc']:.2f}%",
+            (best["epoch"], best["eval_acc"]),
+            textcoords="offset points",
+            xytext=(-80, -45),
+            arrowprops=dict(arrowstyle="->"),
+        )
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -118,8 +136,15 @@ def plot_confusion(matrix, class_names: list[str], pairs, path: Path) -> None:
     ax.set_ylabel("true")
     for (i, j), count in np.ndenumerate(sub):
         if count:
-            ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
-                    color="white" if count > sub.max() / 2 else ("crimson" if i != j else "black"))
+            ax.text(
+                j,
+                i,
+                str(count),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if count > sub.max() / 2 else ("crimson" if i != j else "black"),
+            )
     fig.colorbar(image, ax=ax, fraction=0.04)
     ax.set_title("confusions among the most confused classes (off-diagonal in red)")
     save_figure(fig, path)
@@ -136,9 +161,14 @@ def plot_cam_grid(tiles: list[dict], path: Path, title: str, columns: int = 4) -
     for ax, tile in zip(axes.flat, tiles):
         right = tile["true"] == tile["predicted"]
         ax.imshow(tile["image"])
-        label = (f"{'✓' if right else '✗'} true: {tile['true']}\npred: {tile['predicted']} ({100 * tile['confidence']:.0f}%)")
-        ax.set_title("\n".join(textwrap.fill(line, 34) for line in label.split("\n")), fontsize=8,
-                     color="darkgreen" if right else "crimson")
+        label = (
+            f"{'✓' if right else '✗'} true: {tile['true']}\npred: {tile['predicted']} ({100 * tile['confidence']:.0f}%)"
+        )
+        ax.set_title(
+            "\n".join(textwrap.fill(line, 34) for line in label.split("\n")),
+            fontsize=8,
+            color="darkgreen" if right else "crimson",
+        )
     fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path, dpi=100)
@@ -157,8 +187,11 @@ def plot_comparison(runs: dict[str, list[dict]], path: Path) -> None:
     for name, rows in runs.items():
         scored = evaluated(rows)
         best = f" (best {max(r['eval_acc'] for r in scored):.2f}%)" if scored else ""
-        line, = acc_ax.plot([r["epoch"] for r in scored], [r["eval_acc"] for r in scored], "-", lw=1.5, label=name + best)
-        acc_ax.plot([r["epoch"] for r in rows], [r["train_acc"] for r in rows], "--", lw=1, color=line.get_color())  # train, dashed
+        (line,) = acc_ax.plot(
+            [r["epoch"] for r in scored], [r["eval_acc"] for r in scored], "-", lw=1.5, label=name + best
+        )
+        # train, dashed
+        acc_ax.plot([r["epoch"] for r in rows], [r["train_acc"] for r in rows], "--", lw=1, color=line.get_color())
         lr_ax.plot([r["epoch"] for r in rows], [r["lr"] for r in rows], "-", lw=1.2, color=line.get_color())
     acc_ax.set_ylabel("accuracy (%): eval solid, train dashed")
     acc_ax.grid(alpha=0.3)
@@ -170,7 +203,7 @@ def plot_comparison(runs: dict[str, list[dict]], path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_lr_find(lrs: list[float], smoothed: list[float], suggestion: dict, path: Path, title: str = "") -> None:
+def plot_lr_find(lrs: list[float], smoothed: list[float], suggestion: dict, path: Path, *, title: str = "") -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(lrs, smoothed, lw=1.5)
     for rule, marker, colour in (("valley", "o", "crimson"), ("steepest", "s", "darkorange")):
@@ -241,7 +274,9 @@ def plot_samples(rows: list[tuple], resolution: int, path: Path) -> None:
     import textwrap
 
     columns = 2 + len(rows[0][2]) if rows else 1
-    fig, axes = plt.subplots(max(len(rows), 1), columns, figsize=(2.6 * columns, 2.8 * max(len(rows), 1)), squeeze=False)
+    fig, axes = plt.subplots(
+        max(len(rows), 1), columns, figsize=(2.6 * columns, 2.8 * max(len(rows), 1)), squeeze=False
+    )
     for ax in axes.flat:
         ax.axis("off")
     for (name, image, crops, eval_crop), row in zip(rows, axes):

@@ -13,15 +13,48 @@ from cars.errors import UserError, printable
 # What each tool writes into its output folder. --overwrite replaces a folder only when it holds
 # these and nothing else: never a dataset, a checkpoint or a folder of the user's that was named by mistake.
 OUTPUTS = {
-    "run folder": {"config.toml", "metrics.csv", "best.pt", "last.pt", "curves.png", "summary.json", "train.log", "eval", "export"},
-    "eval folder": {"report.md", "summary.json", "per_class.csv", "per_class.png", "predictions.csv", "confused_pairs.csv",
-                    "confusion_matrix.csv", "confusion.png", "gradcam_samples.png", "gradcam_worst.png"},
+    "run folder": {
+        "config.toml",
+        "metrics.csv",
+        "best.pt",
+        "last.pt",
+        "curves.png",
+        "summary.json",
+        "train.log",
+        "eval",
+        "export",
+    },
+    "eval folder": {
+        "report.md",
+        "summary.json",
+        "per_class.csv",
+        "per_class.png",
+        "predictions.csv",
+        "confused_pairs.csv",
+        "confusion_matrix.csv",
+        "confusion.png",
+        "gradcam_samples.png",
+        "gradcam_worst.png",
+    },
     "lr_find folder": {"lr_find.csv", "lr_find.png"},
-    "data report folder": {"report.md", "data.json", "class_counts.png", "sizes.png", "duplicates.csv", "duplicates.png", "samples.png"},
+    "data report folder": {
+        "report.md",
+        "data.json",
+        "class_counts.png",
+        "sizes.png",
+        "duplicates.csv",
+        "duplicates.png",
+        "samples.png",
+    },
     "export folder": {"model.safetensors", "model.onnx", "model.pt2", "model.json"},
 }
-SIGNATURE = {"run folder": "config.toml", "eval folder": "summary.json", "lr_find folder": "lr_find.csv", "data report folder": "data.json",
-             "export folder": "model.json"}
+SIGNATURE = {
+    "run folder": "config.toml",
+    "eval folder": "summary.json",
+    "lr_find folder": "lr_find.csv",
+    "data report folder": "data.json",
+    "export folder": "model.json",
+}
 
 
 def foreign_entries(folder: Path, kind: str) -> list[str]:
@@ -51,13 +84,21 @@ def check_folder_free(folder: Path, overwrite: bool, kind: str = "run folder", e
     if not entries:
         return
     if not overwrite:
-        raise UserError(f"{kind} {folder} already exists; pass --overwrite to replace it or {elsewhere} to choose another")
+        raise UserError(
+            f"{kind} {folder} already exists; pass --overwrite to replace it or {elsewhere} to choose another"
+        )
     foreign = foreign_entries(folder, kind)
     if foreign or SIGNATURE[kind] not in entries:
-        what = f"holds {', '.join(repr(e) for e in foreign[:3])}{' and more' if len(foreign) > 3 else ''}, which" if foreign else "is not one:"
+        what = (
+            f"holds {', '.join(repr(e) for e in foreign[:3])}{' and more' if len(foreign) > 3 else ''}, which"
+            if foreign
+            else "is not one:"
+        )
         article = "an" if kind[0] in "aeiou" else "a"
-        raise UserError(f"{folder} is not {article} {kind} this project wrote ({what} --overwrite would delete); "
-                        f"refusing to replace it. Choose another {elsewhere}")
+        raise UserError(
+            f"{folder} is not {article} {kind} this project wrote ({what} --overwrite would delete); "
+            f"refusing to replace it. Choose another {elsewhere}"
+        )
 
 
 def prepare_folder(folder: Path, overwrite: bool, kind: str = "run folder", elsewhere: str = "--run-dir") -> None:

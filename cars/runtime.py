@@ -21,9 +21,13 @@ def pick_device(name: str) -> str:
 
 def check_compiler(device_type: str) -> None:
     """torch.compile on a CPU builds C++ kernels: refuse at once, not at the first step, when no compiler is there."""
-    if device_type == "cpu" and not any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "c++", "clang++")):
-        raise UserError("--compile on a CPU needs a C++ compiler (inductor builds its kernels with one) and none was found; "
-                        "install g++ (e.g. apt-get install g++) or set CXX, or drop --compile")
+    if device_type == "cpu" and not any(
+        shutil.which(name) for name in (os.environ.get("CXX", "g++"), "c++", "clang++")
+    ):
+        raise UserError(
+            "--compile on a CPU needs a C++ compiler (inductor builds its kernels with one) and none was found; "
+            "install g++ (e.g. apt-get install g++) or set CXX, or drop --compile"
+        )
 
 
 def worker_count(workers: int) -> int:
@@ -40,7 +44,8 @@ def seed_everything(seed: int) -> None:
 def seed_process(seed: int, rank: int) -> None:
     """Under torchrun, each process its own random stream (dropout, stochastic depth), on the CPU and the GPU: with
     one seed for all, every process would drop the same units of its images. The first process keeps the stream one
-    process has, so a run in one process is as before. Called after the model is built (every process builds the same)."""
+    process has, so a run in one process is as before. Called after the model is built (every process builds the
+    same)."""
     if rank > 0:
         torch.manual_seed(hash((seed, rank, 3)) % 2**63)
 
@@ -48,7 +53,8 @@ def seed_process(seed: int, rank: int) -> None:
 def rng_state() -> dict:
     numpy_state = np.random.get_state(legacy=False)
     numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
-    """This process's random streams; on a GPU, the stream of its own device only (a torchrun job has one per process)."""
+    """This process's random streams; on a GPU, the stream of its own device only (a torchrun job has one per
+    process)."""
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -64,7 +70,10 @@ def restore_rng(states, rank: int = 0) -> None:
         return
     state = states[rank]
     random.setstate(state["python"])
-    numpy_state = dict(state["numpy"], state=dict(state["numpy"]["state"], key=state["numpy"]["state"]["key"].numpy().astype(np.uint32)))
+    numpy_state = dict(
+        state["numpy"],
+        state=dict(state["numpy"]["state"], key=state["numpy"]["state"]["key"].numpy().astype(np.uint32)),
+    )
     np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")

@@ -7,7 +7,7 @@ Training augmentation is decided in one place, TrainAugmentation, for both pipel
 preprocessing cache it runs in two halves (boxes, flips and the extra ops' parameters drawn on the
 CPU; each box's pixels read from the cache, resized and augmented further on the device, a batch at
 a time), without it on each decoded image. Either way the crop is cut from the image at its native
-size and resized once, as the seed's RandomResizedCrop did.
+size and resized once, as torchvision's RandomResizedCrop did in the original pipeline.
 """
 
 import math
@@ -22,7 +22,8 @@ from cars.runtime import image_seed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-MEAN_PIXEL = [round(255 * m) for m in IMAGENET_MEAN]  # erased regions get it: 0 once normalised, as in the classic pipeline
+# erased regions get it: 0 once normalised, as in the classic pipeline
+MEAN_PIXEL = [round(255 * m) for m in IMAGENET_MEAN]
 
 
 def eval_resize(resolution: int) -> int:
@@ -42,7 +43,8 @@ class TrainAugmentation:
 
     def __init__(self, cfg):
         self.cfg, self.seed, self.resolution = cfg, cfg.seed, cfg.resolution
-        self.extra = extra_augmentation(cfg)  # torchvision's transforms, for their parameters; run batched by cars.augment
+        # torchvision's transforms, for their parameters; run batched by cars.augment
+        self.extra = extra_augmentation(cfg)
 
     def draw(self, epoch: int, i: int, height: int, width: int) -> tuple[tuple[float, float, float, float], bool]:
         """Image i's crop box (fractions of the image) and whether it is mirrored, in `epoch`."""
@@ -51,10 +53,13 @@ class TrainAugmentation:
 
     def extra_draw(self, epoch: int, i: int) -> list[Step]:
         """Image i's extra ops in `epoch`, from a generator of its own."""
-        return draw_steps(self.extra, torch.Generator().manual_seed(image_seed(self.seed, epoch, i, 1) % 2**62), self.resolution)
+        return draw_steps(
+            self.extra, torch.Generator().manual_seed(image_seed(self.seed, epoch, i, 1) % 2**62), self.resolution
+        )
 
     def extra_steps(self, epoch: int, indices) -> list:
-        """The extra ops of a batch of images, grouped to run on the whole batch (apply_steps); [] when there are none."""
+        """The extra ops of a batch of images, grouped to run on the whole batch (apply_steps); [] when there are
+        none."""
         return group_steps([self.extra_draw(epoch, i) for i in indices]) if self.extra else []
 
     def __call__(self, image, epoch: int, i: int) -> torch.Tensor:
@@ -99,7 +104,13 @@ def crop_box(height: int, width: int, cfg, rng: random.Random) -> tuple[float, f
             top, left = rng.randint(0, height - h), rng.randint(0, width - w)
             return left / width, top / height, (left + w) / width, (top + h) / height
     ratio = width / height  # ten misses: a centred crop, its aspect ratio clamped into range
-    w, h = (width, round(width / (3 / 4))) if ratio < 3 / 4 else (round(height * 4 / 3), height) if ratio > 4 / 3 else (width, height)
+    w, h = (
+        (width, round(width / (3 / 4)))
+        if ratio < 3 / 4
+        else (round(height * 4 / 3), height)
+        if ratio > 4 / 3
+        else (width, height)
+    )
     left, top = (width - w) // 2, (height - h) // 2
     return left / width, top / height, (left + w) / width, (top + h) / height
 
@@ -113,7 +124,7 @@ def pixel_box(box, height: int, width: int) -> tuple[int, int, int, int]:
 
 def resize_crops(regions: list[torch.Tensor], flips, size: int, in_float: bool | None = None) -> torch.Tensor:
     """Each crop region (uint8 CHW, any size) resized to size x size with an antialiased bilinear
-    filter, the way PIL resizes (the seed's pipeline), mirrored where flips[k]; uint8 NCHW out, on the
+    filter, the way PIL resizes (the original pipeline), mirrored where flips[k]; uint8 NCHW out, on the
     regions' device. On a CPU torch's uint8 kernel (PIL's fixed-point arithmetic); on a GPU in float
     (`in_float` chooses, to measure one path on the other's device)."""
     crops = []
@@ -136,7 +147,9 @@ class BatchMixer:
         self.epoch = 0  # set by the recipe each epoch
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, step: int = 0):
-        with torch.random.fork_rng(devices=[]):  # torchvision draws from the CPU's global generator: lend it, then give it back
+        with torch.random.fork_rng(
+            devices=[]
+        ):  # torchvision draws from the CPU's global generator: lend it, then give it back
             torch.manual_seed(image_seed(self.seed, self.epoch, step, 2) % 2**63)
             return self.transform(images, labels)
 
@@ -163,7 +176,9 @@ def keep_for_cache(image, side: int = 0) -> torch.Tensor:
     smaller copy whose longer side is at most that many pixels (lossy: crops then lose detail)."""
     if side and max(image.size) > side:
         scale = side / max(image.size)
-        image = F.resize(image, [max(1, round(image.height * scale)), max(1, round(image.width * scale))], antialias=True)
+        image = F.resize(
+            image, [max(1, round(image.height * scale)), max(1, round(image.width * scale))], antialias=True
+        )
     return F.pil_to_tensor(image)
 
 

@@ -4,8 +4,10 @@ import io
 import os
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from PIL import Image
 
 CLASSES = ["AM General Hummer SUV 2000", "Audi S5 Coupe 2012", "BMW M3 Coupe 2012"]
@@ -67,7 +69,9 @@ def write_hub_folder(root: Path, per_class=(6, 3), columns=("image", "label"), c
     features = Features({columns[0]: ImageFeature(), columns[1]: ClassLabel(names=list(classes))})
     for split, n, seed in (("train", per_class[0], 1), ("test", per_class[1], 2)):
         images, labels = rows[split] if rows and split in rows else split_rows(n, seed)
-        encoded = [{"bytes": image if isinstance(image, bytes) else jpeg_bytes(image), "path": None} for image in images]
+        encoded = [
+            {"bytes": image if isinstance(image, bytes) else jpeg_bytes(image), "path": None} for image in images
+        ]
         Dataset.from_dict({columns[0]: encoded, columns[1]: labels}, features=features).to_parquet(
             str(root / "data" / f"{split}-00000-of-00001.parquet")
         )
@@ -104,8 +108,10 @@ def devkit_folder(tmp_path):
     (base / "devkit").mkdir(parents=True)
     names = np.array(CLASSES, dtype=object)
     scipy.io.savemat(base / "devkit" / "cars_meta.mat", {"class_names": names.reshape(1, -1)})
-    for split, n, seed, mat in (("train", 6, 1, base / "devkit" / "cars_train_annos.mat"),
-                                ("test", 3, 2, base / "cars_test_annos_withlabels.mat")):
+    for split, n, seed, mat in (
+        ("train", 6, 1, base / "devkit" / "cars_train_annos.mat"),
+        ("test", 3, 2, base / "cars_test_annos_withlabels.mat"),
+    ):
         images, labels = split_rows(n, seed)
         (base / f"cars_{split}").mkdir()
         records = []
@@ -123,11 +129,29 @@ def saved_folder(tmp_path, hub_folder):
     import datasets
 
     path = tmp_path / "saved"
-    datasets.load_dataset(str(hub_folder), data_files={"train": "data/train-*", "test": "data/test-*"}).save_to_disk(str(path))
+    datasets.load_dataset(str(hub_folder), data_files={"train": "data/train-*", "test": "data/test-*"}).save_to_disk(
+        str(path)
+    )
     return path
 
 
 def tiny_args(data, run_dir, *extra) -> list[str]:
     """Flags for a run that takes a second or two on a CPU."""
-    return ["--data", str(data), "--run-dir", str(run_dir), "--arch", "resnet18", "--weights", "none",
-            "--resolution", "32", "--batch-size", "6", "--epochs", "2", "--workers", "0", "--lr", "0.01", *extra]
+    recipe = "--arch resnet18 --weights none --resolution 32 --batch-size 6 --epochs 2 --workers 0 --lr 0.01"
+    return ["--data", str(data), "--run-dir", str(run_dir), *recipe.split(), *extra]
+
+
+def tiny_run(data, run_dir, *extra):
+    """train.py's setup for a tiny run: the Run its loop works on, for tests of one epoch's steps."""
+    import train
+
+    return train.setup(train.parse_train(tiny_args(data, run_dir, *extra)), command=["train.py"])
+
+
+class FixedBatches(list):
+    """Batches given in advance, with what train.py sets on its training batches each epoch."""
+
+    def __init__(self, batches):
+        super().__init__(batches)
+        self.batch_sampler = SimpleNamespace(generator=torch.Generator(), skip=0)
+        self.dataset = SimpleNamespace(epoch=0)

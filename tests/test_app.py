@@ -15,7 +15,9 @@ import pytest
 from conftest import tiny_args, write_hub_folder
 from PIL import Image
 
-from cars import evaluate, predict, train
+import eval as eval_tool
+import predict
+import train
 from cars.data import load_splits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,13 +36,21 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("app")
     data = write_hub_folder(root / "data")
     train.main(tiny_args(data, root / "run", "--epochs", "1"))
-    evaluate.main([str(root / "run"), "--workers", "0", "--num-gradcam", "2"])
+    eval_tool.main([str(root / "run"), "--workers", "0", "--num-gradcam", "2"])
     port = free_port()
     log = root / "server.log"  # the server's own log, read by the tests
-    server = subprocess.Popen([sys.executable, str(ROOT / "app.py"), str(root / "run"), "--port", str(port)], cwd=root,
-                              stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "app.py"), str(root / "run"), "--port", str(port)],
+        cwd=root,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=os.environ.copy(),
+    )
     deadline = time.time() + 120
-    while "serving" not in log.read_text() and server.poll() is None and time.time() < deadline:  # printed once it listens
+    while (
+        "serving" not in log.read_text() and server.poll() is None and time.time() < deadline
+    ):  # printed once it listens
         time.sleep(0.1)
     line = log.read_text()
     assert line.startswith(f"serving {root / 'run' / 'best.pt'} at http://127.0.0.1:{port}"), line
@@ -64,7 +74,10 @@ def test_the_page_answers_as_predict_py_and_survives_bad_photos(served, tmp_path
     client = Client(url, verbose=False)
     top5, cam = client.predict(handle_file(str(image)), "gradcam", api_name="/predict")
     assert top5["label"] == top1_by_predict_py(root / "run", image, capsys)
-    assert len(top5["confidences"]) == 3 and Image.open(cam).size == (32, 32)  # every class of 3; the CAM over the model's view
+    assert len(top5["confidences"]) == 3 and Image.open(cam).size == (
+        32,
+        32,
+    )  # every class of 3; the CAM over the model's view
 
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_text("this is text, not a photo")
@@ -73,28 +86,44 @@ def test_the_page_answers_as_predict_py_and_survives_bad_photos(served, tmp_path
     huge = tmp_path / "huge.png"  # over the page's 20 MB upload limit
     huge.write_bytes(os.urandom(21 * 2**20))
     logged_before = (root / "server.log").read_text()
-    for bad, message in ((not_an_image, "not a photo the model can read: cannot read image notes.jpg: "),
-                         (bomb, "not a photo the model can read: cannot read image bomb.png: "), (huge, "exceed|too large|max")):
+    for bad, message in (
+        (not_an_image, "not a photo the model can read: cannot read image notes.jpg: "),
+        (bomb, "not a photo the model can read: cannot read image bomb.png: "),
+        (huge, "exceed|too large|max"),
+    ):
         with pytest.raises(Exception, match=message) as refused:
             client.predict(handle_file(str(bad)), "gradcam", api_name="/predict")
         assert "gradio" not in str(refused.value)  # nothing of the server's own upload folder
     log = (root / "server.log").read_text()[len(logged_before) :]
     refusals = [line for line in log.splitlines() if line.startswith("refused an upload: ")]
-    assert len(refusals) == 2 and "Traceback" not in log and "notes.jpg" in refusals[0] and "bomb.png" in refusals[1], log
+    assert len(refusals) == 2 and "Traceback" not in log and "notes.jpg" in refusals[0] and "bomb.png" in refusals[1], (
+        log
+    )
     again, _ = client.predict(handle_file(str(image)), "eigencam", api_name="/predict")  # still serving
     assert again["label"] == top5["label"]
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine: install Debian's chromium (.ci/run does) to run the browser test")
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no Chromium on this machine: install Debian's chromium (.ci/run does) to run the browser test",
+)
 def test_in_a_real_browser_an_uploaded_photo_shows_its_top_car(served, capsys):
     from playwright.sync_api import sync_playwright
 
     url, root, image = served
     expected = top1_by_predict_py(root / "run", image, capsys)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--no-first-run"])
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(url)
         page.locator("#photo input[type=file]").set_input_files(str(image))

@@ -17,7 +17,9 @@ SIZE = 40
 def crops(n: int, seed: int = 0) -> torch.Tensor:
     """uint8 crops with smooth colour, noise, a flat grey corner and saturated pixels: every op has work."""
     generator = torch.Generator().manual_seed(seed)
-    smooth = torch.nn.functional.interpolate(torch.rand(n, 3, 5, 5, generator=generator) * 255, size=(SIZE, SIZE), mode="bicubic")
+    smooth = torch.nn.functional.interpolate(
+        torch.rand(n, 3, 5, 5, generator=generator) * 255, size=(SIZE, SIZE), mode="bicubic"
+    )
     pixels = (smooth + torch.randn(n, 3, SIZE, SIZE, generator=generator) * 10).clamp(0, 255).round().to(torch.uint8)
     pixels[:, :, :8, :8] = 128
     pixels[:, 0, -4:, -4:] = 255
@@ -40,20 +42,41 @@ CASES = {
     "contrast": ([(f,) for f in FACTORS], lambda x, n: F.adjust_contrast(x, FACTORS[n])),
     "saturation": ([(f,) for f in FACTORS], lambda x, n: F.adjust_saturation(x, FACTORS[n])),
     "sharpness": ([(f,) for f in FACTORS], lambda x, n: F.adjust_sharpness(x, FACTORS[n])),
-    "hue": ([(h,) for h in torch.linspace(-0.5, 0.5, N).tolist()], lambda x, n: F.adjust_hue(x, torch.linspace(-0.5, 0.5, N)[n].item())),
+    "hue": (
+        [(h,) for h in torch.linspace(-0.5, 0.5, N).tolist()],
+        lambda x, n: F.adjust_hue(x, torch.linspace(-0.5, 0.5, N)[n].item()),
+    ),
     "posterize": ([(((1 << b) - 1) << (8 - b),) for b in BITS], lambda x, n: F.posterize(x, BITS[n])),
-    "solarize": ([(t,) for t in torch.linspace(0, 255, N).tolist()], lambda x, n: F.solarize(x, torch.linspace(0, 255, N)[n].item())),
+    "solarize": (
+        [(t,) for t in torch.linspace(0, 255, N).tolist()],
+        lambda x, n: F.solarize(x, torch.linspace(0, 255, N)[n].item()),
+    ),
     "autocontrast": ([()] * N, lambda x, n: F.autocontrast(x)),
     "equalize": ([()] * N, lambda x, n: F.equalize(x)),
-    "erase": ([(n, 2 * n, SIZE - 3 * n, n + 1, *MEAN_PIXEL) for n in range(N)],
-              lambda x, n: F.erase(x, n, 2 * n, SIZE - 3 * n, n + 1, torch.tensor(MEAN_PIXEL)[:, None, None])),
+    "erase": (
+        [(n, 2 * n, SIZE - 3 * n, n + 1, *MEAN_PIXEL) for n in range(N)],
+        lambda x, n: F.erase(x, n, 2 * n, SIZE - 3 * n, n + 1, torch.tensor(MEAN_PIXEL)[:, None, None]),
+    ),
     "rotate": ([rotation(a)[1] for a in ANGLES], lambda x, n: F.rotate(x, ANGLES[n])),
-    "shear": ([affine(shear=(a, -a / 2), center=(-SIZE / 2, -SIZE / 2))[1] for a in ANGLES],
-              lambda x, n: F.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=[ANGLES[n], -ANGLES[n] / 2], center=[0, 0])),
-    "translate": ([affine(translate=(float(n - 6), float(2 * n - 9)))[1] for n in range(N)],
-                  lambda x, n: F.affine(x, angle=0.0, translate=[n - 6, 2 * n - 9], scale=1.0, shear=[0.0, 0.0])),
+    "shear": (
+        [affine(shear=(a, -a / 2), center=(-SIZE / 2, -SIZE / 2))[1] for a in ANGLES],
+        lambda x, n: F.affine(
+            x, angle=0.0, translate=[0, 0], scale=1.0, shear=[ANGLES[n], -ANGLES[n] / 2], center=[0, 0]
+        ),
+    ),
+    "translate": (
+        [affine(translate=(float(n - 6), float(2 * n - 9)))[1] for n in range(N)],
+        lambda x, n: F.affine(x, angle=0.0, translate=[n - 6, 2 * n - 9], scale=1.0, shear=[0.0, 0.0]),
+    ),
 }
-EXACT = {"brightness", "posterize", "solarize", "autocontrast", "equalize", "erase"}  # no float blend to round differently
+EXACT = {
+    "brightness",
+    "posterize",
+    "solarize",
+    "autocontrast",
+    "equalize",
+    "erase",
+}  # no float blend to round differently
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -76,8 +99,11 @@ def test_each_batched_kernel_gives_torchvisions_pixels(case):
         assert (ours.int() - expected.int()).abs().max() <= (1 if blend else 255)
 
 
-CONFIGS = {"heavy": dict(augment="heavy"), "trivialaugment+erasing": dict(augment="trivialaugment", random_erasing=0.5),
-           "jitter+erasing": dict(color_jitter=0.3, random_erasing=0.5)}
+CONFIGS = {
+    "heavy": dict(augment="heavy"),
+    "trivialaugment+erasing": dict(augment="trivialaugment", random_erasing=0.5),
+    "jitter+erasing": dict(color_jitter=0.3, random_erasing=0.5),
+}
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -102,8 +128,13 @@ def test_an_image_gets_the_same_pixels_in_any_batch():
     """Alone (--cache off augments one image at a time), in a batch, or in a batch in another order:
     the same pixels, bit for bit, for every kernel and with real draws."""
     x = crops(N)
-    plans = [[(kind, args[n]) for kind, (args, _) in CASES.items() if kind not in ("shear", "translate")] for n in range(N)]
-    plans = [[("affine" if kind == "rotate" else kind, args) for kind, args in plan[n % 5:] + plan[: n % 5]] for n, plan in enumerate(plans)]
+    plans = [
+        [(kind, args[n]) for kind, (args, _) in CASES.items() if kind not in ("shear", "translate")] for n in range(N)
+    ]
+    plans = [
+        [("affine" if kind == "rotate" else kind, args) for kind, args in plan[n % 5 :] + plan[: n % 5]]
+        for n, plan in enumerate(plans)
+    ]
     real = TrainAugmentation(Config(resolution=SIZE, augment="heavy"))
     plans += [real.extra_draw(3, i) for i in range(N)]
     x = torch.cat([x, crops(N, seed=2)])
@@ -130,5 +161,15 @@ def test_steps_run_in_each_images_own_order():
 def test_trivial_augment_draws_every_op_of_its_space():
     augmentation = TrainAugmentation(Config(resolution=SIZE, augment="trivialaugment"))
     kinds = {step[0] for i in range(400) for step in augmentation.extra_draw(0, i)}
-    assert kinds == {"affine", "brightness", "saturation", "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize"}
+    assert kinds == {
+        "affine",
+        "brightness",
+        "saturation",
+        "contrast",
+        "sharpness",
+        "posterize",
+        "solarize",
+        "autocontrast",
+        "equalize",
+    }
     assert sum(not augmentation.extra_draw(0, i) for i in range(400)) > 0, "Identity: some images are left as they are"

@@ -1,4 +1,4 @@
-"""The preprocessing cache: same pixels as the seed's PIL pipeline, same crops, rebuilt exactly when it must be."""
+"""The preprocessing cache: same pixels as the original PIL pipeline, same crops, rebuilt exactly when it must be."""
 
 import threading
 
@@ -13,7 +13,7 @@ import cars.cache
 from cars.cache import cached_pixels
 from cars.config import Config
 from cars.data import load_splits, read_rgb
-from cars.engine import Device, predict
+from cars.engine import Device, collect_logits
 from cars.errors import UserError
 from cars.loaders import CachedLoader, GlobalBatches, eval_loader, train_loader
 from cars.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize, eval_transform, keep_for_cache, resize_crops
@@ -28,20 +28,35 @@ def noise_images(sizes, seed=0):
 
 @pytest.fixture
 def noisy_hub(tmp_path):
-    sizes = [(150, 100), (97, 131), (40, 28), (300, 170), (64, 64), (73, 200)]  # wide, tall, smaller than the eval size, ...
+    sizes = [
+        (150, 100),
+        (97, 131),
+        (40, 28),
+        (300, 170),
+        (64, 64),
+        (73, 200),
+    ]  # wide, tall, smaller than the eval size, ...
     rows = {"train": (noise_images(sizes, 1), [0, 1, 2, 0, 1, 2]), "test": (noise_images(sizes, 2), [2, 1, 0, 2, 1, 0])}
     return write_hub_folder(tmp_path / "hub", rows=rows)
 
 
 def test_cached_eval_batches_match_the_seeds_pil_pipeline(noisy_hub, tmp_path):
-    """The seed's eval path (PIL Resize + CenterCrop, ToTensor, Normalize) against ours: cache ->
+    """The original eval path (PIL Resize + CenterCrop, ToTensor, Normalize) against ours: cache ->
     DataLoader -> uint8 batch -> normalised on the device. Within 1/255 per pixel."""
     resolution = 64
-    seed_transform = v1.Compose([v1.Resize(eval_resize(resolution)), v1.CenterCrop(resolution), v1.ToTensor(),
-                                 v1.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    seed_transform = v1.Compose(
+        [
+            v1.Resize(eval_resize(resolution)),
+            v1.CenterCrop(resolution),
+            v1.ToTensor(),
+            v1.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
     test = load_splits(str(noisy_hub)).eval
     expected = torch.stack([seed_transform(read_rgb(test, i)) for i in range(len(test))])
-    loader = eval_loader(test, resolution, str(tmp_path / "cache"), False, batch_size=16, workers=0)
+    loader = eval_loader(
+        test, resolution=resolution, cache=str(tmp_path / "cache"), skip_bad_images=False, batch_size=16, workers=0
+    )
     assert isinstance(loader, CachedLoader)  # really the cached path
     images, labels = Device("cpu").put(*next(iter(loader)))
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -100,7 +115,9 @@ def test_cached_resize_randomcrop_cuts_a_square_of_the_shorter_side_like_torchvi
     for split in ("train", "test"):
         (tmp_path / "coords" / split / "car").mkdir(parents=True)
         coordinate_image(width, height).save(tmp_path / "coords" / split / "car" / "0.png")
-    cfg = Config(data=str(tmp_path / "coords"), resolution=64, train_crop="resize-randomcrop", cache=str(tmp_path / "cache"))
+    cfg = Config(
+        data=str(tmp_path / "coords"), resolution=64, train_crop="resize-randomcrop", cache=str(tmp_path / "cache")
+    )
     loader = train_loader(load_splits(cfg.data).train, cfg, workers=0)
     side = height * 64 / eval_resize(64)
     lefts, tops = [], []
@@ -122,12 +139,20 @@ def folder_of(cache) -> str:
 def test_cache_is_reused_until_the_data_or_a_parameter_changes(tmp_path, monkeypatch):
     builds = []
     real_build = cars.cache.build
-    monkeypatch.setattr(cars.cache, "build", lambda *args: builds.append(args[2]) or real_build(*args))
+    monkeypatch.setattr(
+        cars.cache, "build", lambda *args, **kwargs: builds.append(kwargs["uniform"]) or real_build(*args, **kwargs)
+    )
     root = tmp_path / "cache"
     data = write_image_folder(tmp_path / "images")
 
     def train_cache(side):
-        return cached_pixels(load_splits(str(data)).train, "train", side, lambda image: keep_for_cache(image, side), root)
+        return cached_pixels(
+            load_splits(str(data)).train,
+            "train",
+            size=side,
+            transform=lambda image: keep_for_cache(image, side),
+            root=root,
+        )
 
     first = train_cache(48)
     assert len(builds) == 1 and len(first) == 18
@@ -139,12 +164,15 @@ def test_cache_is_reused_until_the_data_or_a_parameter_changes(tmp_path, monkeyp
     changed = train_cache(48)
     assert folder_of(changed) != folder_of(first) and len(builds) == 3
     position = load_splits(str(data)).train.paths.index(str(image_path))
-    assert np.allclose(changed[position].reshape(3, -1).float().mean(1), [250, 10, 120], atol=3)  # JPEG shifts a level or two
+    # JPEG shifts a level or two
+    assert np.allclose(changed[position].reshape(3, -1).float().mean(1), [250, 10, 120], atol=3)
 
     hub = write_hub_folder(tmp_path / "hub")
     test_split = load_splits(str(hub)).eval
-    eval_cache = cached_pixels(test_split, "eval", 32, eval_transform(32), root)
-    assert folder_of(cached_pixels(load_splits(str(hub)).eval, "eval", 32, eval_transform(32), root)) == folder_of(eval_cache)
+    eval_cache = cached_pixels(test_split, "eval", size=32, transform=eval_transform(32), root=root)
+    assert folder_of(
+        cached_pixels(load_splits(str(hub)).eval, "eval", size=32, transform=eval_transform(32), root=root)
+    ) == folder_of(eval_cache)
     assert len(builds) == 4  # the hub dataset's fingerprint is the same when it is loaded again
 
 
@@ -162,17 +190,17 @@ def test_interrupted_or_truncated_cache_is_detected_and_rebuilt(hub_folder, tmp_
 
     monkeypatch.setattr(cars.cache.Preprocessed, "__getitem__", killed_at_image_5)
     with pytest.raises(KeyboardInterrupt):
-        cached_pixels(test, "eval", 32, transform, root)
+        cached_pixels(test, "eval", size=32, transform=transform, root=root)
     assert [p.name.endswith(".partial") for p in root.iterdir() if p.is_dir()] == [True]  # never under the final name
     monkeypatch.setattr(cars.cache.Preprocessed, "__getitem__", real_getitem)
 
-    cache = cached_pixels(test, "eval", 32, transform, root)
+    cache = cached_pixels(test, "eval", size=32, transform=transform, root=root)
     assert torch.equal(torch.stack([cache[i] for i in range(len(test))]), expected)
     assert not any(p.name.endswith(".partial") for p in root.iterdir())
 
     pixels_file = cache.folder / "pixels.u8"  # a cache cut short (disk full, a copy that stopped)
     pixels_file.write_bytes(pixels_file.read_bytes()[:1000])
-    rebuilt = cached_pixels(test, "eval", 32, transform, root)
+    rebuilt = cached_pixels(test, "eval", size=32, transform=transform, root=root)
     assert "incomplete" in capsys.readouterr().out
     assert torch.equal(torch.stack([rebuilt[i] for i in range(len(test))]), expected)
 
@@ -180,11 +208,17 @@ def test_interrupted_or_truncated_cache_is_detected_and_rebuilt(hub_folder, tmp_
 def test_two_processes_starting_at_once_build_the_cache_once(hub_folder, tmp_path, monkeypatch):
     builds = []
     real_build = cars.cache.build
-    monkeypatch.setattr(cars.cache, "build", lambda *args: builds.append(1) or real_build(*args))
+    monkeypatch.setattr(cars.cache, "build", lambda *args, **kwargs: builds.append(1) or real_build(*args, **kwargs))
     test = load_splits(str(hub_folder)).eval
     results = []
-    threads = [threading.Thread(target=lambda: results.append(cached_pixels(test, "eval", 32, eval_transform(32), tmp_path / "c")))
-               for _ in range(3)]
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(
+                cached_pixels(test, "eval", size=32, transform=eval_transform(32), root=tmp_path / "c")
+            )
+        )
+        for _ in range(3)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -214,46 +248,64 @@ def test_cache_off_decodes_from_the_dataset(hub_folder):
 
 def test_training_batches_are_all_full_and_a_ragged_eval_batch_is_padded():
     """One shape per step: a compiled model never recompiles (and BatchNorm never sees one image)."""
-    assert [len(b) for b in GlobalBatches(23, 8, torch.Generator().manual_seed(1))] == [8, 8]  # 7 left for another epoch
-    assert GlobalBatches(23, 8, torch.Generator()).images_per_epoch == 16
-    assert [len(b) for b in GlobalBatches(5, 8, torch.Generator())] == [5]  # a split smaller than a batch still trains
+    assert [len(b) for b in GlobalBatches(23, batch_size=8, generator=torch.Generator().manual_seed(1))] == [
+        8,
+        8,
+    ]  # 7 left for another epoch
+    assert GlobalBatches(23, batch_size=8, generator=torch.Generator()).images_per_epoch == 16
+    assert [len(b) for b in GlobalBatches(5, batch_size=8, generator=torch.Generator())] == [
+        5
+    ]  # a split smaller than a batch still trains
 
     shapes = []
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
     model.register_forward_hook(lambda module, inputs, output: shapes.append(inputs[0].shape[0]))
-    batches = [(torch.randint(0, 256, (n, 3, 4, 4), dtype=torch.uint8), torch.zeros(n, dtype=torch.long)) for n in (4, 4, 2)]
-    plain, _ = predict(model, batches, Device("cpu", show_progress=False))
-    padded, labels = predict(model, batches, Device("cpu", show_progress=False), pad_to=4)
+    batches = [
+        (torch.randint(0, 256, (n, 3, 4, 4), dtype=torch.uint8), torch.zeros(n, dtype=torch.long)) for n in (4, 4, 2)
+    ]
+    plain, _ = collect_logits(model, batches, Device("cpu", show_progress=False))
+    padded, labels = collect_logits(model, batches, Device("cpu", show_progress=False), pad_to=4)
     assert shapes == [4, 4, 2, 4, 4, 4] and len(padded) == len(labels) == 10
     assert torch.allclose(plain, padded)
 
 
 def test_training_crops_have_the_seeds_pixels():
     """The default path (the cache's native pixels, torch's uint8 resize) and the GPU's float resize
-    (run here on CPU tensors) against the seed's PIL RandomResizedCrop, on the scikit-learn photos:
+    (run here on CPU tensors) against the original pipeline's PIL RandomResizedCrop, on the scikit-learn photos:
     at least 50 dB median and 45 dB at the 5th percentile (bench/fidelity.py measures more)."""
     import importlib.util
     import tempfile
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("fidelity", Path(__file__).resolve().parents[1] / "bench" / "fidelity.py")
+    spec = importlib.util.spec_from_file_location(
+        "fidelity", Path(__file__).resolve().parents[1] / "bench" / "fidelity.py"
+    )
     fidelity = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fidelity)
     with tempfile.TemporaryDirectory() as scratch:
-        results = fidelity.train_fidelity(fidelity.sample_photos(scales=(0.75,)), 240, 224, Path(scratch))
+        results = fidelity.train_fidelity(
+            fidelity.sample_photos(scales=(0.75,)), crops=240, resolution=224, cache_dir=Path(scratch)
+        )
         evals = fidelity.eval_fidelity(fidelity.sample_photos(scales=(0.75,)), 224, Path(scratch))
     for path in ("cache, CPU", "cache, device ops (cpu)"):
         median, p5, _ = fidelity.summary(results[path])
         assert median >= 50 and p5 >= 45, (path, median, p5)
     assert fidelity.summary(results["lossy --cache-side 336, CPU"])[0] < 40  # what the old squashed cache cost
-    assert all(value == float("inf") for values in evals.values() for value in values), "eval pixels are the seed's exactly"
+    assert all(value == float("inf") for values in evals.values() for value in values), (
+        "eval pixels are the original pipeline's exactly"
+    )
 
 
 def test_float_and_uint8_resizes_agree_and_flip():
     rng = np.random.default_rng(0)
     smooth = torch.from_numpy(rng.integers(0, 256, (3, 12, 18), dtype=np.uint8)).float()[None]
-    region = torch.nn.functional.interpolate(smooth, size=(90, 130), mode="bicubic").clamp(0, 255).round().to(torch.uint8)[0]
-    exact, in_float = resize_crops([region, region], [False, True], 32), resize_crops([region, region], [False, True], 32, in_float=True)
+    region = (
+        torch.nn.functional.interpolate(smooth, size=(90, 130), mode="bicubic").clamp(0, 255).round().to(torch.uint8)[0]
+    )
+    exact, in_float = (
+        resize_crops([region, region], [False, True], 32),
+        resize_crops([region, region], [False, True], 32, in_float=True),
+    )
     assert exact.shape == in_float.shape == (2, 3, 32, 32) and exact.dtype == in_float.dtype == torch.uint8
     assert (exact.float() - in_float.float()).abs().max() <= 1  # one rounding step apart
     assert torch.equal(exact[1], exact[0].flip(-1))
@@ -276,9 +328,14 @@ def test_both_pipelines_draw_the_same_crop_of_each_image(tmp_path):
 
     def region(crop):
         crop = crop.float()
-        return [(crop[0].amin() / 255 * (width - 1)).item(), (crop[0].amax() / 255 * (width - 1)).item(),
-                (crop[1].amin() / 255 * (height - 1)).item(), (crop[1].amax() / 255 * (height - 1)).item(),
-                (crop[0, :, -1] - crop[0, :, 0]).mean().item() > 0]  # mirrored: red falls from left to right
+        return [
+            (crop[0].amin() / 255 * (width - 1)).item(),
+            (crop[0].amax() / 255 * (width - 1)).item(),
+            (crop[1].amin() / 255 * (height - 1)).item(),
+            (crop[1].amax() / 255 * (height - 1)).item(),
+            (crop[0, :, -1] - crop[0, :, 0]).mean().item() > 0,
+        ]  # mirrored: red falls from left to right
+
     flips = set()
     for epoch in range(30):
         cached.dataset.epoch = decoded.epoch = epoch
@@ -288,7 +345,11 @@ def test_both_pipelines_draw_the_same_crop_of_each_image(tmp_path):
     assert flips == {True, False}
 
 
-@pytest.mark.parametrize("extra", [dict(augment="heavy"), dict(augment="trivialaugment", random_erasing=0.5)], ids=["heavy", "trivialaugment"])
+@pytest.mark.parametrize(
+    "extra",
+    [dict(augment="heavy"), dict(augment="trivialaugment", random_erasing=0.5)],
+    ids=["heavy", "trivialaugment"],
+)
 def test_both_pipelines_give_the_same_augmented_pixels(noisy_hub, tmp_path, extra):
     """The extra augmentation runs on the cached pipeline's whole batch, and with --cache off on each
     decoded image: the same pixels, bit for bit, image by image, epoch by epoch."""
@@ -301,7 +362,7 @@ def test_both_pipelines_give_the_same_augmented_pixels(noisy_hub, tmp_path, extr
     indices = list(range(len(split)))
     for epoch in range(4):
         cached.dataset.epoch = decoded.epoch = epoch
-        batch, labels = cached.finish(*cached.read(indices))  # what iterating the loader does, with a known order
+        batch, labels = cached.finish(**cached.read(indices))  # what iterating the loader does, with a known order
         assert batch.shape == (6, 3, 48, 48) and labels.tolist() == split.labels
         for i in indices:
             assert torch.equal(batch[i], decoded[i][0]), (epoch, i)

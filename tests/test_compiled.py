@@ -2,8 +2,8 @@
 channels-last. CI has no GPU; these are what a first GPU run would otherwise test."""
 
 import functools
-import json
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -12,11 +12,14 @@ import torch
 from conftest import tiny_args
 from test_resilience import assert_same_run
 
-from cars import evaluate, export, predict, train
+import eval as eval_tool
+import export
+import predict
+import train
 from cars.checkpoint import load_checkpoint
-from cars.data import load_splits
-from cars.config import Config, load_saved, resolve
 from cars.cli import parse_train
+from cars.config import Config, load_saved, resolve
+from cars.data import load_splits
 from cars.engine import Device, train_step
 from cars.errors import UserError
 
@@ -43,15 +46,20 @@ def test_speed_switches_are_auto_by_default_and_a_bare_flag_means_on(tmp_path):
     assert (saved.amp, saved.compile, saved.channels_last) == ("auto", "off", "on")
     auto = Config()
     assert [auto.speedup_on(name, "cuda") for name in ("amp", "compile", "channels_last")] == [True, True, True]
-    assert [auto.speedup_on(name, device) for name in ("amp", "compile", "channels_last") for device in ("cpu", "mps")] == [False] * 6
+    assert [
+        auto.speedup_on(name, device) for name in ("amp", "compile", "channels_last") for device in ("cpu", "mps")
+    ] == [False] * 6
     assert Config(amp="on").speedup_on("amp", "cpu") and not Config(amp="off").speedup_on("amp", "cuda")
 
 
 def test_mixed_precision_on_a_cpu_is_bfloat16_without_loss_scaling_and_channels_last_reaches_the_model():
     seen = {}
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
-    model[0].register_forward_hook(lambda module, inputs, output: seen.update(
-        input_channels_last=inputs[0].is_contiguous(memory_format=torch.channels_last), output=output.dtype))
+    model[0].register_forward_hook(
+        lambda module, inputs, output: seen.update(
+            input_channels_last=inputs[0].is_contiguous(memory_format=torch.channels_last), output=output.dtype
+        )
+    )
     device = Device("cpu", channels_last=True, amp=True, show_progress=False)
     model(torch.zeros(2, 3, 8, 8))  # materialise the lazy layer
     model = device.place(model)
@@ -61,11 +69,17 @@ def test_mixed_precision_on_a_cpu_is_bfloat16_without_loss_scaling_and_channels_
     assert Device("cuda", amp=True).amp_dtype == torch.float16 and Device("mps", amp=True).amp_dtype == torch.float16
     images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     before = model[2].weight.detach().clone()
-    loss, logits, _ = train_step(model, (images, torch.tensor([0, 1])), torch.optim.SGD(model.parameters(), lr=0.1), scaler, device)
+    loss, logits, _ = train_step(
+        model, (images, torch.tensor([0, 1])), torch.optim.SGD(model.parameters(), lr=0.1), scaler, device
+    )
     assert seen == {"input_channels_last": True, "output": torch.bfloat16}
-    assert loss.dtype == torch.float32 and logits.dtype == torch.bfloat16  # cross-entropy runs in float32 under autocast
-    assert model[2].weight.dtype == torch.float32 and not torch.equal(model[2].weight, before)  # the weights stay float32 and train
-    assert "mixed precision on (bfloat16 autocast), torch.compile off, channels-last on" in device.describe(compiled=False)
+    # cross-entropy runs in float32 under autocast
+    assert loss.dtype == torch.float32 and logits.dtype == torch.bfloat16
+    # the weights stay float32 and train
+    assert model[2].weight.dtype == torch.float32 and not torch.equal(model[2].weight, before)
+    assert "mixed precision on (bfloat16 autocast), torch.compile off, channels-last on" in device.describe(
+        compiled=False
+    )
 
 
 def test_compile_on_a_cpu_without_a_compiler_is_one_clear_line(tmp_path, hub_folder, monkeypatch):
@@ -75,8 +89,11 @@ def test_compile_on_a_cpu_without_a_compiler_is_one_clear_line(tmp_path, hub_fol
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("extra, graphs", [(["--freeze-epochs", "1"], [2, 4, 4, 4, 4]), (["--ema", "--ema-decay", "0.5"], [1] * 5)],
-                         ids=["frozen-then-unfrozen", "ema"])
+@pytest.mark.parametrize(
+    "extra, graphs",
+    [(["--freeze-epochs", "1"], [2, 4, 4, 4, 4]), (["--ema", "--ema-decay", "0.5"], [1] * 5)],
+    ids=["frozen-then-unfrozen", "ema"],
+)
 def test_compiled_training_compiles_each_graph_once(tmp_path, hub_folder, monkeypatch, extra, graphs):
     """One graph for training and one for eval, per state of the backbone (a frozen one has no gradients);
     the EMA's weights are evaluated uncompiled. Never another: not for the padded last eval batch (9 test
@@ -87,21 +104,27 @@ def test_compiled_training_compiles_each_graph_once(tmp_path, hub_folder, monkey
     torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     after_epoch = bench_module("cuda_checks").compiles_per_epoch(  # what bench/cuda_checks.py counts on CUDA
-        tiny_args(hub_folder, tmp_path / "run", "--epochs", "5", "--compile", "--amp", "--channels-last", *extra))
+        tiny_args(hub_folder, tmp_path / "run", "--epochs", "5", "--compile", "--amp", "--channels-last", *extra)
+    )
     assert after_epoch == graphs, "frames compiled, counted after each epoch"
     assert counters["stats"]["unique_graphs"] == graphs[-1]
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="no C++ compiler for inductor: install g++ (.ci/run does)")
-def test_a_compiled_mixed_precision_channels_last_run_resumes_exactly_and_loads_everywhere(tmp_path, hub_folder, capsys):
+@pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("c++")), reason="no C++ compiler for inductor: install g++ (.ci/run does)"
+)
+def test_a_compiled_mixed_precision_channels_last_run_resumes_exactly_and_loads_everywhere(
+    tmp_path, hub_folder, capsys
+):
     """Inductor on the CPU, bfloat16 autocast, channels-last: an uninterrupted run, and one stopped after
     its first epoch and resumed, end bit-identical (inductor's CPU kernels are deterministic for a given
     build and thread count; the resumed run reuses the same kernels from inductor's cache)."""
     torch._dynamo.reset()
     speed = ["--compile", "--amp", "--channels-last", "--epochs", "3"]
     train.main(tiny_args(hub_folder, tmp_path / "whole", *speed))
-    assert (tmp_path / "whole" / "train.log").read_text().splitlines()[0] == \
-        "cpu: mixed precision on (bfloat16 autocast), torch.compile on, channels-last on"
+    assert (tmp_path / "whole" / "train.log").read_text().splitlines()[
+        0
+    ] == "cpu: mixed precision on (bfloat16 autocast), torch.compile on, channels-last on"
     train.main(tiny_args(hub_folder, tmp_path / "stopped", *speed[:-1], "1"))
     train.main(["--resume", str(tmp_path / "stopped"), "--epochs", "3"])
     assert_same_run(tmp_path / "whole", tmp_path / "stopped")
@@ -117,7 +140,11 @@ def test_a_compiled_mixed_precision_channels_last_run_resumes_exactly_and_loads_
         capsys.readouterr()
         predict.main([str(model), str(image), "--json"])
         predictions.append(json.loads(capsys.readouterr().out))
-        evaluate.main([str(model), "--out", str(tmp_path / f"eval-{model.name}"), "--num-gradcam", "1", "--workers", "0"])
+        eval_tool.main(
+            [str(model), "--out", str(tmp_path / f"eval-{model.name}"), "--num-gradcam", "1", "--workers", "0"]
+        )
     assert predictions[0] == predictions[1] and len(predictions[0][0]["predictions"]) == 3
-    assert (tmp_path / "eval-whole" / "predictions.csv").read_text() == (tmp_path / "eval-export" / "predictions.csv").read_text()
+    assert (tmp_path / "eval-whole" / "predictions.csv").read_text() == (
+        tmp_path / "eval-export" / "predictions.csv"
+    ).read_text()
     assert json.loads((tmp_path / "eval-whole" / "summary.json").read_text())["images"] == 9

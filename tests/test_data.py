@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from conftest import CLASSES
+from PIL import Image
 
 from cars import data
 from cars.data import load_splits, read_rgb, stratified_split
@@ -105,14 +105,19 @@ def test_to_rgb_handles_every_mode():
     assert data.to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
     sixteen = Image.fromarray(np.array([[0, 65535], [1000, 30000]], dtype=np.uint16))
     converted = data.to_rgb(sixteen)
-    assert converted.mode == "RGB" and converted.getpixel((1, 0)) == (255, 255, 255) and converted.getpixel((0, 0)) == (0, 0, 0)
+    assert (
+        converted.mode == "RGB"
+        and converted.getpixel((1, 0)) == (255, 255, 255)
+        and converted.getpixel((0, 0)) == (0, 0, 0)
+    )
     for mode in ("CMYK", "P", "L", "1", "LA"):
         assert data.to_rgb(Image.new("RGB", (3, 3), (10, 20, 30)).convert(mode)).mode == "RGB"
 
 
 def sideways_photo(path):
     """A phone photo: its pixels stored turned a quarter (as the sensor saw them) and an EXIF orientation (6) that
-    says how to turn them upright. Returns the upright picture, 40 wide and 20 high: red on the left, blue on the right."""
+    says how to turn them upright. Returns the upright picture, 40 wide and 20 high: red on the left, blue on the
+    right."""
     upright_picture = Image.new("RGB", (40, 20), (200, 30, 30))
     upright_picture.paste((30, 30, 200), (20, 0, 40, 20))
     exif = Image.Exif()
@@ -124,15 +129,17 @@ def sideways_photo(path):
 def test_phone_photos_are_read_upright_everywhere(tmp_path):
     from cars.cache import cached_pixels
     from cars.data import FileSplit, read_rgb
-    from cars.inspect_data import Facts
     from cars.transforms import keep_for_cache
+    from inspect_data import Facts
 
     expected = sideways_photo(tmp_path / "photo.png")
     assert Image.open(tmp_path / "photo.png").size == (20, 40)  # as stored
     split = FileSplit([(str(tmp_path / "photo.png"), 0)], "train")
     image = read_rgb(split, 0)  # predict.py, the web page, eval's CAMs and --cache off read through here
     assert image.size == (40, 20) and image.tobytes() == expected.tobytes()
-    cache = cached_pixels(split, "train", 0, keep_for_cache, tmp_path / "cache")  # the training cache
+    cache = cached_pixels(
+        split, "train", size=0, transform=keep_for_cache, root=tmp_path / "cache"
+    )  # the training cache
     assert torch.equal(cache.image(0), torch.from_numpy(np.array(expected)))
     import imagehash
 

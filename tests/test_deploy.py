@@ -11,7 +11,10 @@ from conftest import tiny_args, write_hub_folder
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from cars import evaluate, export, predict, train
+import eval as eval_tool
+import export
+import predict
+import train
 from cars.data import load_splits
 from cars.errors import UserError
 
@@ -33,9 +36,13 @@ def test_every_format_is_written_checked_and_recorded(exported, capsys):
     info = json.loads((out / "model.json").read_text())
     assert info["arch"] == "resnet18" and info["resolution"] == 64 and len(info["class_names"]) == 3
     assert list(info["formats"]) == ["safetensors", "onnx", "torch-export"]
-    for fmt, entry in info["formats"].items():
+    for entry in info["formats"].values():
         check = entry["check"]
-        assert check["passed"] and check["top1_agreement"] == 100.0 and check["images"] == f"9 test images of {exported / 'data'}"
+        assert (
+            check["passed"]
+            and check["top1_agreement"] == 100.0
+            and check["images"] == f"9 test images of {exported / 'data'}"
+        )
         assert check["max_abs_logit_diff"] <= check["allowed"]
     assert info["formats"]["safetensors"]["check"]["max_abs_logit_diff"] == 0  # the same weights in the same model
     assert info["formats"]["torch-export"]["check"]["max_abs_logit_diff"] == 0  # the same kernels
@@ -49,7 +56,7 @@ def test_every_format_is_written_checked_and_recorded(exported, capsys):
 
 def predict_label(run, image) -> str:
     """The top-1 class PyTorch gives for one image, as predict.py computes it."""
-    from cars.trained import load_trained
+    from cars.inference import load_trained
     from cars.transforms import eval_transform
 
     trained = load_trained(run)
@@ -73,16 +80,22 @@ def test_onnx_runtime_predicts_and_evaluates_as_pytorch_does(exported, tmp_path,
         by_onnx = predictions_of([str(given), *map(str, images), "--json", "--backend", "onnxruntime"], capsys)
         for a, b in zip(by_pytorch, by_onnx):
             assert [p["class"] for p in a["predictions"]] == [p["class"] for p in b["predictions"]]
-            assert [p["probability"] for p in a["predictions"]] == pytest.approx([p["probability"] for p in b["predictions"]], abs=1e-5)
+            assert [p["probability"] for p in a["predictions"]] == pytest.approx(
+                [p["probability"] for p in b["predictions"]], abs=1e-5
+            )
 
-    evaluate.main([str(run), "--out", str(tmp_path / "eval-pt"), "--workers", "0"])
-    evaluate.main([str(out), "--out", str(tmp_path / "eval-onnx"), "--workers", "0", "--backend", "onnxruntime"])
+    eval_tool.main([str(run), "--out", str(tmp_path / "eval-pt"), "--workers", "0"])
+    eval_tool.main([str(out), "--out", str(tmp_path / "eval-onnx"), "--workers", "0", "--backend", "onnxruntime"])
     rows = [list(csv.DictReader(open(tmp_path / folder / "predictions.csv"))) for folder in ("eval-pt", "eval-onnx")]
     assert [(r["true"], r["predicted"]) for r in rows[0]] == [(r["true"], r["predicted"]) for r in rows[1]]
-    assert [float(r["confidence"]) for r in rows[0]] == pytest.approx([float(r["confidence"]) for r in rows[1]], abs=2e-4)
+    assert [float(r["confidence"]) for r in rows[0]] == pytest.approx(
+        [float(r["confidence"]) for r in rows[1]], abs=2e-4
+    )
     summaries = [json.loads((tmp_path / folder / "summary.json").read_text()) for folder in ("eval-pt", "eval-onnx")]
     assert summaries[0]["top1"] == summaries[1]["top1"] and summaries[0]["top5"] == summaries[1]["top5"]
-    assert (tmp_path / "eval-pt" / "gradcam_samples.png").exists() and not (tmp_path / "eval-onnx" / "gradcam_samples.png").exists()
+    assert (tmp_path / "eval-pt" / "gradcam_samples.png").exists() and not (
+        tmp_path / "eval-onnx" / "gradcam_samples.png"
+    ).exists()
     assert "ONNX Runtime gives none" in (tmp_path / "eval-onnx" / "report.md").read_text()
 
 
@@ -90,7 +103,7 @@ def test_onnx_tta_and_other_resolutions_equal_pytorch(exported, tmp_path):
     """The ONNX graph and torch.export's program take every TTA scale and another --resolution, with the logits
     of the PyTorch model within the export tolerance; eval.py --tta gives the same numbers on both backends."""
     from cars.cli import TTA_SCALES
-    from cars.trained import OnnxRuntimeModel, load_trained
+    from cars.inference import OnnxRuntimeModel, load_trained
 
     run, out = exported / "run", exported / "run" / "export"
     model, onnx_model = load_trained(run).model, OnnxRuntimeModel(out / "model.onnx")
@@ -103,11 +116,23 @@ def test_onnx_tta_and_other_resolutions_equal_pytorch(exported, tmp_path):
             assert (onnx_model(images) - expected).abs().max().item() <= allowed, size
             assert (program(images) - expected).abs().max().item() <= allowed, size
 
-    evaluate.main([str(run), "--out", str(tmp_path / "pt"), "--workers", "0", "--tta", "--num-gradcam", "0"])
-    evaluate.main([str(out), "--out", str(tmp_path / "onnx"), "--workers", "0", "--tta", "--backend", "onnxruntime"])
+    eval_tool.main([str(run), "--out", str(tmp_path / "pt"), "--workers", "0", "--tta", "--num-gradcam", "0"])
+    eval_tool.main([str(out), "--out", str(tmp_path / "onnx"), "--workers", "0", "--tta", "--backend", "onnxruntime"])
     tta = [json.loads((tmp_path / folder / "summary.json").read_text())["tta"] for folder in ("pt", "onnx")]
     assert tta[0] == tta[1] and tta[0]["scales"] == [56, 64, 72]
-    evaluate.main([str(out), "--out", str(tmp_path / "onnx-80"), "--workers", "0", "--backend", "onnxruntime", "--resolution", "80"])
+    eval_tool.main(
+        [
+            str(out),
+            "--out",
+            str(tmp_path / "onnx-80"),
+            "--workers",
+            "0",
+            "--backend",
+            "onnxruntime",
+            "--resolution",
+            "80",
+        ]
+    )
     assert json.loads((tmp_path / "onnx-80" / "summary.json").read_text())["resolution"] == 80
 
 
@@ -133,13 +158,18 @@ def tamper_pt2(path):
     torch.export.save(program, str(path))
 
 
-@pytest.mark.parametrize("name, tamper", [("model.onnx", tamper_onnx), ("model.safetensors", tamper_safetensors),
-                                          ("model.pt2", tamper_pt2)])
+@pytest.mark.parametrize(
+    "name, tamper", [("model.onnx", tamper_onnx), ("model.safetensors", tamper_safetensors), ("model.pt2", tamper_pt2)]
+)
 def test_a_tampered_export_fails_its_check(exported, tmp_path, name, tamper):
     copy = tmp_path / "export"
-    export.main([str(exported / "run"), "--out", str(copy), "--format", "safetensors,onnx,torch-export", "--check-images", "9"])
+    export.main(
+        [str(exported / "run"), "--out", str(copy), "--format", "safetensors,onnx,torch-export", "--check-images", "9"]
+    )
     tamper(copy / name)
-    with pytest.raises(UserError, match=f"{name} fails its parity check: its logits differ from the PyTorch model's by up to"):
+    with pytest.raises(
+        UserError, match=f"{name} fails its parity check: its logits differ from the PyTorch model's by up to"
+    ):
         export.main([str(exported / "run"), "--out", str(copy), "--verify", "--check-images", "9"])
 
 
@@ -158,7 +188,8 @@ def test_an_export_that_fails_its_check_is_never_kept(exported, tmp_path, monkey
     monkeypatch.setattr(export, "write_export", wrong_weights)
     with pytest.raises(UserError, match="model.onnx fails its parity check"):
         export.main([str(exported / "run"), "--out", str(tmp_path / "bad"), "--format", "onnx", "--check-images", "4"])
-    assert list(tmp_path.iterdir()) == []  # neither the failed file nor a model.json that lists it, nor the staging folder
+    # neither the failed file nor a model.json that lists it, nor the staging folder
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_export_and_backend_requests_are_one_clear_line(exported, tmp_path):
@@ -180,10 +211,10 @@ def test_bad_export_and_backend_requests_are_one_clear_line(exported, tmp_path):
 
 def test_the_web_page_runs_an_onnx_export_without_cams(exported, tmp_path):
     from gradio_client import Client, handle_file
-
-    from cars.app import build_app
-    from cars.trained import load_onnx
     from test_app import free_port
+
+    from app import build_app
+    from cars.inference import load_onnx
 
     image = tmp_path / "car.png"
     load_splits(str(exported / "data")).eval.open(0).save(image)
@@ -193,7 +224,9 @@ def test_the_web_page_runs_an_onnx_export_without_cams(exported, tmp_path):
     port = free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=True)
     try:
-        top5, cam = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(handle_file(str(image)), "gradcam", api_name="/predict")
+        top5, cam = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
+            handle_file(str(image)), "gradcam", api_name="/predict"
+        )
     finally:
         app.close()
     expected = predict_label(exported / "run", image)
@@ -204,15 +237,31 @@ def test_a_bare_state_dict_is_checked_on_random_pixels_and_says_so(exported, tmp
     from cars.checkpoint import load_checkpoint
 
     torch.save(load_checkpoint(exported / "run" / "best.pt")["model"], tmp_path / "weights.pt")
-    export.main([str(tmp_path / "weights.pt"), "--arch", "resnet18", "--resolution", "64", "--format", "onnx", "--check-images", "4"])
+    export.main(
+        [
+            str(tmp_path / "weights.pt"),
+            "--arch",
+            "resnet18",
+            "--resolution",
+            "64",
+            "--format",
+            "onnx",
+            "--check-images",
+            "4",
+        ]
+    )
     check = json.loads((tmp_path / "export" / "model.json").read_text())["formats"]["onnx"]["check"]
-    assert check["images"] == "4 images of random pixels (no dataset known: pass --data for test images)" and check["passed"]
+    assert (
+        check["images"] == "4 images of random pixels (no dataset known: pass --data for test images)"
+        and check["passed"]
+    )
     assert "note: checking on random pixels" in capsys.readouterr().out
 
 
 KILLER = """
 import os, signal, sys
-from cars import export, files
+from cars import files
+import export
 
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
@@ -242,15 +291,40 @@ def test_a_killed_overwrite_leaves_one_whole_export(exported, tmp_path, point, c
     out = tmp_path / "export"
     shutil.copytree(exported / "run" / "export", out)
     before = json.loads((out / "model.json").read_text())
-    killed = subprocess.run([sys.executable, "-c", KILLER, point, str(exported / "run"), "--out", str(out), "--format", "safetensors",
-                             "--check-images", "4", "--overwrite"], capture_output=True, text=True)
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            KILLER,
+            point,
+            str(exported / "run"),
+            "--out",
+            str(out),
+            "--format",
+            "safetensors",
+            "--check-images",
+            "4",
+            "--overwrite",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    export.main([str(exported / "run"), "--out", str(out), "--verify", "--check-images", "4"])  # puts back what a kill moved aside
+    # puts back what a kill moved aside
+    export.main([str(exported / "run"), "--out", str(out), "--verify", "--check-images", "4"])
     after = json.loads((out / "model.json").read_text())
-    assert after == before and sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx", "model.pt2", "model.safetensors"]
+    assert after == before and sorted(p.name for p in out.iterdir()) == [
+        "model.json",
+        "model.onnx",
+        "model.pt2",
+        "model.safetensors",
+    ]
     assert capsys.readouterr().out.count("passes") == 3
-    export.main([str(exported / "run"), "--out", str(out), "--format", "safetensors", "--check-images", "4", "--overwrite"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # the new export alone: no staging or old folder left
+    export.main(
+        [str(exported / "run"), "--out", str(out), "--format", "safetensors", "--check-images", "4", "--overwrite"]
+    )
+    # the new export alone: no staging or old folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]
 
 

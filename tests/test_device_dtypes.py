@@ -8,7 +8,8 @@ import torch
 from conftest import tiny_args
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cars import evaluate, train
+import eval as eval_tool
+import train
 
 
 class DtypeRecorder(TorchDispatchMode):
@@ -46,5 +47,5 @@ def test_eval_and_its_cams_make_no_float64_tensor(tmp_path, hub_folder):
     run_dir = tmp_path / "run"
     train.main(tiny_args(hub_folder, run_dir, "--epochs", "1"))
     with DtypeRecorder() as recorder:
-        evaluate.main([str(run_dir), "--num-gradcam", "2", "--cache", "off"])
+        eval_tool.main([str(run_dir), "--num-gradcam", "2", "--cache", "off"])
     assert recorder.float64 == []

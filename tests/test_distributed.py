@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cars import evaluate, train
+import eval as eval_tool
+import train
 from cars.checkpoint import load_checkpoint
 from cars.errors import UserError
 from cars.loaders import GlobalBatches, make_loader
@@ -31,16 +32,53 @@ def runs(tmp_path_factory):
     write_demo(root / "cache" / "demo-v1", train_per_class=8, test_per_class=2)
     torch.manual_seed(0)
     torch.save(build_model("shufflenet_v2_x0_5", "none", 10).state_dict(), root / "start.pth")  # both runs start here
-    args = ["--config", str(ROOT / "configs" / "demo.toml"), "--epochs", "2", "--batch-size", "16", "--optimizer", "sgd",
-            "--lr", "0.02", "--weight-decay", "1e-4", "--freeze-epochs", "1", "--weights", str(root / "start.pth"),
-            "--scheduler", "step", "--step-size", "1", "--gamma", "0",  # lr 0 after the frozen epoch: last.pt keeps its weights
-            "--augment", "heavy"]  # augmented a batch at a time: each process augments its half, with the same pixels
+    args = [
+        "--config",
+        str(ROOT / "configs" / "demo.toml"),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.02",
+        "--weight-decay",
+        "1e-4",
+        "--freeze-epochs",
+        "1",
+        "--weights",
+        str(root / "start.pth"),
+        "--scheduler",
+        "step",
+        "--step-size",
+        "1",
+        "--gamma",
+        "0",  # lr 0 after the frozen epoch: last.pt keeps its weights
+        "--augment",
+        "heavy",
+    ]  # augmented a batch at a time: each process augments its half, with the same pixels
     old_cache = os.environ["CARS_CACHE"]
     os.environ["CARS_CACHE"] = env["CARS_CACHE"]
     train.main([*args, "--run-dir", str(root / "single")])
     os.environ["CARS_CACHE"] = old_cache
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "train.py"),
-                          *args, "--run-dir", str(root / "two")], env=env, capture_output=True, text=True)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "train.py"),
+            *args,
+            "--run-dir",
+            str(root / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     return root, env, args, two.stdout
 
@@ -89,9 +127,12 @@ def test_checkpoint_of_two_processes_evaluates_and_resumes_in_one(runs, tmp_path
     two, single = tmp_path / "two", tmp_path / "single"
     shutil.copytree(root / "two", two)
     shutil.copytree(root / "single", single)
-    evaluate.main([str(two), "--num-gradcam", "2", "--workers", "0"])
-    report = json.loads((two / "eval" / "summary.json").read_text())  # one process, best.pt: the number the job reported
-    assert report["images"] == 20 and report["top1"] == pytest.approx(json.loads((two / "summary.json").read_text())["best_eval_acc"])
+    eval_tool.main([str(two), "--num-gradcam", "2", "--workers", "0"])
+    # one process, best.pt: the number the job reported
+    report = json.loads((two / "eval" / "summary.json").read_text())
+    assert report["images"] == 20 and report["top1"] == pytest.approx(
+        json.loads((two / "summary.json").read_text())["best_eval_acc"]
+    )
     for run_dir in (two, single):
         train.main(["--resume", str(run_dir), "--epochs", "3"])
     rows, reference = read_metrics(two / "metrics.csv"), read_metrics(single / "metrics.csv")
@@ -102,12 +143,21 @@ def test_checkpoint_of_two_processes_evaluates_and_resumes_in_one(runs, tmp_path
 
 def test_shards_cover_every_image_exactly_once():
     generator = torch.Generator().manual_seed(0)
-    whole = list(GlobalBatches(23, 8, generator.manual_seed(1), 0, 1))
-    shards = [list(GlobalBatches(23, 8, torch.Generator().manual_seed(1), rank, 3)) for rank in range(3)]
+    whole = list(GlobalBatches(23, batch_size=8, generator=generator.manual_seed(1)))
+    shards = [
+        list(GlobalBatches(23, batch_size=8, generator=torch.Generator().manual_seed(1), rank=rank, world=3))
+        for rank in range(3)
+    ]
     for b, batch in enumerate(whole):  # every global batch is split over the processes, nothing lost or repeated
         assert sorted(sum((shard[b] for shard in shards), [])) == sorted(batch)
     dataset = list(range(10))
-    seen = sum((list(make_loader(dataset, 4, False, 0, 0, rank=r, world=3).dataset) for r in range(3)), [])
+    seen = sum(
+        (
+            list(make_loader(dataset, batch_size=4, shuffle=False, workers=0, seed=0, rank=r, world=3).dataset)
+            for r in range(3)
+        ),
+        [],
+    )
     assert sorted(seen) == dataset
 
 
@@ -124,11 +174,17 @@ def test_with_unreadable_images_every_process_takes_the_same_steps():
     import numpy as np
 
     readable = np.arange(24) >= 16
-    whole = list(GlobalBatches(24, 4, torch.Generator().manual_seed(3)))  # the global batches, in one process
+    whole = list(
+        GlobalBatches(24, batch_size=4, generator=torch.Generator().manual_seed(3))
+    )  # the global batches, in one process
     expected = [all(readable[batch[rank::2]].any() for rank in range(2)) for batch in whole]
     assert 0 < expected.count(False) < len(whole)
     for rank in range(2):
-        shares = list(GlobalBatches(24, 4, torch.Generator().manual_seed(3), rank, 2, readable=readable))
+        shares = list(
+            GlobalBatches(
+                24, batch_size=4, generator=torch.Generator().manual_seed(3), rank=rank, world=2, readable=readable
+            )
+        )
         assert [bool(share) for share in shares] == expected
         assert all(share == batch[rank::2] for share, batch, taken in zip(shares, whole, expected) if taken)
 
@@ -136,7 +192,19 @@ def test_with_unreadable_images_every_process_takes_the_same_steps():
 def test_skip_bad_images_under_torchrun_without_the_cache_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="--skip-bad-images under torchrun needs the preprocessing cache"):
-        train.main(["--data", "demo", "--batch-size", "16", "--skip-bad-images", "--cache", "off", "--run-dir", str(tmp_path / "r")])
+        train.main(
+            [
+                "--data",
+                "demo",
+                "--batch-size",
+                "16",
+                "--skip-bad-images",
+                "--cache",
+                "off",
+                "--run-dir",
+                str(tmp_path / "r"),
+            ]
+        )
     assert not (tmp_path / "r").exists()
 
 
@@ -162,4 +230,5 @@ def test_each_process_has_its_own_dropout_and_all_share_the_mixup_draw():
         mixed.append(mixer(images, labels, step=7)[1])
         assert torch.equal(torch.get_rng_state(), state)  # the process's own stream is left as it was
     assert torch.equal(mixed[0], mixed[1])
-    assert any(not torch.equal(mixer(images, labels, step=s)[1], mixed[0]) for s in range(8, 12))  # another step, another draw
+    # another step, another draw
+    assert any(not torch.equal(mixer(images, labels, step=s)[1], mixed[0]) for s in range(8, 12))

@@ -9,7 +9,10 @@ import pytest
 import torch
 from conftest import CLASSES, write_hub_folder
 
-from cars import analysis, evaluate, predict, train
+import eval as eval_tool
+import predict
+import train
+from cars import analysis
 from cars.checkpoint import read_state_dict, save_checkpoint
 from cars.data import load_splits, read_rgb
 from cars.errors import UserError, run_cli
@@ -28,10 +31,12 @@ def trained_run(tmp_path_factory):
     from datasets import load_dataset
 
     test = load_dataset(str(data), data_files={"test": "data/test-*"})["test"]
-    test.map(lambda row: {"image": row["image"].rotate(90, expand=True)}).to_parquet(str(data / "data" / "motion_blur-00000-of-00001.parquet"))
+    test.map(lambda row: {"image": row["image"].rotate(90, expand=True)}).to_parquet(
+        str(data / "data" / "motion_blur-00000-of-00001.parquet")
+    )
     run_dir = root / "run"
-    train.main(["--data", str(data), "--run-dir", str(run_dir), "--arch", "resnet18", "--weights", "none", "--resolution", "64",
-                "--batch-size", "8", "--epochs", "2", "--workers", "0", "--lr", "0.01"])
+    recipe = "--arch resnet18 --weights none --resolution 64 --batch-size 8 --epochs 2 --workers 0 --lr 0.01"
+    train.main(["--data", str(data), "--run-dir", str(run_dir), *recipe.split()])
     return run_dir, data
 
 
@@ -55,7 +60,7 @@ def independent_predictions(run_dir: Path, data: Path):
 @pytest.fixture(scope="module")
 def evaluated(trained_run):
     run_dir, data = trained_run
-    evaluate.main([str(run_dir), "--tta", "--corruptions", "--num-gradcam", "4", "--workers", "0"])
+    eval_tool.main([str(run_dir), "--tta", "--corruptions", "--num-gradcam", "4", "--workers", "0"])
     return run_dir / "eval"
 
 
@@ -85,7 +90,9 @@ def test_numbers_equal_an_independent_computation(trained_run, evaluated):
         assert [int(row[CLASSES[j]]) for j in range(3)] == [counts[(i, j)] for j in range(3)]
 
     expected_pairs = sorted(((t, p, n) for (t, p), n in counts.items() if t != p), key=lambda x: (-x[2], x[0], x[1]))
-    pairs = [(int(r["true_id"]), int(r["predicted_id"]), int(r["count"])) for r in read_csv(evaluated / "confused_pairs.csv")]
+    pairs = [
+        (int(r["true_id"]), int(r["predicted_id"]), int(r["count"])) for r in read_csv(evaluated / "confused_pairs.csv")
+    ]
     assert pairs == expected_pairs[:10]
 
 
@@ -96,7 +103,9 @@ def check_eval_folder(folder: Path, class_names: list[str]) -> dict:
     summary = json.loads((folder / "summary.json").read_text())
     rows = read_csv(folder / "predictions.csv")
     true, predicted = [int(r["true"]) for r in rows], [int(r["predicted"]) for r in rows]
-    assert summary["images"] == len(rows) and summary["top1"] == pytest.approx(100 * np.mean(np.equal(true, predicted)), abs=1e-4)
+    assert summary["images"] == len(rows) and summary["top1"] == pytest.approx(
+        100 * np.mean(np.equal(true, predicted)), abs=1e-4
+    )
     per_class = read_csv(folder / "per_class.csv")
     assert [r["name"] for r in per_class] == class_names
     for c, row in enumerate(per_class):
@@ -104,15 +113,20 @@ def check_eval_folder(folder: Path, class_names: list[str]) -> dict:
         assert (int(row["correct"]), int(row["total"])) == (hits, true.count(c))
     counts = Counter(zip(true, predicted))
     matrix = read_csv(folder / "confusion_matrix.csv")
-    assert [[int(row[name]) for name in class_names] for row in matrix] == [[counts[(i, j)] for j in range(len(class_names))]
-                                                                          for i in range(len(class_names))]
+    assert [[int(row[name]) for name in class_names] for row in matrix] == [
+        [counts[(i, j)] for j in range(len(class_names))] for i in range(len(class_names))
+    ]
     pairs = sorted(((t, p, n) for (t, p), n in counts.items() if t != p), key=lambda x: (-x[2], x[0], x[1]))[:10]
-    assert [(int(r["true_id"]), int(r["predicted_id"]), int(r["count"])) for r in read_csv(folder / "confused_pairs.csv")] == pairs
+    assert [
+        (int(r["true_id"]), int(r["predicted_id"]), int(r["count"])) for r in read_csv(folder / "confused_pairs.csv")
+    ] == pairs
 
     report = (folder / "report.md").read_text()
     assert f"**Top-1 {summary['top1']:.2f}%**, top-5 {summary['top5']:.2f}%" in report
     bottom = report.split("### Bottom 10")[1].split("### Top 10")[0]
-    worst = sorted((r for r in per_class if int(r["total"])), key=lambda r: (int(r["correct"]) / int(r["total"]), int(r["id"])))[:10]
+    worst = sorted(
+        (r for r in per_class if int(r["total"])), key=lambda r: (int(r["correct"]) / int(r["total"]), int(r["id"]))
+    )[:10]
     assert [line.split(" | ")[0].strip("| ") for line in bottom.strip().splitlines()[2:]] == [r["name"] for r in worst]
     for true_id, predicted_id, count in pairs:
         assert f"| {class_names[true_id]} | {class_names[predicted_id]} | {count} |" in report
@@ -142,7 +156,14 @@ def test_tta_equals_an_independent_computation(trained_run, evaluated):
         for i in range(len(test)):
             image = read_rgb(test, i)
             views = [eval_transform(size)(image) for size in (56, 64, 72)]
-            logits = sum(model(normalize(view.flip(-1) if flip else view)[None])[0] for view in views for flip in (False, True)) / 6
+            logits = (
+                sum(
+                    model(normalize(view.flip(-1) if flip else view)[None])[0]
+                    for view in views
+                    for flip in (False, True)
+                )
+                / 6
+            )
             correct += int(logits.argmax().item() == test.labels[i])
     summary = json.loads((evaluated / "summary.json").read_text())
     assert summary["tta"]["top1"] == pytest.approx(100 * correct / len(test), abs=1e-4)
@@ -158,14 +179,21 @@ def test_tta_and_corruption_rows(trained_run, evaluated):
     assert corruptions["mean_drop"] == pytest.approx(summary["top1"] - corruptions["mean"])
     report = (evaluated / "report.md").read_text()
     tta_table = report.split("## Test-time augmentation")[1].split("## Robustness")[0]
-    assert sum(1 for line in tta_table.splitlines() if line.startswith("| Audi") or line.startswith("| AM") or line.startswith("| BMW")) == 3
+    assert (
+        sum(
+            1
+            for line in tta_table.splitlines()
+            if line.startswith("| Audi") or line.startswith("| AM") or line.startswith("| BMW")
+        )
+        == 3
+    )
     assert "| **mean** |" in report
 
 
 def test_eval_output_is_not_overwritten_without_flag(trained_run, evaluated, capsys):
     before = (evaluated / "summary.json").read_bytes()
     with pytest.raises(SystemExit) as exit:
-        run_cli(evaluate.main, [str(trained_run[0]), "--workers", "0"])
+        run_cli(eval_tool.main, [str(trained_run[0]), "--workers", "0"])
     assert exit.value.code == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert (evaluated / "summary.json").read_bytes() == before
@@ -174,17 +202,40 @@ def test_eval_output_is_not_overwritten_without_flag(trained_run, evaluated, cap
 def test_no_corrupted_splits_is_a_clear_error(tmp_path, trained_run):
     plain = write_hub_folder(tmp_path / "plain")
     with pytest.raises(UserError, match="has no corrupted copies of its test split"):
-        evaluate.main([str(trained_run[0] / "best.pt"), "--data", str(plain), "--corruptions", "--out", str(tmp_path / "o")])
+        eval_tool.main(
+            [str(trained_run[0] / "best.pt"), "--data", str(plain), "--corruptions", "--out", str(tmp_path / "o")]
+        )
 
 
-@pytest.mark.parametrize("prefix, wrapper", [("_orig_mod.", None), ("module.", "state_dict"), ("module._orig_mod.", "model")])
-def test_bare_compiled_and_ddp_state_dicts_give_identical_predictions(tmp_path, trained_run, evaluated, prefix, wrapper):
+@pytest.mark.parametrize(
+    "prefix, wrapper", [("_orig_mod.", None), ("module.", "state_dict"), ("module._orig_mod.", "model")]
+)
+def test_bare_compiled_and_ddp_state_dicts_give_identical_predictions(
+    tmp_path, trained_run, evaluated, prefix, wrapper
+):
     run_dir, data = trained_run
     state = {prefix + k: v for k, v in read_state_dict(run_dir / "best.pt").items()}
     save_checkpoint(tmp_path / "best_model.pth", {wrapper: state} if wrapper else state)
     out = tmp_path / "eval"
-    evaluate.main([str(tmp_path / "best_model.pth"), "--arch", "resnet18", "--num-classes", "3", "--resolution", "64",
-                   "--data", str(data), "--out", str(out), "--num-gradcam", "0", "--workers", "0"])
+    eval_tool.main(
+        [
+            str(tmp_path / "best_model.pth"),
+            "--arch",
+            "resnet18",
+            "--num-classes",
+            "3",
+            "--resolution",
+            "64",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--num-gradcam",
+            "0",
+            "--workers",
+            "0",
+        ]
+    )
     assert read_csv(out / "predictions.csv") == read_csv(evaluated / "predictions.csv")
     assert read_csv(out / "per_class.csv") == read_csv(evaluated / "per_class.csv")
 
@@ -192,13 +243,15 @@ def test_bare_compiled_and_ddp_state_dicts_give_identical_predictions(tmp_path, 
 def test_mismatched_checkpoints_name_both_sides(tmp_path, trained_run):
     best = str(trained_run[0] / "best.pt")
     with pytest.raises(UserError, match="holds a resnet18 model, not resnet34; pass --arch resnet18"):
-        evaluate.main([best, "--arch", "resnet34", "--out", str(tmp_path / "a")])
+        eval_tool.main([best, "--arch", "resnet34", "--out", str(tmp_path / "a")])
     state = read_state_dict(trained_run[0] / "best.pt")
     torch.save(state, tmp_path / "bare.pth")
     with pytest.raises(UserError, match="has 3 classes but the model has 5"):
-        evaluate.main([str(tmp_path / "bare.pth"), "--arch", "resnet18", "--num-classes", "5", "--out", str(tmp_path / "b")])
+        eval_tool.main(
+            [str(tmp_path / "bare.pth"), "--arch", "resnet18", "--num-classes", "5", "--out", str(tmp_path / "b")]
+        )
     with pytest.raises(UserError, match="does not say which architecture it holds; pass --arch"):
-        evaluate.main([str(tmp_path / "bare.pth"), "--out", str(tmp_path / "c")])
+        eval_tool.main([str(tmp_path / "bare.pth"), "--out", str(tmp_path / "c")])
 
 
 class ColourEvidence(torch.nn.Module):
@@ -237,14 +290,18 @@ def peak_in(cam: np.ndarray, region) -> bool:
     return region[0].start <= y < region[0].stop and region[1].start <= x < region[1].stop
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "scorecam", "finercam", "eigencam"])
+@pytest.mark.parametrize(
+    "method", ["gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "scorecam", "finercam", "eigencam"]
+)
 def test_cam_maps_peak_where_the_evidence_for_the_class_is(method):
     model, image = ColourEvidence(), red_and_blue_image()
     assert model(image).argmax().item() == 1  # the blue square is the stronger evidence
     for target, region, elsewhere in ((0, RED, BLUE), (1, BLUE, RED)):
         cam = class_activation_maps(model, image, [target], method)[0]
         assert cam.shape == (64, 64) and 0 <= cam.min() and cam.max() <= 1 + 1e-6
-        if method == "eigencam":  # the activations' first principal component: where the evidence is, whatever the class
+        if (
+            method == "eigencam"
+        ):  # the activations' first principal component: where the evidence is, whatever the class
             assert peak_in(cam, RED) or peak_in(cam, BLUE)
             continue
         assert peak_in(cam, region), f"{method}: class {target} must peak on its colour"
@@ -267,8 +324,20 @@ def test_predict_top1_matches_eval_and_reports_unreadable_files(tmp_path, traine
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really")
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit:
-        run_cli(predict.main, [str(run_dir), paths[0], str(tmp_path / "broken.jpg"), paths[1], "--json", "--topk", "2",
-                               "--cam", str(tmp_path / "cams")])
+        run_cli(
+            predict.main,
+            [
+                str(run_dir),
+                paths[0],
+                str(tmp_path / "broken.jpg"),
+                paths[1],
+                "--json",
+                "--topk",
+                "2",
+                "--cam",
+                str(tmp_path / "cams"),
+            ],
+        )
     assert exit.value.code == 1
     captured = capsys.readouterr()
     errors = captured.err.strip().splitlines()
@@ -284,11 +353,26 @@ def test_predict_top1_matches_eval_and_reports_unreadable_files(tmp_path, traine
 
 def test_predict_table_for_a_bare_state_dict_with_class_names_from_data(tmp_path, trained_run, capsys):
     run_dir, data = trained_run
-    torch.save({"_orig_mod." + k: v for k, v in read_state_dict(run_dir / "best.pt").items()}, tmp_path / "best_model.pth")
+    torch.save(
+        {"_orig_mod." + k: v for k, v in read_state_dict(run_dir / "best.pt").items()}, tmp_path / "best_model.pth"
+    )
     image = tmp_path / "grey.jpg"
     load_splits(str(data)).eval.open(0).convert("L").save(image)
     capsys.readouterr()
-    predict.main([str(tmp_path / "best_model.pth"), str(image), "--arch", "resnet18", "--resolution", "64", "--data", str(data), "--topk", "3"])
+    predict.main(
+        [
+            str(tmp_path / "best_model.pth"),
+            str(image),
+            "--arch",
+            "resnet18",
+            "--resolution",
+            "64",
+            "--data",
+            str(data),
+            "--topk",
+            "3",
+        ]
+    )
     out = capsys.readouterr().out.splitlines()
     assert out[0] == str(image) and len(out) == 4
     assert sorted(line.split(". ", 1)[1].rsplit(" ", 1)[0].strip() for line in out[1:]) == sorted(CLASSES)
@@ -309,7 +393,9 @@ def test_analysis_helpers_by_hand():
     assert analysis.topk_accuracy(torch.eye(2)[torch.zeros(300, dtype=torch.long)], right, 1) == 90.0
     from cars.engine import Device, evaluate
 
-    batches = [(torch.eye(2)[torch.zeros(100, dtype=torch.long)].view(100, 2, 1, 1), right[k : k + 100]) for k in (0, 100, 200)]
+    batches = [
+        (torch.eye(2)[torch.zeros(100, dtype=torch.long)].view(100, 2, 1, 1), right[k : k + 100]) for k in (0, 100, 200)
+    ]
     assert evaluate(torch.nn.Flatten(), batches, Device("cpu", show_progress=False)).accuracy == 90.0
     ranks = torch.tensor([[7.0, 6, 5, 4, 3, 2, 1]] * 4)  # class i is the (i+1)-th guess
     assert analysis.topk_accuracy(ranks, torch.tensor([0, 4, 5, 6]), 5) == 50.0
@@ -328,20 +414,38 @@ def test_a_dataset_with_the_classes_in_another_order_is_matched_by_name(tmp_path
         rows[split] = (images, [2 - label for label in labels])
     reordered = write_hub_folder(tmp_path / "reordered", rows=rows, classes=list(reversed(CLASSES)))
     capsys.readouterr()
-    evaluate.main([str(run_dir), "--data", str(reordered), "--out", str(tmp_path / "eval"), "--num-gradcam", "0", "--workers", "0"])
-    assert "lists the model's 3 classes in another order; its labels are matched to the model's by name" in capsys.readouterr().out
+    eval_tool.main(
+        [
+            str(run_dir),
+            "--data",
+            str(reordered),
+            "--out",
+            str(tmp_path / "eval"),
+            "--num-gradcam",
+            "0",
+            "--workers",
+            "0",
+        ]
+    )
+    assert (
+        "lists the model's 3 classes in another order; its labels are matched to the model's by name"
+        in capsys.readouterr().out
+    )
     assert read_csv(tmp_path / "eval" / "predictions.csv") == read_csv(evaluated / "predictions.csv")
     assert read_csv(tmp_path / "eval" / "per_class.csv") == read_csv(evaluated / "per_class.csv")
     # the web page's Evaluation tab: the training examples of the class a mistake was taken for are of that class
     import gradio as gr
 
-    from cars.app import evaluation_tab
-    from cars.trained import load_trained
-
+    from app import evaluation_tab
+    from cars.inference import load_trained
     from cars.report import write_csv
 
-    pairs = [dict(true_id=t, true=CLASSES[t], predicted_id=(t + 1) % 3, predicted=CLASSES[(t + 1) % 3], count=1) for t in range(3)]
-    write_csv(tmp_path / "eval" / "confused_pairs.csv", pairs, list(pairs[0]))  # every class once as "taken for", whatever the model did
+    pairs = [
+        dict(true_id=t, true=CLASSES[t], predicted_id=(t + 1) % 3, predicted=CLASSES[(t + 1) % 3], count=1)
+        for t in range(3)
+    ]
+    # every class once as "taken for", whatever the model did
+    write_csv(tmp_path / "eval" / "confused_pairs.csv", pairs, list(pairs[0]))
     with gr.Blocks():
         show_pair = evaluation_tab(load_trained(run_dir), tmp_path / "eval", "gradcam")[1]
     data_names, data_labels = list(reversed(CLASSES)), load_splits(str(reordered)).train.labels
@@ -351,8 +455,10 @@ def test_a_dataset_with_the_classes_in_another_order_is_matched_by_name(tmp_path
         assert len(shown) == 6 and all(data_names[data_labels[i]] == pair["predicted"] for i in shown)
 
     other = write_hub_folder(tmp_path / "other", classes=[*CLASSES[:2], "Tesla Model S Sedan 2012"])
-    with pytest.raises(UserError, match="has other classes than the model .*'Tesla Model S Sedan 2012'.*pass the --data the model"):
-        evaluate.main([str(run_dir), "--data", str(other), "--out", str(tmp_path / "eval2")])
+    with pytest.raises(
+        UserError, match="has other classes than the model .*'Tesla Model S Sedan 2012'.*pass the --data the model"
+    ):
+        eval_tool.main([str(run_dir), "--data", str(other), "--out", str(tmp_path / "eval2")])
     assert not (tmp_path / "eval2").exists()
     image = tmp_path / "car.png"
     load_splits(str(other)).eval.open(0).save(image)
@@ -368,9 +474,9 @@ def test_an_eval_that_crashed_part_way_is_replaced_with_overwrite(tmp_path, trai
         raise RuntimeError("the CAMs ran out of memory")
 
     with monkeypatch.context() as patched:
-        patched.setattr(evaluate, "cam_tiles", crash)
+        patched.setattr(eval_tool, "cam_tiles", crash)
         with pytest.raises(RuntimeError, match="out of memory"):
-            evaluate.main([str(run_dir), "--out", str(out), "--num-gradcam", "2", "--workers", "0"])
+            eval_tool.main([str(run_dir), "--out", str(out), "--num-gradcam", "2", "--workers", "0"])
     assert json.loads((out / "summary.json").read_text())["status"] == "running" and (out / "per_class.csv").exists()
-    evaluate.main([str(run_dir), "--out", str(out), "--num-gradcam", "2", "--workers", "0", "--overwrite"])
+    eval_tool.main([str(run_dir), "--out", str(out), "--num-gradcam", "2", "--workers", "0", "--overwrite"])
     assert json.loads((out / "summary.json").read_text())["status"] == "finished" and (out / "report.md").exists()

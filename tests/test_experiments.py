@@ -9,13 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FixedBatches, tiny_run
 
-from cars import compare, lr_find, optim, train
+import compare
+import lr_find
+import train
+from cars import optim
 from cars.checkpoint import load_checkpoint
 from cars.config import Config
 from cars.data import load_splits
 from cars.demo import write_demo
-from cars.engine import Device, train_one_epoch
+from cars.engine import Device, train_step
 from cars.errors import UserError
 from cars.loaders import TransformedSplit, make_loader
 from cars.models import build_model, head_name
@@ -44,10 +48,18 @@ def tiny_demo(tmp_path_factory):
 
 def test_every_seed_run_has_a_preset():
     names = {p.stem for p in PRESETS}
-    assert {f"run0{i}" for i in range(1, 7)} | {"run07_baseline", "run08_r50_448", "run09_effb4_sgd", "run10_effb4_adamw",
-                                                 "plus_r50_224", "plus_r50_448", "demo"} <= names
-    assert tomllib.loads((ROOT / "configs" / "run07_baseline.toml").read_text()).items() <= vars(Config()).items(), \
+    assert {f"run0{i}" for i in range(1, 7)} | {
+        "run07_baseline",
+        "run08_r50_448",
+        "run09_effb4_sgd",
+        "run10_effb4_adamw",
+        "plus_r50_224",
+        "plus_r50_448",
+        "demo",
+    } <= names
+    assert tomllib.loads((ROOT / "configs" / "run07_baseline.toml").read_text()).items() <= vars(Config()).items(), (
         "run 7 is the default recipe"
+    )
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
@@ -57,15 +69,50 @@ def test_preset_parses_and_runs_a_short_epoch_on_the_demo(tmp_path, tiny_demo, p
     values = tomllib.loads(text)
     Config(**values).validate()
     epochs = 2 if values.get("freeze_epochs") or values.get("warmup_epochs") else 1
-    shrink = ["--epochs", epochs, "--freeze-epochs", min(values.get("freeze_epochs", 0), 1),
-              "--warmup-epochs", min(values.get("warmup_epochs", 0), 1)]
+    shrink = [
+        "--epochs",
+        epochs,
+        "--freeze-epochs",
+        min(values.get("freeze_epochs", 0), 1),
+        "--warmup-epochs",
+        min(values.get("warmup_epochs", 0), 1),
+    ]
     run_dir = tmp_path / preset.stem
-    train.main([str(a) for a in ["--config", preset, "--data", "demo", "--weights", "none", "--resolution", 32, "--batch-size", 4,
-                                 "--workers", 0, "--run-dir", run_dir, *shrink]])
+    train.main(
+        [
+            str(a)
+            for a in [
+                "--config",
+                preset,
+                "--data",
+                "demo",
+                "--weights",
+                "none",
+                "--resolution",
+                32,
+                "--batch-size",
+                4,
+                "--workers",
+                0,
+                "--run-dir",
+                run_dir,
+                *shrink,
+            ]
+        ]
+    )
     rows = read_metrics(run_dir / "metrics.csv")
     assert len(rows) == epochs
     saved = tomllib.loads((run_dir / "config.toml").read_text())
-    for key in set(values) - {"epochs", "freeze_epochs", "warmup_epochs", "weights", "resolution", "batch_size", "workers", "data"}:
+    for key in set(values) - {
+        "epochs",
+        "freeze_epochs",
+        "warmup_epochs",
+        "weights",
+        "resolution",
+        "batch_size",
+        "workers",
+        "data",
+    }:
         assert saved[key] == values[key], key
 
 
@@ -104,7 +151,7 @@ def test_a_presets_own_values_reach_the_optimizer_the_schedule_and_the_transform
             assert lrs[epoch * steps] == pytest.approx(lr * cfg.gamma ** (epoch // cfg.step_size)), epoch
     else:
         assert lrs[warm] == pytest.approx(lr) and lrs[-1] < 0.01 * lr
-        assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
+        assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1 :]))
 
     augmentation = TrainAugmentation(cfg)
     areas = [(r - left) * (b - t) for left, t, r, b in (augmentation.draw(0, i, 400, 600)[0] for i in range(300))]
@@ -115,7 +162,8 @@ def test_a_presets_own_values_reach_the_optimizer_the_schedule_and_the_transform
     assert ("RandomRotation" in extras) == (cfg.augment == "heavy")
     assert ("ColorJitter" in extras) == (cfg.augment == "heavy" or cfg.color_jitter > 0)
     assert ("RandomErasing" in extras) == (cfg.augment == "heavy" or cfg.random_erasing > 0)
-    left, top, right, bottom = crop_box(400, 600, cfg, __import__("random").Random(0))  # the cached path draws the same kind of crop
+    # the cached path draws the same kind of crop
+    left, top, right, bottom = crop_box(400, 600, cfg, __import__("random").Random(0))
     if cfg.train_crop == "resize-randomcrop":
         assert (right - left) * 600 == pytest.approx(cfg.resolution / round(cfg.resolution * 256 / 224) * 400, abs=1)
 
@@ -136,7 +184,19 @@ def test_ema_is_the_hand_computed_average():
 
 def test_ema_run_evaluates_and_keeps_the_ema_weights(tmp_path, tiny_demo):
     run_dir = tmp_path / "ema"
-    train.main(["--config", str(ROOT / "configs" / "demo.toml"), "--epochs", "2", "--batch-size", "4", "--ema", "--run-dir", str(run_dir)])
+    train.main(
+        [
+            "--config",
+            str(ROOT / "configs" / "demo.toml"),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--ema",
+            "--run-dir",
+            str(run_dir),
+        ]
+    )
     last, best = load_checkpoint(run_dir / "last.pt"), load_checkpoint(run_dir / "best.pt")
     assert set(last["raw_model"]) == set(last["model"])
     assert any(v.is_floating_point() and not torch.equal(v, last["raw_model"][k]) for k, v in last["model"].items())
@@ -144,7 +204,10 @@ def test_ema_run_evaluates_and_keeps_the_ema_weights(tmp_path, tiny_demo):
     if best["epoch"] == 2:
         assert all(torch.equal(v, last["model"][k]) for k, v in best["model"].items())
     decay = optim.ema_decay(Config(ema=True), steps_per_epoch=5)  # 20 images, batch 4
-    assert f"EMA of the weights: decay {decay:.6g} per step, a half-life of 1 epochs" in (run_dir / "train.log").read_text()
+    assert (
+        f"EMA of the weights: decay {decay:.6g} per step, a half-life of 1 epochs"
+        in (run_dir / "train.log").read_text()
+    )
 
 
 def test_ema_decay_fits_the_run_in_closed_form():
@@ -154,9 +217,12 @@ def test_ema_decay_fits_the_run_in_closed_form():
     cfg = Config(ema=True)
     steps_per_epoch, steps = 63, 90 * 63
     decay = optim.ema_decay(cfg, steps_per_epoch)
-    assert decay ** steps_per_epoch == pytest.approx(0.5) and cfg.ema_half_life == 1.0
-    assert optim.ema_decay(Config(ema=True, ema_half_life=3), steps_per_epoch) ** (3 * steps_per_epoch) == pytest.approx(0.5)
-    assert optim.ema_decay(Config(ema=True, ema_decay=0.999), steps_per_epoch) == 0.999  # given per step, taken as it is
+    assert decay**steps_per_epoch == pytest.approx(0.5) and cfg.ema_half_life == 1.0
+    assert optim.ema_decay(Config(ema=True, ema_half_life=3), steps_per_epoch) ** (
+        3 * steps_per_epoch
+    ) == pytest.approx(0.5)
+    # given per step, taken as it is
+    assert optim.ema_decay(Config(ema=True, ema_decay=0.999), steps_per_epoch) == 0.999
 
     model = torch.nn.Linear(1, 1, bias=False, dtype=torch.float64)
     ema = make_ema(model, decay)
@@ -172,36 +238,49 @@ def test_ema_decay_fits_the_run_in_closed_form():
     closed_form = d**n * 1 + (1 - d) * (steps * geometric - weighted)
     assert ema.module.weight.item() == pytest.approx(closed_form, rel=1e-9)
     assert d**n < 1e-20 and 0.9998**n > 0.3  # the first weights' share at the end: now nothing, before a third
-    assert steps - ema.module.weight.item() == pytest.approx(d / (1 - d), rel=1e-6)  # lags the newest weights by about 1/(1-d) steps
+    # lags the newest weights by about 1/(1-d) steps
+    assert steps - ema.module.weight.item() == pytest.approx(d / (1 - d), rel=1e-6)
 
 
-def test_the_engine_updates_the_ema_after_every_step():
+def test_the_recipe_updates_the_ema_after_every_step(tmp_path, hub_folder):
     """e_1 = w_1, e_t = d e_(t-1) + (1 - d) w_t over the weights each training step left."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
-    batches = [(torch.randn(6, 3, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])) for _ in range(5)]
-    ema = make_ema(model, 0.7)
-    seen = []
-    train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.5), torch.amp.GradScaler("cpu", enabled=False),
-                    Device("cpu", show_progress=False), ema=ema,
-                    on_step=lambda progress: seen.append([p.detach().clone() for p in model.parameters()]))
+    run = tiny_run(hub_folder, tmp_path / "run", "--ema", "--ema-decay", "0.7", "--lr", "0.5")
+    run.train_batches = FixedBatches(
+        [(torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 2, 0, 1, 2])) for _ in range(5)]
+    )
+    seen, update = [], run.ema.update_parameters
+
+    def record(model):
+        seen.append([p.detach().clone() for p in model.parameters()])
+        update(model)
+
+    run.ema.update_parameters = record
+    train.train_epoch(run, 1)
     expected = seen[0]
     for weights in seen[1:]:
         expected = [0.7 * e + 0.3 * w for e, w in zip(expected, weights)]
     assert len(seen) == 5
-    for averaged, want, last in zip(ema.module.parameters(), expected, seen[-1]):
-        assert torch.allclose(averaged, want, atol=1e-6) and not torch.allclose(averaged, last, atol=1e-3)
+    for averaged, want in zip(run.ema.module.parameters(), expected):
+        assert torch.allclose(averaged, want, atol=1e-6)
+    assert not all(torch.allclose(a, b, atol=1e-3) for a, b in zip(run.ema.module.parameters(), seen[-1]))
 
 
 def linear_model_loss(label_smoothing=0.0, mixer=None):
-    """The loss train_one_epoch reports, at lr 0, on one fixed batch, for a model without BatchNorm."""
+    """The loss of a training step at lr 0, on one fixed batch, for a model without BatchNorm."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
     images, labels = torch.randn(6, 3, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    result = train_one_epoch(model, [(images, labels)], optimizer, torch.amp.GradScaler("cpu", enabled=False), Device("cpu"),
-                             mixer=mixer, label_smoothing=label_smoothing)
-    return result.loss, model(images.flatten(1).view(6, 3, 4, 4)).detach(), labels
+    loss, _, _ = train_step(
+        model,
+        (images, labels),
+        optimizer,
+        torch.amp.GradScaler("cpu", enabled=False),
+        Device("cpu"),
+        mixer=mixer,
+        label_smoothing=label_smoothing,
+    )
+    return loss.item(), model(images.flatten(1).view(6, 3, 4, 4)).detach(), labels
 
 
 def test_label_smoothing_changes_the_loss_as_expected():
@@ -226,7 +305,9 @@ def test_mixup_blends_two_labels_and_the_loss_follows():
     assert torch.allclose(mixed, lam * images + (1 - lam) * images.roll(1, 0), atol=1e-6)
     logits = torch.randn(4, 3)
     soft = F.cross_entropy(logits, targets)
-    assert soft.item() == pytest.approx((lam * F.cross_entropy(logits, labels) + (1 - lam) * F.cross_entropy(logits, rolled)).item(), rel=1e-5)
+    assert soft.item() == pytest.approx(
+        (lam * F.cross_entropy(logits, labels) + (1 - lam) * F.cross_entropy(logits, rolled)).item(), rel=1e-5
+    )
     assert batch_mixer(0.0, 0.0, 3) is None
 
 
@@ -276,7 +357,13 @@ def three_runs(tmp_path_factory, tiny_demo):
     lines = (crashed / "metrics.csv").read_text().splitlines()
     (crashed / "metrics.csv").write_text("\n".join(lines[:2]) + "\n")  # it died during epoch 2
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    summary = {"status": "running", "pid": int(gone.stdout), "host": __import__("socket").gethostname(), "epochs": 2, "selected_on": "test"}
+    summary = {
+        "status": "running",
+        "pid": int(gone.stdout),
+        "host": __import__("socket").gethostname(),
+        "epochs": 2,
+        "selected_on": "test",
+    }
     (crashed / "summary.json").write_text(json.dumps(summary))
     return root
 
@@ -285,7 +372,10 @@ def test_compare_rows(three_runs, tmp_path, capsys):
     compare.main([str(three_runs / n) for n in ("a", "b", "c")] + ["--out", str(tmp_path / "cmp")])
     lines = capsys.readouterr().out.splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    rows = {cells[0]: dict(zip(header, cells)) for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:5])}
+    rows = {
+        cells[0]: dict(zip(header, cells))
+        for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:5])
+    }
     assert set(rows) == {"a", "b", "c"}
 
     for name in ("a", "b"):
@@ -316,25 +406,53 @@ def test_compare_without_run_folders_is_one_clear_line(tmp_path):
 
 def test_lr_find_reports_the_suggestion_of_the_curve_it_recorded(tmp_path, tiny_demo, capsys):
     out = tmp_path / "lr"
-    lr_find.main(["--config", str(ROOT / "configs" / "demo.toml"), "--arch", "resnet18", "--resolution", "32", "--batch-size", "8",
-                  "--steps", "30", "--start-lr", "1e-5", "--end-lr", "1", "--out", str(out)])
+    lr_find.main(
+        [
+            "--config",
+            str(ROOT / "configs" / "demo.toml"),
+            "--arch",
+            "resnet18",
+            "--resolution",
+            "32",
+            "--batch-size",
+            "8",
+            "--steps",
+            "30",
+            "--start-lr",
+            "1e-5",
+            "--end-lr",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     rows = read_metrics(out / "lr_find.csv")
     lrs, losses = [r["lr"] for r in rows], [r["loss"] for r in rows]
     assert lrs == pytest.approx([1e-5 * 1e5 ** (i / 29) for i in range(len(rows))])  # exponential, from start to end
     assert [r["smoothed_loss"] for r in rows] == pytest.approx(lr_find.smooth(losses))
     expected = lr_find.suggest(lrs, lr_find.smooth(losses))
     printed = capsys.readouterr().out
-    assert f"suggested lr: {expected['valley']:.3g} (valley rule" in printed and f"steepest descent at {expected['steepest']:.3g}" in printed
+    assert (
+        f"suggested lr: {expected['valley']:.3g} (valley rule" in printed
+        and f"steepest descent at {expected['steepest']:.3g}" in printed
+    )
     assert (out / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def demo_loader(splits):
+    augmentation = TrainAugmentation(Config(resolution=32))
+    return make_loader(TransformedSplit(splits.train, augmentation), batch_size=8, shuffle=True, workers=0, seed=0)
 
 
 def test_range_test_works_on_a_copy_and_stops_on_divergence(tiny_demo):
     splits = load_splits("demo")
     model = build_model("resnet18", "none", 10)
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    loader = make_loader(TransformedSplit(splits.train, TrainAugmentation(Config(resolution=32))), 8, True, 0, 0)
+    loader = demo_loader(splits)
     cfg = Config(optimizer="sgd", momentum=0.9, weight_decay=0)
-    lrs, losses, swept = lr_find.range_test(model, loader, cfg, Device("cpu"), 1e-3, 1e6, 60, "full", 10)
+    lrs, losses, swept = lr_find.range_test(
+        model, loader, cfg, Device("cpu"), start_lr=1e-3, end_lr=1e6, steps=60, phase="full", num_classes=10
+    )
     assert len(lrs) < 60, "a loss that explodes ends the sweep early"
     assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
     assert not torch.equal(swept.conv1.weight, model.conv1.weight)
@@ -344,8 +462,10 @@ def test_lr_find_head_phase_sweeps_the_head_only(tiny_demo):
     """--phase head: stage 1 of a two-stage preset, the backbone and its BatchNorm statistics frozen."""
     splits = load_splits("demo")
     model = build_model("resnet18", "none", 10)
-    loader = make_loader(TransformedSplit(splits.train, TrainAugmentation(Config(resolution=32))), 8, True, 0, 0)
-    _, _, swept = lr_find.range_test(model, loader, Config(), Device("cpu"), 1e-4, 1e-1, 10, "head", 10)
+    loader = demo_loader(splits)
+    _, _, swept = lr_find.range_test(
+        model, loader, Config(), Device("cpu"), start_lr=1e-4, end_lr=1e-1, steps=10, phase="head", num_classes=10
+    )
     start, after = model.state_dict(), swept.state_dict()
     changed = {k for k in start if not torch.equal(start[k], after[k])}
     assert changed and all(k.startswith("fc.") for k in changed), changed
@@ -353,23 +473,35 @@ def test_lr_find_head_phase_sweeps_the_head_only(tiny_demo):
 
 def test_lr_find_suggestion_rules_on_a_known_curve():
     lrs = [10 ** (i / 10 - 5) for i in range(60)]  # 1e-5 .. ~1e1
-    losses = [3.0] * 20 + [3.0 - 0.1 * i for i in range(25)] + [0.6 + 0.5 * i for i in range(15)]  # flat, falls, explodes
+    # flat, falls, explodes
+    losses = [3.0] * 20 + [3.0 - 0.1 * i for i in range(25)] + [0.6 + 0.5 * i for i in range(15)]
     suggestion = lr_find.suggest(lrs, losses)
     assert lrs[20] < suggestion["valley"] < lrs[44]
     assert lrs[20] <= suggestion["steepest"] <= lrs[44]
 
 
-@pytest.mark.parametrize("rows, status, expected", [
-    ([(1, 60.0, 50.0), (2, 73.0, 52.0)], "finished", "overfitting"),  # the seed's run 5: 73 % train against 52 % test
-    ([(1, 40.0, 38.0), (2, 55.0, 51.0)], "finished", "underfitting"),  # runs 1-2: over-regularised, neither fits
-    ([(1, 90.0, 80.0), (2, 99.0, 89.4)], "finished", "fine"),  # run 7: 9.6 points apart, both high
-    ([(1, 90.0, 80.0), (2, 99.0, None)], "finished", "fine"),  # the last evaluated epoch decides
-    ([(1, 30.0, 20.0)], "diverged", "diverged"),
-    ([(1, 40.0, 38.0), (2, 55.0, 51.0)], "stopped early", "underfitting"),  # --early-stop ended it: judged as it ended
-    ([(1, 40.0, 38.0), (2, 55.0, 51.0)], "interrupted", "-"),  # epoch 2 of 90: not underfitting, just unfinished
-    ([(1, 40.0, 38.0), (2, 55.0, 51.0)], "crashed", "-"),
-    ([(1, 40.0, 38.0), (2, 55.0, 51.0)], "running", "-"),
-])
+@pytest.mark.parametrize(
+    "rows, status, expected",
+    [
+        (
+            [(1, 60.0, 50.0), (2, 73.0, 52.0)],
+            "finished",
+            "overfitting",
+        ),  # the original experiment log's run 5: 73 % train against 52 % test
+        ([(1, 40.0, 38.0), (2, 55.0, 51.0)], "finished", "underfitting"),  # runs 1-2: over-regularised, neither fits
+        ([(1, 90.0, 80.0), (2, 99.0, 89.4)], "finished", "fine"),  # run 7: 9.6 points apart, both high
+        ([(1, 90.0, 80.0), (2, 99.0, None)], "finished", "fine"),  # the last evaluated epoch decides
+        ([(1, 30.0, 20.0)], "diverged", "diverged"),
+        (
+            [(1, 40.0, 38.0), (2, 55.0, 51.0)],
+            "stopped early",
+            "underfitting",
+        ),  # --early-stop ended it: judged as it ended
+        ([(1, 40.0, 38.0), (2, 55.0, 51.0)], "interrupted", "-"),  # epoch 2 of 90: not underfitting, just unfinished
+        ([(1, 40.0, 38.0), (2, 55.0, 51.0)], "crashed", "-"),
+        ([(1, 40.0, 38.0), (2, 55.0, 51.0)], "running", "-"),
+    ],
+)
 def test_compare_verdicts_on_hand_made_metrics(tmp_path, capsys, rows, status, expected):
     from cars.config import Config
     from cars.report import METRIC_COLUMNS, write_csv
@@ -377,8 +509,14 @@ def test_compare_verdicts_on_hand_made_metrics(tmp_path, capsys, rows, status, e
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     Config(epochs=len(rows)).save(run_dir / "config.toml")
-    write_csv(run_dir / "metrics.csv", [dict(epoch=e, lr=0.1, train_loss=1.0, train_acc=t, eval_loss=1.0 if v else None, eval_acc=v,
-                                             seconds=1.0) for e, t, v in rows], METRIC_COLUMNS)
+    write_csv(
+        run_dir / "metrics.csv",
+        [
+            dict(epoch=e, lr=0.1, train_loss=1.0, train_acc=t, eval_loss=1.0 if v else None, eval_acc=v, seconds=1.0)
+            for e, t, v in rows
+        ],
+        METRIC_COLUMNS,
+    )
     summary = {"status": status, "selected_on": "test"}
     if status == "running":  # this process: alive, so compare.py takes the run for a live one
         summary.update(pid=os.getpid(), host=socket.gethostname())
@@ -393,7 +531,8 @@ def test_compare_verdicts_on_hand_made_metrics(tmp_path, capsys, rows, status, e
     assert cells["verdict"] == expected and cells["status"] == status
     assert cells["train-eval gap"] == f"{last[1] - last[2]:+.2f}"
     assert cells["train at best / final"] == f"{best[1]:.2f}% / {last[1]:.2f}%"
-    assert any("at the last evaluated epoch: diverged if" in line for line in lines)  # the rule, printed under the table
+    # the rule, printed under the table
+    assert any("at the last evaluated epoch: diverged if" in line for line in lines)
 
 
 LESSONS = ROOT / "configs" / "lessons"
@@ -412,11 +551,17 @@ def test_each_lesson_is_a_pair_of_presets_that_differ_in_one_variable():
     files = sorted(path.stem for path in LESSONS.glob("*.toml"))
     pairs = sorted({name[0] for name in files})
     assert pairs == ["1", "2", "3", "4", "5"] and len(files) == 10
-    expected = {"1": {"backbone_lr_mult": (1.0, 0.005)}, "2": {"freeze_epochs": (0, 5)}, "3": {"resolution": (224, 448)},
-                "4": {"lr_scaling": ("none", "linear")}, "5": {"augment": ("basic", "heavy")}}
+    expected = {
+        "1": {"backbone_lr_mult": (1.0, 0.005)},
+        "2": {"freeze_epochs": (0, 5)},
+        "3": {"resolution": (224, 448)},
+        "4": {"lr_scaling": ("none", "linear")},
+        "5": {"augment": ("basic", "heavy")},
+    }
     for lesson in pairs:
         a, b = [name for name in files if name.startswith(lesson)]
         assert differences(a, b) == expected[lesson], (a, b)
         assert "Expect:" in (LESSONS / f"{b}.toml").read_text(), f"{b} says what to expect and why"
-    assert differences("3b_448px_batch64", "4b_448px_batch16_lr_scaled") == {"batch_size": (64, 16)}  # lesson 4's other pair
+    # lesson 4's other pair
+    assert differences("3b_448px_batch64", "4b_448px_batch16_lr_scaled") == {"batch_size": (64, 16)}
     assert lesson_config("1a_lr_same_for_all") == vars(Config()), "the a side of lesson 1 is run 7 itself"

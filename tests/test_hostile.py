@@ -13,7 +13,12 @@ import torch
 from conftest import CLASSES, jpeg_bytes, split_rows, tiny_args, write_hub_folder, write_image_folder
 from PIL import Image
 
-from cars import compare, evaluate, export, lr_find, predict, train
+import compare
+import eval as eval_tool
+import export
+import lr_find
+import predict
+import train
 from cars.errors import run_cli
 from cars.report import read_metrics
 
@@ -63,11 +68,17 @@ def trained(tmp_path_factory, data):
 def test_overwrite_never_deletes_a_dataset_or_the_checkpoint_being_read(tmp_path, trained):
     dataset = write_image_folder(tmp_path / "images")
     before = snapshot(dataset)
-    refused(run(train.main, *tiny_args(dataset, dataset, "--overwrite")), r"is not a run folder this project wrote \(holds 'test', 'train'")
+    refused(
+        run(train.main, *tiny_args(dataset, dataset, "--overwrite")),
+        r"is not a run folder this project wrote \(holds 'test', 'train'",
+    )
     assert snapshot(dataset) == before
 
     before = snapshot(trained)
-    refused(run(evaluate.main, trained, "--out", trained, "--overwrite"), "is not an eval folder this project wrote .*'best.pt'")
+    refused(
+        run(eval_tool.main, trained, "--out", trained, "--overwrite"),
+        "is not an eval folder this project wrote .*'best.pt'",
+    )
     assert snapshot(trained) == before
 
     (tmp_path / "mine").mkdir()
@@ -91,7 +102,11 @@ def test_cams_of_images_that_share_a_stem_are_all_kept(tmp_path, trained):
     for path in paths:
         image.save(path)
     assert run(predict.main, trained, *paths, "--cam", tmp_path / "cams", "--json")[0] == 0
-    assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == ["car_cam.png", "car_jpg_cam.png", "car_png_cam.png"]
+    assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == [
+        "car_cam.png",
+        "car_jpg_cam.png",
+        "car_png_cam.png",
+    ]
 
 
 def test_resume_refuses_a_run_whose_process_is_alive(tmp_path, trained):
@@ -100,7 +115,10 @@ def test_resume_refuses_a_run_whose_process_is_alive(tmp_path, trained):
     summary = {"status": "running", "pid": os.getpid(), "host": socket.gethostname(), "epochs": 1}
     (run_dir / "summary.json").write_text(json.dumps(summary))
     before = snapshot(run_dir)
-    refused(run(train.main, "--resume", run_dir, "--epochs", "2"), f"still being trained by process {os.getpid()} on .*kill {os.getpid()}")
+    refused(
+        run(train.main, "--resume", run_dir, "--epochs", "2"),
+        f"still being trained by process {os.getpid()} on .*kill {os.getpid()}",
+    )
     assert snapshot(run_dir) == before
 
 
@@ -122,9 +140,11 @@ def test_a_checkpoint_that_does_not_fit_says_why(tmp_path, data, trained):
     state = torch.load(trained / "best.pt")["model"]
     state["layer1.0.conv1.weight"] = torch.zeros(3, 3, 3, 3)
     torch.save(state, tmp_path / "bent.pth")
-    pattern = r"does not fit resnet18: 0 missing, 0 unexpected, 1 wrongly shaped tensors \(first: layer1.0.conv1.weight\)"
+    pattern = (
+        r"does not fit resnet18: 0 missing, 0 unexpected, 1 wrongly shaped tensors \(first: layer1.0.conv1.weight\)"
+    )
     refused(run(train.main, *tiny_args(data, tmp_path / "r", "--weights", tmp_path / "bent.pth")), pattern)
-    refused(run(evaluate.main, tmp_path / "bent.pth", "--arch", "resnet18", "--out", tmp_path / "e"), pattern)
+    refused(run(eval_tool.main, tmp_path / "bent.pth", "--arch", "resnet18", "--out", tmp_path / "e"), pattern)
     refused(run(export.main, tmp_path / "bent.pth", "--arch", "resnet18", "--num-classes", "3"), pattern)
 
 
@@ -136,11 +156,14 @@ def test_a_file_that_is_not_a_checkpoint_is_named_as_such(tmp_path, content):
     assert "weights_only=False" not in stderr and "weights_only` set to `False" not in stderr
 
 
-@pytest.mark.parametrize("text, pattern", [
-    ('{"arch": "resnet18", "resolution": 32, "class_names": ', "cannot read .*model.json"),
-    ('["resnet18", 32]', "is not an export's model.json"),
-    ('{"arch": "resnet18", "resolution": "big", "class_names": ["a"]}', "is not an export's model.json"),
-])
+@pytest.mark.parametrize(
+    "text, pattern",
+    [
+        ('{"arch": "resnet18", "resolution": 32, "class_names": ', "cannot read .*model.json"),
+        ('["resnet18", 32]', "is not an export's model.json"),
+        ('{"arch": "resnet18", "resolution": "big", "class_names": ["a"]}', "is not an export's model.json"),
+    ],
+)
 def test_a_damaged_export_is_one_line(tmp_path, trained, text, pattern):
     export.main([str(trained), "--out", str(tmp_path / "export")])
     (tmp_path / "export" / "model.json").write_text(text)
@@ -157,20 +180,29 @@ def test_bad_config_files_are_one_line(tmp_path):
     (tmp_path / "bom.toml").write_bytes(b"\xef\xbb\xbfepochs = 3\n")
     refused(run(train.main, "--config", tmp_path / "bom.toml"), "byte-order mark")
     (tmp_path / "nan.toml").write_text("lr = nan\n")
-    refused(run(train.main, "--config", tmp_path / "nan.toml", "--run-dir", tmp_path / "r"), "--lr must be a finite number, got nan")
+    refused(
+        run(train.main, "--config", tmp_path / "nan.toml", "--run-dir", tmp_path / "r"),
+        "--lr must be a finite number, got nan",
+    )
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("flags, pattern", [
-    (["--seed", str(2**40)], r"--seed must be in 0\.\.4294967295"),
-    (["--seed", "-1"], "--seed must be in"),
-    (["--batch-size", "1"], "--batch-size must be at least 2"),
-    (["--workers", "1000"], "--workers 1000 is more than 64"),
-    (["--cache", ""], "--cache is empty"),
-    (["--arch", "googlenet", "--weights", "none", "--data", "demo"], "googlenet is not supported"),
-    (["--arch", "inception_v3", "--weights", "none", "--data", "demo"], "inception_v3 is not supported"),
-    (["--arch", "vit_b_16", "--weights", "none", "--resolution", "64", "--data", "demo"], "vit_b_16 takes 224 x 224 px images only"),
-])
+@pytest.mark.parametrize(
+    "flags, pattern",
+    [
+        (["--seed", str(2**40)], r"--seed must be in 0\.\.4294967295"),
+        (["--seed", "-1"], "--seed must be in"),
+        (["--batch-size", "1"], "--batch-size must be at least 2"),
+        (["--workers", "1000"], "--workers 1000 is more than 64"),
+        (["--cache", ""], "--cache is empty"),
+        (["--arch", "googlenet", "--weights", "none", "--data", "demo"], "googlenet is not supported"),
+        (["--arch", "inception_v3", "--weights", "none", "--data", "demo"], "inception_v3 is not supported"),
+        (
+            ["--arch", "vit_b_16", "--weights", "none", "--resolution", "64", "--data", "demo"],
+            "vit_b_16 takes 224 x 224 px images only",
+        ),
+    ],
+)
 def test_nonsense_flags_are_refused_before_the_run_folder_exists(tmp_path, flags, pattern):
     refused(run(train.main, "--run-dir", tmp_path / "r", *flags), pattern)
     assert not (tmp_path / "r").exists()
@@ -179,7 +211,7 @@ def test_nonsense_flags_are_refused_before_the_run_folder_exists(tmp_path, flags
 def test_output_paths_that_are_files(tmp_path, data, trained):
     (tmp_path / "file").write_text("x")
     refused(run(train.main, *tiny_args(data, tmp_path / "file")), "is a file, not a folder")
-    refused(run(evaluate.main, trained, "--out", tmp_path / "file"), "is a file, not a folder")
+    refused(run(eval_tool.main, trained, "--out", tmp_path / "file"), "is a file, not a folder")
     refused(run(export.main, trained, "--out", tmp_path / "file"), "is a file, not a folder")
     refused(run(predict.main, trained, tmp_path / "file", "--cam", tmp_path / "file"), "cannot make the --cam folder")
     refused(run(train.main, *tiny_args(data, tmp_path / "file" / "run")), r"cannot write .*file/run")
@@ -190,10 +222,15 @@ def test_output_paths_that_are_files(tmp_path, data, trained):
 @pytest.mark.parametrize("tool", ["eval", "predict"])
 def test_a_negative_resolution_is_refused_and_leaves_no_folder(tmp_path, trained, tool):
     if tool == "eval":
-        refused(run(evaluate.main, trained, "--resolution", "-5", "--out", tmp_path / "e"), "--resolution must be at least 32")
+        refused(
+            run(eval_tool.main, trained, "--resolution", "-5", "--out", tmp_path / "e"),
+            "--resolution must be at least 32",
+        )
         assert not (tmp_path / "e").exists()
     else:
-        refused(run(predict.main, trained, tmp_path / "x.jpg", "--resolution", "-5"), "--resolution must be at least 32")
+        refused(
+            run(predict.main, trained, tmp_path / "x.jpg", "--resolution", "-5"), "--resolution must be at least 32"
+        )
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -206,8 +243,12 @@ def test_string_labels_are_one_line(tmp_path):
     folder.mkdir(parents=True)
     images, labels = split_rows(2, 0)
     for split in ("train", "test"):
-        Dataset.from_dict({"image": [{"bytes": jpeg_bytes(im), "path": None} for im in images],
-                           "label": [CLASSES[label] for label in labels]}).to_parquet(str(folder / f"{split}-00000-of-00001.parquet"))
+        Dataset.from_dict(
+            {
+                "image": [{"bytes": jpeg_bytes(im), "path": None} for im in images],
+                "label": [CLASSES[label] for label in labels],
+            }
+        ).to_parquet(str(folder / f"{split}-00000-of-00001.parquet"))
     refused(run(train.main, *tiny_args(folder.parent, tmp_path / "r")), "label column of .* holds string values")
 
 
@@ -225,7 +266,8 @@ def test_odd_files_in_an_image_folder(tmp_path):
     assert "Traceback" not in stderr
     log = (run_dir / "train.log").read_text()
     assert "21 train" in log  # 18 + the GIF + the non-UTF-8 name + the dangling link, each once
-    assert json.loads((run_dir / "summary.json").read_text())["skipped_images"]["train"] <= 1  # the dangling link (if drawn)
+    # the dangling link (if drawn)
+    assert json.loads((run_dir / "summary.json").read_text())["skipped_images"]["train"] <= 1
 
     (data / "train" / "Empty Class 2020").mkdir()
     refused(run(train.main, *tiny_args(data, tmp_path / "r2")), "class folder .*Empty Class 2020 has no images")
@@ -248,7 +290,9 @@ def test_a_decompression_bomb_is_an_unreadable_image(tmp_path, trained):
 
 def test_a_val_split_that_holds_out_nothing_is_refused(tmp_path):
     data = write_hub_folder(tmp_path / "single", per_class=(1, 1))
-    refused(run(train.main, *tiny_args(data, tmp_path / "r", "--val-split", "0.1")), "--val-split 0.1 holds out no image")
+    refused(
+        run(train.main, *tiny_args(data, tmp_path / "r", "--val-split", "0.1")), "--val-split 0.1 holds out no image"
+    )
     assert not (tmp_path / "r").exists()
 
 
@@ -273,12 +317,10 @@ def test_compare_shows_damaged_runs_as_unreadable_and_the_others(tmp_path, train
 
 
 def test_a_crash_leaves_the_run_marked_crashed_not_running(tmp_path, data, monkeypatch):
-    from cars import engine
-
     def failing_step(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(engine, "train_step", failing_step)
+    monkeypatch.setattr(train, "train_step", failing_step)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         train.main(tiny_args(data, tmp_path / "run"))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

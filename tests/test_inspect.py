@@ -9,7 +9,7 @@ import pytest
 from conftest import CLASSES, write_hub_folder
 from PIL import Image
 
-from cars import inspect_data
+import inspect_data
 from cars.errors import UserError
 
 
@@ -23,9 +23,13 @@ def picture(seed: int, size=(120, 90)) -> Image.Image:
     for _ in range(6):
         x, y = rng.uniform(0, size[0]), rng.uniform(0, size[1])
         box = [x, y, x + rng.uniform(10, size[0] / 2), y + rng.uniform(10, size[1] / 2)]
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(
+            box, fill=tuple(int(c) for c in rng.integers(0, 256, 3))
+        )
     texture = rng.normal(0, 6, (size[1], size[0], 1))
-    return Image.fromarray((np.asarray(image.filter(ImageFilter.GaussianBlur(1)), dtype=float) + texture).clip(0, 255).astype(np.uint8))
+    return Image.fromarray(
+        (np.asarray(image.filter(ImageFilter.GaussianBlur(1)), dtype=float) + texture).clip(0, 255).astype(np.uint8)
+    )
 
 
 def encoded(image: Image.Image, format: str = "JPEG", **options) -> bytes:
@@ -56,18 +60,34 @@ def planted(tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(planted):
     data, root = planted
-    inspect_data.main(["--data", str(data), "--out", str(root / "report"), "--arch", "resnet34", "--weights", "IMAGENET1K_V1",
-                       "--resolution", "64", "--workers", "0"])
+    inspect_data.main(
+        [
+            "--data",
+            str(data),
+            "--out",
+            str(root / "report"),
+            *"--arch resnet34 --weights IMAGENET1K_V1 --resolution 64 --workers 0".split(),
+        ]
+    )
     return root / "report"
 
 
 def test_counts_sizes_modes_and_the_broken_file(report):
     data = json.loads((report / "data.json").read_text())
-    assert data["counts"] == {"train": 12, "test": 6, "classes": 3, "per_class_train": {"min": 3, "median": 4, "mean": 4.0, "max": 5}}
-    assert data["unreadable"] == [{"split": "train", "index": 7, "error": data["unreadable"][0]["error"]}] and data["unreadable"][0]["error"]
+    assert data["counts"] == {
+        "train": 12,
+        "test": 6,
+        "classes": 3,
+        "per_class_train": {"min": 3, "median": 4, "mean": 4.0, "max": 5},
+    }
+    assert (
+        data["unreadable"] == [{"split": "train", "index": 7, "error": data["unreadable"][0]["error"]}]
+        and data["unreadable"][0]["error"]
+    )
     assert data["images"]["modes"] == {"RGB": 15, "L": 1, "P": 1}
     assert data["images"]["formats"] == {"JPEG": 15, "PNG": 2}
-    assert data["images"]["width"]["max"] == 120 and data["images"]["width"]["min"] == 96  # the re-encoded copy is the smallest
+    # the re-encoded copy is the smallest
+    assert data["images"]["width"]["max"] == 120 and data["images"]["width"]["min"] == 96
     assert data["images"]["smallest"][0] == {"split": "test", "index": 1, "width": 96, "height": 72}
     for picture_file in ("class_counts.png", "sizes.png", "samples.png", "duplicates.png"):
         assert (report / picture_file).read_bytes()[:4] == b"\x89PNG", picture_file
@@ -76,9 +96,16 @@ def test_counts_sizes_modes_and_the_broken_file(report):
 def test_every_planted_duplicate_and_no_other(report):
     with open(report / "duplicates.csv", newline="") as file:
         rows = list(csv.DictReader(file))
-    found = {(r["split_a"], int(r["index_a"]), r["split_b"], int(r["index_b"])): (int(r["distance"]), r["same_label"]) for r in rows}
+    found = {
+        (r["split_a"], int(r["index_a"]), r["split_b"], int(r["index_b"])): (int(r["distance"]), r["same_label"])
+        for r in rows
+    }
     exact = {(r["split_a"], int(r["index_a"]), r["split_b"], int(r["index_b"])): r["exact"] for r in rows}
-    assert exact == {("train", 0, "train", 5): "True", ("train", 1, "test", 0): "True", ("train", 2, "test", 1): "False"}
+    assert exact == {
+        ("train", 0, "train", 5): "True",
+        ("train", 1, "test", 0): "True",
+        ("train", 2, "test", 1): "False",
+    }
     assert set(found) == {("train", 0, "train", 5), ("train", 1, "test", 0), ("train", 2, "test", 1)}
     assert found[("train", 0, "train", 5)] == (0, "False")  # the same picture under two classes: a labelling mistake
     assert found[("train", 1, "test", 0)] == (0, "True")
@@ -86,14 +113,20 @@ def test_every_planted_duplicate_and_no_other(report):
     data = json.loads((report / "data.json").read_text())
     duplicates = data["duplicates"]
     assert (duplicates["exact"], duplicates["near"], duplicates["train_test"]) == (2, 1, 2)
-    assert duplicates["max_inflation_points"] == pytest.approx(100 * 2 / 6, abs=0.01)  # 2 of 6 test images have a copy in train
-    assert "**A train/test leak can inflate test accuracy by at most 33.33 points**" in (report / "report.md").read_text()
+    # 2 of 6 test images have a copy in train
+    assert duplicates["max_inflation_points"] == pytest.approx(100 * 2 / 6, abs=0.01)
+    assert (
+        "**A train/test leak can inflate test accuracy by at most 33.33 points**" in (report / "report.md").read_text()
+    )
 
 
 def test_the_sanity_check_says_how_to_get_missing_weights(report):
     check = json.loads((report / "data.json").read_text())["imagenet_check"]
     assert "resnet34-b627a593.pth into $TORCH_HOME/hub/checkpoints/" in check["skipped"]
-    assert "Skipped: the ResNet34_Weights.IMAGENET1K_V1 weights are not available offline" in (report / "report.md").read_text()
+    assert (
+        "Skipped: the ResNet34_Weights.IMAGENET1K_V1 weights are not available offline"
+        in (report / "report.md").read_text()
+    )
 
 
 def test_the_sanity_check_counts_what_the_imagenet_model_says(planted, tmp_path):
@@ -101,11 +134,20 @@ def test_the_sanity_check_counts_what_the_imagenet_model_says(planted, tmp_path)
 
     place_in_torchvision_cache("resnet18", "IMAGENET1K_V1")  # ImageNet-shaped weights, where torchvision looks
     data, _ = planted
-    inspect_data.main(["--data", str(data), "--out", str(tmp_path / "r"), "--arch", "resnet18", "--weights", "IMAGENET1K_V1",
-                       "--resolution", "64", "--workers", "0", "--check-images", "8"])
+    inspect_data.main(
+        [
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "r"),
+            *"--arch resnet18 --weights IMAGENET1K_V1 --resolution 64 --workers 0 --check-images 8".split(),
+        ]
+    )
     check = json.loads((tmp_path / "r" / "data.json").read_text())["imagenet_check"]
     labels = [p["imagenet"] for p in check["predictions"]]
-    assert check["images"] == len(labels) == 8 and sum(check["top1"].values()) == 8 and sum(check["groups"].values()) == 8
+    assert (
+        check["images"] == len(labels) == 8 and sum(check["top1"].values()) == 8 and sum(check["groups"].values()) == 8
+    )
     group_of = {name: group for group, names in inspect_data.VEHICLES.items() for name in names}
     vehicles = sum(1 for label in labels if label in group_of)
     assert check["vehicle_share"] == pytest.approx(100 * vehicles / 8)
@@ -126,13 +168,24 @@ def test_an_existing_report_is_kept_and_bad_data_is_one_line(planted, report):
 
 def test_equal_hashes_with_other_pixels_are_not_called_the_same_pixels(tmp_path):
     """Two pictures one pixel apart share their perceptual hash: a near copy at distance 0, never "same pixels"."""
-    from cars.inspect_data import ImageFacts, find_duplicates
     from cars.report import duplicate_label
+    from inspect_data import ImageFacts, find_duplicates
 
-    facts = [ImageFacts("train", 0, 0, phash="ab" * 32), ImageFacts("train", 1, 1, phash="ab" * 32),
-             ImageFacts("test", 0, 0, phash="ab" * 32)]
-    pairs = find_duplicates(facts, same_pixels=lambda a, b: (a.index, b.split) == (0, "test"))  # train 0 is test 0 copied
-    assert [(p["split_b"], p["distance"], p["exact"]) for p in pairs] == [("test", 0, True), ("test", 0, False), ("train", 0, False)]
-    assert [duplicate_label(p["distance"], p["exact"]) for p in pairs] == ["same pixels", "0 bits apart (other pixels)",
-                                                                           "0 bits apart (other pixels)"]
+    facts = [
+        ImageFacts("train", 0, 0, phash="ab" * 32),
+        ImageFacts("train", 1, 1, phash="ab" * 32),
+        ImageFacts("test", 0, 0, phash="ab" * 32),
+    ]
+    # train 0 is test 0 copied
+    pairs = find_duplicates(facts, same_pixels=lambda a, b: (a.index, b.split) == (0, "test"))
+    assert [(p["split_b"], p["distance"], p["exact"]) for p in pairs] == [
+        ("test", 0, True),
+        ("test", 0, False),
+        ("train", 0, False),
+    ]
+    assert [duplicate_label(p["distance"], p["exact"]) for p in pairs] == [
+        "same pixels",
+        "0 bits apart (other pixels)",
+        "0 bits apart (other pixels)",
+    ]
     assert duplicate_label(5, False) == "5 bits apart"

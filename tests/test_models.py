@@ -139,7 +139,9 @@ def test_a_frozen_backbone_keeps_its_norm_statistics_and_the_head_trains_as_usua
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert norms and not any(m.training for m in norms)
     assert head.training and head.dropout.training and all(m.training for m in dropouts)
-    assert all(not p.requires_grad for p in backbone_parameters(model)) and all(p.requires_grad for p in head_parameters(model))
+    assert all(not p.requires_grad for p in backbone_parameters(model)) and all(
+        p.requires_grad for p in head_parameters(model)
+    )
 
     features = torch.ones(8, head.in_features)
     assert not torch.equal(head(features), head(features)), "the head's dropout draws a new mask each step"

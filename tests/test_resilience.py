@@ -16,7 +16,8 @@ import torch
 from conftest import tiny_args
 from PIL import Image
 
-from cars import engine, optim, train
+import train
+from cars import engine, optim, run_state
 from cars import files as files_module
 from cars.checkpoint import load_checkpoint, save_checkpoint
 from cars.data import load_splits, read_rgb
@@ -72,8 +73,14 @@ def test_resume_after_each_epoch_is_exact(reference_run, tmp_path):
 
 
 def start_training(args, cwd):
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=os.environ.copy())
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=os.environ.copy(),
+    )
 
 
 def wait_for_epoch(run_dir: Path, epoch: int, process, timeout=120):
@@ -108,9 +115,11 @@ def test_sigterm_then_kill_9_at_a_random_point_then_resume_is_exact(reference_ru
 
 def test_resume_refuses_recipe_changes(reference_run, capsys):
     reference = str(reference_run[0] / "reference")
-    for flags, message in ((["--lr", "0.5"], "--lr would change the recipe"),
-                           (["--config", str(ROOT / "configs" / "demo.toml")], "drop --config"),
-                           ([], "already trained 4 of 4 epochs; pass --epochs N to extend it")):
+    for flags, message in (
+        (["--lr", "0.5"], "--lr would change the recipe"),
+        (["--config", str(ROOT / "configs" / "demo.toml")], "drop --config"),
+        ([], "already trained 4 of 4 epochs; pass --epochs N to extend it"),
+    ):
         with pytest.raises(SystemExit) as exit:
             run_cli(train.main, ["--resume", reference, *flags])
         assert exit.value.code == 2
@@ -226,15 +235,18 @@ def test_empty_split_and_missing_class_names(tmp_path, capsys):
     folder.mkdir(parents=True)
     images, labels = split_rows(2, 0)
     for split in ("train", "test"):
-        Dataset.from_dict({"image": [{"bytes": jpeg_bytes(im), "path": None} for im in images], "label": labels}).to_parquet(
-            str(folder / f"{split}-00000-of-00001.parquet"))
+        Dataset.from_dict(
+            {"image": [{"bytes": jpeg_bytes(im), "path": None} for im in images], "label": labels}
+        ).to_parquet(str(folder / f"{split}-00000-of-00001.parquet"))
     splits = load_splits(str(folder.parent))
     assert splits.class_names == ["class 0", "class 1", "class 2"]
     assert "has no class names" in capsys.readouterr().out
 
 
 def test_export_safetensors_loads_in_predict_and_eval(reference_run, tmp_path, capsys):
-    from cars import evaluate, export, predict
+    import eval as eval_tool
+    import export
+    import predict
 
     reference = reference_run[0] / "reference"
     export.main([str(reference), "--out", str(tmp_path / "export")])
@@ -253,13 +265,13 @@ def test_export_safetensors_loads_in_predict_and_eval(reference_run, tmp_path, c
     from_safetensors = json.loads(capsys.readouterr().out)
     assert from_safetensors == from_checkpoint
 
-    evaluate.main([str(tmp_path / "export"), "--out", str(tmp_path / "eval"), "--num-gradcam", "0", "--workers", "0"])
-    evaluate.main([str(reference), "--out", str(tmp_path / "eval_pt"), "--num-gradcam", "0", "--workers", "0"])
+    eval_tool.main([str(tmp_path / "export"), "--out", str(tmp_path / "eval"), "--num-gradcam", "0", "--workers", "0"])
+    eval_tool.main([str(reference), "--out", str(tmp_path / "eval_pt"), "--num-gradcam", "0", "--workers", "0"])
     assert (tmp_path / "eval" / "predictions.csv").read_text() == (tmp_path / "eval_pt" / "predictions.csv").read_text()
 
 
 def test_damaged_safetensors_is_one_clear_line(tmp_path):
-    from cars.trained import read_model_file
+    from cars.inference import read_model_file
 
     (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
     with pytest.raises(UserError, match="cannot read .*model.safetensors: .*damaged or not a safetensors file"):
@@ -270,7 +282,9 @@ def test_mid_epoch_checkpoints_resume_exactly(reference_run, tmp_path, monkeypat
     real = engine.F.cross_entropy
     calls = {"n": 0}
 
-    def interrupt_in_epoch_2(*args, **kwargs):  # calls 1-3: epoch 1's steps, 4: its evaluation, 5-6: epoch 2's first steps
+    def interrupt_in_epoch_2(
+        *args, **kwargs
+    ):  # calls 1-3: epoch 1's steps, 4: its evaluation, 5-6: epoch 2's first steps
         calls["n"] += 1
         if calls["n"] == 7:
             raise KeyboardInterrupt
@@ -300,7 +314,10 @@ def test_resume_refuses_to_stretch_a_cosine_schedule(tmp_path, capsys):
         run_cli(train.main, ["--resume", str(run_dir), "--epochs", "3"])
     assert exit.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith(f"error: --epochs 3 would change the cosine schedule of {run_dir}") and f"--weights {run_dir}/last.pt" in error
+    assert (
+        error.startswith(f"error: --epochs 3 would change the cosine schedule of {run_dir}")
+        and f"--weights {run_dir}/last.pt" in error
+    )
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
 
 
@@ -313,7 +330,11 @@ def test_extending_a_step_schedule_never_raises_the_lr_after_warmup(tmp_path):
     train.main(["--resume", str(run_dir), "--epochs", "5"])
     lrs = [row["lr"] for row in read_metrics(run_dir / "metrics.csv")]
     assert len(lrs) == 5 and lrs[0] < lrs[1]  # warmup
-    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[1] == pytest.approx(0.01) and lrs[4] == pytest.approx(0.0025)
+    assert (
+        all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+        and lrs[1] == pytest.approx(0.01)
+        and lrs[4] == pytest.approx(0.0025)
+    )
 
 
 def test_a_run_saved_without_mixed_precision_resumes_with_it():
@@ -369,15 +390,17 @@ def rising_accuracy(monkeypatch):
 def test_best_pt_never_falls_behind_the_records(tmp_path, hub_folder, monkeypatch, capsys):
     """An interruption between the epoch's two checkpoints leaves best.pt ahead of last.pt, never behind its history."""
     rising_accuracy(monkeypatch)
-    real_save, written = train.save_checkpoint, []
+    real_save, written = run_state.save_checkpoint, []
 
     def save(path, checkpoint):
         written.append(path.name)
-        if len(written) == 5:  # last.pt at epoch 0; best.pt and last.pt of epoch 1; then epoch 2's two files: the second
+        if (
+            len(written) == 5
+        ):  # last.pt at epoch 0; best.pt and last.pt of epoch 1; then epoch 2's two files: the second
             raise KeyboardInterrupt
         real_save(path, checkpoint)
 
-    monkeypatch.setattr(train, "save_checkpoint", save)
+    monkeypatch.setattr(run_state, "save_checkpoint", save)
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit):
         train.main(tiny_args(hub_folder, run_dir, "--epochs", "3"))
@@ -386,7 +409,7 @@ def test_best_pt_never_falls_behind_the_records(tmp_path, hub_folder, monkeypatc
     assert best["epoch"] == history_best or best["epoch"] > last["epoch"], (best["epoch"], history_best, last["epoch"])
     assert json.loads((run_dir / "summary.json").read_text())["epochs_done"] == last["epoch"] == 1
     assert "last.pt holds epoch 1. Resume" in (run_dir / "train.log").read_text()
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(run_state, "save_checkpoint", real_save)
     train.main(["--resume", str(run_dir)])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["best_epoch"] == load_checkpoint(run_dir / "best.pt")["epoch"] == 3
@@ -414,7 +437,8 @@ def test_the_interrupt_message_names_the_epoch_last_pt_holds(tmp_path, hub_folde
 
 
 def test_a_resume_that_switches_the_cache_is_exact(tmp_path, hub_folder):
-    """--cache off and the cache draw the same batches in the same order for a seed: switching on resume changes nothing."""
+    """--cache off and the cache draw the same batches in the same order for a seed: switching on resume changes
+    nothing."""
     reference, switched = tmp_path / "reference", tmp_path / "switched"
     train.main(tiny_args(hub_folder, reference, "--epochs", "2", "--augment", "heavy"))
     train.main(tiny_args(hub_folder, switched, "--epochs", "1", "--augment", "heavy", "--cache", "off"))

@@ -1,4 +1,5 @@
-"""A trained model for inference: found in a run folder, a checkpoint, an export or a bare state dict; exported again."""
+"""A trained model for inference: found in a run folder, a checkpoint, an export or a bare state dict; exported
+again."""
 
 import json
 from dataclasses import dataclass
@@ -25,15 +26,22 @@ class Trained:
     class_names: list[str]
     data: str | None  # the dataset it was trained on, when known
     path: Path  # the checkpoint file
-    backend: str = "pytorch"  # or onnxruntime: an exported model.onnx, called like the PyTorch model (no gradients, so no CAMs)
+    backend: str = (
+        "pytorch"  # or onnxruntime: an exported model.onnx, called like the PyTorch model (no gradients, so no CAMs)
+    )
 
     def classify(self, pixels: torch.Tensor, topk: int) -> list[dict]:
         """The top-k classes for one image's uint8 pixels (as eval_transform gives them), most probable first."""
-        device = next(self.model.parameters(), torch.empty(0)).device  # ONNX Runtime's stand-in has no parameters: the CPU
+        device = next(
+            self.model.parameters(), torch.empty(0)
+        ).device  # ONNX Runtime's stand-in has no parameters: the CPU
         with torch.no_grad():
             probabilities = self.model(normalize(pixels)[None].to(device)).float().softmax(1)[0].cpu()
         top = probabilities.topk(min(topk, len(probabilities)))
-        return [{"class": self.class_names[c], "index": int(c), "probability": round(float(p), 6)} for p, c in zip(top.values, top.indices)]
+        return [
+            {"class": self.class_names[c], "index": int(c), "probability": round(float(p), 6)}
+            for p, c in zip(top.values, top.indices)
+        ]
 
 
 class OnnxRuntimeModel(torch.nn.Module):
@@ -47,7 +55,9 @@ class OnnxRuntimeModel(torch.nn.Module):
         try:
             self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime raises its own exception types for a damaged or foreign file
-            raise UserError(f"cannot load {path} with ONNX Runtime: {str(error).strip().splitlines()[0][:200]}; export it again") from None
+            raise UserError(
+                f"cannot load {path} with ONNX Runtime: {str(error).strip().splitlines()[0][:200]}; export it again"
+            ) from None
         self.input = self.session.get_inputs()[0]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -67,7 +77,10 @@ def read_model_file(path: Path) -> tuple[dict, dict]:
     loaded = load_checkpoint(path)
     config = loaded.get("config") if isinstance(loaded.get("config"), dict) else {}
     names = loaded.get("class_names") if isinstance(loaded.get("class_names"), list) else None
-    return state_dict_of(loaded, path), {**{k: config.get(k) for k in ("arch", "resolution", "data")}, "class_names": names}
+    return state_dict_of(loaded, path), {
+        **{k: config.get(k) for k in ("arch", "resolution", "data")},
+        "class_names": names,
+    }
 
 
 def read_model_json(path: Path) -> dict:
@@ -79,16 +92,24 @@ def read_model_json(path: Path) -> dict:
     except (OSError, ValueError) as error:
         raise UserError(f"cannot read {path}: {error}; export the model again") from None
     names = info.get("class_names") if isinstance(info, dict) else None
-    if not isinstance(info, dict) or not (names is None or isinstance(names, list) and all(isinstance(n, str) for n in names)) \
-            or not isinstance(info.get("arch", ""), str) or not isinstance(info.get("resolution", 0), int):
-        raise UserError(f"{path} is not an export's model.json (expected arch, resolution and class_names); export the model again")
+    if (
+        not isinstance(info, dict)
+        or not (names is None or isinstance(names, list) and all(isinstance(n, str) for n in names))
+        or not isinstance(info.get("arch", ""), str)
+        or not isinstance(info.get("resolution", 0), int)
+    ):
+        raise UserError(
+            f"{path} is not an export's model.json (expected arch, resolution and class_names); export the model again"
+        )
     return info
 
 
 def load_trained_from(args) -> "Trained":
     if getattr(args, "backend", "pytorch") == "onnxruntime":
         return load_onnx(args.checkpoint, args.resolution, args.data)
-    return load_trained(args.checkpoint, args.arch, args.num_classes, args.resolution, args.data)
+    return load_trained(
+        args.checkpoint, arch=args.arch, num_classes=args.num_classes, resolution=args.resolution, data=args.data
+    )
 
 
 def load_onnx(path, resolution=None, data=None) -> Trained:
@@ -101,7 +122,9 @@ def load_onnx(path, resolution=None, data=None) -> Trained:
             raise UserError(f"{path} has no model.onnx; export one with: uv run export.py RUN --format onnx")
         path = found
     if path.suffix != ".onnx" or not path.is_file():
-        raise UserError(f"--backend onnxruntime runs a .onnx file or an export folder holding model.onnx; {path} is neither")
+        raise UserError(
+            f"--backend onnxruntime runs a .onnx file or an export folder holding model.onnx; {path} is neither"
+        )
     info = read_model_json(path.parent / "model.json")
     model = OnnxRuntimeModel(path)
     resolution = resolution or info.get("resolution") or model.input.shape[-1]
@@ -112,11 +135,13 @@ def load_onnx(path, resolution=None, data=None) -> Trained:
     num_classes = model.session.get_outputs()[0].shape[-1]
     class_names = class_names or [f"class {i}" for i in range(num_classes)]
     if isinstance(num_classes, int) and len(class_names) != num_classes:
-        raise UserError(f"{path}: the model has {num_classes} classes but the class names number {len(class_names)}; check --data")
+        raise UserError(
+            f"{path}: the model has {num_classes} classes but the class names number {len(class_names)}; check --data"
+        )
     return Trained(model, info.get("arch") or "onnx", resolution, class_names, data, path, backend="onnxruntime")
 
 
-def load_trained(path, arch=None, num_classes=None, resolution=None, data=None) -> Trained:
+def load_trained(path, *, arch=None, num_classes=None, resolution=None, data=None) -> Trained:
     """A run folder, one of our checkpoints, an exported model (folder or model.safetensors), or any
     other state dict (then --arch, --num-classes, --resolution and --data supply what our files
     carry). Flags win over what the file says."""
@@ -135,7 +160,9 @@ def load_trained(path, arch=None, num_classes=None, resolution=None, data=None) 
         raise UserError(f"--resolution must be at least 32, got {resolution}")
     resolution = resolution or info.get("resolution") or 224
     class_names = info.get("class_names")
-    if data and class_names and data != info.get("data"):  # another dataset than the run's: it must have the model's classes
+    if (
+        data and class_names and data != info.get("data")
+    ):  # another dataset than the run's: it must have the model's classes
         label_map(class_names, open_source(data)[2], data)
     data = data or info.get("data")
     if class_names is None and data:
@@ -148,8 +175,10 @@ def load_trained(path, arch=None, num_classes=None, resolution=None, data=None) 
         model = build_model(arch, "none", num_classes)
     class_names = class_names or [f"class {i}" for i in range(num_classes)]
     if len(class_names) != num_classes:
-        raise UserError(f"{path}: the model has {num_classes} classes but the class names number {len(class_names)}; "
-                        "check --num-classes and --data")
-    load_checked(model, state, f"checkpoint {path}", arch)
+        raise UserError(
+            f"{path}: the model has {num_classes} classes but the class names number {len(class_names)}; "
+            "check --num-classes and --data"
+        )
+    load_checked(model, state, what=f"checkpoint {path}", arch=arch)
     check_resolution(model, arch, resolution)
     return Trained(model.eval(), arch, resolution, class_names, data, path)

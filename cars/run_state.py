@@ -1,0 +1,172 @@
+"""What a training run holds (`Run`, built by train.py's setup), and its two checkpoints: best.pt, the weights
+to use, and last.pt, everything needed to go on exactly."""
+
+import dataclasses
+import math
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from cars.checkpoint import save_checkpoint, unwrap
+from cars.config import Config
+from cars.data import Splits
+from cars.distributed import World
+from cars.engine import Device, Progress
+from cars.errors import UserError
+from cars.loaders import CachedLoader
+from cars.optim import base_lr, ema_decay, load_scaler_state
+from cars.report import write_json
+from cars.runs import RunLog
+from cars.runtime import restore_rng, rng_state
+
+
+@dataclass(kw_only=True)
+class Run:
+    """Everything a training run holds. Three names for the model, each made once in setup:
+    `raw_model` is the plain network whose weights the optimizer trains; `model` runs the training steps (the
+    raw model under DistributedDataParallel and torch.compile, when they are on); `eval_model` is evaluated and
+    kept in best.pt (the EMA of the weights with --ema, else the model)."""
+
+    cfg: Config
+    preset: str
+    run_dir: Path
+    splits: Splits
+    world: World
+    device: Device
+    raw_model: torch.nn.Module
+    model: torch.nn.Module
+    eval_model: torch.nn.Module
+    eval_pad_to: int | None  # a compiled eval_model sees one batch shape only: the last batch is padded to it
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: torch.optim.swa_utils.AveragedModel | None
+    mixer: object  # MixUp or CutMix of whole batches, or None
+    train_batches: object
+    eval_batches: object
+    workers: int
+    log: RunLog | None = None  # made once every input, the checkpoint of a resume included, has been checked
+    board: SummaryWriter | None = None  # TensorBoard events in the run folder (the main process only)
+    rows: list[dict] = field(default_factory=list)  # metrics.csv, one row per epoch done
+    first_epoch: int = 1
+    epoch: int = 1  # the epoch in progress
+    progress: Progress | None = None  # where a mid-epoch checkpoint left the first epoch to run
+    saved: tuple[int, int] = (
+        0,
+        0,
+    )  # what last.pt holds: its epoch, and the steps of the next epoch a mid-epoch save kept
+
+    @property
+    def status(self) -> dict:
+        """summary.json while training: compare.py tells a running run from a crashed one by a live process on this
+        host."""
+        return {
+            "status": "running",
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "epochs": self.cfg.epochs,
+            "selected_on": self.splits.eval_name,
+        }
+
+
+def best_checkpoint(run: Run, epoch: int) -> dict:
+    """What best.pt holds, and last.pt too: the evaluated weights and what they need to be used."""
+    return {
+        "model": unwrap(run.eval_model).state_dict(),
+        "config": dataclasses.asdict(run.cfg),
+        "class_names": run.splits.class_names,
+        "epoch": epoch,
+        "metric": run.rows[-1]["eval_acc"] if run.rows else None,
+        "metric_name": f"{run.splits.eval_name}_acc",
+    }
+
+
+def save_best(run: Run, epoch: int) -> None:
+    if run.world.main:
+        save_checkpoint(run.run_dir / "best.pt", best_checkpoint(run, epoch))
+
+
+def save_last(run: Run, epoch: int, progress: Progress | None = None) -> None:
+    """last.pt: the whole state of the run where `epoch` ended, or where the next epoch's `progress` stands: what
+    `restore` needs to go on exactly. Every process takes part: each one's random streams are saved."""
+    state = {
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "rng": run.world.all(rng_state()),
+        "history": run.rows,
+        "progress": dataclasses.asdict(progress) if progress else None,
+    }
+    if run.ema:  # "model" holds the EMA weights; the raw ones are needed to go on training
+        state.update(raw_model=unwrap(run.raw_model).state_dict(), ema=run.ema.state_dict())
+    if run.world.main:
+        save_checkpoint(run.run_dir / "last.pt", {**best_checkpoint(run, epoch), **state})
+    run.saved = (epoch, progress.steps if progress else 0)
+
+
+def restore(run: Run, checkpoint: dict) -> None:
+    """save_last's twin: the weights, optimizer, schedule, AMP scaler, EMA, random streams, metrics and data
+    position. A checkpoint that does not fit is one clear line, before the run folder is touched."""
+    try:
+        run.raw_model.load_state_dict(checkpoint["raw_model" if run.ema else "model"])
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+        run.scheduler.load_state_dict(checkpoint["scheduler"])
+        load_scaler_state(run.scaler, checkpoint["scaler"])
+        if run.ema:
+            run.ema.load_state_dict(checkpoint["ema"])
+        restore_rng(checkpoint["rng"], run.world.rank)
+        run.rows = checkpoint["history"]
+        run.first_epoch = run.epoch = checkpoint["epoch"] + 1
+        run.saved = (checkpoint["epoch"], (checkpoint.get("progress") or {}).get("steps") or 0)
+        run.progress = Progress(**checkpoint["progress"]) if checkpoint.get("progress") else None  # a mid-epoch one
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as error:
+        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise UserError(
+            f"{run.run_dir / 'last.pt'} does not fit this run ({detail}); it is damaged or was written by "
+            f"another recipe. Nothing in {run.run_dir} was changed"
+        ) from None
+
+
+def write_summary(run: Run, summary: dict) -> None:
+    if run.world.main:
+        write_json(run.run_dir / "summary.json", summary)
+
+
+def log_start(run: Run, *, command: list[str], compiled: bool) -> None:
+    """train.log's first lines: the device, the command, the data, the recipe and the input pipeline."""
+    cfg, log, splits, world = run.cfg, run.log, run.splits, run.world
+    log(run.device.describe(compiled))
+    log(f"$ {' '.join(command)}")
+    log(
+        f"run folder {run.run_dir}; data {cfg.data}: {len(splits.train)} train / {len(splits.eval)} {splits.eval_name} "
+        f"images, {len(splits.class_names)} classes"
+    )
+    log(
+        f"{cfg.arch} ({cfg.weights} weights), {cfg.resolution} px, batch {cfg.batch_size}, {cfg.optimizer} lr "
+        f"{cfg.lr:g}, "
+        f"{cfg.scheduler} schedule, {cfg.epochs} epochs"
+        + (f", {world.size} processes of {cfg.batch_size // world.size} images each" if world.size > 1 else "")
+    )
+    if isinstance(run.train_batches, CachedLoader):
+        kept = f"their longer side at most {cfg.cache_side} px (lossy)" if cfg.cache_side else "at native size"
+        log(
+            f"input: preprocessing cache in {run.train_batches.dataset.cache.folder.parent} (training images kept "
+            f"{kept}, "
+            "each crop resized on the device)"
+        )
+    else:
+        log(f"input: no cache, {run.workers} workers decode every image every epoch")
+    if cfg.lr_scaling == "linear":
+        log(f"linear lr scaling: lr {cfg.lr:g} x batch {cfg.batch_size} / 128 = {base_lr(cfg):g}")
+    if run.ema:
+        steps_per_epoch = len(run.train_batches)
+        decay, steps = ema_decay(cfg, steps_per_epoch), cfg.epochs * steps_per_epoch
+        log(
+            f"EMA of the weights: decay {decay:.6g} per step, a half-life of "
+            f"{math.log(0.5) / math.log(decay) / steps_per_epoch:.3g} epochs; the first step's weights keep a share of "
+            f"{decay ** (steps - 1):.3g} after all {steps} steps"
+        )
