@@ -302,7 +302,6 @@ def setup(args, *, command: list[str]) -> Run:
         raw_model=raw_model,
         model=model,
         eval_model=eval_model,
-        eval_pad_to=cfg.batch_size if eval_model is model and compiled else None,
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=device.scaler(),

@@ -159,10 +159,9 @@ def warp(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     n, _, height, width = x.shape
     xs = torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, steps=width, device=x.device).view(1, 1, width)
     ys = torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, steps=height, device=x.device).view(1, height, 1)
-    to_x, to_y = (
-        (matrix[:, :3] / (0.5 * width)).view(n, 3, 1, 1),
-        (matrix[:, 3:] / (0.5 * height)).view(n, 3, 1, 1),
-    )  # to [-1, 1]
+    # to [-1, 1]
+    to_x = (matrix[:, :3] / (0.5 * width)).view(n, 3, 1, 1)
+    to_y = (matrix[:, 3:] / (0.5 * height)).view(n, 3, 1, 1)
     grid = torch.stack([xs * m[:, 0] + ys * m[:, 1] + m[:, 2] for m in (to_x, to_y)], dim=-1)
     warped = torch.nn.functional.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return warped.to(torch.uint8)

@@ -97,9 +97,11 @@ def average_over_processes(result: EpochResult, world) -> EpochResult:
     """One process's training loss and accuracy -> the whole job's, weighted by images seen."""
     parts = world.all({"loss": result.loss, "accuracy": result.accuracy, "images": result.images})
     images = sum(p["images"] for p in parts)
-    return EpochResult(
-        *(sum(p[key] * p["images"] for p in parts) / max(images, 1) for key in ("loss", "accuracy")), images
-    )
+
+    def mean(key: str) -> float:
+        return sum(p[key] * p["images"] for p in parts) / max(images, 1)
+
+    return EpochResult(mean("loss"), mean("accuracy"), images)
 
 
 def train_step(

@@ -40,7 +40,6 @@ class Run:
     raw_model: torch.nn.Module
     model: torch.nn.Module
     eval_model: torch.nn.Module
-    eval_pad_to: int | None  # a compiled eval_model sees one batch shape only: the last batch is padded to it
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -55,10 +54,16 @@ class Run:
     first_epoch: int = 1
     epoch: int = 1  # the epoch in progress
     progress: Progress | None = None  # where a mid-epoch checkpoint left the first epoch to run
-    saved: tuple[int, int] = (
-        0,
-        0,
-    )  # what last.pt holds: its epoch, and the steps of the next epoch a mid-epoch save kept
+    # what last.pt holds: its epoch, and the steps of the next epoch a mid-epoch save kept
+    saved: tuple[int, int] = (0, 0)
+
+    @property
+    def eval_pad_to(self) -> int | None:
+        """A compiled model sees one batch shape only: when it is also the one evaluated, the last eval batch is padded
+        to the batch size."""
+        # the evaluated model is the one that trains (one process, no EMA), and that one is wrapped: compiled
+        compiled_and_evaluated = self.eval_model is self.model and self.model is not self.raw_model
+        return self.cfg.batch_size if compiled_and_evaluated else None
 
     @property
     def status(self) -> dict:
@@ -102,7 +107,7 @@ def save_last(run: Run, epoch: int, progress: Progress | None = None) -> None:
         "progress": dataclasses.asdict(progress) if progress else None,
     }
     if run.ema:  # "model" holds the EMA weights; the raw ones are needed to go on training
-        state.update(raw_model=unwrap(run.raw_model).state_dict(), ema=run.ema.state_dict())
+        state.update(raw_model=run.raw_model.state_dict(), ema=run.ema.state_dict())
     if run.world.main:
         save_checkpoint(run.run_dir / "last.pt", {**best_checkpoint(run, epoch), **state})
     run.saved = (epoch, progress.steps if progress else 0)

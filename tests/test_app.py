@@ -74,10 +74,8 @@ def test_the_page_answers_as_predict_py_and_survives_bad_photos(served, tmp_path
     client = Client(url, verbose=False)
     top5, cam = client.predict(handle_file(str(image)), "gradcam", api_name="/predict")
     assert top5["label"] == top1_by_predict_py(root / "run", image, capsys)
-    assert len(top5["confidences"]) == 3 and Image.open(cam).size == (
-        32,
-        32,
-    )  # every class of 3; the CAM over the model's view
+    # every class of 3; the CAM over the model's view
+    assert len(top5["confidences"]) == 3 and Image.open(cam).size == (32, 32)
 
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_text("this is text, not a photo")

@@ -174,9 +174,8 @@ def test_with_unreadable_images_every_process_takes_the_same_steps():
     import numpy as np
 
     readable = np.arange(24) >= 16
-    whole = list(
-        GlobalBatches(24, batch_size=4, generator=torch.Generator().manual_seed(3))
-    )  # the global batches, in one process
+    # the global batches, in one process
+    whole = list(GlobalBatches(24, batch_size=4, generator=torch.Generator().manual_seed(3)))
     expected = [all(readable[batch[rank::2]].any() for rank in range(2)) for batch in whole]
     assert 0 < expected.count(False) < len(whole)
     for rank in range(2):
