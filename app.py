@@ -26,6 +26,10 @@ from cars.transforms import eval_transform
 
 MAX_UPLOAD = "20mb"  # a photo larger than this is refused on the page, before it reaches the model
 CHARTS = ("per_class.png", "confusion.png", "gradcam_samples.png", "gradcam_worst.png")
+# Every event that runs the model waits in this one queue, one at a time: a CAM hooks the model it explains, and a
+# second request on the same model meanwhile (the page's first pair loading as a photo is uploaded) would mix its
+# activations and gradients into the first, or crash it.
+ONE_AT_A_TIME = {"concurrency_id": "model", "concurrency_limit": 1}
 
 
 def predict_tab(trained: Trained, cam_method: str) -> None:
@@ -70,9 +74,9 @@ def predict_tab(trained: Trained, cam_method: str) -> None:
         with gr.Column():
             top5 = gr.Label(num_top_classes=5, label="Top 5", elem_id="top5")
             cam = gr.Image(label="Where the model looked (top class)", interactive=False, elem_id="cam", height=320)
-    button.click(answer, [photo, method], [top5, cam], api_name="predict", preprocess=False)
+    button.click(answer, [photo, method], [top5, cam], api_name="predict", preprocess=False, **ONE_AT_A_TIME)
     # an upload answers at once, too
-    photo.upload(answer, [photo, method], [top5, cam], api_visibility="private", preprocess=False)
+    photo.upload(answer, [photo, method], [top5, cam], api_visibility="private", preprocess=False, **ONE_AT_A_TIME)
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -138,7 +142,7 @@ def evaluation_tab(trained: Trained, eval_dir: Path, cam_method: str) -> tuple:
             label="The misclassified test images, with the CAM of the class they were taken for", columns=3
         )
         references = gr.Gallery(label="Training images of the class they were taken for, with their CAMs", columns=3)
-    pair.change(show_pair, pair, [mistaken, references])
+    pair.change(show_pair, pair, [mistaken, references], **ONE_AT_A_TIME)
     charts = [(str(eval_dir / name), name) for name in CHARTS if (eval_dir / name).exists()]
     gr.Gallery(charts, label="The report's charts", columns=2, object_fit="contain", height=600, elem_id="charts")
     return pair, show_pair, mistaken, references
@@ -154,7 +158,7 @@ def build_app(trained: Trained, eval_dir: Path | None, cam_method: str = "gradca
         if eval_dir is not None:
             with gr.Tab("Evaluation"):
                 pair, show_pair, mistaken, references = evaluation_tab(trained, eval_dir, cam_method)
-            app.load(show_pair, pair, [mistaken, references])
+            app.load(show_pair, pair, [mistaken, references], **ONE_AT_A_TIME)
     return app
 
 

@@ -101,6 +101,30 @@ def test_the_page_answers_as_predict_py_and_survives_bad_photos(served, tmp_path
     assert again["label"] == top5["label"]
 
 
+def test_requests_that_run_the_model_wait_for_each_other(served):
+    """A CAM hooks the model it explains: the page's first confused pair, loading while a photo is uploaded, once
+    crashed the upload's CAM ("cannot call bump_version() on undefined tensor"). Every event that runs the model
+    shares one queue of one, so many at once all answer, as they do one by one."""
+    from gradio_client import Client, handle_file
+
+    url, root, image = served
+    # not downloading the answers' images: Gradio writes equal images to one cached file, which the requests here
+    # would race to read as it is rewritten
+    client = Client(url, verbose=False, download_files=False)
+    pair = 0 if (root / "run" / "eval" / "confused_pairs.csv").read_text().count("\n") > 1 else None
+    top5 = client.predict(handle_file(str(image)), "gradcam", api_name="/predict")[0]
+    captions = [[shown["caption"] for shown in gallery] for gallery in client.predict(pair, api_name="/show_pair")]
+    logged_before = (root / "server.log").read_text()
+    jobs = []
+    for _ in range(10):  # interleaved, so that the two queues of old ran side by side
+        jobs += [client.submit(handle_file(str(image)), "gradcam", api_name="/predict")]
+        jobs += [client.submit(pair, api_name="/show_pair")]
+    answers = [job.result(timeout=120) for job in jobs]
+    assert all(answer[0] == top5 for answer in answers[0::2])
+    assert all([[shown["caption"] for shown in gallery] for gallery in answer] == captions for answer in answers[1::2])
+    assert "Traceback" not in (root / "server.log").read_text()[len(logged_before) :]
+
+
 @pytest.mark.skipif(
     CHROMIUM is None,
     reason="no Chromium on this machine: install Debian's chromium (.ci/run does) to run the browser test",
