@@ -113,7 +113,11 @@ def test_requests_that_run_the_model_wait_for_each_other(served):
     client = Client(url, verbose=False, download_files=False)
     pair = 0 if (root / "run" / "eval" / "confused_pairs.csv").read_text().count("\n") > 1 else None
     top5 = client.predict(handle_file(str(image)), "gradcam", api_name="/predict")[0]
-    captions = [[shown["caption"] for shown in gallery] for gallery in client.predict(pair, api_name="/show_pair")]
+
+    def captions(galleries):  # the two galleries' captions: which images were shown, and as what
+        return [[shown["caption"] for shown in gallery] for gallery in galleries]
+
+    shown = captions(client.predict(pair, api_name="/show_pair"))
     logged_before = (root / "server.log").read_text()
     jobs = []
     for _ in range(10):  # interleaved, so that the two queues of old ran side by side
@@ -121,7 +125,7 @@ def test_requests_that_run_the_model_wait_for_each_other(served):
         jobs += [client.submit(pair, api_name="/show_pair")]
     answers = [job.result(timeout=120) for job in jobs]
     assert all(answer[0] == top5 for answer in answers[0::2])
-    assert all([[shown["caption"] for shown in gallery] for gallery in answer] == captions for answer in answers[1::2])
+    assert all(captions(answer) == shown for answer in answers[1::2])
     assert "Traceback" not in (root / "server.log").read_text()[len(logged_before) :]
 
 
