@@ -1,17 +1,19 @@
-"""Fine-tune an ImageNet-pretrained model on Stanford Cars: the training recipe, top to bottom.
+"""Fine-tune a pretrained model on Stanford Cars: the training recipe, top to bottom.
 
     uv run train.py --config configs/demo.toml       # the offline demo (see --help for every flag)
     torchrun --nproc_per_node 4 train.py --config configs/run07_baseline.toml
 
 `main` runs the recipe: `setup` builds the run, `train` is the epoch loop, `train_epoch` the step loop inside it,
 and `finish` writes the summary. The pieces they call live in cars/: the step and evaluation in cars/engine.py,
-the checkpoints in cars/run_state.py, the resume rules in cars/resume.py.
+the checkpoints in cars/run_state.py, the resume rules in cars/resume.py. `--weights demo-pretrained` first runs
+this same recipe once on the demo's source task (`pretrain_on_demo_source`): the offline stand-in for ImageNet.
 """
 
 from cars.cli import check_command_line, parse_train
 
 check_command_line(__name__, parse_train)  # --help and mistakes answer before the imports below load torch
 
+import os
 import signal
 import sys
 import threading
@@ -23,8 +25,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from cars.checkpoint import load_checkpoint, unwrap
+from cars.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from cars.data import load_splits
+from cars.demo import DEMO_PRETRAINED, demo_pretrained_path
 from cars.distributed import check_job, init_world, shutdown
 from cars.engine import (
     Device,
@@ -47,6 +50,7 @@ from cars.runs import RunLog, duration, prepare_folder
 from cars.runtime import check_compiler, pick_device, seed_everything, seed_process, worker_count
 from cars.transforms import batch_mixer
 
+SOURCE_RECIPE = Path(__file__).parent / "configs" / "demo_source.toml"  # how the demo-pretrained weights are made
 PROGRESS_SECONDS = 0.5  # how often the progress bar reads the loss and accuracy (each read waits for the device)
 
 
@@ -241,6 +245,8 @@ def train_epoch(run: Run, epoch: int) -> Progress:
 def setup(args, *, command: list[str]) -> Run:
     """Check every input, build the data, the model and its optimisation state, and only then touch the run folder."""
     cfg, preset, run_dir, resumed = resolve_run(args)  # with --resume, the checkpoint to go on from
+    if cfg.weights == DEMO_PRETRAINED and not resumed:
+        pretrain_on_demo_source(cfg.arch)
     device_type = pick_device(cfg.device)
     check_job(cfg, device_type)
     world = init_world(device_type)  # one process, or one of torchrun's
@@ -380,6 +386,29 @@ def finish(run: Run, train_result: EpochResult, eval_result: EpochResult) -> dic
         log(f"test accuracy of the best epoch (chosen on val): {test.accuracy:.2f}%")
     log(f"run folder: {run.run_dir} (best.pt, last.pt, metrics.csv, curves.png)")
     return summary
+
+
+def pretrain_on_demo_source(arch: str) -> None:
+    """Make the demo-pretrained weights of `arch`, once: train it from scratch with configs/demo_source.toml on the
+    source task, then keep its final weights as a plain state dict in torchvision's form, with their own head."""
+    weights_file = demo_pretrained_path(arch)
+    if weights_file.is_file():
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process must make them, not every one of torchrun's
+        raise UserError(
+            f"the demo-pretrained weights for {arch} are not made yet; run uv run train.py --config configs/demo.toml "
+            f"--arch {arch} once without torchrun (it makes them in {weights_file.parent}), then torchrun again"
+        )
+    run_dir = weights_file.with_name(f"{arch}-run")
+    print(f"pretraining {arch} on the demo's source task, once; the weights go to {weights_file}")
+    main(["--config", str(SOURCE_RECIPE), "--arch", arch, "--run-dir", str(run_dir), "--overwrite"])
+    save_weights_file(run_dir, weights_file)
+    print(f"pretrained: {weights_file}; now the fine-tune")
+
+
+def save_weights_file(run_dir: Path, weights_file: Path) -> None:
+    """The final weights of the run in `run_dir` (last.pt's model) as a bare state dict, written atomically."""
+    save_checkpoint(weights_file, load_checkpoint(run_dir / "last.pt")["model"])
 
 
 def raise_interrupt(signum, frame):

@@ -31,7 +31,8 @@ def knob(default, help, choices=None):
 class Config:
     # data
     data: str = knob(
-        "tanganke/stanford_cars", "hub id, local folder (save_to_disk, parquet, ImageFolder, devkit) or 'demo'"
+        "tanganke/stanford_cars",
+        "hub id, local folder (save_to_disk, parquet, ImageFolder, devkit), 'demo' or 'demo-source'",
     )
     val_split: float = knob(
         0.0,
@@ -47,7 +48,9 @@ class Config:
     # model
     arch: str = knob("resnet50", "any torchvision classification model, e.g. resnet18/34/50/101, efficientnet_b0..b4")
     weights: str = knob(
-        "DEFAULT", "torchvision weights name (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT), 'none', or a state-dict file"
+        "DEFAULT",
+        "torchvision weights name (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT), 'demo-pretrained' (pretrained offline on "
+        "the demo's source task), 'none', or a state-dict file",
     )
     dropout: float = knob(0.0, "dropout probability before the new classification head")
     # input

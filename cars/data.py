@@ -1,8 +1,8 @@
 """Where images come from: every source becomes (train, eval[, test]) splits plus class names.
 
 Sources (`--data`): a hub id, a `save_to_disk` folder, a folder of parquet files laid out like
-the hub repo, an ImageFolder tree, the Stanford Cars devkit layout, or `demo`. Images stay
-encoded until read_rgb decodes them (once, into the cache), and every one becomes RGB there.
+the hub repo, an ImageFolder tree, the Stanford Cars devkit layout, or the synthetic `demo` and `demo-source`.
+Images stay encoded until read_rgb decodes them (once, into the cache), and every one becomes RGB there.
 """
 
 import io
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from cars.demo import ensure_demo
+from cars.demo import ensure_demo, ensure_source
 from cars.errors import UserError
 
 HUB_SPLIT_FILES = "data/{split}-*.parquet"  # the hub's layout; loading by pattern fetches only these splits
@@ -191,17 +191,21 @@ def label_map(model_names: list[str], data_names: list[str], data: str) -> torch
     return torch.tensor([index[name] for name in data_names])
 
 
+# the synthetic datasets (cars/demo.py): local folders in the hub layout, written on first use
+DEMO_DATASETS = {"demo": (ensure_demo, "the demo dataset"), "demo-source": (ensure_source, "the demo's source dataset")}
+
+
 def dataset_location(data: str) -> str:
-    """`demo` is a local folder in the hub layout, written on first use; anything else is itself."""
-    if data == "demo":
-        return str(ensure_demo())
+    """The folder of `demo` or `demo-source`; anything else is itself."""
+    if data in DEMO_DATASETS:
+        return str(DEMO_DATASETS[data][0]())
     return data
 
 
 def open_source(data: str):
     """Recognise what `data` names and open its train and test splits."""
-    if data == "demo":
-        return open_hub_dataset(dataset_location(data), "the demo dataset")
+    if data in DEMO_DATASETS:
+        return open_hub_dataset(dataset_location(data), DEMO_DATASETS[data][1])
     path = Path(data).expanduser()
     if path.is_dir():
         if (path / "dataset_dict.json").exists():

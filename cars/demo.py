@@ -1,9 +1,15 @@
-"""A small synthetic car dataset, written once in the hub's own parquet format.
+"""Two small synthetic datasets, written once in the hub's own parquet format.
 
-It exists so that everything (loading, training, evaluation) can be tried offline on a
-laptop CPU in about a minute, through exactly the code that reads the real dataset.
-Ten classes: five body shapes x two paint colours, drawn with random size, position,
-direction, background, wheel size and details; a few images are grayscale.
+They exist so that everything (loading, pretraining, fine-tuning, evaluation) can be tried offline on a laptop CPU
+in minutes, through exactly the code that reads the real dataset.
+
+- `demo`, the target task: ten car classes (five body shapes x two paint colours), drawn with random size,
+  position, direction, background, wheel size and details; a few images are grayscale. Like Stanford Cars it has
+  few training images per class (24, the fewest any Stanford Cars class has).
+- `demo-source`, the source task that the demo's backbone is pretrained on (the offline stand-in for ImageNet):
+  40 classes of other drawn things (buses, tractors, bicycles, houses, boats...) in five other colours. They share
+  the cars' low-level structure (edges, wheels, windows, flat paint, the same sky and road) but none of their
+  classes, and each class has many more images.
 """
 
 import io
@@ -30,18 +36,44 @@ PAINTS = {"Red": (200, 30, 35), "Blue": (30, 70, 200)}
 YEARS = {"Coupe": 2012, "Sedan": 2010, "SUV": 2016, "Pickup": 2008, "Van": 2014}
 CLASS_NAMES = [f"Toy {body} {paint} {YEARS[body]}" for body in BODIES for paint in PAINTS]
 CORRUPTIONS = ("gaussian_noise", "motion_blur", "pixelate")
-VERSION = "v1"
+VERSION = "v2"  # v2: 24 training images per class (v1 had 60). Bump whenever the images change
+
+# The source task: eight kinds of thing in five colours none of the cars wear
+SOURCE_KINDS = ("Bus", "Truck", "Tractor", "Bicycle", "House", "Wagon", "Boat", "Caravan")
+SOURCE_COLOURS = {
+    "Green": (40, 150, 60),
+    "Yellow": (225, 195, 40),
+    "Orange": (235, 120, 30),
+    "Purple": (120, 50, 160),
+    "Teal": (30, 140, 150),
+}
+SOURCE_CLASS_NAMES = [f"{kind} {colour}" for kind in SOURCE_KINDS for colour in SOURCE_COLOURS]
+# Bump whenever the source images or configs/demo_source.toml change: the pretrained weights are named after it
+SOURCE_VERSION = "v1"
+DEMO_PRETRAINED = "demo-pretrained"  # the --weights name of the backbone pretrained on the source task
 
 
 def demo_root() -> Path:
     return cache_home() / f"demo-{VERSION}"
 
 
+def source_root() -> Path:
+    return cache_home() / f"demo-source-{SOURCE_VERSION}"
+
+
+def demo_pretrained_path(arch: str) -> Path:
+    """Where `--weights demo-pretrained` is kept for `arch`: a torchvision-form state dict with a 40-way head."""
+    return cache_home() / f"demo-pretrained-{SOURCE_VERSION}" / f"{arch}.pth"
+
+
 def jitter(colour, rng, amount=30):
     return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in colour)
 
 
-def draw_car(body: str, paint: str, rng: random.Random) -> Image.Image:
+def scene(rng: random.Random, size=(0.5, 0.7)):
+    """A sky over a road, and where to put a thing on it: `at(x, y)` maps the thing's box (width 1, y downwards,
+    standing on the road at y = 0.5) into the image, facing left or right at random. Returns the image, a drawing
+    context, `at` and the thing's width in pixels."""
     width = rng.randint(64, 256)
     height = int(width / rng.uniform(1.1, 1.4))
     image = Image.new("RGB", (width, height), jitter((170, 200, 230), rng, 40))
@@ -49,17 +81,35 @@ def draw_car(body: str, paint: str, rng: random.Random) -> Image.Image:
     horizon = int(height * rng.uniform(0.55, 0.7))
     draw.rectangle([0, horizon, width, height], fill=jitter((110, 115, 105), rng, 35))
 
-    car_w = width * rng.uniform(0.5, 0.7)  # the eval centre crop keeps the whole car
-    x0 = (width - car_w) / 2 + rng.uniform(-0.08, 0.08) * width
-    y0 = horizon + height * rng.uniform(0.0, 0.12) - 0.5 * car_w
+    thing_w = width * rng.uniform(*size)  # the eval centre crop keeps the whole thing
+    x0 = (width - thing_w) / 2 + rng.uniform(-0.08, 0.08) * width
+    y0 = horizon + height * rng.uniform(0.0, 0.12) - 0.5 * thing_w
     flip = rng.random() < 0.5
 
     def at(x, y):
-        return (x0 + (1 - x if flip else x) * car_w, y0 + y * car_w)
+        return (x0 + (1 - x if flip else x) * thing_w, y0 + y * thing_w)
 
-    top, cabin, wheel = BODIES[body]
+    return image, draw, at, thing_w
+
+
+def wheel(draw, at, x, y, radius, rng, *, hub=True):
+    cx, cy = at(x, y)
+    draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=(25, 25, 25))
+    if hub:
+        draw.ellipse(
+            [cx - radius / 2, cy - radius / 2, cx + radius / 2, cy + radius / 2], fill=jitter((160, 160, 160), rng)
+        )
+
+
+def box(draw, at, x0, y0, x1, y1, fill):
+    draw.polygon([at(x0, y0), at(x1, y0), at(x1, y1), at(x0, y1)], fill=fill)
+
+
+def draw_car(body: str, paint: str, rng: random.Random) -> Image.Image:
+    image, draw, at, car_w = scene(rng)
+    top, cabin, wheel_size = BODIES[body]
     colour = jitter(PAINTS[paint], rng)
-    draw.polygon([at(0, top), at(1, top), at(1, 0.5), at(0, 0.5)], fill=colour)
+    box(draw, at, 0, top, 1, 0.5, colour)
     draw.polygon([at(x, y) for x, y in cabin], fill=colour)
     glass = jitter((180, 210, 235), rng, 20)
     (ax, ay), (bx, by), (cx, cy), (dx, dy) = cabin
@@ -69,16 +119,87 @@ def draw_car(body: str, paint: str, rng: random.Random) -> Image.Image:
         draw.line([at(0.9, top - 0.06), at(0.99, top - 0.06)], fill=(30, 30, 30), width=max(2, int(car_w / 30)))
     if body == "Pickup":  # the open bed
         draw.line([at(0.46, top + 0.03), at(0.98, top + 0.03)], fill=(40, 40, 40), width=max(1, int(car_w / 60)))
-    radius = wheel * rng.uniform(0.9, 1.1) * car_w
+    radius = wheel_size * rng.uniform(0.9, 1.1) * car_w
     for x in (0.2, 0.8):
-        cx_, cy_ = at(x, 0.5)
-        draw.ellipse([cx_ - radius, cy_ - radius, cx_ + radius, cy_ + radius], fill=(25, 25, 25))
-        draw.ellipse(
-            [cx_ - radius / 2, cy_ - radius / 2, cx_ + radius / 2, cy_ + radius / 2], fill=jitter((160, 160, 160), rng)
-        )
+        wheel(draw, at, x, 0.5, radius, rng)
     if rng.random() < 0.5:  # a detail that says nothing about the class: a headlight or a stripe
         lx, ly = at(0.97, top + 0.05)
         draw.ellipse([lx - car_w / 40, ly - car_w / 40, lx + car_w / 40, ly + car_w / 40], fill=(250, 240, 160))
+    return image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8)))
+
+
+def draw_source_thing(kind: str, paint: tuple[int, int, int], rng: random.Random) -> Image.Image:
+    """One image of the source task: a thing of `kind` painted about `paint` (RGB), in the cars' kind of scene."""
+    image, draw, at, thing_w = scene(rng, size=(0.45, 0.75))
+    colour = jitter(paint, rng)
+    glass = jitter((180, 210, 235), rng, 20)
+    dark = jitter((40, 40, 40), rng, 10)
+    line = max(1, int(thing_w / 40))
+    r = rng.uniform(0.9, 1.1) * thing_w  # wheel radii are in units of the thing's width
+    if kind == "Bus":
+        box(draw, at, 0, 0.08, 1, 0.5, colour)
+        for i in range(6):
+            box(draw, at, 0.06 + i * 0.15, 0.13, 0.17 + i * 0.15, 0.26, glass)
+        for x in (0.18, 0.82):
+            wheel(draw, at, x, 0.5, 0.08 * r, rng)
+    elif kind == "Truck":
+        box(draw, at, 0.3, 0.0, 1, 0.45, jitter((200, 200, 200), rng))  # the cargo box
+        box(draw, at, 0.0, 0.18, 0.28, 0.47, colour)  # the cab
+        box(draw, at, 0.03, 0.22, 0.2, 0.32, glass)
+        for x in (0.14, 0.62, 0.86):
+            wheel(draw, at, x, 0.5, 0.07 * r, rng)
+    elif kind == "Tractor":
+        box(draw, at, 0.1, 0.28, 0.8, 0.45, colour)
+        box(draw, at, 0.5, 0.02, 0.78, 0.28, colour)
+        box(draw, at, 0.54, 0.06, 0.74, 0.24, glass)
+        draw.line([at(0.2, 0.28), at(0.2, 0.12)], fill=dark, width=line)  # the exhaust
+        wheel(draw, at, 0.68, 0.42, 0.2 * r, rng)
+        wheel(draw, at, 0.18, 0.46, 0.1 * r, rng)
+    elif kind == "Bicycle":
+        for x in (0.2, 0.8):
+            cx, cy = at(x, 0.38)
+            radius = 0.18 * r
+            draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], outline=dark, width=line)
+        frame = [at(0.2, 0.38), at(0.45, 0.38), at(0.7, 0.12), at(0.35, 0.12), at(0.2, 0.38)]
+        draw.line(frame, fill=colour, width=2 * line)
+        draw.line([at(0.7, 0.12), at(0.8, 0.38)], fill=colour, width=2 * line)
+        draw.line([at(0.3, 0.05), at(0.4, 0.05)], fill=dark, width=2 * line)  # the saddle
+    elif kind == "House":
+        box(draw, at, 0.1, 0.15, 0.9, 0.5, colour)
+        draw.polygon([at(0.03, 0.16), at(0.5, -0.15), at(0.97, 0.16)], fill=jitter((150, 60, 50), rng))
+        box(draw, at, 0.18, 0.22, 0.36, 0.34, glass)
+        box(draw, at, 0.62, 0.22, 0.8, 0.34, glass)
+        box(draw, at, 0.44, 0.3, 0.56, 0.5, dark)  # the door
+    elif kind == "Wagon":  # a railway carriage: many small wheels
+        box(draw, at, 0, 0.1, 1, 0.44, colour)
+        for i in range(4):
+            box(draw, at, 0.06 + i * 0.24, 0.16, 0.22 + i * 0.24, 0.28, glass)
+        draw.line([at(-0.05, 0.44), at(1.05, 0.44)], fill=dark, width=line)
+        for x in (0.1, 0.24, 0.76, 0.9):
+            wheel(draw, at, x, 0.48, 0.05 * r, rng, hub=False)
+    elif kind == "Boat":  # on water: a blue band over the road
+        left, _ = at(-0.2, 0.5)
+        right, _ = at(1.2, 0.5)
+        _, water_top = at(0, 0.42)
+        draw.rectangle([min(left, right), water_top, max(left, right), water_top + 0.2 * thing_w], fill=(40, 90, 160))
+        draw.polygon([at(0, 0.3), at(1, 0.3), at(0.85, 0.48), at(0.1, 0.48)], fill=colour)
+        box(draw, at, 0.35, 0.1, 0.7, 0.3, jitter((230, 230, 230), rng))
+        for x in (0.4, 0.55):
+            cx, cy = at(x, 0.2)
+            radius = 0.035 * thing_w
+            draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=glass)
+    elif kind == "Caravan":  # one axle in the middle and a drawbar
+        draw.rounded_rectangle(
+            [min(at(0.12, 0)[0], at(0.95, 0)[0]), at(0, 0.05)[1], max(at(0.12, 0)[0], at(0.95, 0)[0]), at(0, 0.45)[1]],
+            radius=0.08 * thing_w,
+            fill=colour,
+        )
+        box(draw, at, 0.2, 0.14, 0.45, 0.26, glass)
+        box(draw, at, 0.7, 0.14, 0.82, 0.42, jitter((230, 230, 230), rng))
+        draw.line([at(0.12, 0.4), at(0.0, 0.46)], fill=dark, width=line)
+        wheel(draw, at, 0.55, 0.47, 0.07 * r, rng)
+    else:
+        raise ValueError(kind)
     return image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8)))
 
 
@@ -101,13 +222,13 @@ def encode(image: Image.Image, rng: random.Random) -> bytes:
     return buffer.getvalue()
 
 
-def make_split(per_class: int, seed: int) -> tuple[list[Image.Image], list[int]]:
+def make_split(class_names: list[str], draw, per_class: int, seed: int) -> tuple[list[Image.Image], list[int]]:
+    """`per_class` images of every class, `draw(name, rng)` drawing one of the class `name`."""
     rng = random.Random(seed)
     images, labels = [], []
     for _ in range(per_class):
-        for label, name in enumerate(CLASS_NAMES):
-            _, body, paint, _ = name.split()
-            image = draw_car(body, paint, rng)
+        for label, name in enumerate(class_names):
+            image = draw(name, rng)
             if rng.random() < 0.03:  # the real dataset has grayscale images too
                 image = image.convert("L")
             images.append(image)
@@ -115,20 +236,44 @@ def make_split(per_class: int, seed: int) -> tuple[list[Image.Image], list[int]]
     return images, labels
 
 
-def write_demo(root: Path, train_per_class: int = 60, test_per_class: int = 30) -> None:
-    """Write train, test and corrupted test splits as data/<split>-00000-of-00001.parquet."""
-    from datasets import ClassLabel, Dataset, Features
-    from datasets import Image as ImageFeature
+def draw_demo_car(name: str, rng: random.Random) -> Image.Image:
+    _, body, paint, _ = name.split()  # "Toy Coupe Red 2012"
+    return draw_car(body, paint, rng)
 
-    features = Features({"image": ImageFeature(), "label": ClassLabel(names=CLASS_NAMES)})
-    train = make_split(train_per_class, seed=1)
-    test = make_split(test_per_class, seed=2)
+
+def draw_source_class(name: str, rng: random.Random) -> Image.Image:
+    kind, colour = name.split()  # "Bus Green"
+    return draw_source_thing(kind, SOURCE_COLOURS[colour], rng)
+
+
+def write_demo(root: Path, train_per_class: int = 24, test_per_class: int = 30) -> None:
+    """The target task: train, test and corrupted test splits as data/<split>-00000-of-00001.parquet."""
+    train = make_split(CLASS_NAMES, draw_demo_car, train_per_class, seed=1)
+    test = make_split(CLASS_NAMES, draw_demo_car, test_per_class, seed=2)
     splits = {"train": train, "test": test}
     for i, kind in enumerate(CORRUPTIONS):
         rng = random.Random(100 + i)
         splits[kind] = ([corrupt(image, kind, rng) for image in test[0]], test[1])
+    write_hub_layout(root, splits, CLASS_NAMES)
 
-    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
+
+def write_source(root: Path, train_per_class: int = 50, test_per_class: int = 10) -> None:
+    """The source task: train and test splits in the same layout."""
+    splits = {
+        "train": make_split(SOURCE_CLASS_NAMES, draw_source_class, train_per_class, seed=11),
+        "test": make_split(SOURCE_CLASS_NAMES, draw_source_class, test_per_class, seed=12),
+    }
+    write_hub_layout(root, splits, SOURCE_CLASS_NAMES)
+
+
+def write_hub_layout(root: Path, splits: dict, class_names: list[str]) -> None:
+    """Each split's (images, labels) as root/data/<split>-00000-of-00001.parquet, as JPEG bytes: root appears whole
+    or not at all."""
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=class_names)})
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     staging.chmod(default_mode(folder=True))
     (staging / "data").mkdir()
     rng = random.Random(0)
@@ -136,15 +281,22 @@ def write_demo(root: Path, train_per_class: int = 60, test_per_class: int = 30) 
         rows = {"image": [{"bytes": encode(im, rng), "path": None} for im in images], "label": labels}
         Dataset.from_dict(rows, features=features).to_parquet(str(staging / "data" / f"{split}-00000-of-00001.parquet"))
     try:
-        staging.rename(root)  # atomic: a half-written demo is never seen
+        staging.rename(root)  # atomic: a half-written dataset is never seen
     except OSError:  # another process finished first
         shutil.rmtree(staging, ignore_errors=True)
 
 
 def ensure_demo() -> Path:
-    root = demo_root()
+    return ensure_written(demo_root(), write_demo, "the demo dataset")
+
+
+def ensure_source() -> Path:
+    return ensure_written(source_root(), write_source, "the demo's source dataset")
+
+
+def ensure_written(root: Path, write, description: str) -> Path:
     if not root.exists():
         root.parent.mkdir(parents=True, exist_ok=True)
-        print(f"writing the demo dataset to {root} (once)")
-        write_demo(root)
+        print(f"writing {description} to {root} (once)")
+        write(root)
     return root

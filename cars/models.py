@@ -9,6 +9,7 @@ import torchvision
 from torch import nn
 
 from cars.checkpoint import read_state_dict
+from cars.demo import DEMO_PRETRAINED, demo_pretrained_path
 from cars.errors import UserError
 
 
@@ -70,6 +71,14 @@ def resolve_weights(arch: str, weights: str):
     """A torchvision weights enum for `arch`, None for 'none', or a Path to a state-dict file."""
     if weights.lower() == "none":
         return None
+    if weights == DEMO_PRETRAINED:  # a state-dict file like any other, made by train.py on the demo's source task
+        path = demo_pretrained_path(arch)
+        if not path.is_file():
+            raise UserError(
+                f"the demo-pretrained weights for {arch} are not made yet ({path}); train.py makes them once: "
+                f"uv run train.py --config configs/demo.toml --arch {arch}"
+            )
+        return path
     if weights.endswith((".pt", ".pth", ".bin", ".ckpt")) or "/" in weights or Path(weights).exists():
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -81,7 +90,8 @@ def resolve_weights(arch: str, weights: str):
     except KeyError:
         names = ", ".join(["DEFAULT", *enum.__members__])
         raise UserError(
-            f"{arch} has no weights named {weights!r}; choose one of {names}, 'none', or a state-dict file"
+            f"{arch} has no weights named {weights!r}; choose one of {names}, '{DEMO_PRETRAINED}', 'none', or a "
+            "state-dict file"
         ) from None
 
 
@@ -109,7 +119,8 @@ def check_arch(arch: str) -> None:
 
 
 def build_model(arch: str, weights: str, num_classes: int, dropout: float = 0.0) -> nn.Module:
-    """ImageNet model with its 1000-way head replaced by a fresh `num_classes`-way one.
+    """A pretrained model (ImageNet, demo-pretrained, or a file) whose head is replaced by a fresh `num_classes`-way
+    one; a file's head is kept when it already fits (a fine-tuned model).
 
     torchvision refuses num_classes != 1000 together with ImageNet weights, so the model is
     built as published and the head swapped afterwards.

@@ -155,3 +155,70 @@ class FixedBatches(list):
         super().__init__(batches)
         self.batch_sampler = SimpleNamespace(generator=torch.Generator(), skip=0)
         self.dataset = SimpleNamespace(epoch=0)
+
+
+# --- transfer: a demo-pretrained weights file made in seconds ---------------------------------------------------
+
+SOURCE_KINDS = ("Bus", "Tractor", "Bicycle", "House")  # four of the demo source task's eight kinds of thing
+
+
+def write_kinds(root: Path, kinds, *, per_class: tuple[int, int], seed: int, paints) -> Path:
+    """A hub-layout dataset whose classes are kinds of the source task's things, each image in one of `paints`
+    (RGB) at random: the class is the kind, whatever its colour."""
+    from cars.demo import draw_source_thing, make_split, write_hub_layout
+
+    def draw(kind, rng):
+        return draw_source_thing(kind, rng.choice(paints), rng)
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    splits = {
+        "train": make_split(list(kinds), draw, per_class[0], seed=seed),
+        "test": make_split(list(kinds), draw, per_class[1], seed=seed + 1),
+    }
+    write_hub_layout(root, splits, list(kinds))
+    return root
+
+
+TINY_SOURCE_RECIPE = """# configs/demo_source.toml, shrunk for the tests: 4 classes instead of 40
+data = "{data}"
+arch = "shufflenet_v2_x0_5"
+weights = "none"
+resolution = 48
+batch_size = 16
+epochs = {epochs}
+optimizer = "adamw"
+lr = 0.01
+weight_decay = 0.05
+scheduler = "cosine"
+seed = 0
+workers = 0
+"""
+
+
+@pytest.fixture(scope="session")
+def demo_pretrained(tmp_path_factory, offline_caches):
+    """The demo-pretrained file for shufflenet_v2_x0_5 in the session's cache, made by train.py's own pretraining
+    (pretrain_on_demo_source) on a 4-class source task in seconds, instead of configs/demo_source.toml's minutes."""
+    import train
+    from cars.demo import SOURCE_COLOURS, demo_pretrained_path
+
+    root = tmp_path_factory.mktemp("source")
+    data = write_kinds(root / "data", SOURCE_KINDS, per_class=(40, 10), seed=1, paints=list(SOURCE_COLOURS.values()))
+    recipe = root / "tiny_source.toml"
+    recipe.write_text(TINY_SOURCE_RECIPE.format(data=data, epochs=8))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "SOURCE_RECIPE", recipe)
+        train.pretrain_on_demo_source("shufflenet_v2_x0_5")
+    return demo_pretrained_path("shufflenet_v2_x0_5")
+
+
+def place_demo_pretrained(weights_file: Path) -> Path:
+    """Copy a demo-pretrained file to where --weights demo-pretrained looks under the current $CARS_CACHE."""
+    import shutil
+
+    from cars.demo import demo_pretrained_path
+
+    target = demo_pretrained_path("shufflenet_v2_x0_5")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(weights_file, target)
+    return target

@@ -24,12 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The demo data at 8 train / 2 test images per class; one run in one process, one in two."""
-    from cars.demo import write_demo
+    from cars.demo import demo_root, write_demo
 
     root = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "CARS_CACHE": str(root / "cache")}
     (root / "cache").mkdir()
-    write_demo(root / "cache" / "demo-v1", train_per_class=8, test_per_class=2)
+    write_demo(root / "cache" / demo_root().name, train_per_class=8, test_per_class=2)
     torch.manual_seed(0)
     torch.save(build_model("shufflenet_v2_x0_5", "none", 10).state_dict(), root / "start.pth")  # both runs start here
     args = [

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FixedBatches, tiny_run
+from conftest import FixedBatches, place_demo_pretrained, tiny_run
 
 import compare
 import lr_find
@@ -32,7 +32,7 @@ PRESETS = sorted((ROOT / "configs").glob("*.toml"))
 
 
 @pytest.fixture(scope="module")
-def tiny_demo(tmp_path_factory):
+def tiny_demo(tmp_path_factory, demo_pretrained):
     """The demo dataset at 2 train / 1 test images per class, through the same `--data demo` path."""
     import os
 
@@ -42,6 +42,7 @@ def tiny_demo(tmp_path_factory):
     from cars.demo import demo_root
 
     write_demo(demo_root(), train_per_class=2, test_per_class=1)
+    place_demo_pretrained(demo_pretrained)  # configs/demo.toml starts from it
     yield root
     os.environ["CARS_CACHE"] = old
 
@@ -412,6 +413,8 @@ def test_lr_find_reports_the_suggestion_of_the_curve_it_recorded(tmp_path, tiny_
             str(ROOT / "configs" / "demo.toml"),
             "--arch",
             "resnet18",
+            "--weights",
+            "none",
             "--resolution",
             "32",
             "--batch-size",

@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """The offline demo, trained once for the tests below, as the README runs it."""
+def demo_run(tmp_path_factory, demo_pretrained):
+    """The offline demo, fine-tuned once for the tests below as the README runs it, from the session's small
+    demo-pretrained file (the real pretraining takes minutes; docs/lessons.md has what it gives)."""
     run_dir = tmp_path_factory.mktemp("demo") / "demo"
     train.main(["--config", str(ROOT / "configs" / "demo.toml"), "--run-dir", str(run_dir)])
     return run_dir
@@ -33,11 +34,14 @@ def demo_run(tmp_path_factory):
 DEMO = tomllib.loads((ROOT / "configs" / "demo.toml").read_text())
 
 
-def test_the_demo_preset_trains_past_85_percent(demo_run):
-    """Measured 90-93 % over seeds and thread counts (one thread: 270 of 300); the margin keeps it off the edge."""
+def test_the_demo_is_a_fine_tune_of_the_demo_pretrained_weights(demo_run, demo_pretrained):
+    """What it reaches is measured in docs/lessons.md with the real pretraining, not asserted on the tests' small one;
+    here: it ran to the end, from those weights, and the training moved them."""
     summary = json.loads((demo_run / "summary.json").read_text())
-    assert summary["status"] == "finished" and summary["selected_on"] == "test"
-    assert summary["best_eval_acc"] >= 85.0, summary
+    assert summary["status"] == "finished" and summary["selected_on"] == "test" and summary["epochs"] == DEMO["epochs"]
+    assert DEMO["weights"] == "demo-pretrained" and "(demo-pretrained weights)" in (demo_run / "train.log").read_text()
+    start, trained = read_state_dict(demo_pretrained), load_checkpoint(demo_run / "last.pt")["model"]
+    assert not torch.equal(start["conv1.0.weight"], trained["conv1.0.weight"]), "the backbone was fine-tuned"
 
 
 def test_the_demo_metrics_follow_its_cosine_schedule(demo_run):

@@ -1,0 +1,126 @@
+"""Transfer learning offline: the demo's source task, the demo-pretrained weights, and what they do to a fine-tune."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from conftest import SOURCE_KINDS, write_kinds
+
+import train
+from cars import demo
+from cars.checkpoint import read_state_dict
+from cars.config import Config
+from cars.data import load_splits
+from cars.errors import UserError
+from cars.models import head_name, resolve_weights
+from cars.report import read_metrics
+
+ARCH = "shufflenet_v2_x0_5"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def recipe(path: Path) -> dict:
+    return vars(Config(**tomllib.loads(path.read_text())).validate())
+
+
+def test_the_demo_lesson_pairs_differ_in_their_one_knob():
+    lessons = {path.stem: recipe(path) for path in (CONFIGS / "lessons" / "demo").glob("*.toml")}
+    demo, scratch = recipe(CONFIGS / "demo.toml"), recipe(CONFIGS / "demo_scratch.toml")
+    assert lessons["0a_pretrained"] == lessons["1a_lr_right"] == lessons["2a_one_stage"] == demo
+    assert lessons["0b_scratch"] == scratch
+
+    def differences(a, b):
+        return {k: (lessons[a][k], lessons[b][k]) for k in lessons[a] if lessons[a][k] != lessons[b][k]}
+
+    assert differences("0a_pretrained", "0b_scratch") == {"weights": ("demo-pretrained", "none")}
+    assert differences("1a_lr_right", "1b_lr_backbone_div100") == {"backbone_lr_mult": (1.0, 0.01)}
+    assert differences("2a_one_stage", "2b_frozen_then_lower_backbone_lr") == {
+        "freeze_epochs": (0, 5),
+        "backbone_lr_mult": (1.0, 0.1),
+    }
+    assert differences("4b_batch16_lr_unscaled", "4c_batch16_lr_scaled") == {"lr_scaling": ("none", "linear")}
+    assert differences("4a_batch128_lr0.1", "4b_batch16_lr_unscaled") == {"batch_size": (128, 16)}
+    assert lessons["4a_batch128_lr0.1"]["lr"] == 0.1 and lessons["4a_batch128_lr0.1"]["optimizer"] == "sgd"
+
+
+def test_the_source_task_draws_other_things_than_the_cars_and_is_reproducible():
+    names = demo.SOURCE_CLASS_NAMES
+    assert len(names) == len(set(names)) == 40 and not set(names) & set(demo.CLASS_NAMES)
+    assert not set(demo.SOURCE_COLOURS) & set(demo.PAINTS), "no source class wears a car's paint"
+    first, labels = demo.make_split(names[:3], demo.draw_source_class, 2, seed=11)
+    again, _ = demo.make_split(names[:3], demo.draw_source_class, 2, seed=11)
+    other, _ = demo.make_split(names[:3], demo.draw_source_class, 2, seed=12)
+    assert labels == [0, 1, 2, 0, 1, 2]
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(first, again)), "the same seed draws the same images"
+    assert any(a.tobytes() != b.tobytes() for a, b in zip(first, other))
+
+
+def test_demo_source_is_a_dataset_like_the_demo():
+    splits = load_splits("demo-source")
+    assert splits.class_names == demo.SOURCE_CLASS_NAMES
+    assert (len(splits.train), len(splits.eval)) == (40 * 50, 40 * 10)
+    assert demo.source_root().name == f"demo-source-{demo.SOURCE_VERSION}"
+
+
+def test_demo_pretrained_is_a_torchvision_state_dict_with_its_own_head(demo_pretrained):
+    state = read_state_dict(demo_pretrained)
+    reference = torchvision.models.get_model(ARCH).state_dict()
+    assert set(state) == set(reference), "the keys of torchvision's own model: any code that loads those loads it"
+    head = head_name(torchvision.models.get_model(ARCH))
+    assert state[f"{head}.weight"].shape == (len(SOURCE_KINDS), reference[f"{head}.weight"].shape[1])
+    assert resolve_weights(ARCH, "demo-pretrained") == demo_pretrained
+
+
+def test_demo_pretrained_is_made_once_and_never_by_torchrun(demo_pretrained, monkeypatch):
+    made = demo_pretrained.stat().st_mtime_ns
+    train.pretrain_on_demo_source(ARCH)  # already there: nothing is trained or written
+    assert demo_pretrained.stat().st_mtime_ns == made
+    with pytest.raises(UserError, match="the demo-pretrained weights for resnet18 are not made yet.*train.py"):
+        resolve_weights("resnet18", "demo-pretrained")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="once without torchrun"):
+        train.pretrain_on_demo_source("resnet18")
+    assert not demo.demo_pretrained_path("resnet18").parent.joinpath("resnet18-run").exists()
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    """A few-shot target: three of the four kinds the test's source task taught, but in the cars' paints (red, blue),
+    which no source image wears; 3 training images per class. So the count of classes differs from the source's."""
+    root = tmp_path_factory.mktemp("target")
+    return write_kinds(root / "data", SOURCE_KINDS[:3], per_class=(3, 20), seed=7, paints=list(demo.PAINTS.values()))
+
+
+def test_the_backbone_starts_as_the_file_and_the_head_is_fresh(demo_pretrained, target, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["--data", str(target), "--arch", ARCH, "--weights", "demo-pretrained", "--resolution", "48"]
+    run = train.setup(train.parse_train([*args, "--workers", "0", "--run-dir", str(run_dir)]), command=["train.py"])
+    run.board.close()
+    pretrained, started = read_state_dict(demo_pretrained), run.raw_model.state_dict()
+    head = head_name(run.raw_model) + "."
+    backbone = [k for k in started if not k.startswith(head)]
+    assert backbone and all(torch.equal(started[k], pretrained[k]) for k in backbone)
+    assert started[head + "weight"].shape[0] == 3 and pretrained[head + "weight"].shape[0] == len(SOURCE_KINDS)
+    # the record says where the start came from, and never that it was ImageNet
+    log = (run_dir / "train.log").read_text()
+    assert f"{ARCH} (demo-pretrained weights)" in log and "imagenet" not in log.lower()
+    assert 'weights = "demo-pretrained"' in (run_dir / "config.toml").read_text()
+
+
+def test_the_pretrained_start_beats_a_random_one(demo_pretrained, target, tmp_path):
+    """Built so that it must: the source task taught buses, tractors and bicycles from 40 images each; the target
+    shows 3 of each, in colours the source never had, to a backbone frozen for 9 of the 10 epochs (only the new head
+    trains). A random backbone gives the head nothing to tell the shapes apart by; the pretrained one was trained to
+    tell them apart."""
+    recipe = "--arch shufflenet_v2_x0_5 --resolution 48 --batch-size 3 --epochs 10 --freeze-epochs 9 --lr 0.003 "
+    recipe += "--optimizer adamw --workers 0"
+    frozen_end = {}
+    for start, weights in (("pretrained", str(demo_pretrained)), ("random", "none")):
+        run_dir = tmp_path / start
+        train.main(["--data", str(target), "--weights", weights, *recipe.split(), "--run-dir", str(run_dir)])
+        # the last epoch of the frozen stage: a linear classifier on what the start brings (the unfrozen last epoch
+        # then moves BatchNorm statistics on batches of 3, which says nothing about the start)
+        frozen_end[start] = read_metrics(run_dir / "metrics.csv")[8]["eval_acc"]
+    assert frozen_end["pretrained"] >= frozen_end["random"] + 25, frozen_end
