@@ -27,9 +27,9 @@ def recipe(path: Path) -> dict:
 
 def test_the_demo_lesson_pairs_differ_in_their_one_knob():
     lessons = {path.stem: recipe(path) for path in (CONFIGS / "lessons" / "demo").glob("*.toml")}
-    demo, scratch = recipe(CONFIGS / "demo.toml"), recipe(CONFIGS / "demo_scratch.toml")
-    assert lessons["0a_pretrained"] == lessons["1a_lr_right"] == lessons["2a_one_stage"] == demo
-    assert lessons["0b_scratch"] == scratch
+    demo_recipe, scratch_recipe = recipe(CONFIGS / "demo.toml"), recipe(CONFIGS / "demo_scratch.toml")
+    assert lessons["0a_pretrained"] == lessons["1a_lr_right"] == lessons["2a_one_stage"] == demo_recipe
+    assert lessons["0b_scratch"] == scratch_recipe
 
     def differences(a, b):
         return {k: (lessons[a][k], lessons[b][k]) for k in lessons[a] if lessons[a][k] != lessons[b][k]}
