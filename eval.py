@@ -6,25 +6,38 @@ check_command_line(__name__, parse_eval)  # --help and mistakes answer before th
 
 import argparse
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cars import analysis
+from cars import analysis, transfer
 from cars.cli import TTA_SCALES
-from cars.data import dataset_location, label_map, open_hub_dataset, open_source, read_rgb
+from cars.data import SubsetSplit, dataset_location, label_map, open_hub_dataset, open_source, read_rgb
 from cars.engine import Device, collect_logits
 from cars.errors import UserError, run_cli
 from cars.explain import class_activation_maps, overlay
 from cars.inference import Trained, load_trained_from
 from cars.loaders import TransformedSplit, eval_loader, make_loader
-from cars.report import markdown_table, plot_cam_grid, plot_confusion, plot_per_class, write_csv, write_json, write_text
+from cars.report import (
+    markdown_table,
+    plot_cam_grid,
+    plot_cka,
+    plot_confusion,
+    plot_linear_probe,
+    plot_per_class,
+    plot_weight_change,
+    write_csv,
+    write_json,
+    write_text,
+)
 from cars.runs import prepare_folder
 from cars.runtime import pick_device, worker_count
 from cars.transforms import eval_transform, normalize
 
+CKA_IMAGES = 1024  # eval images the CKA is estimated on, in minibatches: enough for two decimals, 3 forward passes each
 CORRUPTIONS = ("contrast", "gaussian_noise", "impulse_noise", "jpeg_compression", "motion_blur", "pixelate", "spatter")
 
 
@@ -66,38 +79,45 @@ class Evaluation:
     args: argparse.Namespace
     trained: Trained
     device: Device
+    train_split: object
     test_split: object
     # dataset label -> the model's class index, when the dataset orders the classes otherwise
     to_model: torch.Tensor | None
     corruptions: list[str]
     out: Path
     workers: int
+    start: transfer.Start | str  # the network the fine-tune started from, or why the transfer section is skipped
 
     @property
     def names(self) -> list[str]:
         return self.trained.class_names
 
-    def logits_of(self, split, resolution: int | None = None, flip: bool = False, cache: str = "off"):
-        """The model's logits for every image of a split, and the true labels as the model's class indices."""
+    def loader_of(
+        self, split, resolution: int | None = None, flip: bool = False, cache: str = "off", skip_bad_images=False
+    ):
+        """A split's images as the model sees them, in order (the unreadable ones left out with skip_bad_images)."""
         resolution = resolution or self.trained.resolution
-        if (
-            cache != "off"
-        ):  # the test split at the trained resolution: what train.py cached, so usually no decoding at all
-            loader = eval_loader(
+        if cache != "off":  # at the trained resolution: what train.py cached, so usually no decoding at all
+            return eval_loader(
                 split,
                 resolution=resolution,
                 cache=cache,
-                skip_bad_images=False,
+                skip_bad_images=skip_bad_images,
                 batch_size=self.args.batch_size,
                 workers=self.workers,
                 device_type=self.device.type,
             )
-        else:
-            transform = eval_transform(resolution)
-            dataset = TransformedSplit(split, (lambda image: transform(image).flip(-1)) if flip else transform)
-            loader = make_loader(
-                dataset, batch_size=self.args.batch_size, shuffle=False, workers=self.workers, seed=self.args.seed
-            )
+        transform = eval_transform(resolution)
+        dataset = TransformedSplit(
+            split, (lambda image: transform(image).flip(-1)) if flip else transform, skip_bad_images
+        )
+        return make_loader(
+            dataset, batch_size=self.args.batch_size, shuffle=False, workers=self.workers, seed=self.args.seed
+        )
+
+    def logits_of(self, split, resolution: int | None = None, flip: bool = False, cache: str = "off"):
+        """The model's logits for every image of a split, and the true labels as the model's class indices."""
+        loader = self.loader_of(split, resolution, flip, cache)
         logits, labels = collect_logits(self.trained.model, loader, self.device)
         return logits, labels if self.to_model is None else self.to_model[labels]
 
@@ -141,8 +161,9 @@ def main(argv=None) -> None:
     cams = draw_cams(evaluation, scores) if evaluation.trained.backend == "pytorch" else []
     tta = test_time_augmentation(evaluation, scores, summary) if evaluation.args.tta else ""
     robustness = corrupted_copies(evaluation, summary) if evaluation.corruptions else ""
+    changed = what_fine_tuning_changed(evaluation, summary)
     write_json(evaluation.out / "summary.json", summary)
-    write_report(evaluation, scores=scores, summary=summary, cams=cams, sections=[tta, robustness])
+    write_report(evaluation, scores=scores, summary=summary, cams=cams, sections=[tta, robustness, changed])
     print(f"\nreport: {evaluation.out / 'report.md'}")
 
 
@@ -157,13 +178,14 @@ def start(args) -> Evaluation:
         raise UserError(
             f"{trained.data} has no corrupted copies of its test split ({', '.join(CORRUPTIONS)}); drop --corruptions"
         )
-    _, test_split, dataset_names = open_source(trained.data)
+    train_split, test_split, dataset_names = open_source(trained.data)
     to_model = label_map(trained.class_names, dataset_names, trained.data)
     if to_model is not None:
         print(
             f"note: {trained.data} lists the model's {len(dataset_names)} classes in another order; its labels are "
             "matched to the model's by name"
         )
+    start = find_start(args, trained)
     out = output_folder(args, trained.path)
     device = Device(pick_device(args.device))
     trained.model.to(device.type)
@@ -171,7 +193,44 @@ def start(args) -> Evaluation:
         f"evaluating {trained.path} ({trained.arch}, {trained.resolution} px) on {len(test_split)} test images of "
         f"{trained.data}"
     )
-    return Evaluation(args, trained, device, test_split, to_model, corruptions, out, worker_count(args.workers))
+    return Evaluation(
+        args,
+        trained,
+        device,
+        train_split,
+        test_split,
+        to_model,
+        corruptions,
+        out,
+        worker_count(args.workers),
+        start,
+    )
+
+
+def find_start(args, trained: Trained) -> transfer.Start | str:
+    """The network the fine-tune started from, rebuilt, or why the transfer section is skipped. Weights given with
+    --start-weights must load; a run's own that are not on this machine only skip the section."""
+    if args.transfer == "off":
+        return "skipped (--transfer off)"
+    if trained.backend != "pytorch":
+        return "skipped: it compares the model's weights, which ONNX Runtime does not give (use --backend pytorch)"
+    weights = args.start_weights or trained.start_weights
+    if not isinstance(weights, str) or not weights:
+        return (
+            f"skipped: {trained.path} does not say which weights its fine-tune started from; pass --start-weights "
+            "(a torchvision weights name, demo-pretrained, or a state-dict file)"
+        )
+    if weights.lower() == "none":
+        return (
+            "skipped: the run started from random weights (--weights none), so nothing was transferred; pass "
+            "--start-weights to compare it with other weights"
+        )
+    try:
+        return transfer.starting_network(trained.arch, weights, len(trained.class_names))
+    except UserError as error:
+        if args.start_weights:
+            raise
+        return f"skipped: the weights the run started from are not on this machine: {error}"
 
 
 def write_scores(evaluation: Evaluation, scores: Scores) -> dict:
@@ -324,6 +383,127 @@ def corrupted_copies(evaluation: Evaluation, summary: dict) -> str:
     return (
         "## Robustness\n\nAccuracy on the corrupted copies of the test split, and the change from clean "
         f"({summary['top1']:.2f}%):\n\n" + markdown_table(["corruption", "accuracy", "change"], rows) + "\n"
+    )
+
+
+def what_fine_tuning_changed(evaluation: Evaluation, summary: dict) -> str:
+    """The transfer lens: how far each block's weights and BatchNorm statistics moved from the start, how similar the
+    features stayed (CKA, against a random network's as the control), and what a linear classifier on the starting
+    features reaches. Files in <eval folder>/transfer/; returns the report's section."""
+    start, trained, args = evaluation.start, evaluation.trained, evaluation.args
+    if isinstance(start, str):
+        print(f"\nwhat fine-tuning changed: {start}")
+        return f"## What fine-tuning changed\n\n{start[0].upper()}{start[1:]}.\n"
+    began = time.perf_counter()
+    out, device, tuned = evaluation.out / "transfer", evaluation.device, trained.model
+    out.mkdir(exist_ok=True)
+    start.model.to(device.type)
+    control = transfer.random_network(trained.arch, len(trained.class_names), args.seed).to(device.type)
+    stage_list = transfer.stages(tuned)
+
+    changes = transfer.weight_change(start.model, tuned, head_is_new=start.head_is_new)
+    write_csv(out / "weight_change.csv", changes, ["layer", "parameters", "relative_change", "start"])
+    drift = transfer.bn_drift(start.model, tuned)
+    write_csv(out / "bn_drift.csv", drift, ["layer", "channels", "mean_shift", "std_shift"])
+
+    rng = random.Random(args.seed)
+    test = evaluation.test_split
+    subset = sorted(rng.sample(range(len(test)), min(CKA_IMAGES, len(test))))
+    cka = transfer.minibatch_cka(
+        start.model,
+        tuned,
+        control,
+        stage_list,
+        evaluation.loader_of(SubsetSplit(test, subset, "test"), cache=args.cache),
+        device,
+    )
+    cka_rows = [
+        dict(layer=label, cka=tuned_cka, cka_control=control_cka) for label, (tuned_cka, control_cka) in cka.items()
+    ]
+    write_csv(out / "cka.csv", cka_rows, ["layer", "cka", "cka_control"])
+
+    train_x, train_y = transfer.pooled_stage_features(
+        start.model,
+        stage_list,
+        evaluation.loader_of(evaluation.train_split, cache=args.cache, skip_bad_images=True),
+        device,
+        description="probe: train",
+    )
+    test_x, test_y = transfer.pooled_stage_features(
+        start.model, stage_list, evaluation.loader_of(test, cache=args.cache), device, description="probe: test"
+    )
+    probes = {label: transfer.linear_probe(train_x[label], train_y, test_x[label], test_y) for label, _ in stage_list}
+    probe_rows = [dict(layer=label, probe_acc=probe.accuracy) for label, probe in probes.items()]
+    write_csv(
+        out / "linear_probe.csv",
+        [*probe_rows, dict(layer="fine-tuned", probe_acc=summary["top1"])],
+        ["layer", "probe_acc"],
+    )
+    seconds = time.perf_counter() - began
+
+    title = f"{trained.arch} fine-tuned from {start.weights}"
+    plot_weight_change(changes, out / "weight_change.png", title=title)
+    plot_cka(cka_rows, out / "cka.png", title=f"{title}: features on {len(subset)} eval images")
+    plot_linear_probe(probe_rows, summary["top1"], out / "linear_probe.png", title=title)
+
+    moved = sorted((r for r in changes if r["start"] != "new"), key=lambda r: -r["relative_change"])
+    best_probe = max(probe_rows, key=lambda r: r["probe_acc"])
+    closest, lowest = max(cka_rows, key=lambda r: r["cka"]), min(cka_rows, key=lambda r: r["cka"])
+    summary["transfer"] = {
+        "start_weights": start.weights,
+        "most_moved": {r["layer"]: r["relative_change"] for r in moved[:3]},
+        "least_moved": {moved[-1]["layer"]: moved[-1]["relative_change"]},
+        "cka": {r["layer"]: r["cka"] for r in cka_rows},
+        "cka_control": {r["layer"]: r["cka_control"] for r in cka_rows},
+        "cka_images": len(subset),
+        "probe": {r["layer"]: r["probe_acc"] for r in probe_rows},
+        "probes_converged": all(p.converged for p in probes.values()),
+        "fine_tuned": summary["top1"],
+        "forward_passes": {"train": len(train_y), "test": len(test_y), "cka": 3 * len(subset)},
+        "seconds": round(seconds, 2),
+    }
+    largest_drift = max(drift, key=lambda r: r["mean_shift"], default=None)
+    most = ", ".join(f"{r['layer']} ({r['relative_change']:.3f})" for r in moved[:3])
+    reading = [
+        f"Fine-tuning from `{start.weights}` moved the blocks {most} "
+        f"most and {moved[-1]['layer']} least ({moved[-1]['relative_change']:.3f}); relative change is "
+        "||W - W0|| / ||W0|| over a block's weights and biases"
+        + (", and the head is new." if start.head_is_new else "."),
+        f"The BatchNorm statistics moved most in {largest_drift['layer']}: its running means by "
+        f"{largest_drift['mean_shift']:.2f} starting standard deviations on average."
+        if largest_drift
+        else "The network has no BatchNorm statistics to move.",
+        f"The fine-tuned features are closest to the start at {closest['layer']} (CKA {closest['cka']:.2f}; a randomly "
+        f"initialised network scores {closest['cka_control']:.2f} there) and furthest at {lowest['layer']} "
+        f"(CKA {lowest['cka']:.2f}; random: {lowest['cka_control']:.2f}).",
+        f"A linear classifier on the starting network's frozen features reaches {best_probe['probe_acc']:.1f}% at its "
+        f"best stage ({best_probe['layer']}); fine-tuning every layer reaches {summary['top1']:.1f}%: fine-tuning "
+        f"bought **{summary['top1'] - best_probe['probe_acc']:+.1f} points** over fixed features.",
+    ]
+    print("\nwhat fine-tuning changed:\n" + "\n".join(reading))
+    return (
+        "## What fine-tuning changed\n\n"
+        + " ".join(reading)
+        + "\n\n![relative weight change per block](transfer/weight_change.png)\n\n"
+        + "Per block: [transfer/weight_change.csv](transfer/weight_change.csv); per BatchNorm layer: "
+        "[transfer/bn_drift.csv](transfer/bn_drift.csv).\n\n"
+        + f"Linear CKA between the starting and the fine-tuned network's outputs at each stage, on {len(subset)} eval "
+        "images (the minibatch estimator of Nguyen et al. 2021, unbiased HSIC per minibatch of "
+        f"{args.batch_size}), beside the start against a randomly initialised network "
+        "([transfer/cka.csv](transfer/cka.csv)):\n\n![CKA per stage](transfer/cka.png)\n\n"
+        + markdown_table(
+            ["stage", "CKA start vs fine-tuned", "CKA start vs random", "linear probe on the start"],
+            [
+                [r["layer"], f"{r['cka']:.3f}", f"{r['cka_control']:.3f}", f"{p['probe_acc']:.1f}%"]
+                for r, p in zip(cka_rows, probe_rows)
+            ],
+        )
+        + f"\n\nThe probes are logistic regressions (scikit-learn, L2 with C=1, not tuned: a lower bound) on each "
+        f"stage's average-pooled output, fitted on the {len(train_y)} training images and scored on the "
+        f"{len(test_y)} eval images ([transfer/linear_probe.csv](transfer/linear_probe.csv)):\n\n"
+        "![linear probes](transfer/linear_probe.png)\n\n"
+        + f"Cost: {len(train_y) + len(test_y)} images through the starting network for the probes and "
+        f"{len(subset)} through each of three networks for CKA, {seconds:.1f} s on {device.type}.\n"
     )
 
 

@@ -154,6 +154,7 @@ def export_info(trained: Trained) -> dict:
         "num_classes": len(trained.class_names),
         "class_names": trained.class_names,
         "data": trained.data,
+        "weights": trained.start_weights,  # what the fine-tune started from: eval.py's transfer section reads it
         "source": str(trained.path),
     }
 

@@ -2,7 +2,8 @@
 
 Counts per split and class, image sizes, modes and formats, unreadable files, exact and near
 duplicates (within train, and between train and test: a leak), samples as stored next to what the
-model sees, and the original write-up's sanity check: what an ImageNet model calls these pictures.
+model sees, the original write-up's sanity check: what an ImageNet model calls these pictures, and, with
+--rank-models, which pretrained candidate should fine-tune best (transferability scores, no fine-tuning).
 """
 
 from cars.cli import check_command_line, parse_inspect
@@ -20,11 +21,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cars import transferability
 from cars.cache import keep_as_is
 from cars.config import Config
 from cars.data import UNREADABLE, load_splits, read_rgb, to_rgb, upright
-from cars.errors import run_cli
-from cars.models import check_arch, resolve_weights
+from cars.engine import Device
+from cars.errors import UserError, run_cli
+from cars.loaders import TransformedSplit, make_loader
+from cars.models import build_with_own_head, check_arch, resolve_weights
 from cars.report import (
     markdown_table,
     plot_class_counts,
@@ -186,6 +190,8 @@ def main(argv=None) -> None:
     cfg = Config(
         data=args.data, arch=args.arch, weights=args.weights, resolution=args.resolution, workers=args.workers
     ).validate()
+    for arch, _ in args.rank_models:
+        check_arch(arch)
     name = Path(args.data).name if Path(args.data).exists() else args.data.replace("/", "_")
     out = Path(args.out or f"runs/data-{name}")
     check_folder_free(out, args.overwrite, "data report folder", "--out")
@@ -304,6 +310,10 @@ def main(argv=None) -> None:
         },
         "imagenet_check": check,
     }
+    if args.rank_models:
+        data["transferability"] = rank_models(
+            args.rank_models, splits.train, resolution=cfg.resolution, device=args.device, workers=workers, out=out
+        )
     write_json(out / "data.json", data)
     write_text(out / "report.md", report(data, names, per_class, pairs))
     print(
@@ -318,6 +328,48 @@ def main(argv=None) -> None:
             f"{check['arch']}"
         )
     print(f"report: {out / 'report.md'}")
+
+
+def rank_models(candidates, split, *, resolution: int, device: str, workers: int, out: Path) -> dict:
+    """Each candidate's transferability scores from one forward pass over the training split (its eval crop), best
+    LogME first, in transferability.csv; candidates whose weights are not on this machine are skipped, one line each."""
+    device = Device(pick_device(device))
+    loader = make_loader(
+        TransformedSplit(split, eval_transform(resolution), skip_bad_images=True),
+        batch_size=64,
+        shuffle=False,
+        workers=workers,
+        seed=0,
+    )
+    rows, skipped, scored = [], {}, 0
+    for arch, weights in candidates:
+        name = f"{arch}:{weights}"
+        try:
+            with torch.random.fork_rng():
+                torch.manual_seed(0)  # 'none': the same random network every time
+                model = build_with_own_head(arch, weights)
+        except UserError as error:
+            skipped[name] = str(error)
+            print(f"--rank-models: skipped {name}: {error}")
+            continue
+        features, probabilities, labels = transferability.features_and_source_probabilities(
+            model.to(device.type), loader, device
+        )
+        rows.append({"model": name, **transferability.scores(features, probabilities, labels)})
+        scored = len(labels)
+        del model
+    rows.sort(key=lambda r: -r["logme"])
+    write_csv(out / "transferability.csv", rows, ["model", "logme", "nce", "leep", "hscore"])
+    if rows:
+        print("transferability (higher is better):\n" + transferability_table(rows))
+    return {"images": scored, "resolution": resolution, "scores": rows, "skipped": skipped}
+
+
+def transferability_table(rows: list[dict]) -> str:
+    return markdown_table(
+        ["model", "LogME", "NCE", "LEEP", "H-score"],
+        [[r["model"], f"{r['logme']:.4f}", f"{r['nce']:.4f}", f"{r['leep']:.4f}", f"{r['hscore']:.3f}"] for r in rows],
+    )
 
 
 def report(data: dict, names: list[str], per_class: list[int], pairs: list[dict]) -> str:
@@ -382,7 +434,30 @@ def report(data: dict, names: list[str], per_class: list[int], pairs: list[dict]
                 ],
             ),
         ]
+    if "transferability" in data:
+        lines += transferability_section(data["transferability"])
     return "\n\n".join(lines) + "\n"
+
+
+def transferability_section(ranking: dict) -> list[str]:
+    tau = transferability.TAU_ON_CARS
+    lines = [
+        "## Which pretrained model transfers best",
+        f"Scored before any fine-tuning, from one forward pass over the {ranking['images']} training images at "
+        f"{ranking['resolution']} px ([transferability.csv](transferability.csv)); higher is better for every score, "
+        "best LogME first. LogME (You et al. 2021) and H-score (Bao et al. 2019) read the features the head takes in; "
+        "NCE (Tran et al. 2019) and LEEP (Nguyen et al. 2020) read the model's own head, trained on its source task.",
+        transferability_table(ranking["scores"]) if ranking["scores"] else "No candidate could be scored.",
+        "How far to trust them: on Stanford Cars, the Transfer-Learning-Library benchmark compared each score's "
+        "ranking of 10 ImageNet models with their fine-tuned accuracy (weighted Kendall tau, 1 is a perfect ranking): "
+        + ", ".join(f"{transferability.SCORE_NAMES[name]} {value:.3f}" for name, value in tau.items())
+        + ". A score ranks candidates; it does not predict an accuracy.",
+    ]
+    if ranking["skipped"]:
+        lines.append(
+            "Skipped: " + "; ".join(f"`{name}`: {reason}" for name, reason in ranking["skipped"].items()) + "."
+        )
+    return lines
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ def parse_train(argv=None) -> argparse.Namespace:
 
 def parse_eval(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Evaluate a trained model: accuracy per class, confusions, GradCAM, TTA, robustness."
+        description="Evaluate a trained model: accuracy per class, confusions, GradCAM, TTA, robustness, and what "
+        "fine-tuning changed."
     )
     add_model_flags(parser, data_help="dataset to evaluate on and take class names from (default: the run's)")
     parser.add_argument("--out", help="output folder (default: <run>/eval, or eval-<name> beside a checkpoint file)")
@@ -71,6 +72,19 @@ def parse_eval(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--corruptions", action="store_true", help="also evaluate the dataset's corrupted copies of the test split"
+    )
+    parser.add_argument(
+        "--transfer",
+        default="on",
+        choices=["on", "off"],
+        help="on (default): also say what fine-tuning changed, against the weights it started from (weight and "
+        "BatchNorm change per block, CKA of the features, linear probes; files in <eval folder>/transfer/); off: skip",
+    )
+    parser.add_argument(
+        "--start-weights",
+        metavar="WEIGHTS",
+        help="the weights the fine-tune started from, for a checkpoint that does not say (a bare state dict): a "
+        "torchvision weights name, demo-pretrained, or a state-dict file (default: the run's --weights)",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: one per core, at most 8)")
@@ -179,7 +193,8 @@ def parse_compare(argv=None) -> argparse.Namespace:
 def parse_inspect(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Look at a dataset before training on it: counts, sizes, modes, unreadable files, "
-        "duplicates and train/test leaks, samples, and what an ImageNet model calls the pictures."
+        "duplicates and train/test leaks, samples, what an ImageNet model calls the pictures, and (--rank-models) "
+        "which pretrained model should transfer best."
     )
     parser.add_argument(
         "--data",
@@ -199,12 +214,31 @@ def parse_inspect(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--workers", type=int, default=-1, help="processes that look at the images (-1: one per core, at most 8)"
     )
+    parser.add_argument(
+        "--rank-models",
+        metavar="ARCH[:WEIGHTS],...",
+        help="before training: score pretrained candidates on the training split, without fine-tuning (LogME, NCE, "
+        "LEEP, H-score), e.g. resnet50,efficientnet_b0:IMAGENET1K_V1 (WEIGHTS as train.py's --weights; default "
+        "DEFAULT)",
+    )
     add_device_flag(parser)
     parser.add_argument("--seed", type=int, default=0, help="chooses the samples (default 0)")
     args = parser.parse_args(argv)
     if args.check_images < 0:
         raise UserError(f"--check-images must not be negative, got {args.check_images}")
+    args.rank_models = candidates(args.rank_models) if args.rank_models is not None else []
     return args
+
+
+def candidates(text: str) -> list[tuple[str, str]]:
+    """--rank-models resnet50,resnet18:none -> [(resnet50, DEFAULT), (resnet18, none)], each once."""
+    found = []
+    for item in text.split(","):
+        arch, _, weights = item.strip().partition(":")
+        if not arch or (":" in item and not weights):
+            raise UserError(f"--rank-models takes ARCH[:WEIGHTS],... (e.g. resnet50,resnet18:none), got {text!r}")
+        found.append((arch, weights or "DEFAULT"))
+    return list(dict.fromkeys(found))
 
 
 def parse_app(argv=None) -> argparse.Namespace:

@@ -29,6 +29,7 @@ class Trained:
     backend: str = (
         "pytorch"  # or onnxruntime: an exported model.onnx, called like the PyTorch model (no gradients, so no CAMs)
     )
+    start_weights: str | None = None  # the --weights its fine-tune started from, when known
 
     def classify(self, pixels: torch.Tensor, topk: int) -> list[dict]:
         """The top-k classes for one image's uint8 pixels (as eval_transform gives them), most probable first."""
@@ -66,7 +67,8 @@ class OnnxRuntimeModel(torch.nn.Module):
 
 
 def read_model_file(path: Path) -> tuple[dict, dict]:
-    """(state dict with clean keys, what the file says about the model: arch, resolution, data, class_names).
+    """(state dict with clean keys, what the file says about the model: arch, resolution, data, weights (those its
+    fine-tune started from), class_names).
     Our checkpoints carry these; an exported model.safetensors has them in the model.json beside it."""
     if path.suffix == ".safetensors":
         try:
@@ -78,7 +80,7 @@ def read_model_file(path: Path) -> tuple[dict, dict]:
     config = loaded.get("config") if isinstance(loaded.get("config"), dict) else {}
     names = loaded.get("class_names") if isinstance(loaded.get("class_names"), list) else None
     return state_dict_of(loaded, path), {
-        **{k: config.get(k) for k in ("arch", "resolution", "data")},
+        **{k: config.get(k) for k in ("arch", "resolution", "data", "weights")},
         "class_names": names,
     }
 
@@ -181,4 +183,4 @@ def load_trained(path, *, arch=None, num_classes=None, resolution=None, data=Non
         )
     load_checked(model, state, what=f"checkpoint {path}", arch=arch)
     check_resolution(model, arch, resolution)
-    return Trained(model.eval(), arch, resolution, class_names, data, path)
+    return Trained(model.eval(), arch, resolution, class_names, data, path, start_weights=info.get("weights"))

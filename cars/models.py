@@ -132,26 +132,53 @@ def build_model(arch: str, weights: str, num_classes: int, dropout: float = 0.0)
         replace_head(model, num_classes, dropout)
         load_weights_file(model, resolved, arch)
         return model
-    try:
-        model = torchvision.models.get_model(arch, weights=resolved)
-    except (OSError, RuntimeError) as error:  # URLError is an OSError: no network, no cached file
-        filename = Path(resolved.url).name
-        raise UserError(
-            f"could not get the {resolved} weights ({error}); put {filename} into $TORCH_HOME/hub/checkpoints/ "
-            "(default ~/.cache/torch/hub/checkpoints/), or use --weights none or a state-dict file"
-        ) from None
+    model = published(arch, resolved)
     replace_head(model, num_classes, dropout)
     return model
+
+
+def published(arch: str, weights) -> nn.Module:
+    """torchvision's model with its weights (from its cache) and its own head, or randomly initialised for None."""
+    try:
+        return torchvision.models.get_model(arch, weights=weights)
+    except (OSError, RuntimeError) as error:  # URLError is an OSError: no network, no cached file
+        filename = Path(weights.url).name
+        raise UserError(
+            f"could not get the {weights} weights ({error}); put {filename} into $TORCH_HOME/hub/checkpoints/ "
+            "(default ~/.cache/torch/hub/checkpoints/), or use --weights none or a state-dict file"
+        ) from None
+
+
+def build_with_own_head(arch: str, weights: str) -> nn.Module:
+    """A pretrained model as it was trained, its source task's head kept (ImageNet's 1000 classes, the demo source's
+    40): what LEEP and NCE read. 'none' is torchvision's random initialisation, with a random 1000-way head."""
+    check_arch(arch)
+    resolved = resolve_weights(arch, weights)
+    if not isinstance(resolved, Path):
+        return published(arch, resolved)
+    state = read_state_dict(resolved)
+    model = torchvision.models.get_model(arch, weights=None)
+    head = head_name(model)
+    if f"{head}.weight" not in state:
+        raise UserError(f"weights file {resolved} has no {head} head; scoring it needs the head of its source task")
+    replace_head(model, state[f"{head}.weight"].shape[0], 0.0)
+    load_checked(model, state, what=f"weights file {resolved}", arch=arch)
+    return model
+
+
+def head_fits(model: nn.Module, state: dict) -> bool:
+    """Whether a state dict holds a head of the model's shape (a fine-tuned model's), not another task's or none."""
+    head, own = head_name(model) + ".", model.state_dict()
+    head_keys = [k for k in own if k.startswith(head)]
+    return all(k in state and state[k].shape == own[k].shape for k in head_keys)
 
 
 def load_weights_file(model: nn.Module, path: Path, arch: str) -> None:
     """Load a state dict into the backbone; the head too when its shape fits (a fine-tuned model)."""
     state = read_state_dict(path)
-    head = head_name(model)
-    own = model.state_dict()
-    head_keys = [k for k in state if k.startswith(head + ".")]
-    if any(k not in own or own[k].shape != state[k].shape for k in head_keys):
-        state = {k: v for k, v in state.items() if k not in head_keys}  # e.g. an ImageNet 1000-way head
+    if not head_fits(model, state):  # e.g. an ImageNet 1000-way head
+        head = head_name(model) + "."
+        state = {k: v for k, v in state.items() if not k.startswith(head)}
     load_checked(model, state, what=f"weights file {path}", arch=arch, allow_missing_head=True)
 
 

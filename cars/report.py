@@ -289,3 +289,52 @@ def plot_samples(rows: list[tuple], resolution: int, path: Path) -> None:
         row[-1].set_title(f"eval crop ({resolution} px)", fontsize=8)
     fig.tight_layout()
     save_figure(fig, path, dpi=90)
+
+
+def plot_weight_change(rows: list[dict], path: Path, *, title: str) -> None:
+    """How far each block moved from its starting weights, input side on the left; a new head is marked, not drawn
+    (it has no starting value)."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.38 * len(rows) + 2), 4.2))
+    values = [r["relative_change"] if r["start"] != "new" else 0.0 for r in rows]
+    ax.bar(range(len(rows)), values, color=["lightgrey" if r["start"] == "new" else "steelblue" for r in rows])
+    for x, row in enumerate(rows):
+        if row["start"] == "new":
+            ax.text(x, 0, "new", rotation=90, ha="center", va="bottom", fontsize=8, color="dimgrey")
+    ax.set_xticks(range(len(rows)), [r["layer"] for r in rows], rotation=70, ha="right", fontsize=8)
+    ax.set_ylabel("relative change  ||W - W0|| / ||W0||")
+    ax.set_xlabel("block (input side on the left)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(title)
+    save_figure(fig, path)
+
+
+def plot_cka(rows: list[dict], path: Path, *, title: str) -> None:
+    """CKA of the starting features against the fine-tuned ones per stage, and against a random network's (the
+    control: what unrelated features score)."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(rows) + 2), 4.2))
+    x = range(len(rows))
+    ax.plot(x, [r["cka"] for r in rows], "o-", lw=1.8, label="start vs fine-tuned")
+    ax.plot(x, [r["cka_control"] for r in rows], "s--", lw=1.2, color="grey", label="start vs random (control)")
+    ax.set_xticks(x, [r["layer"] for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_ylabel("linear CKA (1: the same features)")
+    ax.set_xlabel("stage (input side on the left)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    save_figure(fig, path)
+
+
+def plot_linear_probe(rows: list[dict], fine_tuned: float, path: Path, *, title: str) -> None:
+    """A linear classifier on the starting network's frozen features at each stage, against the fine-tuned model."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(rows) + 2), 4.2))
+    ax.bar(range(len(rows)), [r["probe_acc"] for r in rows], color="darkseagreen", label="linear probe on the start")
+    ax.axhline(fine_tuned, color="crimson", ls="--", lw=1.2, label=f"fine-tuned: {fine_tuned:.1f}%")
+    ax.set_xticks(range(len(rows)), [r["layer"] for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("accuracy on the eval split (%)")
+    ax.set_xlabel("stage the frozen features come from")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title(title)
+    save_figure(fig, path)

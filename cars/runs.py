@@ -35,6 +35,7 @@ OUTPUTS = {
         "confusion.png",
         "gradcam_samples.png",
         "gradcam_worst.png",
+        "transfer",  # the transfer section's files
     },
     "lr_find folder": {"lr_find.csv", "lr_find.png"},
     "data report folder": {
@@ -45,6 +46,7 @@ OUTPUTS = {
         "duplicates.csv",
         "duplicates.png",
         "samples.png",
+        "transferability.csv",
     },
     "export folder": {"model.safetensors", "model.onnx", "model.pt2", "model.json"},
 }

@@ -96,6 +96,10 @@ def test_onnx_runtime_predicts_and_evaluates_as_pytorch_does(exported, tmp_path,
     )
     summaries = [json.loads((tmp_path / folder / "summary.json").read_text()) for folder in ("eval-pt", "eval-onnx")]
     assert summaries[0]["top1"] == summaries[1]["top1"] and summaries[0]["top5"] == summaries[1]["top5"]
+    assert (
+        "it compares the model's weights, which ONNX Runtime does not give"
+        in (tmp_path / "eval-onnx" / "report.md").read_text()
+    )
     assert (tmp_path / "eval-pt" / "gradcam_samples.png").exists() and not (
         tmp_path / "eval-onnx" / "gradcam_samples.png"
     ).exists()

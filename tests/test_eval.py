@@ -142,6 +142,9 @@ def test_report_files_agree_with_each_other(evaluated):
     report = (evaluated / "report.md").read_text()
     assert f"top-1 **{summary['tta']['top1']:.2f}%**" in report and "| **mean** |" in report
     assert "![CAM on random test images](gradcam_samples.png)" in report
+    # a run from random weights has nothing transferred to look at
+    assert "Skipped: the run started from random weights (--weights none)" in report
+    assert not (evaluated / "transfer").exists() and "transfer" not in summary
 
 
 def test_tta_equals_an_independent_computation(trained_run, evaluated):

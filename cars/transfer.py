@@ -1,0 +1,295 @@
+"""What fine-tuning changed inside a network: how far each block's weights and each BatchNorm's statistics moved,
+how similar the fine-tuned features stay to the starting ones (linear CKA), and how well a linear classifier on the
+starting network's frozen features does (a linear probe).
+
+Kornblith et al. 2019 (CKA; fixed features vs fine-tuning), Nguyen, Raghu & Kornblith 2021 (minibatch CKA),
+Neyshabur et al. 2020 and Raghu et al. 2019 (which layers move when a pretrained network is fine-tuned).
+"""
+
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from cars.checkpoint import read_state_dict
+from cars.models import build_model, head_fits, head_name, resolve_weights
+
+
+def is_layer(module: nn.Module) -> bool:
+    """A single layer (a convolution, a BatchNorm, ...): nothing inside it holds parameters of its own."""
+    return not any(True for _ in module.children())
+
+
+def blocks(model: nn.Module) -> list[str]:
+    """The model's blocks in forward order, by dotted name: its top-level children, with every nn.Sequential of
+    multi-layer blocks opened into them (ResNet's layer1 into layer1.0, layer1.1, ...; EfficientNet's features into
+    its stem and its MBConv blocks). A Sequential of single layers (ShuffleNet's conv1: conv, BN, ReLU) stays one block.
+    Blocks without parameters (pooling, ReLU) are left out."""
+
+    def opened(name: str, module: nn.Module) -> list[str]:
+        children = list(module.named_children())
+        if isinstance(module, nn.Sequential) and any(not is_layer(child) for _, child in children):
+            return [found for child_name, child in children for found in opened(f"{name}.{child_name}", child)]
+        return [name] if any(True for _ in module.parameters()) else []
+
+    return [found for name, child in model.named_children() for found in opened(name, child)]
+
+
+def head_block(model: nn.Module) -> str:
+    """The block that holds the classification head: `fc` for ResNets, `classifier` for EfficientNets."""
+    head = head_name(model)
+    return next(b for b in blocks(model) if head == b or head.startswith(b + "."))
+
+
+def stages(model: nn.Module) -> list[tuple[str, str]]:
+    """(label, module whose output is the stage's) for each stage before the head: a run of consecutive blocks with
+    one parent, labelled by the parent when the run is all of it (ResNet's layer1.0-layer1.2 is layer1), else by
+    joining the blocks' names (ResNet's stem, conv1 and bn1, is conv1+bn1; EfficientNet's is features.0)."""
+    body = blocks(model)[: blocks(model).index(head_block(model))]
+    parent_of = {block: block.rpartition(".")[0] for block in body}
+    runs: list[list[str]] = []
+    for block in body:
+        if runs and parent_of[runs[-1][0]] == parent_of[block]:
+            runs[-1].append(block)
+        else:
+            runs.append([block])
+    whole = {parent: sum(p == parent for p in parent_of.values()) for parent in parent_of.values()}
+    return [
+        (parent_of[run[0]] if parent_of[run[0]] and len(run) == whole[parent_of[run[0]]] else "+".join(run), run[-1])
+        for run in runs
+    ]
+
+
+# --- weights -----------------------------------------------------------------------------------------------------
+
+
+def weight_change(start: nn.Module, tuned: nn.Module, *, head_is_new: bool) -> list[dict]:
+    """Per block: ||W - W0|| / ||W0|| over all of the block's parameters (weights and biases; buffers are not
+    parameters). The head's row has no value when the head is new: it has no starting value to move from."""
+    start_params, tuned_params = dict(start.named_parameters()), dict(tuned.named_parameters())
+    head = head_block(tuned)
+    rows = []
+    for block in blocks(tuned):
+        names = [n for n in tuned_params if n.startswith(block + ".")]
+        count = sum(tuned_params[n].numel() for n in names)
+        if block == head and head_is_new:
+            rows.append(dict(layer=block, parameters=count, relative_change="", start="new"))
+            continue
+        moved = sum(
+            float((tuned_params[n].detach().double() - start_params[n].detach().double()).pow(2).sum()) for n in names
+        )
+        size = sum(float(start_params[n].detach().double().pow(2).sum()) for n in names)
+        rows.append(
+            dict(
+                layer=block,
+                parameters=count,
+                relative_change=(moved / size) ** 0.5 if size else 0.0,
+                start="pretrained",
+            )
+        )
+    return rows
+
+
+def bn_drift(start: nn.Module, tuned: nn.Module) -> list[dict]:
+    """Per BatchNorm layer, how far its running statistics moved in units of the starting standard deviation
+    sigma0 = sqrt(var0 + eps), averaged over channels: |mu - mu0| / sigma0 and |sigma - sigma0| / sigma0."""
+    start_modules = dict(start.named_modules())
+    rows = []
+    for name, module in tuned.named_modules():
+        if not isinstance(module, nn.modules.batchnorm._NormBase) or module.running_mean is None:
+            continue
+        before = start_modules[name]
+        sigma0 = (before.running_var.double() + before.eps).sqrt()
+        sigma = (module.running_var.double() + module.eps).sqrt()
+        rows.append(
+            dict(
+                layer=name,
+                channels=module.num_features,
+                mean_shift=float(((module.running_mean.double() - before.running_mean.double()).abs() / sigma0).mean()),
+                std_shift=float(((sigma - sigma0).abs() / sigma0).mean()),
+            )
+        )
+    return rows
+
+
+# --- features ----------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def stage_outputs(model: nn.Module, stage_list: list[tuple[str, str]]):
+    """A dict filled, on every forward pass, with each stage's output (as float32) by label."""
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [
+        model.get_submodule(module).register_forward_hook(
+            lambda _, __, output, label=label: outputs.__setitem__(label, output.float())
+        )
+        for label, module in stage_list
+    ]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def pooled(output: torch.Tensor) -> torch.Tensor:
+    """A stage's output as one vector per image: the mean over its spatial positions (or its tokens)."""
+    return output.mean(dim=tuple(range(2, output.ndim))) if output.ndim > 2 else output
+
+
+@torch.no_grad()
+def pooled_stage_features(model, stage_list, loader, device, *, description: str) -> tuple[dict, np.ndarray]:
+    """Each stage's pooled output for every image of the loader (numpy, n x channels) and the labels."""
+    model.eval()
+    features, labels = {label: [] for label, _ in stage_list}, []
+    with stage_outputs(model, stage_list) as outputs:
+        for batch in tqdm(loader, desc=description, leave=False, dynamic_ncols=True, disable=not device.show_progress):
+            if batch is None:
+                continue
+            images, batch_labels = device.put(*batch)
+            with device.autocast():
+                model(images)
+            for label in features:
+                features[label].append(pooled(outputs[label]).cpu())
+            labels.append(batch_labels.cpu())
+    return {k: torch.cat(v).numpy() for k, v in features.items()}, torch.cat(labels).numpy()
+
+
+# --- linear CKA --------------------------------------------------------------------------------------------------
+
+
+def gram(features: torch.Tensor) -> torch.Tensor:
+    """The linear kernel X X^T of a batch of (flattened) features, computed where they are, returned on the CPU in
+    float64 (Apple's MPS has no float64)."""
+    flat = features.flatten(1).float()
+    return (flat @ flat.T).double().cpu()
+
+
+def hsic_unbiased(k: torch.Tensor, l: torch.Tensor) -> float:  # noqa: E741 (K and L, as in the paper)
+    """The unbiased HSIC estimator of Song et al. 2012 (used by Nguyen et al. 2021) from two n x n Gram matrices:
+    1/(n(n-3)) [tr(K~L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2) 1'K~L~1], K~ and L~ with zero diagonals."""
+    n = k.shape[0]
+    if n < 4:
+        raise ValueError("the unbiased HSIC estimator needs at least 4 examples")
+    k, l = k.clone().fill_diagonal_(0), l.clone().fill_diagonal_(0)  # noqa: E741
+    trace = (k * l).sum()  # tr(K L) for symmetric matrices
+    ones = k.sum() * l.sum() / ((n - 1) * (n - 2))
+    cross = 2 * (k.sum(0) @ l.sum(1)) / (n - 2)
+    return float((trace + ones - cross) / (n * (n - 3)))
+
+
+class MinibatchCKA:
+    """Linear CKA accumulated over minibatches (Nguyen, Raghu & Kornblith 2021): the unbiased HSIC of each minibatch
+    is summed, then CKA = sum HSIC(K,L) / sqrt(sum HSIC(K,K) * sum HSIC(L,L)). Unlike the plain (biased) estimator it is
+    near 0 for independent features, whatever their width, and it never holds more than one batch of features."""
+
+    def __init__(self):
+        self.kl = self.kk = self.ll = 0.0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        kx, ky = gram(x), gram(y)
+        self.kl += hsic_unbiased(kx, ky)
+        self.kk += hsic_unbiased(kx, kx)
+        self.ll += hsic_unbiased(ky, ky)
+
+    @property
+    def value(self) -> float:
+        return self.kl / (self.kk * self.ll) ** 0.5 if self.kk > 0 and self.ll > 0 else float("nan")
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA of all the examples at once (the plain estimator of Kornblith et al. 2019):
+    ||Y'X||_F^2 / (||X'X||_F ||Y'Y||_F) on centred features."""
+    x, y = x.flatten(1).double(), y.flatten(1).double()
+    x, y = x - x.mean(0), y - y.mean(0)
+    return float((y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm()))
+
+
+@torch.no_grad()
+def minibatch_cka(start, tuned, control, stage_list, loader, device) -> dict[str, tuple[float, float]]:
+    """Per stage: (CKA of the start against the fine-tuned network, CKA of the start against the control, a randomly
+    initialised network), on the flattened stage outputs of the same images. Batches of fewer than 4 images are left
+    out (the estimator needs 4)."""
+    nets = [start.eval(), tuned.eval(), control.eval()]
+    tuned_cka = {label: MinibatchCKA() for label, _ in stage_list}
+    control_cka = {label: MinibatchCKA() for label, _ in stage_list}
+    with (
+        stage_outputs(start, stage_list) as a,
+        stage_outputs(tuned, stage_list) as b,
+        stage_outputs(control, stage_list) as c,
+    ):
+        for batch in tqdm(loader, desc="CKA", leave=False, dynamic_ncols=True, disable=not device.show_progress):
+            if batch is None or len(batch[0]) < 4:
+                continue
+            images, _ = device.put(*batch)
+            with device.autocast():
+                for net in nets:
+                    net(images)
+            for label, _ in stage_list:
+                tuned_cka[label].add(a[label], b[label])
+                control_cka[label].add(a[label], c[label])
+    return {label: (tuned_cka[label].value, control_cka[label].value) for label, _ in stage_list}
+
+
+# --- linear probes -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Probe:
+    """A logistic-regression classifier on frozen features: fitted on one split, scored on another."""
+
+    accuracy: float  # percent of the scoring split
+    converged: bool
+
+
+def linear_probe(train_x, train_y, test_x, test_y, *, max_iter: int = 1000) -> Probe:
+    """Kornblith et al.'s fixed-feature classifier: multinomial logistic regression (L-BFGS, scikit-learn's default
+    L2 strength C=1, not tuned) on standardised features. Without tuning it is a lower bound of what the features
+    allow."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        classifier.fit(train_x, train_y)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    accuracy = 100 * float((classifier.predict(test_x) == np.asarray(test_y)).sum()) / len(test_y)
+    return Probe(accuracy, converged)
+
+
+# --- the starting network ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Start:
+    """The network a fine-tune started from."""
+
+    model: nn.Module
+    weights: str  # as --weights names them
+    head_is_new: bool  # the head was made fresh for the target (not in the weights): it has no starting value
+
+
+def starting_network(arch: str, weights: str, num_classes: int) -> Start:
+    """The start rebuilt as train.py built it, from the same weights; a fresh head made as train.py makes one (its
+    values are not the run's: only a head that came with the weights is compared)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_model(arch, weights, num_classes)
+    resolved = resolve_weights(arch, weights)
+    loaded_head = isinstance(resolved, Path) and head_fits(model, read_state_dict(resolved))
+    return Start(model.eval(), weights, head_is_new=not loaded_head)
+
+
+def random_network(arch: str, num_classes: int, seed: int) -> nn.Module:
+    """The control: the architecture with torchvision's random initialisation."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return build_model(arch, "none", num_classes).eval()
