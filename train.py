@@ -13,6 +13,7 @@ from cars.cli import check_command_line, parse_train
 
 check_command_line(__name__, parse_train)  # --help and mistakes answer before the imports below load torch
 
+import fcntl
 import os
 import signal
 import sys
@@ -54,9 +55,12 @@ SOURCE_RECIPE = Path(__file__).parent / "configs" / "demo_source.toml"  # how th
 PROGRESS_SECONDS = 0.5  # how often the progress bar reads the loss and accuracy (each read waits for the device)
 
 
-def main(argv=None) -> None:
+def main(argv=None, *, after_evaluation=None) -> None:
+    """`after_evaluation(epoch, eval_acc)`, when given, is asked after every evaluated epoch whether to stop the run
+    there (sweep.py's pruner answers); a run it stops is marked pruned."""
     args = parse_train(argv)
-    run = setup(args, command=[Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)])
+    # the command that reproduces the run, also when another tool calls main (sweep.py's trials)
+    run = setup(args, command=[Path(sys.argv[0]).name, *sys.argv[1:]] if argv is None else ["train.py", *argv])
     write_summary(run, run.status)
     # SIGTERM (a scheduler's stop, kill) ends the run as Ctrl-C does
     previous_sigterm = (
@@ -65,7 +69,7 @@ def main(argv=None) -> None:
         else None
     )
     try:
-        train_result, eval_result, stopped_early = train(run)
+        train_result, eval_result, stopped = train(run, after_evaluation)
     except KeyboardInterrupt:  # every file on disk is complete (atomic writes): say how to go on
         saved_epoch, saved_steps = run.saved
         write_summary(run, {**run.status, "status": "interrupted", "epochs_done": saved_epoch})
@@ -91,14 +95,15 @@ def main(argv=None) -> None:
             run.board.close()
         shutdown(run.world)
     summary = finish(run, train_result, eval_result)
-    if stopped_early:
-        summary.update(status="stopped early", epochs_done=run.epoch)
+    if stopped:
+        summary.update(status=stopped, epochs_done=run.epoch)
     write_summary(run, summary)
 
 
-def train(run: Run) -> tuple[EpochResult, EpochResult | None, bool]:
+def train(run: Run, after_evaluation=None) -> tuple[EpochResult, EpochResult | None, str | None]:
     """The epoch loop: train, evaluate when due, then write the epoch's files and its line in train.log.
-    Returns the last epoch's training and evaluation results, and whether --early-stop ended the run."""
+    Returns the last epoch's training and evaluation results, and why the run ended before its last epoch ("stopped
+    early" by --early-stop, "pruned" by `after_evaluation`) or None."""
     cfg, log, eval_name = run.cfg, run.log, run.splits.eval_name
     started = plotted = time.time()
     for epoch in range(run.first_epoch, cfg.epochs + 1):
@@ -174,8 +179,19 @@ def train(run: Run) -> tuple[EpochResult, EpochResult | None, bool]:
                 "accuracy "
                 f"(--early-stop {cfg.early_stop}). To go on: uv run train.py --resume {run.run_dir} --early-stop N"
             )
-            return train_result, eval_result, True
-    return train_result, eval_result, False
+            return train_result, eval_result, "stopped early"
+        if (
+            after_evaluation
+            and eval_result is not None
+            and after_evaluation(epoch, row["eval_acc"])  # told every evaluation, the last one too
+            and epoch < cfg.epochs
+        ):
+            log(
+                f"pruned after epoch {epoch}: the sweep's pruner stopped this trial ({eval_name} accuracy "
+                f"{row['eval_acc']:.2f}%)"
+            )
+            return train_result, eval_result, "pruned"
+    return train_result, eval_result, None
 
 
 def train_epoch(run: Run, epoch: int) -> Progress:
@@ -368,7 +384,7 @@ def finish(run: Run, train_result: EpochResult, eval_result: EpochResult) -> dic
         f"(final epoch {rows[-1]['eval_acc']:.2f}%)"
     )
     if (
-        run.splits.test is not None and run.world.main
+        run.splits.test is not None and cfg.final_test and run.world.main
     ):  # the val split chose the epoch; the test split is looked at only now
         best_model = unwrap(run.eval_model)  # uncompiled: the test split is seen once
         best_model.load_state_dict(load_checkpoint(run.run_dir / "best.pt")["model"])
@@ -400,9 +416,14 @@ def pretrain_on_demo_source(arch: str) -> None:
             f"--arch {arch} once without torchrun (it makes them in {weights_file.parent}), then torchrun again"
         )
     run_dir = weights_file.with_name(f"{arch}-run")
-    print(f"pretraining {arch} on the demo's source task, once; the weights go to {weights_file}")
-    main(["--config", str(SOURCE_RECIPE), "--arch", arch, "--run-dir", str(run_dir), "--overwrite"])
-    save_weights_file(run_dir, weights_file)
+    weights_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(weights_file.with_name(f"{arch}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process pretraining (a second sweep worker): wait for it
+        if weights_file.is_file():
+            return
+        print(f"pretraining {arch} on the demo's source task, once; the weights go to {weights_file}")
+        main(["--config", str(SOURCE_RECIPE), "--arch", arch, "--run-dir", str(run_dir), "--overwrite"])
+        save_weights_file(run_dir, weights_file)
     print(f"pretrained: {weights_file}; now the fine-tune")
 
 

@@ -241,6 +241,48 @@ def candidates(text: str) -> list[tuple[str, str]]:
     return list(dict.fromkeys(found))
 
 
+def parse_sweep(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Search a recipe's hyperparameters with Optuna: every trial is a train.py run chosen on a "
+        "validation split and pruned on its epochs' accuracy; workers on several machines or GPUs share one study "
+        "by running the same command with the same --storage."
+    )
+    parser.add_argument("--config", required=True, help="the sweep file, e.g. configs/sweeps/demo.toml")
+    parser.add_argument(
+        "--trials",
+        type=int,
+        help="the study's total number of trials, over all its workers (default: the sweep file's)",
+    )
+    parser.add_argument(
+        "--storage",
+        help="where the study lives: a database URL (postgresql://user:password@host/db, sqlite:///path/study.db) "
+        "or the path of a journal file on a shared file system (default: sqlite, study.db in the sweep folder)",
+    )
+    parser.add_argument("--out", help="the sweep folder (default runs/sweeps/<sweep file's name>)")
+    parser.add_argument(
+        "--refit",
+        action="store_true",
+        help="instead of searching: train the best trial's config on the whole training split, evaluate it once on "
+        "the test split, and write result.md",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="with --refit: replace an earlier refit")
+    parser.add_argument(
+        "--heartbeat",
+        type=int,
+        default=30,
+        help="seconds between a worker's heartbeats in a database; a trial silent for twice that is failed and run "
+        "again (default 30)",
+    )
+    args = parser.parse_args(argv)
+    if args.trials is not None and args.trials < 1:
+        raise UserError(f"--trials must be at least 1, got {args.trials}")
+    if args.heartbeat < 1:
+        raise UserError(f"--heartbeat must be at least 1 second, got {args.heartbeat}")
+    if args.overwrite and not args.refit:
+        raise UserError("--overwrite only replaces an earlier --refit; a search continues its study instead")
+    return args
+
+
 def parse_app(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="A web page for a trained model: classify your own photos with a CAM of where the "

@@ -138,6 +138,13 @@ class Config:
     seed: int = knob(0, "random seed")
     device: str = knob("auto", "where to train (auto: CUDA, then MPS, then CPU)", DEVICES)
     run_dir: str = knob("", "run folder (default runs/<preset name>)")
+    final_test: bool = knob(
+        True,
+        "with --val-split: evaluate the best epoch on the test split once training ends (sweep trials do not: no "
+        "trial may see the test split)",
+    )
+    sweep: str = knob("", "the sweep folder this run is a trial of (sweep.py sets it; recorded, not used)")
+    trial: int = knob(-1, "its trial number in that sweep (sweep.py sets it; recorded, not used)")
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
@@ -231,11 +238,24 @@ APPLIES_ONLY = [  # (knob, whether it has an effect in a config, what it needs)
     ("momentum", lambda c: c.optimizer == "sgd", "--optimizer sgd"),
     ("ema_half_life", lambda c: c.ema and not c.ema_decay, "--ema (and no --ema-decay)"),
     ("split_seed", lambda c: c.val_split > 0, "--val-split"),
+    ("final_test", lambda c: c.val_split > 0, "--val-split"),
 ]
 
 
 def flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+def config_flags(values: dict) -> list[str]:
+    """The train.py flags that set these knobs: add_config_flags read backwards."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    flags = []
+    for name, value in values.items():
+        if fields[name].type is bool:
+            flags.append(f"--{flag(name)}" if value else f"--no-{flag(name)}")
+        else:
+            flags += [f"--{flag(name)}", str(value)]  # str of a float is its shortest exact form
+    return flags
 
 
 def from_dict(values: dict, source: str) -> dict:

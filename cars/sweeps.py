@@ -1,0 +1,290 @@
+"""A hyperparameter search on Optuna: the sweep file, the study's storage, how many trials may run, and the study's
+files. sweep.py runs the trials with train.py's recipe.
+
+A sweep file names a base preset, values fixed for every trial, and a search space over Config's knobs:
+
+    base = "../demo.toml"          # relative to the sweep file
+    trials = 12                    # the study's total, over all workers (--trials overrides it)
+    pruner = "hyperband"           # hyperband, successive-halving, median or none
+    [fixed]
+    val_split = 0.2                # required: trials are chosen on a validation split, never on test
+    [space]
+    lr = { low = 1e-5, high = 0.1, log = true }
+    freeze_epochs = { choices = [0, 5] }
+"""
+
+import dataclasses
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cars.config import Config, from_dict, load_toml
+from cars.errors import UserError
+from cars.report import save_figure, write_csv
+from cars.runs import process_alive
+
+PRUNERS = ("hyperband", "successive-halving", "median", "none")
+# set by sweep.py for every trial, or meaningless in a search
+NOT_SEARCHED = {"run_dir", "sweep", "trial", "final_test", "val_split", "split_seed", "data", "device"}
+
+
+@dataclass
+class Param:
+    """One knob's range: low..high (log-uniform with log), or a list of choices."""
+
+    name: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    choices: list | None = None
+
+    def suggest(self, trial):
+        if self.choices is not None:
+            return trial.suggest_categorical(self.name, self.choices)
+        if isinstance(self.low, int) and isinstance(self.high, int):
+            return trial.suggest_int(self.name, self.low, self.high, log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+
+    def corners(self) -> list:
+        """The values that must all make a valid config: both ends, or every choice."""
+        return list(self.choices) if self.choices is not None else [self.low, self.high]
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return f"{self.name} in {self.choices}"
+        return f"{self.name} {'log-uniform' if self.log else 'uniform'} in [{self.low:g}, {self.high:g}]"
+
+
+@dataclass
+class Sweep:
+    name: str
+    path: Path
+    base: Path  # the preset every trial starts from
+    fixed: dict  # the knobs every trial sets
+    space: list[Param]
+    trials: int
+    pruner: str
+
+    def trial_values(self, params: dict) -> dict:
+        """A trial's config: the base preset, then the fixed values, then the trial's parameters."""
+        return {**from_dict(load_toml(str(self.base)), str(self.base)), **self.fixed, **params}
+
+    @property
+    def epochs(self) -> int:
+        return Config(**self.trial_values({})).epochs
+
+
+def load_sweep(path: str, trials: int | None = None) -> Sweep:
+    """The sweep file, every range checked against Config before anything runs."""
+    raw = load_toml(path)
+    where = Path(path)
+    unknown = set(raw) - {"base", "trials", "pruner", "fixed", "space"}
+    if unknown:
+        raise UserError(
+            f"{path}: unknown key {sorted(unknown)[0]!r}; a sweep file has base, trials, pruner, [fixed] and [space]"
+        )
+    if not isinstance(raw.get("base"), str):
+        raise UserError(f'{path}: base must name the preset every trial starts from, e.g. base = "../demo.toml"')
+    base = (where.parent / raw["base"]).resolve()
+    if not base.is_file():
+        raise UserError(f"{path}: base preset {raw['base']} ({base}) does not exist")
+    fixed = from_dict(raw.get("fixed", {}), f"{path} [fixed]")
+    total = trials if trials is not None else raw.get("trials", 20)
+    if not isinstance(total, int) or isinstance(total, bool) or total < 1:
+        raise UserError(f"{path}: trials must be a positive whole number, got {total!r}")
+    pruner = raw.get("pruner", "hyperband")
+    if pruner not in PRUNERS:
+        raise UserError(f"{path}: pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}")
+    space = [param(name, spec, f"{path} [space]") for name, spec in raw.get("space", {}).items()]
+    if not space:
+        raise UserError(
+            f"{path}: [space] is empty; name at least one knob to search, e.g. lr = {{low = 1e-4, high = "
+            "0.1, log = true}"
+        )
+    sweep = Sweep(where.stem, where, base, fixed, space, total, pruner)
+    config = Config(**sweep.trial_values({}))
+    config.validate()
+    if config.val_split <= 0:
+        raise UserError(
+            f"{path}: a sweep chooses on a validation split, never on the test split; set val_split in [fixed] "
+            "(e.g. val_split = 0.2)"
+        )
+    for p in space:
+        for value in p.corners():
+            try:
+                Config(**sweep.trial_values({p.name: value})).validate()
+            except UserError as error:
+                raise UserError(f"{path} [space]: {p.name} = {value!r} is not a valid trial: {error}") from None
+    return sweep
+
+
+def param(name: str, spec, where: str) -> Param:
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    if name not in fields:
+        raise UserError(f"{where}: {name!r} is not a knob; the knobs are train.py's flags with '_' for '-'")
+    if name in NOT_SEARCHED:
+        raise UserError(f"{where}: {name} is set by sweep.py or fixed for the whole sweep; it cannot be searched")
+    keys = set(spec) if isinstance(spec, dict) else set()
+    if not ({"low", "high"} <= keys <= {"low", "high", "log"} or keys == {"choices"}):
+        raise UserError(f"{where}: {name} needs {{low = ..., high = ...[, log = true]}} or {{choices = [...]}}")
+    if "choices" in spec:
+        choices = spec["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise UserError(f"{where}: {name}'s choices must be a non-empty list")
+        for value in choices:
+            from_dict({name: value}, where)
+        return Param(name, choices=[from_dict({name: value}, where)[name] for value in choices])
+    kind = fields[name].type
+    if kind not in (int, float):
+        raise UserError(f"{where}: {name} is not a number; search it with choices = [...]")
+    low, high = (from_dict({name: spec[k]}, where)[name] for k in ("low", "high"))
+    log = spec.get("log", False)
+    if not isinstance(log, bool) or not low < high or (log and low <= 0):
+        raise UserError(f"{where}: {name} needs low < high (and low > 0 with log = true), got {low!r} and {high!r}")
+    return Param(name, low, high, log)
+
+
+# --- the study ---------------------------------------------------------------------------------------------------
+
+
+def open_storage(url: str, heartbeat: int):
+    """An RDB URL (sqlite:///..., postgresql://...: whatever SQLAlchemy takes) or a journal file's path (for a shared
+    file system). A database records heartbeats every `heartbeat` seconds: a trial whose worker is silent for twice
+    that is failed and queued again for the next worker that looks. (Optuna has no heartbeats for a journal file.)"""
+    import optuna
+
+    try:
+        if "://" in url:
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=heartbeat,
+                grace_period=2 * heartbeat,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+            )
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
+    except Exception as error:  # a wrong URL, a server that is down, a missing driver: all one line
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot open the study's storage {url}: {detail}") from None
+
+
+def has_heartbeats(study) -> bool:
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    return is_heartbeat_enabled(study._storage)
+
+
+def worker_name() -> str:
+    """host:pid, recorded in every trial a worker runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def fail_stopped_trials(study) -> None:
+    """Running trials whose worker is gone become failed, and their parameters are queued again. With a database,
+    Optuna's heartbeats tell; with a journal file, a worker can only tell the workers of its own machine."""
+    import optuna
+
+    optuna.storages.fail_stale_trials(study)
+    if has_heartbeats(study):
+        return
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker_host, _, pid = trial.user_attrs.get("worker", "").rpartition(":")
+        if worker_host != host or not pid.isdigit() or process_alive(int(pid)):
+            continue
+        try:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+            continue  # another worker of this machine failed it first, and queues it again
+        study.enqueue_trial(trial.params, user_attrs={"note": f"runs trial {trial.number} again: its worker stopped"})
+
+
+def make_pruner(name: str, epochs: int):
+    """The pruner by name; none judges a trial before a fifth of its epochs (the first epochs of a frozen start, or
+    of a warmup, say little about the end)."""
+    import optuna
+
+    first = max(1, epochs // 5)
+    return {
+        "hyperband": lambda: optuna.pruners.HyperbandPruner(
+            min_resource=first, max_resource=epochs, reduction_factor=3
+        ),
+        "successive-halving": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3),
+        "median": lambda: optuna.pruners.MedianPruner(n_warmup_steps=first),
+        "none": lambda: optuna.pruners.NopPruner(),
+    }[name]()
+
+
+def counted_states():
+    """The trials that count towards --trials: done, or running or queued (a failed one is retried as a new trial)."""
+    from optuna.trial import TrialState
+
+    return (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+
+
+def has_slot(study, trial, cap: int) -> bool:
+    """Whether this just-started trial is one of the study's first `cap` counted trials. Every worker asks the same
+    storage, so two workers that start trials at once agree on which one is over the cap: the later number."""
+    earlier = [t for t in study.get_trials(deepcopy=False, states=counted_states()) if t.number < trial.number]
+    return len(earlier) < cap
+
+
+def finished_trials(study) -> list:
+    from optuna.trial import TrialState
+
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
+def wait_for_others(study, seconds: float) -> None:
+    """Let trials of other workers finish, or go stale if their worker died (then they are queued again)."""
+    time.sleep(seconds)
+    fail_stopped_trials(study)
+
+
+def write_study_files(study, out: Path) -> list[str]:
+    """trials.csv and the study's plots (optimisation history, parallel coordinates, parameter importances), from
+    what the storage holds now. Returns the names of the pictures drawn."""
+    import warnings
+
+    import optuna
+    from optuna.visualization import matplotlib as plots
+
+    trials = study.get_trials(deepcopy=False)
+    rows = [
+        dict(
+            number=t.number,
+            state=t.state.name.lower(),
+            value=t.value,
+            **{f"params_{k}": v for k, v in t.params.items()},
+            epochs=len(t.intermediate_values),
+            run_dir=t.user_attrs.get("run_dir", ""),
+            worker=t.user_attrs.get("worker", ""),
+            note=t.user_attrs.get("note", ""),
+        )
+        for t in trials
+    ]
+    names = sorted({k for r in rows for k in r if k.startswith("params_")})
+    write_csv(out / "trials.csv", rows, ["number", "state", "value", *names, "epochs", "run_dir", "worker", "note"])
+    drawn = []
+    finished = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    pictures = [
+        ("optimization_history.png", plots.plot_optimization_history),
+        ("parallel_coordinate.png", plots.plot_parallel_coordinate),
+    ]
+    if len(finished) >= 2 and len(names) >= 1:
+        pictures.append(("param_importances.png", plots.plot_param_importances))
+    for filename, plot in pictures:
+        if not finished:
+            break
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+            try:
+                axes = plot(study)
+            except (ValueError, RuntimeError):  # e.g. importances of parameters that never varied
+                continue
+        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+        save_figure(figure, out / filename)
+        drawn.append(filename)
+    return drawn

@@ -1,0 +1,351 @@
+"""sweep.py: the sweep file's checks, a search and its refit in one process, pruning, and workers sharing a study on a
+real PostgreSQL server and on a journal file, killed and interrupted at random moments."""
+
+import glob
+import os
+import pwd
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import write_hub_folder
+
+import compare
+import sweep as sweep_tool
+import train
+from cars.data import HubSplit
+from cars.errors import UserError
+from cars.runs import read_summary
+from cars.sweeps import load_sweep, open_storage
+
+ROOT = Path(__file__).resolve().parents[1]
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+BASE = """data = "{data}"
+arch = "resnet18"
+weights = "none"
+resolution = 32
+batch_size = 6
+epochs = 2
+lr = 0.01
+workers = 0
+"""
+SWEEP = """base = "base.toml"
+trials = {trials}
+pruner = "{pruner}"
+[fixed]
+val_split = 0.3
+[space]
+lr = {{ low = 1e-4, high = 0.05, log = true }}
+"""
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    """A base preset (resnet18 at 32 px, 2 epochs, about a second each) on a 3-class dataset, and a folder to write
+    sweep files into beside it."""
+    root = tmp_path_factory.mktemp("sweep")
+    data = write_hub_folder(root / "data", per_class=(10, 3))
+    (root / "base.toml").write_text(BASE.format(data=data))
+    return root
+
+
+def sweep_file(folder: Path, name: str, *, trials: int = 3, pruner: str = "none", extra: str = "") -> Path:
+    path = folder / f"{name}.toml"
+    path.write_text(SWEEP.format(trials=trials, pruner=pruner) + extra)
+    return path
+
+
+def load_study(name: str, storage: str):
+    """The study as sweep.py opens it: a database URL, or a journal file's path."""
+    return optuna.load_study(study_name=name, storage=open_storage(storage, heartbeat=1))
+
+
+# --- the sweep file ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('base = "base.toml"\n[space]\nlr = {low = 1e-4, high = 0.1}\n', "a sweep chooses on a validation split"),
+        (
+            'base = "base.toml"\n[fixed]\nval_split = 0.3\n[space]\nlrr = {low = 1e-4, high = 0.1}\n',
+            "'lrr' is not a knob",
+        ),
+        (
+            'base = "base.toml"\n[fixed]\nval_split = 0.3\n[space]\nlr = {low = 0.1, high = 1e-4}\n',
+            "lr needs low < high",
+        ),
+        (
+            'base = "base.toml"\n[fixed]\nval_split = 0.3\n[space]\nfreeze_epochs = {choices = [0, 5]}\n',
+            "freeze_epochs = 5 is not a valid trial: --freeze-epochs (5) must be smaller than --epochs (2)",
+        ),
+        ('base = "nope.toml"\n[fixed]\nval_split = 0.3\n[space]\nlr = {low = 1e-4, high = 0.1}\n', "does not exist"),
+        ('base = "base.toml"\n[fixed]\nval_split = 0.3\n[space]\nrun_dir = {choices = ["a"]}\n', "cannot be searched"),
+        ('base = "base.toml"\n[fixed]\nval_split = 0.3\n[space]\n', "[space] is empty"),
+        (
+            'base = "base.toml"\ntrials = 0\n[fixed]\nval_split = 0.3\n[space]\nlr = {low = 1e-4, high = 0.1}\n',
+            "trials",
+        ),
+    ],
+)
+def test_a_bad_sweep_file_is_one_line_before_anything_runs(sweep_dir, tmp_path, text, message):
+    path = sweep_dir / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=re.escape(message)):
+        sweep_tool.main(["--config", str(path), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_presets_load():
+    for path in sorted((ROOT / "configs" / "sweeps").glob("*.toml")):
+        sweep = load_sweep(str(path))
+        assert sweep.trial_values({})["val_split"] > 0 and sweep.space, path
+
+
+# --- one machine -------------------------------------------------------------------------------------------------
+
+
+def test_a_search_chooses_on_validation_and_only_the_refit_reads_the_test_split(sweep_dir, tmp_path, monkeypatch):
+    reads = Counter()
+    original = HubSplit.open
+
+    def counting_open(split, i):
+        reads[split.name] += 1
+        return original(split, i)
+
+    monkeypatch.setattr(HubSplit, "open", counting_open)
+    path = sweep_file(sweep_dir, "local")
+    out = tmp_path / "local"
+    sweep_tool.main(["--config", str(path), "--out", str(out)])
+    assert reads["train"] > 0 and reads["test"] == 0, "no trial reads a test image"
+    study = load_study("local", f"sqlite:///{out / 'study.db'}")
+    trials = study.get_trials(states=FINISHED)
+    assert len(trials) == 3 and len(study.trials) == 3
+    for trial in trials:
+        run_dir = out / f"trial-{trial.number}"
+        config = tomllib.loads((run_dir / "config.toml").read_text())
+        assert config["trial"] == trial.number and config["sweep"] == str(out) and config["val_split"] == 0.3
+        assert config["lr"] == trial.params["lr"] and not config["final_test"]
+        summary = read_summary(run_dir)
+        assert summary["status"] == "finished" and trial.value == summary["best_eval_acc"]
+        assert "test_acc_of_best" not in summary
+    csv_rows = (out / "trials.csv").read_text().splitlines()
+    assert len(csv_rows) == 4 and csv_rows[0].startswith("number,state,value,params_lr")
+    assert all((out / p).is_file() for p in ("optimization_history.png", "parallel_coordinate.png"))
+
+    # the same command again: the study is complete, nothing more runs; --trials 4 adds one trial
+    sweep_tool.main(["--config", str(path), "--out", str(out)])
+    assert len(study.trials) == 3
+    sweep_tool.main(["--config", str(path), "--out", str(out), "--trials", "4"])
+    assert len(study.get_trials(states=FINISHED)) == 4 and (out / "trial-3" / "best.pt").is_file()
+    assert reads["test"] == 0
+
+    # the refit: the best trial's recipe on all of train, then the test split once
+    best = study.best_trial
+    sweep_tool.main(["--config", str(path), "--out", str(out), "--refit"])
+    assert reads["test"] > 0
+    refit = out / "refit"
+    config = tomllib.loads((refit / "config.toml").read_text())
+    assert config["val_split"] == 0 and config["lr"] == best.params["lr"] and config["trial"] == best.number
+    rows = (refit / "metrics.csv").read_text().splitlines()[1:]
+    assert len(rows) == 2 and [r.split(",")[5] != "" for r in rows] == [False, True], "test evaluated once"
+    summary = read_summary(refit)
+    result = (out / "result.md").read_text()
+    assert f"trial {best.number}, chosen on validation only" in result
+    assert f"validation accuracy: **{best.value:.2f}%**" in result
+    assert f"**test accuracy {summary['final_eval_acc']:.2f}%**" in result
+    with pytest.raises(UserError, match="--overwrite"):
+        sweep_tool.main(["--config", str(path), "--out", str(out), "--refit"])
+
+
+def test_another_sweep_file_cannot_join_a_study(sweep_dir, tmp_path):
+    """Two sweep files of one name would mix two searches in one study: the second is refused."""
+    out, storage = tmp_path / "clash", f"sqlite:///{tmp_path / 'clash.db'}"
+    sweep_tool.main(
+        ["--config", str(sweep_file(sweep_dir, "clash", trials=1)), "--out", str(out), "--storage", storage]
+    )
+    other = sweep_file(sweep_dir, "clash", trials=1, extra="weight_decay = { low = 1e-5, high = 1e-2, log = true }\n")
+    with pytest.raises(UserError, match="was made from another sweep file"):
+        sweep_tool.main(["--config", str(other), "--out", str(out), "--storage", storage])
+
+
+def test_a_pruned_trial_is_marked_in_its_folder_and_stays_valid(sweep_dir, tmp_path, capsys):
+    """train.py stops where the pruner says; the folder says pruned, compare.py shows it, and it resumes."""
+    run_dir = tmp_path / "pruned"
+    flags = ["--config", str(sweep_dir / "base.toml"), "--run-dir", str(run_dir), "--val-split", "0.3"]
+    seen = []
+    train.main(flags, after_evaluation=lambda epoch, accuracy: seen.append((epoch, accuracy)) or epoch == 1)
+    summary = read_summary(run_dir)
+    assert summary["status"] == "pruned" and summary["epochs_done"] == 1 and [e for e, _ in seen] == [1]
+    metrics = (run_dir / "metrics.csv").read_text().splitlines()
+    assert len(metrics) == 2 and [float(m.split(",")[5]) for m in metrics[1:]] == [a for _, a in seen]
+    compare.main([str(run_dir)])
+    assert "| pruned |" in capsys.readouterr().out
+    train.main(["--resume", str(run_dir)])  # a pruned trial's folder is an ordinary run: it can go on
+    assert read_summary(run_dir)["status"] == "finished"
+
+
+def test_the_pruner_s_answer_becomes_a_pruned_trial(sweep_dir, tmp_path):
+    class PruneAll(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            return True
+
+    path = sweep_file(sweep_dir, "pruneall", trials=1)
+    sweep = load_sweep(str(path))
+    study = optuna.create_study(study_name="pruneall", direction="maximize", pruner=PruneAll())
+    study.optimize(lambda trial: sweep_tool.objective(trial, study, sweep, tmp_path, []), n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.PRUNED and list(trial.intermediate_values) == [1]
+    assert read_summary(tmp_path / "trial-0")["status"] == "pruned"
+
+
+# --- many workers --------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A PostgreSQL server of its own on a free port, for this module; as the postgres user when the tests run as
+    root (PostgreSQL refuses to run as root)."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or (
+        [shutil.which("initdb")] if shutil.which("initdb") else []
+    )
+    if not found:
+        pytest.skip("no PostgreSQL server here (Debian: apt-get install postgresql; .ci/run installs it)")
+    bindir = Path(found[-1]).parent
+    root = Path(tempfile.mkdtemp(prefix="cars-postgres-"))  # in /tmp: the postgres user can reach it
+    as_user = []
+    if os.geteuid() == 0:
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root, and there is no postgres user to run the PostgreSQL server as")
+        os.chown(root, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    data, log = root / "data", root / "server.log"
+
+    def run(*command):
+        return subprocess.run([*as_user, *map(str, command)], capture_output=True, text=True, timeout=120)
+
+    steps = [
+        (bindir / "initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync"),
+        (
+            bindir / "pg_ctl", "-D", data, "-l", log, "-w", "-o",
+            f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start",
+        ),
+        (bindir / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "sweeps"),
+    ]  # fmt: skip
+    for step in steps:
+        done = run(*step)
+        if done.returncode != 0:
+            run(bindir / "pg_ctl", "-D", data, "-m", "immediate", "stop")
+            shutil.rmtree(root, ignore_errors=True)
+            detail = (done.stderr or done.stdout).strip().splitlines()
+            pytest.skip(f"the PostgreSQL server could not start ({Path(step[0]).name}): {detail[-1] if detail else ''}")
+    yield f"postgresql://postgres@127.0.0.1:{port}/sweeps"
+    run(bindir / "pg_ctl", "-D", data, "-m", "immediate", "stop")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def worker(path: Path, out: Path, storage: str, trials: int) -> subprocess.Popen:
+    command = [sys.executable, str(ROOT / "sweep.py"), "--config", str(path), "--out", str(out), "--storage", storage]
+    return subprocess.Popen(
+        [*command, "--trials", str(trials), "--heartbeat", "1"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def trials_run(output: str) -> list[int]:
+    return [int(n) for n in re.findall(r"^trial (\d+):", output, re.MULTILINE)]
+
+
+def check_shared_study(storage: str, name: str, out: Path, outputs: list[str], trials: int) -> None:
+    study = load_study(name, storage)
+    done = study.get_trials(states=FINISHED)
+    assert len(done) == trials, [(t.number, t.state) for t in study.trials]
+    ran = [n for output in outputs for n in trials_run(output)]
+    assert sorted(ran) == sorted(t.number for t in done), "every finished trial ran in exactly one worker, once"
+    for trial in done:
+        log = (out / f"trial-{trial.number}" / "train.log").read_text()
+        assert log.count("\n$ train.py") == 1 and read_summary(out / f"trial-{trial.number}")["status"] == "finished"
+
+
+def test_two_workers_on_postgresql_finish_exactly_the_trials_between_them(postgres, sweep_dir, tmp_path):
+    path, out = sweep_file(sweep_dir, "shared", trials=4), tmp_path / "shared"
+    workers = [worker(path, out, postgres, 4) for _ in range(2)]
+    outputs = [w.communicate(timeout=900)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    check_shared_study(postgres, "shared", out, outputs, 4)
+
+
+def test_two_workers_share_a_journal_file(sweep_dir, tmp_path):
+    path, out = sweep_file(sweep_dir, "journal", trials=4), tmp_path / "journal"
+    journal = str(tmp_path / "shared-fs" / "journal.log")
+    workers = [worker(path, out, journal, 4) for _ in range(2)]
+    outputs = [w.communicate(timeout=900)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    check_shared_study(journal, "journal", out, outputs, 4)
+
+
+def stop_in_a_trial(process: subprocess.Popen, rng: random.Random, sig: int) -> tuple[int, str]:
+    """Wait until the worker starts a trial, then send `sig` at a random moment of it; returns the trial's number and
+    what the worker printed."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        match = re.match(r"trial (\d+):", line)
+        if match:
+            time.sleep(rng.uniform(0.5, 2.5))
+            process.send_signal(sig)
+            rest = process.communicate(timeout=120)[0]
+            return int(match.group(1)), "".join(lines) + rest
+    raise AssertionError("the worker never started a trial: " + "".join(lines))
+
+
+def test_killed_and_interrupted_workers_leave_a_study_the_same_command_completes(postgres, sweep_dir, tmp_path):
+    """On PostgreSQL, where Optuna's heartbeats tell a killed worker's trial (a journal file's killed trials are
+    failed by the next worker on the same machine, by its process id)."""
+    name, storage = "faults", postgres
+    path, out = sweep_file(sweep_dir, name, trials=3), tmp_path / name
+    rng = random.Random(0)
+    killed, _ = stop_in_a_trial(worker(path, out, storage, 3), rng, signal.SIGKILL)  # kill -9: no goodbye
+    interrupted_worker = worker(path, out, storage, 3)
+    interrupted, output = stop_in_a_trial(interrupted_worker, rng, signal.SIGINT)  # Ctrl-C
+    assert interrupted_worker.returncode == 130 and "stopped; this worker ran trials" in output
+    if (out / f"trial-{interrupted}" / "summary.json").exists():  # stopped in training, not while it was set up
+        assert read_summary(out / f"trial-{interrupted}")["status"] == "interrupted"
+    final = worker(path, out, storage, 3)
+    output = final.communicate(timeout=900)[0]
+    assert final.returncode == 0, output
+    study = load_study(name, storage)
+    states = {t.number: t.state for t in study.trials}
+    assert states[killed] == states[interrupted] == optuna.trial.TrialState.FAIL
+    assert len(study.get_trials(states=FINISHED)) == 3 and set(states.values()) <= {
+        *FINISHED,
+        optuna.trial.TrialState.FAIL,
+    }
+    # each stopped trial was queued again (the retry of one may be the trial the next stop hit)
+    notes = [t.user_attrs.get("note", "") for t in study.trials]
+    assert f"runs trial {killed} again: its worker stopped" in notes
+    assert f"runs trial {interrupted} again: it was interrupted" in notes
