@@ -38,9 +38,11 @@ def main(argv=None) -> None:
     args = parse_sweep(argv)
     sweep = sweeps.load_sweep(args.config, args.trials)
     out = Path(args.out or f"runs/sweeps/{sweep.name}")
-    out.mkdir(parents=True, exist_ok=True)
+    if not args.storage:  # the default study lives in the sweep folder
+        out.mkdir(parents=True, exist_ok=True)
     storage = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     study = open_study(sweep, storage, args.heartbeat)
+    out.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, train.raise_interrupt)  # a scheduler's stop (or a preemption) ends a worker as Ctrl-C
     if args.refit:
         refit(study, sweep, out, overwrite=args.overwrite)
@@ -69,8 +71,8 @@ def open_study(sweep: sweeps.Sweep, storage: str, heartbeat: int):
         study.set_user_attr("recipe", recipe)
     elif known != recipe:
         raise UserError(
-            f"the study {sweep.name!r} in {storage} was made from another sweep file (another base, [fixed] or "
-            f"[space]); give this one another name or --storage"
+            f"the study {sweep.name!r} in {sweeps.shown(storage)} was made from another sweep file (another base, "
+            "[fixed] or [space]); give this one another name or --storage"
         )
     return study
 
@@ -79,7 +81,7 @@ def search(study, sweep: sweeps.Sweep, out: Path, *, storage: str, heartbeat: in
     """Trials, one after the other, until the study has --trials finished ones. With a database, a trial of another
     worker that is still running is waited for: if that worker died, its trial goes stale and runs again here."""
     print(
-        f"sweep {sweep.name}: {sweep.trials} trials in all, in {storage}; searching "
+        f"sweep {sweep.name}: {sweep.trials} trials in all, in {sweeps.shown(storage)}; searching "
         + "; ".join(p.describe() for p in sweep.space)
     )
     ran = []

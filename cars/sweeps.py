@@ -15,6 +15,7 @@ A sweep file names a base preset, values fixed for every trial, and a search spa
 
 import dataclasses
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -133,8 +134,6 @@ def param(name: str, spec, where: str) -> Param:
         choices = spec["choices"]
         if not isinstance(choices, list) or not choices:
             raise UserError(f"{where}: {name}'s choices must be a non-empty list")
-        for value in choices:
-            from_dict({name: value}, where)
         return Param(name, choices=[from_dict({name: value}, where)[name] for value in choices])
     kind = fields[name].type
     if kind not in (int, float):
@@ -157,17 +156,28 @@ def open_storage(url: str, heartbeat: int):
 
     try:
         if "://" in url:
-            return optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=heartbeat,
-                grace_period=2 * heartbeat,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-            )
+            for attempt in range(3):
+                try:
+                    return optuna.storages.RDBStorage(
+                        url,
+                        heartbeat_interval=heartbeat,
+                        grace_period=2 * heartbeat,
+                        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+                    )
+                except Exception:  # workers that start together race to make a new database's tables: try again
+                    if attempt == 2:
+                        raise
+                    time.sleep(1 + attempt)
         Path(url).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
     except Exception as error:  # a wrong URL, a server that is down, a missing driver: all one line
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot open the study's storage {url}: {detail}") from None
+        raise UserError(f"cannot open the study's storage {shown(url)}: {detail}") from None
+
+
+def shown(url: str) -> str:
+    """A storage URL as it may be printed: without its password."""
+    return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", url)
 
 
 def has_heartbeats(study) -> bool:

@@ -381,21 +381,8 @@ def test_against_itself_nothing_changed(fine_tuned, tmp_path):
     every CKA is 1."""
     run_dir, _ = fine_tuned
     out = tmp_path / "self"
-    eval_tool.main(
-        [
-            str(run_dir),
-            "--start-weights",
-            str(run_dir / "best.pt"),
-            "--out",
-            str(out),
-            "--num-gradcam",
-            "0",
-            "--workers",
-            "0",
-            "--batch-size",
-            "8",
-        ]
-    )
+    quick = "--num-gradcam 0 --workers 0 --batch-size 8".split()
+    eval_tool.main([str(run_dir), "--start-weights", str(run_dir / "best.pt"), "--out", str(out), *quick])
     rows = read_csv(out / "transfer" / "weight_change.csv")
     assert rows[-1]["start"] == "pretrained" and all(float(r["relative_change"]) == 0 for r in rows)
     assert all(

@@ -24,6 +24,7 @@ from conftest import write_hub_folder
 import compare
 import sweep as sweep_tool
 import train
+from cars import sweeps
 from cars.data import HubSplit
 from cars.errors import UserError
 from cars.runs import read_summary
@@ -280,32 +281,19 @@ def trials_run(output: str) -> list[int]:
     return [int(n) for n in re.findall(r"^trial (\d+):", output, re.MULTILINE)]
 
 
-def check_shared_study(storage: str, name: str, out: Path, outputs: list[str], trials: int) -> None:
+def check_shared_study(storage: str, name: str, out: Path, outputs: list[str], trials: int, stopped: set) -> None:
+    """Exactly `trials` finished, each run by one worker once; the trials in `stopped` failed and were queued again."""
     study = load_study(name, storage)
     done = study.get_trials(states=FINISHED)
     assert len(done) == trials, [(t.number, t.state) for t in study.trials]
-    ran = [n for output in outputs for n in trials_run(output)]
+    ran = [n for output in outputs for n in trials_run(output) if n not in stopped]
     assert sorted(ran) == sorted(t.number for t in done), "every finished trial ran in exactly one worker, once"
     for trial in done:
         log = (out / f"trial-{trial.number}" / "train.log").read_text()
         assert log.count("\n$ train.py") == 1 and read_summary(out / f"trial-{trial.number}")["status"] == "finished"
-
-
-def test_two_workers_on_postgresql_finish_exactly_the_trials_between_them(postgres, sweep_dir, tmp_path):
-    path, out = sweep_file(sweep_dir, "shared", trials=4), tmp_path / "shared"
-    workers = [worker(path, out, postgres, 4) for _ in range(2)]
-    outputs = [w.communicate(timeout=900)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], outputs
-    check_shared_study(postgres, "shared", out, outputs, 4)
-
-
-def test_two_workers_share_a_journal_file(sweep_dir, tmp_path):
-    path, out = sweep_file(sweep_dir, "journal", trials=4), tmp_path / "journal"
-    journal = str(tmp_path / "shared-fs" / "journal.log")
-    workers = [worker(path, out, journal, 4) for _ in range(2)]
-    outputs = [w.communicate(timeout=900)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], outputs
-    check_shared_study(journal, "journal", out, outputs, 4)
+    states = {t.number: t.state for t in study.trials}
+    assert all(states[n] == optuna.trial.TrialState.FAIL for n in stopped)
+    assert set(states.values()) <= {*FINISHED, optuna.trial.TrialState.FAIL}, "nothing left running or queued"
 
 
 def stop_in_a_trial(process: subprocess.Popen, rng: random.Random, sig: int) -> tuple[int, str]:
@@ -323,29 +311,65 @@ def stop_in_a_trial(process: subprocess.Popen, rng: random.Random, sig: int) -> 
     raise AssertionError("the worker never started a trial: " + "".join(lines))
 
 
-def test_killed_and_interrupted_workers_leave_a_study_the_same_command_completes(postgres, sweep_dir, tmp_path):
-    """On PostgreSQL, where Optuna's heartbeats tell a killed worker's trial (a journal file's killed trials are
-    failed by the next worker on the same machine, by its process id)."""
-    name, storage = "faults", postgres
-    path, out = sweep_file(sweep_dir, name, trials=3), tmp_path / name
-    rng = random.Random(0)
-    killed, _ = stop_in_a_trial(worker(path, out, storage, 3), rng, signal.SIGKILL)  # kill -9: no goodbye
-    interrupted_worker = worker(path, out, storage, 3)
-    interrupted, output = stop_in_a_trial(interrupted_worker, rng, signal.SIGINT)  # Ctrl-C
-    assert interrupted_worker.returncode == 130 and "stopped; this worker ran trials" in output
+def test_two_workers_on_postgresql_finish_exactly_the_trials_though_one_is_killed(postgres, sweep_dir, tmp_path):
+    """Two workers share a study on a real PostgreSQL server; one is killed (kill -9) at a random moment of a trial.
+    Optuna's heartbeats show its trial silent, and the other worker, running the same command, runs it again and
+    finishes exactly --trials trials."""
+    path, out = sweep_file(sweep_dir, "shared", trials=4), tmp_path / "shared"
+    survivor, doomed = worker(path, out, postgres, 4), worker(path, out, postgres, 4)
+    killed, killed_output = stop_in_a_trial(doomed, random.Random(0), signal.SIGKILL)
+    output = survivor.communicate(timeout=900)[0]
+    assert survivor.returncode == 0, output
+    check_shared_study(postgres, "shared", out, [output, killed_output], 4, stopped={killed})
+    notes = [t.user_attrs.get("note", "") for t in load_study("shared", postgres).trials]
+    assert f"runs trial {killed} again: its worker stopped" in notes
+
+
+def test_two_workers_share_a_journal_file_and_ctrl_c_stops_one_cleanly(sweep_dir, tmp_path):
+    """The same on a journal file; one worker gets Ctrl-C at a random moment of a trial: its trial's folder says
+    interrupted, the trial is queued again, and the same command (the other worker, or run again) completes it."""
+    path, out = sweep_file(sweep_dir, "journal", trials=4), tmp_path / "journal"
+    journal = str(tmp_path / "shared-fs" / "journal.log")
+    survivor, stopping = worker(path, out, journal, 4), worker(path, out, journal, 4)
+    interrupted, stopped_output = stop_in_a_trial(stopping, random.Random(1), signal.SIGINT)
+    assert stopping.returncode == 130 and "stopped; this worker ran trials" in stopped_output
+    outputs = [survivor.communicate(timeout=900)[0], stopped_output]
+    assert survivor.returncode == 0, outputs[0]
+    if len(load_study("journal", journal).get_trials(states=FINISHED)) < 4:  # the survivor ended before the re-queue
+        again = worker(path, out, journal, 4)
+        outputs.append(again.communicate(timeout=900)[0])
+        assert again.returncode == 0, outputs[-1]
+    check_shared_study(journal, "journal", out, outputs, 4, stopped={interrupted})
     if (out / f"trial-{interrupted}" / "summary.json").exists():  # stopped in training, not while it was set up
         assert read_summary(out / f"trial-{interrupted}")["status"] == "interrupted"
-    final = worker(path, out, storage, 3)
-    output = final.communicate(timeout=900)[0]
-    assert final.returncode == 0, output
-    study = load_study(name, storage)
-    states = {t.number: t.state for t in study.trials}
-    assert states[killed] == states[interrupted] == optuna.trial.TrialState.FAIL
-    assert len(study.get_trials(states=FINISHED)) == 3 and set(states.values()) <= {
-        *FINISHED,
-        optuna.trial.TrialState.FAIL,
-    }
-    # each stopped trial was queued again (the retry of one may be the trial the next stop hit)
-    notes = [t.user_attrs.get("note", "") for t in study.trials]
-    assert f"runs trial {killed} again: its worker stopped" in notes
+    notes = [t.user_attrs.get("note", "") for t in load_study("journal", journal).trials]
     assert f"runs trial {interrupted} again: it was interrupted" in notes
+
+
+def test_a_journal_trial_whose_worker_is_gone_is_failed_and_queued_again(tmp_path):
+    """Optuna has no heartbeats for a journal file: a running trial whose process on this machine is gone is failed
+    by the next worker here, and its parameters queued again; a live worker's trial is left alone."""
+    storage = open_storage(str(tmp_path / "journal.log"), heartbeat=1)
+    study = optuna.create_study(study_name="gone", storage=storage, direction="maximize")
+    finished_process = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    for pid in (int(finished_process.stdout), os.getpid()):
+        trial = study.ask()
+        trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{pid}")
+    sweeps.fail_stopped_trials(study)
+    dead, alive, queued = study.get_trials()
+    assert dead.state == optuna.trial.TrialState.FAIL and alive.state == optuna.trial.TrialState.RUNNING
+    assert queued.state == optuna.trial.TrialState.WAITING and queued.system_attrs["fixed_params"] == dead.params
+    assert queued.user_attrs["note"] == "runs trial 0 again: its worker stopped"
+    sweeps.fail_stopped_trials(study)  # once only
+    assert len(study.get_trials()) == 3
+
+
+def test_workers_that_start_at_once_agree_on_the_trial_over_the_cap():
+    study = optuna.create_study(direction="maximize")
+    first, second, third = study.ask(), study.ask(), study.ask()  # three workers asked at the same moment, cap 2
+    assert [sweeps.has_slot(study, t, 2) for t in (first, second, third)] == [True, True, False]
+    study.tell(first, state=optuna.trial.TrialState.FAIL)  # a failed trial does not count; its retry will
+    assert sweeps.has_slot(study, third, 2)
