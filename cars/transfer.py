@@ -50,7 +50,8 @@ def stages(model: nn.Module) -> list[tuple[str, str]]:
     """(label, module whose output is the stage's) for each stage before the head: a run of consecutive blocks with
     one parent, labelled by the parent when the run is all of it (ResNet's layer1.0-layer1.2 is layer1), else by
     joining the blocks' names (ResNet's stem, conv1 and bn1, is conv1+bn1; EfficientNet's is features.0)."""
-    body = blocks(model)[: blocks(model).index(head_block(model))]
+    every = blocks(model)
+    body = every[: every.index(head_block(model))]
     parent_of = {block: block.rpartition(".")[0] for block in body}
     runs: list[list[str]] = []
     for block in body:
