@@ -1,8 +1,9 @@
 """lr_find.py: the learning-rate range test, before a run is wasted on a bad lr.
 
 The lr grows exponentially from --start-lr to --end-lr over --steps mini-batches, on a copy of the
-starting weights; the smoothed loss is recorded until it diverges. The suggestion follows fastai:
-the valley (about two thirds down the longest stretch of falling loss) and the steepest descent.
+starting weights; the smoothed loss is recorded until it diverges. Two suggestions, after fastai's: the
+valley, the point two thirds down the longest stretch of falling loss (fastai's `valley` takes the point about
+half way down; two thirds stays further from where the loss turns up), and the steepest descent.
 """
 
 from cars.cli import check_command_line, parse_lr_find
@@ -41,7 +42,7 @@ def smooth(losses: list[float], beta: float = SMOOTHING) -> list[float]:
 
 
 def suggest(lrs: list[float], losses: list[float]) -> dict:
-    """fastai's valley and steepest-descent rules on the smoothed loss curve."""
+    """The valley (two thirds down the longest fall) and the steepest descent of the smoothed loss curve."""
     n = len(losses)
     longest = [1] * n  # longest strictly falling subsequence ending at i
     for i in range(n):

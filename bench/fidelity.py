@@ -52,7 +52,7 @@ def sample_photos(scales=(0.5, 1.0, 1.5)) -> list[Image.Image]:
     ]
 
 
-def seed_crop(image: Image.Image, box, size: int) -> torch.Tensor:
+def original_crop(image: Image.Image, box, size: int) -> torch.Tensor:
     """The original pipeline's pixels: RandomResizedCrop on the PIL image, for this box (torchvision v1 on PIL)."""
     x0, y0, x1, y1 = pixel_box(box, image.height, image.width)
     return torch.from_numpy(
@@ -92,19 +92,19 @@ def train_fidelity(
     for draw in range(crops):
         i = draw % len(images)
         box, _ = augmentation.draw(draw // len(images), i, images[i].height, images[i].width)
-        seed = seed_crop(images[i], box, resolution)
+        original = original_crop(images[i], box, resolution)
         boxes = torch.tensor([box])
         x0, y0, x1, y1 = pixel_box(box, images[i].height, images[i].width)
         decoded = torch.from_numpy(np.array(images[i])).permute(2, 0, 1)[:, y0:y1, x0:x1]
         results["noise floor: torch's resize of the decoded full-size crop"].append(
-            psnr(resize_crops([decoded], [False], resolution)[0], seed)
+            psnr(resize_crops([decoded], [False], resolution)[0], original)
         )
         region = native.regions([i], boxes)[0].permute(2, 0, 1)
-        results["cache, CPU"].append(psnr(resize_crops([region], [False], resolution)[0], seed))
+        results["cache, CPU"].append(psnr(resize_crops([region], [False], resolution)[0], original))
         on_device = resize_crops([region.to(device)], [False], resolution, in_float=True)[0].cpu()
-        results[f"cache, device ops ({device})"].append(psnr(on_device, seed))
+        results[f"cache, device ops ({device})"].append(psnr(on_device, original))
         small = lossy.regions([i], boxes)[0].permute(2, 0, 1)
-        results["lossy --cache-side 336, CPU"].append(psnr(resize_crops([small], [False], resolution)[0], seed))
+        results["lossy --cache-side 336, CPU"].append(psnr(resize_crops([small], [False], resolution)[0], original))
     return results
 
 
@@ -127,11 +127,11 @@ def eval_fidelity(images: list[Image.Image], resolution: int, cache_dir: Path) -
             (round(resolution * 0.875), "eval, TTA scales"),
             (round(resolution * 1.125), "eval, TTA scales"),
         ):
-            seed = torch.from_numpy(
+            original = torch.from_numpy(
                 np.array(v1.Compose([v1.Resize(eval_resize(size)), v1.CenterCrop(size)])(image))
             ).permute(2, 0, 1)
             ours = cache[i] if key == "eval cache" else eval_transform(size)(image)
-            results[key].append(psnr(ours, seed))
+            results[key].append(psnr(ours, original))
     return results
 
 
@@ -166,15 +166,15 @@ def main() -> None:
             images, crops=args.crops, resolution=args.resolution, cache_dir=Path(scratch), device=device
         )
         results.update(eval_fidelity(images, args.resolution, Path(scratch)))
-    print("\n| path | median PSNR vs the seed | 5th percentile | minimum |\n|---|---|---|---|")
+    print("\n| path | median PSNR vs the original pipeline | 5th percentile | minimum |\n|---|---|---|---|")
     for name, values in results.items():
         median, p5, low = summary(values)
         print(f"| {name} | {median:.1f} dB | {p5:.1f} dB | {low:.1f} dB |")
     median, p5, _ = summary(results["cache, CPU"])
     floor_median, floor_p5, _ = summary(results["noise floor: torch's resize of the decoded full-size crop"])
     print(
-        f"\ncrop fidelity vs seed: median {median:.1f} dB, p5 {p5:.1f} dB (noise floor: median {floor_median:.1f} dB, "
-        f"p5 {floor_p5:.1f} dB)"
+        f"\ncrop fidelity vs the original pipeline: median {median:.1f} dB, p5 {p5:.1f} dB "
+        f"(noise floor: median {floor_median:.1f} dB, p5 {floor_p5:.1f} dB)"
     )
 
 

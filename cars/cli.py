@@ -2,30 +2,57 @@
 imported (which takes seconds). Each tool at the root calls `check_command_line` before its heavy imports."""
 
 import argparse
+import dataclasses
 import sys
+import textwrap
 
-from cars.config import DEVICES, add_config_flags
+from cars.config import DEVICES, Config, add_config_flags, flag
 from cars.errors import UserError, run_cli
 
 # the CAM methods eval.py and predict.py offer (cars.explain maps each to its pytorch_grad_cam class)
 CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "scorecam", "eigencam", "finercam")
 TTA_SCALES = (0.875, 1.0, 1.125)
+DOCS = "docs/reference/flags.md"  # where every --help points
 
 
-def add_model_flags(parser, data_help: str = "dataset to take class names from, for a bare state dict") -> None:
+def tool_parser(tool: str, description: str, examples: list[str]) -> argparse.ArgumentParser:
+    """A tool's parser: its description, then after the flags two or three examples and where the docs are."""
+    anchor = tool.replace(".", "")  # how a code host names the heading "train.py"
+    commented = [example.partition("  # ")[0].rstrip() for example in examples if "  # " in example]
+    width = max(map(len, commented), default=0) + 2
+    epilog = "examples:\n"
+    for example in examples:  # "ARGS  # comment", the comments lined up
+        args, _, comment = example.partition("  # ")
+        epilog += f"  uv run {tool} {args.rstrip():{width}}# {comment}".rstrip(" #") + "\n"
+    epilog += f"\nevery flag explained: {DOCS}#{anchor}; a first run step by step: docs/tutorial.md"
+    return argparse.ArgumentParser(
+        prog=tool,
+        description=textwrap.fill(description, 100),
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def add_model_flags(
+    parser, data_help: str = "dataset to take class names from, for a bare state dict (default: the checkpoint's names)"
+) -> None:
     """The positional model argument and what a bare state dict needs beside it (see load_trained)."""
     parser.add_argument(
         "checkpoint",
+        metavar="MODEL",
         help="a run folder, one of its .pt files, an export folder or model.safetensors, or any state-dict file",
     )
-    parser.add_argument("--arch", help="architecture, for a checkpoint that does not carry it (e.g. resnet50)")
-    parser.add_argument("--num-classes", type=int, help="class count, for a bare state dict (default: its head's)")
-    parser.add_argument("--resolution", type=int, help="input size (default: the run's, else 224)")
-    parser.add_argument("--data", help=data_help)
+    group = parser.add_argument_group("a bare state dict", "what a run folder says itself, for a file that does not")
+    group.add_argument("--arch", metavar="ARCH", help="architecture, e.g. resnet50 (default: the checkpoint's)")
+    group.add_argument("--num-classes", type=int, metavar="N", help="class count (default: the checkpoint's head's)")
+    group.add_argument("--resolution", type=int, metavar="N", help="input size in px (default: the run's, else 224)")
+    group.add_argument("--data", metavar="SOURCE", help=data_help)
 
 
 def add_device_flag(parser) -> None:
-    parser.add_argument("--device", default="auto", choices=DEVICES)
+    parser.add_argument(
+        "--device", default="auto", choices=DEVICES, help="where to run: CUDA, then MPS, then CPU (default: auto)"
+    )
 
 
 def add_backend_flag(parser) -> None:
@@ -33,52 +60,86 @@ def add_backend_flag(parser) -> None:
         "--backend",
         default="pytorch",
         choices=["pytorch", "onnxruntime"],
-        help="pytorch (default), or onnxruntime: run an exported model.onnx (give the export folder or the .onnx file) "
-        "on the CPU, without gradients, so without CAMs",
+        help="onnxruntime: run an exported model.onnx (give the export folder or the .onnx file) on the CPU, without "
+        "gradients, so without CAMs (default: pytorch)",
     )
+
+
+def add_out_flags(parser, what: str, default: str) -> None:
+    parser.add_argument("--out", metavar="DIR", help=f"{what} (default: {default})")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing one, if this tool wrote it and it holds nothing else (default: refuse)",
+    )
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = tool_parser(
+        "train.py",
+        "Fine-tune a pretrained model on Stanford Cars and leave a run folder that explains itself. The defaults "
+        "are run 7 of the original experiment log (ResNet-50, SGD lr 0.1, lr /10 every 30 epochs, 90 epochs, "
+        "batch 128, 224 px: 89.38 %). Precedence: the defaults, then the --config preset, then flags.",
+        [
+            "  # Stanford Cars from the hub, run 7's recipe",
+            "--config configs/demo.toml  # offline: a real fine-tune on a laptop",
+            "--config configs/run08_r50_448.toml --batch-size 32 --lr 0.025",
+            "--resume runs/run07_baseline  # go on after an interruption",
+        ],
+    )
+    preset = parser.add_argument_group("preset and run folder")
+    preset.add_argument("--config", metavar="PRESET", help="TOML preset, e.g. configs/demo.toml (default: none)")
+    preset.add_argument("--overwrite", action="store_true", help="replace an existing run folder (default: refuse)")
+    preset.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its last.pt, with its own config (default: a new run)",
+    )
+    add_config_flags(parser)
+    return parser
 
 
 def parse_train(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Fine-tune an ImageNet-pretrained model on Stanford Cars. Defaults are run 7 of the original "
-        "experiment log "
-        "(ResNet-50, SGD lr 0.1, lr /10 every 30 epochs, 90 epochs, batch 128, 224 px).",
-    )
-    parser.add_argument("--config", help="TOML preset (e.g. configs/demo.toml); flags override its values")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder instead of refusing")
-    parser.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt, with its own config"
-    )
-    add_config_flags(parser)
-    return parser.parse_args(argv)
+    return train_parser().parse_args(argv)
 
 
-def parse_eval(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Evaluate a trained model: accuracy per class, confusions, GradCAM, TTA, robustness, and what "
-        "fine-tuning changed."
+def eval_parser() -> argparse.ArgumentParser:
+    parser = tool_parser(
+        "eval.py",
+        "Where a trained model is right and wrong: accuracy per class with car names, the most confused pairs, "
+        "CAMs, TTA, the corrupted copies, and what fine-tuning changed; all in report.md.",
+        [
+            "runs/demo",
+            "runs/run07_baseline --tta --corruptions --cam-method finercam",
+            "best_model.pth --arch resnet50 --data tanganke/stanford_cars  # a bare state dict",
+        ],
     )
     add_model_flags(parser, data_help="dataset to evaluate on and take class names from (default: the run's)")
-    parser.add_argument("--out", help="output folder (default: <run>/eval, or eval-<name> beside a checkpoint file)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_out_flags(parser, "output folder", "<run>/eval, or eval-<name> beside a checkpoint file")
     parser.add_argument(
-        "--num-gradcam", type=int, default=16, help="random test images in gradcam_samples.png (default 16)"
+        "--num-gradcam",
+        type=int,
+        default=16,
+        metavar="N",
+        help="random test images in gradcam_samples.png (default: 16)",
     )
-    parser.add_argument("--cam-method", default="gradcam", choices=CAM_METHODS, help="CAM method (default gradcam)")
+    parser.add_argument("--cam-method", default="gradcam", choices=CAM_METHODS, help="CAM method (default: gradcam)")
     parser.add_argument(
         "--tta",
         action="store_true",
-        help=f"also evaluate with test-time augmentation ({len(TTA_SCALES)} scales x flip)",
+        help=f"also evaluate with test-time augmentation ({len(TTA_SCALES)} scales x flip) (default: off)",
     )
     parser.add_argument(
-        "--corruptions", action="store_true", help="also evaluate the dataset's corrupted copies of the test split"
+        "--corruptions",
+        action="store_true",
+        help="also evaluate the dataset's corrupted copies of the test split (default: off)",
     )
     parser.add_argument(
         "--transfer",
         default="on",
         choices=["on", "off"],
-        help="on (default): also say what fine-tuning changed, against the weights it started from (weight and "
-        "BatchNorm change per block, CKA of the features, linear probes; files in <eval folder>/transfer/); off: skip",
+        help="say what fine-tuning changed, against the weights it started from: weight and BatchNorm change per "
+        "block, CKA of the features, linear probes; files in <eval folder>/transfer/ (default: on)",
     )
     parser.add_argument(
         "--start-weights",
@@ -86,34 +147,63 @@ def parse_eval(argv=None) -> argparse.Namespace:
         help="the weights the fine-tune started from, for a checkpoint that does not say (a bare state dict): a "
         "torchvision weights name, demo-pretrained, or a state-dict file (default: the run's --weights)",
     )
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    parser.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: one per core, at most 8)")
+    parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per batch (default: 64)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=-1,
+        metavar="N",
+        help="DataLoader workers; -1: one per core, at most 8 (default: -1)",
+    )
     parser.add_argument(
         "--cache",
         default="auto",
-        help="preprocessing cache for the test split, as train.py's --cache: auto, a folder, or off "
-        "(TTA and corrupted copies are always decoded)",
+        metavar="auto|DIR|off",
+        help="preprocessing cache for the test split, as train.py's --cache; TTA and corrupted copies are always "
+        "decoded (default: auto)",
     )
     add_device_flag(parser)
-    parser.add_argument("--seed", type=int, default=0, help="chooses the GradCAM sample images (default 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, metavar="N", help="chooses the GradCAM sample images (default: 0)"
+    )
     add_backend_flag(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_eval(argv=None) -> argparse.Namespace:
+    args = eval_parser().parse_args(argv)
     if args.batch_size < 1 or args.num_gradcam < 0 or (args.num_classes is not None and args.num_classes < 2):
         raise UserError("--batch-size must be positive, --num-gradcam not negative, --num-classes at least 2")
     return args
 
 
-def parse_predict(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Classify images with a trained model.")
+def predict_parser() -> argparse.ArgumentParser:
+    parser = tool_parser(
+        "predict.py",
+        "What car is this? The top classes of your own photos, with a CAM of where the model looked.",
+        [
+            "runs/demo car1.jpg car2.png --topk 3",
+            "runs/demo car.jpg --cam cams/ --json",
+            "runs/demo/export car.jpg --backend onnxruntime",
+        ],
+    )
     add_model_flags(parser)
-    parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, ...; any size, grayscale or colour)")
-    parser.add_argument("--topk", type=int, default=5, help="how many classes to show per image (default 5)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--cam", metavar="DIR", help="write a CAM overlay of the top class per image into DIR")
-    parser.add_argument("--cam-method", default="gradcam", choices=CAM_METHODS)
+    parser.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, ...; any size, grayscale or colour)"
+    )
+    parser.add_argument("--topk", type=int, default=5, metavar="N", help="classes to show per image (default: 5)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table (default: a table)")
+    parser.add_argument(
+        "--cam", metavar="DIR", help="write a CAM overlay of the top class per image into DIR (default: none)"
+    )
+    parser.add_argument("--cam-method", default="gradcam", choices=CAM_METHODS, help="CAM method (default: gradcam)")
     add_device_flag(parser)
     add_backend_flag(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_predict(argv=None) -> argparse.Namespace:
+    args = predict_parser().parse_args(argv)
     if args.topk < 1:
         raise UserError(f"--topk must be at least 1, got {args.topk}")
     if args.cam and args.backend == "onnxruntime":
@@ -124,27 +214,35 @@ def parse_predict(argv=None) -> argparse.Namespace:
 EXPORT_FORMATS = ("safetensors", "onnx", "torch-export")
 
 
-def parse_export(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Export a trained model for use without this project: model.safetensors, model.onnx "
-        "and/or model.pt2 (torch.export), each checked against the PyTorch model, plus "
-        "model.json (arch, resolution, normalisation, class names); eval.py and predict.py load it."
+def export_parser() -> argparse.ArgumentParser:
+    parser = tool_parser(
+        "export.py",
+        "Export a trained model for use without this project: model.safetensors, model.onnx and/or model.pt2 "
+        "(torch.export), each checked against the PyTorch model, plus model.json (arch, resolution, normalisation, "
+        "class names); eval.py, predict.py and app.py load it.",
+        ["runs/demo --format safetensors,onnx,torch-export", "runs/demo --verify"],
     )
     add_model_flags(parser)
     parser.add_argument(
         "--format",
         default="safetensors",
-        help=f"one or more of {', '.join(EXPORT_FORMATS)}, comma-separated (default safetensors)",
+        metavar="FORMATS",
+        help=f"one or more of {', '.join(EXPORT_FORMATS)}, comma-separated (default: safetensors)",
     )
     parser.add_argument(
-        "--check-images", type=int, default=16, help="test images each export is checked on (default 16)"
+        "--check-images", type=int, default=16, metavar="N", help="test images each export is checked on (default: 16)"
     )
     parser.add_argument(
-        "--verify", action="store_true", help="check an existing export folder again against the model, write nothing"
+        "--verify",
+        action="store_true",
+        help="check an existing export folder again against the model, write nothing (default: export)",
     )
-    parser.add_argument("--out", help="output folder (default: <run>/export)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing export")
-    args = parser.parse_args(argv)
+    add_out_flags(parser, "export folder", "<run>/export")
+    return parser
+
+
+def parse_export(argv=None) -> argparse.Namespace:
+    args = export_parser().parse_args(argv)
     args.format = list(dict.fromkeys(f.strip() for f in args.format.split(",")))  # in order, once each
     unknown = [f for f in args.format if f not in EXPORT_FORMATS]
     if unknown:
@@ -154,26 +252,81 @@ def parse_export(argv=None) -> argparse.Namespace:
     return args
 
 
-def parse_lr_find(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Learning-rate range test for a preset; train.py's flags override it (those of the "
-        "schedule, EMA, evaluation and run length do not apply to a range test)."
+# The knobs a range test uses. The others (the schedule and the run's length, freezing, EMA, evaluation, the run
+# folder) are train.py's alone: lr_find.py refuses them as flags, and reads past them in a preset.
+LR_FIND_KNOBS = {
+    "data",
+    "val_split",
+    "split_seed",
+    "skip_bad_images",
+    "arch",
+    "weights",
+    "dropout",
+    "optimizer",
+    "batch_size",
+    "momentum",
+    "weight_decay",
+    "norm_weight_decay",
+    "label_smoothing",
+    "backbone_lr_mult",
+    "resolution",
+    "train_crop",
+    "crop_scale",
+    "augment",
+    "color_jitter",
+    "random_erasing",
+    "mixup",
+    "cutmix",
+    "device",
+    "amp",
+    "compile",
+    "channels_last",
+    "workers",
+    "cache",
+    "cache_side",
+    "seed",
+}
+
+
+def lr_find_parser() -> argparse.ArgumentParser:
+    parser = tool_parser(
+        "lr_find.py",
+        "The learning-rate range test: the lr grows exponentially over --steps mini-batches on a copy of the starting "
+        "weights, and the loss curve suggests an lr for the preset before a run is wasted on a bad one.",
+        ["--config configs/run07_baseline.toml", "--config configs/run05.toml --phase head --steps 100"],
     )
-    parser.add_argument("--config", help="TOML preset (e.g. configs/run07_baseline.toml)")
-    parser.add_argument(
+    test = parser.add_argument_group("the range test")
+    test.add_argument("--config", metavar="PRESET", help="TOML preset, e.g. configs/demo.toml (default: none)")
+    test.add_argument(
         "--phase",
         choices=["full", "head"],
         default="full",
-        help="full: every layer trains (one-stage, or stage 2); "
-        "head: only the new head (stage 1 of a two-stage preset)",
+        help="full: every layer trains (one-stage, or stage 2); head: only the new head (stage 1 of a two-stage "
+        "preset) (default: full)",
     )
-    parser.add_argument("--start-lr", type=float, default=1e-7, help="first lr of the sweep (default 1e-7)")
-    parser.add_argument("--end-lr", type=float, default=10.0, help="last lr of the sweep (default 10)")
-    parser.add_argument("--steps", type=int, default=200, help="mini-batches in the sweep (default 200)")
-    parser.add_argument("--out", help="output folder (default runs/lr_find-<preset>)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    add_config_flags(parser)
-    args = parser.parse_args(argv)
+    test.add_argument("--start-lr", type=float, default=1e-7, metavar="LR", help="first lr (default: 1e-07)")
+    test.add_argument("--end-lr", type=float, default=10.0, metavar="LR", help="last lr (default: 10)")
+    test.add_argument("--steps", type=int, default=200, metavar="N", help="mini-batches, at most (default: 200)")
+    groups = add_config_flags(parser, only=LR_FIND_KNOBS)
+    add_out_flags(groups["output"], "output folder", "runs/lr_find-<preset>")
+    return parser
+
+
+def parse_lr_find(argv=None) -> argparse.Namespace:
+    args, rest = lr_find_parser().parse_known_args(argv)
+    train_only = {
+        f"--{prefix}{flag(name)}"
+        for name in {f.name for f in dataclasses.fields(Config)} - LR_FIND_KNOBS
+        for prefix in ("", "no-")
+    }
+    for token in rest:
+        if token.split("=")[0] in train_only:
+            raise UserError(
+                f"{token.split('=')[0]} is a train.py flag that the range test does not use; drop it "
+                "(lr_find.py --help lists the flags it takes)"
+            )
+    if rest:
+        lr_find_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     if not 0 < args.start_lr < args.end_lr:
         raise UserError(f"need 0 < --start-lr < --end-lr, got {args.start_lr} and {args.end_lr}")
     if args.steps < 10:
@@ -181,49 +334,84 @@ def parse_lr_find(argv=None) -> argparse.Namespace:
     return args
 
 
-def parse_compare(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Compare run folders: an experiment table and their accuracy curves overlaid."
+def compare_parser() -> argparse.ArgumentParser:
+    parser = tool_parser(
+        "compare.py",
+        "Compare run folders: an experiment table like the original experiment log's, with a verdict per run, and "
+        "their accuracy curves overlaid.",
+        ["runs/* --out runs/compare", "runs/demo runs/demo_scratch"],
     )
-    parser.add_argument("runs", nargs="+", help="run folders (e.g. runs/*)")
-    parser.add_argument("--out", help="folder to write compare.md and compare.png into (default: print only)")
-    return parser.parse_args(argv)
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (e.g. runs/*)")
+    parser.add_argument(
+        "--out", metavar="DIR", help="folder to write compare.md and compare.png into (default: print only)"
+    )
+    return parser
 
 
-def parse_inspect(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Look at a dataset before training on it: counts, sizes, modes, unreadable files, "
-        "duplicates and train/test leaks, samples, what an ImageNet model calls the pictures, and (--rank-models) "
-        "which pretrained model should transfer best."
+def parse_compare(argv=None) -> argparse.Namespace:
+    return compare_parser().parse_args(argv)
+
+
+def inspect_parser() -> argparse.ArgumentParser:
+    parser = tool_parser(
+        "inspect_data.py",
+        "Look at a dataset before training on it: counts, sizes, modes, unreadable files, duplicates and train/test "
+        "leaks, samples, what an ImageNet model calls the pictures, and (--rank-models) which pretrained model should "
+        "transfer best.",
+        [
+            "--data demo",
+            "--data data/cars --arch resnet50 --weights DEFAULT",
+            "--rank-models resnet50,resnet101,efficientnet_b0",
+        ],
     )
     parser.add_argument(
         "--data",
         default="tanganke/stanford_cars",
-        help="any dataset train.py reads (default: the hub's Stanford Cars; 'demo' works offline)",
+        metavar="SOURCE",
+        help="any dataset train.py reads; 'demo' works offline (default: tanganke/stanford_cars)",
     )
-    parser.add_argument("--out", help="output folder (default runs/data-<name>)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
-    parser.add_argument("--arch", default="resnet50", help="the ImageNet model of the sanity check (default resnet50)")
-    parser.add_argument("--weights", default="DEFAULT", help="its torchvision weights (default DEFAULT)")
+    add_out_flags(parser, "report folder", "runs/data-<name>")
     parser.add_argument(
-        "--resolution", type=int, default=224, help="what the samples and the sanity check show the model (default 224)"
+        "--arch", default="resnet50", metavar="ARCH", help="the ImageNet model of the sanity check (default: resnet50)"
     )
     parser.add_argument(
-        "--check-images", type=int, default=500, help="training images the ImageNet model looks at (default 500)"
+        "--weights", default="DEFAULT", metavar="WEIGHTS", help="its torchvision weights (default: DEFAULT)"
     )
     parser.add_argument(
-        "--workers", type=int, default=-1, help="processes that look at the images (-1: one per core, at most 8)"
+        "--resolution",
+        type=int,
+        default=224,
+        metavar="N",
+        help="what the samples, the sanity check and --rank-models show the model, in px (default: 224)",
+    )
+    parser.add_argument(
+        "--check-images",
+        type=int,
+        default=500,
+        metavar="N",
+        help="training images the ImageNet model looks at (default: 500)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=-1,
+        metavar="N",
+        help="processes that look at the images; -1: one per core, at most 8 (default: -1)",
     )
     parser.add_argument(
         "--rank-models",
         metavar="ARCH[:WEIGHTS],...",
         help="before training: score pretrained candidates on the training split, without fine-tuning (LogME, NCE, "
-        "LEEP, H-score), e.g. resnet50,efficientnet_b0:IMAGENET1K_V1 (WEIGHTS as train.py's --weights; default "
-        "DEFAULT)",
+        "LEEP, H-score), e.g. resnet50,efficientnet_b0:IMAGENET1K_V1; WEIGHTS as train.py's --weights, DEFAULT when "
+        "left out (default: none)",
     )
     add_device_flag(parser)
-    parser.add_argument("--seed", type=int, default=0, help="chooses the samples (default 0)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="chooses the samples (default: 0)")
+    return parser
+
+
+def parse_inspect(argv=None) -> argparse.Namespace:
+    args = inspect_parser().parse_args(argv)
     if args.check_images < 0:
         raise UserError(f"--check-images must not be negative, got {args.check_images}")
     args.rank_models = candidates(args.rank_models) if args.rank_models is not None else []
@@ -241,39 +429,56 @@ def candidates(text: str) -> list[tuple[str, str]]:
     return list(dict.fromkeys(found))
 
 
-def parse_sweep(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Search a recipe's hyperparameters with Optuna: every trial is a train.py run chosen on a "
-        "validation split and pruned on its epochs' accuracy; workers on several machines or GPUs share one study "
-        "by running the same command with the same --storage."
+def sweep_parser() -> argparse.ArgumentParser:
+    parser = tool_parser(
+        "sweep.py",
+        "Search a recipe's hyperparameters with Optuna: every trial is a train.py run chosen on a validation split "
+        "and pruned on its epochs' accuracy; workers on several machines or GPUs share one study by running the same "
+        "command with the same --storage.",
+        [
+            "--config configs/sweeps/demo.toml",
+            "--config configs/sweeps/demo.toml --refit",
+            "--config configs/sweeps/r50_224.toml --storage postgresql://USER:PASSWORD@HOST/sweeps",
+        ],
     )
-    parser.add_argument("--config", required=True, help="the sweep file, e.g. configs/sweeps/demo.toml")
+    parser.add_argument(
+        "--config", required=True, metavar="SWEEP_FILE", help="the sweep file, e.g. configs/sweeps/demo.toml"
+    )
     parser.add_argument(
         "--trials",
         type=int,
+        metavar="N",
         help="the study's total number of trials, over all its workers (default: the sweep file's)",
     )
     parser.add_argument(
         "--storage",
+        metavar="URL|PATH",
         help="where the study lives: a database URL (postgresql://user:password@host/db, sqlite:///path/study.db) "
-        "or the path of a journal file on a shared file system (default: sqlite, study.db in the sweep folder)",
+        "or the path of a journal file on a shared file system (default: study.db in the sweep folder)",
     )
-    parser.add_argument("--out", help="the sweep folder (default runs/sweeps/<sweep file's name>)")
+    parser.add_argument("--out", metavar="DIR", help="the sweep folder (default: runs/sweeps/<sweep file's name>)")
     parser.add_argument(
         "--refit",
         action="store_true",
         help="instead of searching: train the best trial's config on the whole training split, evaluate it once on "
-        "the test split, and write result.md",
+        "the test split, and write result.md (default: search)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="with --refit: replace an earlier refit")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="with --refit: replace an earlier refit (default: refuse)"
+    )
     parser.add_argument(
         "--heartbeat",
         type=int,
         default=30,
+        metavar="SECONDS",
         help="seconds between a worker's heartbeats in a database; a trial silent for twice that is failed and run "
-        "again (default 30)",
+        "again (default: 30)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_sweep(argv=None) -> argparse.Namespace:
+    args = sweep_parser().parse_args(argv)
     if args.trials is not None and args.trials < 1:
         raise UserError(f"--trials must be at least 1, got {args.trials}")
     if args.heartbeat < 1:
@@ -283,29 +488,54 @@ def parse_sweep(argv=None) -> argparse.Namespace:
     return args
 
 
-def parse_app(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="A web page for a trained model: classify your own photos with a CAM of where the "
-        "model looked and, once eval.py has run, browse its evaluation."
+def app_parser() -> argparse.ArgumentParser:
+    parser = tool_parser(
+        "app.py",
+        "A web page for a trained model: classify your own photos with a CAM of where the model looked and, once "
+        "eval.py has run, browse its evaluation.",
+        ["runs/demo", "runs/demo/export --backend onnxruntime --port 8000"],
     )
     add_model_flags(parser)
     parser.add_argument(
-        "--eval", help="eval.py's output folder for the Evaluation tab (default: <run>/eval when it exists)"
+        "--eval",
+        metavar="DIR",
+        help="eval.py's output folder for the Evaluation tab (default: <run>/eval when it exists)",
     )
     parser.add_argument(
-        "--cam-method", default="gradcam", choices=CAM_METHODS, help="the CAM method shown first (default gradcam)"
+        "--cam-method", default="gradcam", choices=CAM_METHODS, help="the CAM method shown first (default: gradcam)"
     )
     add_device_flag(parser)
     add_backend_flag(parser)
     parser.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+        "--host",
+        default="127.0.0.1",
+        metavar="ADDRESS",
+        help="address to listen on; 127.0.0.1 is this machine only (default: 127.0.0.1)",
     )
-    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    parser.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--port", type=int, default=7860, metavar="N", help="port (default: 7860)")
+    parser.add_argument("--share", action="store_true", help="also make a public gradio.live link (default: off)")
+    return parser
+
+
+def parse_app(argv=None) -> argparse.Namespace:
+    args = app_parser().parse_args(argv)
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     return args
+
+
+# every tool's parser, in the order the reference lists them
+PARSERS = {
+    "train.py": train_parser,
+    "eval.py": eval_parser,
+    "predict.py": predict_parser,
+    "inspect_data.py": inspect_parser,
+    "lr_find.py": lr_find_parser,
+    "compare.py": compare_parser,
+    "sweep.py": sweep_parser,
+    "export.py": export_parser,
+    "app.py": app_parser,
+}
 
 
 def check_command_line(module_name: str, parse) -> None:

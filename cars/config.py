@@ -23,128 +23,198 @@ SWITCH = ["auto", "on", "off"]
 DEVICES = ["auto", "cuda", "mps", "cpu"]  # auto: CUDA, then MPS, then CPU
 
 
-def knob(default, help, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+# train.py --help's argument groups, in this order: each knob below names its group
+GROUPS = {
+    "data": "what to train on",
+    "model": "the network and where it starts",
+    "optimisation": "the optimizer, the loss, what trains",
+    "schedule": "the lr over time, and how long",
+    "augmentation": "the training crops, and what else is done to them",
+    "speed": "the device and how fast it runs",
+    "output": "the run folder, its checkpoints and logs",
+}
+
+
+def knob(group: str, default, help: str, choices=None, *, metavar=None, shown_default=None):
+    """A Config field and its train.py flag. `shown_default` is what --help prints for a default that is not a value
+    (an empty string meaning "chosen at run time")."""
+    assert group in GROUPS
+    return field(
+        default=default,
+        metadata=dict(group=group, help=help, choices=choices, metavar=metavar, shown_default=shown_default),
+    )
 
 
 @dataclass
 class Config:
-    # data
     data: str = knob(
+        "data",
         "tanganke/stanford_cars",
         "hub id, local folder (save_to_disk, parquet, ImageFolder, devkit), 'demo' or 'demo-source'",
+        metavar="SOURCE",
     )
     val_split: float = knob(
+        "data",
         0.0,
         "hold out this stratified fraction of train to choose the best epoch (0: use the test split, as the original "
         "experiments did)",
+        metavar="FRACTION",
     )
     split_seed: int = knob(
+        "data",
         0,
-        "seed of the --val-split draw, apart from --seed: "
-        "runs that differ only in --seed are chosen on the same images",
+        "seed of the --val-split draw, apart from --seed: runs that differ only in --seed are chosen on the same "
+        "images",
     )
-    skip_bad_images: bool = knob(False, "skip unreadable images (and count them) instead of stopping at the first one")
-    # model
-    arch: str = knob("resnet50", "any torchvision classification model, e.g. resnet18/34/50/101, efficientnet_b0..b4")
+    skip_bad_images: bool = knob(
+        "data", False, "skip unreadable images (and count them) instead of stopping at the first one"
+    )
+    arch: str = knob(
+        "model",
+        "resnet50",
+        "any torchvision classification model, e.g. resnet18/34/50/101, efficientnet_b0..b4",
+        metavar="ARCH",
+    )
     weights: str = knob(
+        "model",
         "DEFAULT",
         "torchvision weights name (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT), 'demo-pretrained' (pretrained offline on "
         "the demo's source task), 'none', or a state-dict file",
+        metavar="WEIGHTS",
     )
-    dropout: float = knob(0.0, "dropout probability before the new classification head")
-    # input
-    resolution: int = knob(224, "training crop size; eval resizes to resolution*256/224 and centre-crops")
+    dropout: float = knob("model", 0.0, "dropout probability before the new classification head", metavar="P")
+    optimizer: str = knob("optimisation", "sgd", "optimizer", ["sgd", "adamw"])
+    lr: float = knob("optimisation", 0.1, "learning rate (of the head when --backbone-lr-mult is not 1)", metavar="LR")
+    batch_size: int = knob(
+        "optimisation",
+        128,
+        "images per optimisation step, over all processes (torchrun splits it, so the lr needs no change)",
+    )
+    lr_scaling: str = knob(
+        "optimisation",
+        "none",
+        "linear: lr x batch-size/128, lesson 4 of the original write-up (batch and lr go together)",
+        ["none", "linear"],
+    )
+    momentum: float = knob("optimisation", 0.9, "SGD momentum", metavar="M")
+    weight_decay: float = knob("optimisation", 1e-4, "weight decay", metavar="WD")
+    norm_weight_decay: float = knob(
+        "optimisation",
+        -1.0,
+        "weight decay of normalisation layers' weights and of every bias, as torchvision's --norm-weight-decay (-1: "
+        "the same as --weight-decay, as in the original runs)",
+        metavar="WD",
+    )
+    label_smoothing: float = knob("optimisation", 0.0, "label smoothing of the training loss", metavar="EPS")
+    freeze_epochs: int = knob("optimisation", 0, "two-stage training: only the new head trains for the first N epochs")
+    backbone_lr_mult: float = knob("optimisation", 1.0, "differential lr: backbone lr = lr x this", metavar="MULT")
+    ema: bool = knob("optimisation", False, "keep an exponential moving average of the weights; evaluate and save it")
+    ema_half_life: float = knob(
+        "optimisation",
+        1.0,
+        "EMA half-life in epochs: the weights of this many epochs ago count half as much as the newest",
+        metavar="EPOCHS",
+    )
+    ema_decay: float = knob(
+        "optimisation",
+        0.0,
+        "EMA decay per optimisation step, instead of --ema-half-life (0: from the half-life)",
+        metavar="DECAY",
+    )
+    epochs: int = knob("schedule", 90, "number of epochs")
+    scheduler: str = knob("schedule", "step", "lr schedule, updated every step", ["step", "cosine"])
+    warmup_epochs: int = knob("schedule", 0, "linear lr warmup over the first N epochs, before the schedule")
+    step_size: int = knob("schedule", 30, "step schedule: epochs between lr drops")
+    gamma: float = knob("schedule", 0.1, "step schedule: factor of each lr drop", metavar="FACTOR")
+    early_stop: int = knob(
+        "schedule", 0, "stop after N evaluations without a better eval accuracy (0: off); the run stays resumable"
+    )
+    resolution: int = knob(
+        "augmentation", 224, "training crop size in px; eval resizes to resolution*256/224 and centre-crops"
+    )
     train_crop: str = knob(
+        "augmentation",
         "random-resized",
         "random-resized: RandomResizedCrop; resize-randomcrop: Resize(resolution*256/224) + RandomCrop",
         ["random-resized", "resize-randomcrop"],
     )
-    crop_scale: float = knob(0.08, "smallest RandomResizedCrop area, as a fraction of the image")
+    crop_scale: float = knob(
+        "augmentation", 0.08, "smallest RandomResizedCrop area, as a fraction of the image", metavar="FRACTION"
+    )
     augment: str = knob(
+        "augmentation",
         "basic",
         "basic: crop + flip; heavy: adds rotation, colour jitter, random erasing; trivialaugment: adds "
         "TrivialAugmentWide",
         ["basic", "heavy", "trivialaugment"],
     )
-    color_jitter: float = knob(0.0, "extra colour jitter strength (brightness, contrast, saturation), 0 = off")
-    random_erasing: float = knob(0.0, "probability of RandomErasing on each training image")
-    mixup: float = knob(0.0, "MixUp alpha, 0 = off (with --cutmix too, each batch gets one of the two)")
-    cutmix: float = knob(0.0, "CutMix alpha, 0 = off")
-    label_smoothing: float = knob(0.0, "label smoothing of the training loss")
-    # optimisation
-    epochs: int = knob(90, "number of epochs")
-    batch_size: int = knob(
-        128, "images per optimisation step, over all processes (torchrun splits it, so the lr needs no change)"
+    color_jitter: float = knob(
+        "augmentation",
+        0.0,
+        "extra colour jitter strength (brightness, contrast, saturation), 0: off",
+        metavar="STRENGTH",
     )
-    optimizer: str = knob("sgd", "optimizer", ["sgd", "adamw"])
-    lr: float = knob(0.1, "learning rate (of the head when --backbone-lr-mult is not 1)")
-    momentum: float = knob(0.9, "SGD momentum")
-    weight_decay: float = knob(1e-4, "weight decay")
-    norm_weight_decay: float = knob(
-        -1.0,
-        "weight decay of normalisation layers' weights and of every bias, as torchvision's "
-        "--norm-weight-decay (-1: the same as --weight-decay, as in the original runs)",
+    random_erasing: float = knob(
+        "augmentation", 0.0, "probability of RandomErasing on each training image", metavar="P"
     )
-    lr_scaling: str = knob(
-        "none",
-        "linear: lr x batch-size/128, lesson 4 of the original write-up (batch and lr go together)",
-        ["none", "linear"],
+    mixup: float = knob(
+        "augmentation", 0.0, "MixUp alpha, 0: off (with --cutmix too, each batch gets one of the two)", metavar="ALPHA"
     )
-    scheduler: str = knob("step", "lr schedule, updated every step", ["step", "cosine"])
-    warmup_epochs: int = knob(0, "linear lr warmup over the first N epochs, before the schedule")
-    step_size: int = knob(30, "step schedule: epochs between lr drops")
-    gamma: float = knob(0.1, "step schedule: factor of each lr drop")
-    freeze_epochs: int = knob(0, "two-stage training: only the new head trains for the first N epochs")
-    backbone_lr_mult: float = knob(1.0, "differential lr: backbone lr = lr x this")
-    ema: bool = knob(False, "keep an exponential moving average of the weights; evaluate and save it")
-    ema_half_life: float = knob(
-        1.0, "EMA half-life in epochs: the weights of this many epochs ago count half as much as the newest"
-    )
-    ema_decay: float = knob(0.0, "EMA decay per optimisation step, instead of --ema-half-life (0: from the half-life)")
-    # speed and hardware
+    cutmix: float = knob("augmentation", 0.0, "CutMix alpha, 0: off", metavar="ALPHA")
+    device: str = knob("speed", "auto", "where to train (auto: CUDA, then MPS, then CPU)", DEVICES)
     amp: str = knob(
-        "auto", "mixed precision: float16 autocast and loss scaling on CUDA and MPS, bfloat16 autocast on a CPU", SWITCH
+        "speed",
+        "auto",
+        "mixed precision: float16 autocast and loss scaling on CUDA and MPS, bfloat16 autocast on a CPU",
+        SWITCH,
     )
-    compile: str = knob("auto", "torch.compile the model (inductor; on a CPU it needs a C++ compiler)", SWITCH)
-    channels_last: str = knob("auto", "channels-last memory format of the model and its input", SWITCH)
+    compile: str = knob("speed", "auto", "torch.compile the model (inductor; on a CPU it needs a C++ compiler)", SWITCH)
+    channels_last: str = knob("speed", "auto", "channels-last memory format of the model and its input", SWITCH)
     sync_bn: bool = knob(
-        False, "with torchrun on GPUs: BatchNorm statistics over the global batch, not each GPU's share"
+        "speed", False, "with torchrun on GPUs: BatchNorm statistics over the global batch, not each GPU's share"
     )
     workers: int = knob(
+        "speed",
         -1,
         "processes that decode images: the cache's one-time build, or every epoch with --cache off (-1: one per core, "
         "at most 8)",
     )
     cache: str = knob(
+        "speed",
         "auto",
-        "preprocessing cache: every image decoded once and kept as pixels. auto ($CARS_CACHE/pixels, "
-        "or ~/.cache/transfer-stanford-cars/pixels), a folder, or off (decode every image every epoch)",
+        "preprocessing cache: every image decoded once and kept as pixels. auto ($CARS_CACHE/pixels, or "
+        "~/.cache/transfer-stanford-cars/pixels), a folder, or off (decode every image every epoch)",
+        metavar="auto|DIR|off",
     )
     cache_side: int = knob(
+        "speed",
         0,
-        "0: the cache keeps training images at native size (the original pipeline's pixels); N: a smaller, lossy copy, "
-        "longer side "
-        "at most N px",
+        "0: the cache keeps training images at native size (the original pipeline's pixels); N: a smaller, lossy "
+        "copy, longer side at most N px",
     )
-    eval_every: int = knob(1, "evaluate every N epochs (and always after the last one)")
-    save_every_steps: int = knob(
-        0, "also write last.pt every N steps within an epoch, for long epochs (0: at epoch ends only)"
-    )
-    early_stop: int = knob(
-        0, "stop after N evaluations without a better eval accuracy (0: off); the run stays resumable"
-    )
-    log_every_steps: int = knob(50, "TensorBoard: also the training loss and lr every N steps (0: once per epoch only)")
-    seed: int = knob(0, "random seed")
-    device: str = knob("auto", "where to train (auto: CUDA, then MPS, then CPU)", DEVICES)
-    run_dir: str = knob("", "run folder (default runs/<preset name>)")
+    run_dir: str = knob("output", "", "run folder", metavar="DIR", shown_default="runs/<preset name>")
+    seed: int = knob("output", 0, "random seed of the run: initialisation, batch order, augmentation")
+    eval_every: int = knob("output", 1, "evaluate every N epochs (and always after the last one)")
     final_test: bool = knob(
+        "output",
         True,
         "with --val-split: evaluate the best epoch on the test split once training ends (sweep trials do not: no "
         "trial may see the test split)",
     )
-    sweep: str = knob("", "the sweep folder this run is a trial of (sweep.py sets it; recorded, not used)")
-    trial: int = knob(-1, "its trial number in that sweep (sweep.py sets it; recorded, not used)")
+    save_every_steps: int = knob(
+        "output", 0, "also write last.pt every N steps within an epoch, for long epochs (0: at epoch ends only)"
+    )
+    log_every_steps: int = knob(
+        "output", 50, "TensorBoard: also the training loss and lr every N steps (0: once per epoch only)"
+    )
+    sweep: str = knob(
+        "output",
+        "",
+        "the sweep folder this run is a trial of (sweep.py sets it; recorded, not used)",
+        metavar="DIR",
+        shown_default="none",
+    )
+    trial: int = knob("output", -1, "its trial number in that sweep (sweep.py sets it; recorded, not used)")
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
@@ -303,29 +373,33 @@ def load_toml(path: str) -> dict:
         raise UserError(f"config file {path} is not valid TOML: {error}") from None
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Config field; unset flags stay out of the namespace so presets show through."""
+def add_config_flags(parser: argparse.ArgumentParser, only=None) -> dict:
+    """One flag per Config field (or per field in `only`), in GROUPS' argument groups; unset flags stay out of the
+    namespace so presets show through. Returns the groups by name, for a tool to add its own flags to."""
     defaults = Config()
+    groups = {name: parser.add_argument_group(f"{name}: {what}") for name, what in GROUPS.items()}
     for f in dataclasses.fields(Config):
-        default = getattr(defaults, f.name)
-        help = f"{f.metadata['help']} (default: {default if default != '' else 'see above'})"
-        options = dict(default=argparse.SUPPRESS, help=help)
+        if only is not None and f.name not in only:
+            continue
+        meta, default = f.metadata, getattr(defaults, f.name)
+        group = groups[meta["group"]]
+        shown = meta["shown_default"] or ({True: "on", False: "off"}[default] if f.type is bool else default)
+        options = dict(default=argparse.SUPPRESS, help=f"{meta['help']} (default: {shown})")
         if f.type is bool:
             options["action"] = argparse.BooleanOptionalAction
-        elif f.metadata["choices"] is SWITCH:  # --amp (on), --amp auto|on|off, --no-amp (off)
+        elif meta["choices"] is SWITCH:  # --amp (on), --amp auto|on|off, --no-amp (off)
             options.update(
                 nargs="?",
                 const="on",
                 choices=SWITCH,
-                help=f"{f.metadata['help']} (default: auto, on with CUDA only; --{flag(f.name)} alone: on)",
+                help=f"{meta['help']}; --{flag(f.name)} alone: on (default: auto, on with CUDA only)",
             )
         else:
-            options["type"] = f.type
-            options["choices"] = f.metadata["choices"]
-            options["metavar"] = f.name.split("_")[-1].upper() if not f.metadata["choices"] else None
-        parser.add_argument(f"--{flag(f.name)}", **options)
-        if f.metadata["choices"] is SWITCH:
-            parser.add_argument(
+            options.update(type=f.type, choices=meta["choices"])
+            options["metavar"] = meta["metavar"] or ("N" if f.type is int else None)
+        group.add_argument(f"--{flag(f.name)}", **options)
+        if meta["choices"] is SWITCH:
+            group.add_argument(
                 f"--no-{flag(f.name)}",
                 dest=f.name,
                 action="store_const",
@@ -333,6 +407,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 default=argparse.SUPPRESS,
                 help=f"the same as --{flag(f.name)} off",
             )
+    return groups  # argparse leaves a group without flags out of --help
 
 
 def resolve(args: argparse.Namespace) -> tuple[Config, str]:

@@ -11,8 +11,8 @@ from cars.errors import UserError
 from cars.report import best_row
 from cars.runs import check_folder_free, read_summary, run_status
 
-# the only flags that may come with --resume: none of them changes the recipe
-RESUMABLE_FLAGS = {
+# the only flags that may come with --resume: none of them changes the recipe (in the order the refusal names them)
+RESUMABLE_FLAGS = (
     "epochs",
     "workers",
     "device",
@@ -24,7 +24,7 @@ RESUMABLE_FLAGS = {
     "amp",
     "compile",
     "channels_last",
-}
+)
 
 
 def resolve_run(args) -> tuple[config_module.Config, str, Path, dict | None]:
@@ -54,12 +54,12 @@ def resolve_run(args) -> tuple[config_module.Config, str, Path, dict | None]:
     changed = sorted(k for k, v in given.items() if k not in RESUMABLE_FLAGS and v != getattr(saved, k))
     if changed:
         flags = ", ".join("--" + config_module.flag(k) for k in changed)
+        allowed = ", ".join("--" + config_module.flag(k) for k in RESUMABLE_FLAGS)
         raise UserError(
-            f"{flags} would change the recipe of {run_dir}; --resume only takes --epochs (to extend), --workers, "
-            "--device, --save-every-steps, --cache, --eval-every, --early-stop and --log-every-steps. "
+            f"{flags} would change the recipe of {run_dir}; --resume only takes {allowed} (--epochs to extend). "
             "Start a new run (--run-dir) to change the recipe"
         )
-    cfg = dataclasses.replace(saved, **{k: given[k] for k in RESUMABLE_FLAGS & set(given)}).validate()
+    cfg = dataclasses.replace(saved, **{k: given[k] for k in set(RESUMABLE_FLAGS) & set(given)}).validate()
     if cfg.scheduler == "cosine" and cfg.epochs != saved.epochs:  # the step schedule does not depend on the length
         raise UserError(
             f"--epochs {cfg.epochs} would change the cosine schedule of {run_dir}, which is laid over its "

@@ -11,6 +11,22 @@ import torch
 from PIL import Image
 
 CLASSES = ["AM General Hummer SUV 2000", "Audi S5 Coupe 2012", "BMW M3 Coupe 2012"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def quick_start() -> dict[str, list[str]]:
+    """The README's quick-start commands, by tool: {"train.py": ["--config", "configs/demo.toml"], ...}. The tests
+    that run the demo take their commands from here, so the README shows what is tested."""
+    import shlex
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- quick start", 1)[1].split("```", 2)[1]
+    commands = {}
+    for line in block.strip().splitlines():
+        words = shlex.split(line, comments=True)
+        assert words[:2] == ["uv", "run"], f"a quick-start line that is not `uv run TOOL ...`: {line}"
+        commands[words[2]] = words[3:]
+    return commands
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -159,16 +159,11 @@ def test_in_a_real_browser_an_uploaded_photo_shows_its_top_car(served, capsys):
         while top1.inner_text().strip() != expected and time.time() < deadline:
             time.sleep(0.2)
         assert top1.inner_text().strip() == expected
-        page.screenshot(path=str(root / "app-predict.png"), full_page=True)
 
         page.get_by_role("tab", name="Evaluation").click()
         table = page.locator("#per_class")
         table.wait_for(timeout=30_000)
         names = load_splits(str(root / "data")).class_names
         assert all(name in table.inner_text() for name in names)
-        page.screenshot(path=str(root / "app-evaluation.png"), full_page=True)
         browser.close()
-    if os.environ.get("CARS_SCREENSHOTS"):  # how the README's screenshots are made
-        for name in ("app-predict.png", "app-evaluation.png"):
-            shutil.copy(root / name, Path(os.environ["CARS_SCREENSHOTS"]) / name)
     assert re.match(r"\S", expected)

@@ -117,6 +117,11 @@ def test_resume_refuses_recipe_changes(reference_run, capsys):
     reference = str(reference_run[0] / "reference")
     for flags, message in (
         (["--lr", "0.5"], "--lr would change the recipe"),
+        (  # the refusal names every flag a resume takes, the speed switches too
+            ["--lr", "0.5"],
+            "--resume only takes --epochs, --workers, --device, --save-every-steps, --cache, --eval-every, "
+            "--early-stop, --log-every-steps, --amp, --compile, --channels-last (--epochs to extend)",
+        ),
         (["--config", str(ROOT / "configs" / "demo.toml")], "drop --config"),
         ([], "already trained 4 of 4 epochs; pass --epochs N to extend it"),
     ):

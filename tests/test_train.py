@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FixedBatches, jpeg_bytes, split_rows, tiny_args, tiny_run, write_hub_folder
+from conftest import FixedBatches, jpeg_bytes, quick_start, split_rows, tiny_args, tiny_run, write_hub_folder
 
 import compare
 import train
@@ -27,7 +27,8 @@ def demo_run(tmp_path_factory, demo_pretrained):
     """The offline demo, fine-tuned once for the tests below as the README runs it, from the session's small
     demo-pretrained file (the real pretraining takes minutes; docs/lessons.md has what it gives)."""
     run_dir = tmp_path_factory.mktemp("demo") / "demo"
-    train.main(["--config", str(ROOT / "configs" / "demo.toml"), "--run-dir", str(run_dir)])
+    command = [str(ROOT / arg) if (ROOT / arg).is_file() else arg for arg in quick_start()["train.py"]]
+    train.main([*command, "--run-dir", str(run_dir)])  # --config configs/demo.toml
     return run_dir
 
 
@@ -87,7 +88,8 @@ def test_eval_py_explains_the_demo_run(demo_run):
     from cars.demo import CLASS_NAMES
 
     summary = json.loads((demo_run / "summary.json").read_text())
-    eval_tool.main([str(demo_run), "--corruptions"])
+    command = quick_start()["eval.py"]  # runs/demo
+    eval_tool.main([str(demo_run) if arg == "runs/demo" else arg for arg in command] + ["--corruptions"])
     report = check_eval_folder(demo_run / "eval", CLASS_NAMES)
     assert report["top1"] == pytest.approx(summary["best_eval_acc"], abs=0.01) and report["images"] == 300
     corruptions = report["corruptions"]
@@ -98,6 +100,33 @@ def test_eval_py_explains_the_demo_run(demo_run):
         assert f"| {name} | {accuracy:.2f}% | {accuracy - report['top1']:+.2f} |" in markdown
     if report["top1"] < 100:
         assert "![CAM on mistakes of the worst classes](gradcam_worst.png)" in markdown
+
+
+def test_predict_py_names_the_car_of_a_photo_as_eval_py_did(demo_run, tmp_path, capsys):
+    """The README's predict.py command on a test photo whose answer eval.py gave with the most confidence (so that
+    no rounding between a batch of one and a batch of 64 can change it)."""
+    import csv
+
+    import predict
+    from cars.data import load_splits
+    from cars.demo import CLASS_NAMES
+
+    if not (demo_run / "eval" / "predictions.csv").is_file():
+        import eval as eval_tool
+
+        eval_tool.main([str(demo_run), "--num-gradcam", "0", "--transfer", "off"])
+    rows = list(csv.DictReader(open(demo_run / "eval" / "predictions.csv")))
+    surest = max(rows, key=lambda row: float(row["confidence"]))
+    photo = tmp_path / "car.png"
+    load_splits("demo").eval.open(int(surest["index"])).save(photo)
+    replace = {"runs/demo": str(demo_run), "car.jpg": str(photo), "cams/": str(tmp_path / "cams")}
+    command = quick_start()["predict.py"]  # runs/demo car.jpg --cam cams/
+    capsys.readouterr()
+    predict.main([replace.get(arg, arg) for arg in command])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == str(photo) and printed[1].split()[0] == "1."
+    assert " ".join(printed[1].split()[1:-1]) == CLASS_NAMES[int(surest["predicted"])]
+    assert (tmp_path / "cams" / "car_cam.png").is_file()
 
 
 def run_tiny(tmp_path, data, *extra):
