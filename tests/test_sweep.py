@@ -274,6 +274,7 @@ def worker(path: Path, out: Path, storage: str, trials: int) -> subprocess.Popen
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},  # each line as it is printed: the tests act on them
     )
 
 
@@ -297,18 +298,20 @@ def check_shared_study(storage: str, name: str, out: Path, outputs: list[str], t
 
 
 def stop_in_a_trial(process: subprocess.Popen, rng: random.Random, sig: int) -> tuple[int, str]:
-    """Wait until the worker starts a trial, then send `sig` at a random moment of it; returns the trial's number and
-    what the worker printed."""
-    lines = []
+    """Wait until the worker's first trial has trained its first epoch (of two), then send `sig` at a random moment
+    of the second; returns the trial's number and what the worker printed. (A fixed delay after the trial began
+    could land after a trial of a second or two had ended.)"""
+    lines, trial = [], None
     for line in process.stdout:
         lines.append(line)
         match = re.match(r"trial (\d+):", line)
-        if match:
-            time.sleep(rng.uniform(0.5, 2.5))
+        trial = int(match.group(1)) if match and trial is None else trial
+        if trial is not None and line.startswith("epoch   1/"):
+            time.sleep(rng.uniform(0, 0.1))
             process.send_signal(sig)
             rest = process.communicate(timeout=120)[0]
-            return int(match.group(1)), "".join(lines) + rest
-    raise AssertionError("the worker never started a trial: " + "".join(lines))
+            return trial, "".join(lines) + rest
+    raise AssertionError("the worker never trained a trial's first epoch: " + "".join(lines))
 
 
 def test_two_workers_on_postgresql_finish_exactly_the_trials_though_one_is_killed(postgres, sweep_dir, tmp_path):
@@ -340,8 +343,7 @@ def test_two_workers_share_a_journal_file_and_ctrl_c_stops_one_cleanly(sweep_dir
         outputs.append(again.communicate(timeout=900)[0])
         assert again.returncode == 0, outputs[-1]
     check_shared_study(journal, "journal", out, outputs, 4, stopped={interrupted})
-    if (out / f"trial-{interrupted}" / "summary.json").exists():  # stopped in training, not while it was set up
-        assert read_summary(out / f"trial-{interrupted}")["status"] == "interrupted"
+    assert read_summary(out / f"trial-{interrupted}")["status"] == "interrupted"  # stopped in its second epoch
     notes = [t.user_attrs.get("note", "") for t in load_study("journal", journal).trials]
     assert f"runs trial {interrupted} again: it was interrupted" in notes
 
