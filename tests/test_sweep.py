@@ -275,6 +275,9 @@ def worker(path: Path, out: Path, storage: str, trials: int) -> subprocess.Popen
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},  # each line as it is printed: the tests act on them
+        # Ctrl-C reaches the worker even when pytest runs in the background (`cmd &`), where a shell ignores SIGINT
+        # for the job and its children would inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
