@@ -313,7 +313,8 @@ def lr_find_parser() -> argparse.ArgumentParser:
 
 
 def parse_lr_find(argv=None) -> argparse.Namespace:
-    args, rest = lr_find_parser().parse_known_args(argv)
+    parser = lr_find_parser()
+    args, rest = parser.parse_known_args(argv)
     train_only = {
         f"--{prefix}{flag(name)}"
         for name in {f.name for f in dataclasses.fields(Config)} - LR_FIND_KNOBS
@@ -326,7 +327,7 @@ def parse_lr_find(argv=None) -> argparse.Namespace:
                 "(lr_find.py --help lists the flags it takes)"
             )
     if rest:
-        lr_find_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if not 0 < args.start_lr < args.end_lr:
         raise UserError(f"need 0 < --start-lr < --end-lr, got {args.start_lr} and {args.end_lr}")
     if args.steps < 10:

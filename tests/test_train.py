@@ -105,7 +105,7 @@ def test_eval_py_explains_the_demo_run(demo_run):
 def test_predict_py_names_the_car_of_a_photo_as_eval_py_did(demo_run, tmp_path, capsys):
     """The README's predict.py command on a test photo whose answer eval.py gave with the most confidence (so that
     no rounding between a batch of one and a batch of 64 can change it)."""
-    import csv
+    from test_eval import read_csv
 
     import predict
     from cars.data import load_splits
@@ -115,7 +115,7 @@ def test_predict_py_names_the_car_of_a_photo_as_eval_py_did(demo_run, tmp_path, 
         import eval as eval_tool
 
         eval_tool.main([str(demo_run), "--num-gradcam", "0", "--transfer", "off"])
-    rows = list(csv.DictReader(open(demo_run / "eval" / "predictions.csv")))
+    rows = read_csv(demo_run / "eval" / "predictions.csv")
     surest = max(rows, key=lambda row: float(row["confidence"]))
     photo = tmp_path / "car.png"
     load_splits("demo").eval.open(int(surest["index"])).save(photo)
