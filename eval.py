@@ -214,6 +214,11 @@ def find_start(args, trained: Trained) -> transfer.Start | str:
         return "skipped (--transfer off)"
     if trained.backend != "pytorch":
         return "skipped: it compares the model's weights, which ONNX Runtime does not give (use --backend pytorch)"
+    if args.start_weights is not None and not args.start_weights.strip():
+        raise UserError(
+            "--start-weights is empty; give a torchvision weights name, demo-pretrained or a state-dict file, or leave "
+            "it out to use the run's own start"
+        )
     weights = args.start_weights or trained.start_weights
     if not isinstance(weights, str) or not weights:
         return (
@@ -226,11 +231,22 @@ def find_start(args, trained: Trained) -> transfer.Start | str:
             "--start-weights to compare it with other weights"
         )
     try:
-        return transfer.starting_network(trained.arch, weights, len(trained.class_names))
+        start = transfer.starting_network(trained.arch, weights, len(trained.class_names))
+        if not all(torch.isfinite(t).all() for t in start.model.state_dict().values() if t.is_floating_point()):
+            raise UserError(f"the start weights {weights} hold NaN or infinite values; give weights that trained")
     except UserError as error:
         if args.start_weights:
             raise
         return f"skipped: the weights the run started from are not on this machine: {error}"
+    recorded = trained.start_fingerprint
+    if recorded and start.fingerprint != recorded and not args.start_weights:
+        return (
+            f"skipped: the {weights} weights on this machine are not the ones {trained.path} started from (fingerprint "
+            f"{start.fingerprint} here, {recorded} in the run); they were made or changed since. Pass --start-weights "
+            "FILE with the run's own starting weights"
+        )
+    start.matches_run = None if not recorded else start.fingerprint == recorded
+    return start
 
 
 def write_scores(evaluation: Evaluation, scores: Scores) -> dict:
@@ -447,10 +463,14 @@ def what_fine_tuning_changed(evaluation: Evaluation, summary: dict) -> str:
     plot_linear_probe(probe_rows, summary["top1"], out / "linear_probe.png", title=title)
 
     moved = sorted((r for r in changes if r["start"] != "new"), key=lambda r: -r["relative_change"])
-    best_probe = max(probe_rows, key=lambda r: r["probe_acc"])
-    closest, lowest = max(cka_rows, key=lambda r: r["cka"]), min(cka_rows, key=lambda r: r["cka"])
+    # the probe to beat is the one on the features the head reads: choosing the best stage on the eval split would
+    # choose on the test split
+    final_probe = probe_rows[-1]
+    closest, lowest = transfer.closest_and_furthest(cka_rows)
     summary["transfer"] = {
         "start_weights": start.weights,
+        "start_fingerprint": start.fingerprint,
+        "start_matches_run": start.matches_run,
         "most_moved": {r["layer"]: r["relative_change"] for r in moved[:3]},
         "least_moved": {moved[-1]["layer"]: moved[-1]["relative_change"]},
         "cka": {r["layer"]: r["cka"] for r in cka_rows},
@@ -464,8 +484,14 @@ def what_fine_tuning_changed(evaluation: Evaluation, summary: dict) -> str:
     }
     largest_drift = max(drift, key=lambda r: r["mean_shift"], default=None)
     most = ", ".join(f"{r['layer']} ({r['relative_change']:.3f})" for r in moved[:3])
+    identity = {
+        True: "",
+        False: f" (these are not the weights the run started from: their fingerprint {start.fingerprint} differs from "
+        f"the run's {trained.start_fingerprint})",
+        None: " (the run does not record a fingerprint of its start: the weights are taken by name)",
+    }[start.matches_run]
     reading = [
-        f"Fine-tuning from `{start.weights}` moved the blocks {most} "
+        f"Fine-tuning from `{start.weights}`{identity} moved the blocks {most} "
         f"most and {moved[-1]['layer']} least ({moved[-1]['relative_change']:.3f}); relative change is "
         "||W - W0|| / ||W0|| over a block's weights and biases"
         + (", and the head is new." if start.head_is_new else "."),
@@ -475,10 +501,12 @@ def what_fine_tuning_changed(evaluation: Evaluation, summary: dict) -> str:
         else "The network has no BatchNorm statistics to move.",
         f"The fine-tuned features are closest to the start at {closest['layer']} (CKA {closest['cka']:.2f}; a randomly "
         f"initialised network scores {closest['cka_control']:.2f} there) and furthest at {lowest['layer']} "
-        f"(CKA {lowest['cka']:.2f}; random: {lowest['cka_control']:.2f}).",
-        f"A linear classifier on the starting network's frozen features reaches {best_probe['probe_acc']:.1f}% at its "
-        f"best stage ({best_probe['layer']}); fine-tuning every layer reaches {summary['top1']:.1f}%: fine-tuning "
-        f"bought **{summary['top1'] - best_probe['probe_acc']:+.1f} points** over fixed features.",
+        f"(CKA {lowest['cka']:.2f}; random: {lowest['cka_control']:.2f})."
+        if closest
+        else "CKA is undefined at every stage: the features did not vary over the images.",
+        f"A linear classifier on the starting network's frozen final features ({final_probe['layer']}, what the head "
+        f"reads) reaches {final_probe['probe_acc']:.1f}%; fine-tuning every layer reaches {summary['top1']:.1f}%: "
+        f"fine-tuning bought **{summary['top1'] - final_probe['probe_acc']:+.1f} points** over fixed features.",
     ]
     print("\nwhat fine-tuning changed:\n" + "\n".join(reading))
     return (

@@ -155,6 +155,7 @@ def export_info(trained: Trained) -> dict:
         "class_names": trained.class_names,
         "data": trained.data,
         "weights": trained.start_weights,  # what the fine-tune started from: eval.py's transfer section reads it
+        "start_fingerprint": trained.start_fingerprint,  # and checks that it finds those very weights
         "source": str(trained.path),
     }
 

@@ -197,11 +197,16 @@ def main(argv=None) -> None:
     check_folder_free(out, args.overwrite, "data report folder", "--out")
     splits = load_splits(args.data)
     workers = worker_count(cfg.workers)
-    prepare_folder(out, args.overwrite, "data report folder", "--out")
     names = splits.class_names
     facts = inspect_split(splits.train, workers) + inspect_split(splits.eval, workers)
     readable = [f for f in facts if not f.error]
     unreadable = [f for f in facts if f.error]
+    if not readable:
+        raise UserError(
+            f"none of the {len(facts)} images of {args.data} can be read (the first: {unreadable[0].error}); check "
+            "that the files are images and whole"
+        )
+    prepare_folder(out, args.overwrite, "data report folder", "--out")
 
     # counts
     counts = {split: Counter(f.label for f in facts if f.split == split) for split in ("train", "test")}
@@ -310,7 +315,10 @@ def main(argv=None) -> None:
         },
         "imagenet_check": check,
     }
-    if args.rank_models:
+    if args.rank_models and not train_by_class:
+        data["transferability"] = {"images": 0, "resolution": cfg.resolution, "scores": [], "skipped": {}}
+        print("--rank-models: no training image can be read, so no candidate can be scored")
+    elif args.rank_models:
         data["transferability"] = rank_models(
             args.rank_models, splits.train, resolution=cfg.resolution, device=args.device, workers=workers, out=out
         )
@@ -355,9 +363,13 @@ def rank_models(candidates, split, *, resolution: int, device: str, workers: int
         features, probabilities, labels = transferability.features_and_source_probabilities(
             model.to(device.type), loader, device
         )
+        del model
+        if not (np.isfinite(features).all() and np.isfinite(probabilities).all()):
+            skipped[name] = "its outputs hold NaN or infinite values: the weights are damaged"
+            print(f"--rank-models: skipped {name}: {skipped[name]}")
+            continue
         rows.append({"model": name, **transferability.scores(features, probabilities, labels)})
         scored = len(labels)
-        del model
     rows.sort(key=lambda r: -r["logme"])
     write_csv(out / "transferability.csv", rows, ["model", "logme", "nce", "leep", "hscore"])
     if rows:
@@ -451,7 +463,8 @@ def transferability_section(ranking: dict) -> list[str]:
         "How far to trust them: on Stanford Cars, the Transfer-Learning-Library benchmark compared each score's "
         "ranking of 10 ImageNet models with their fine-tuned accuracy (weighted Kendall tau, 1 is a perfect ranking): "
         + ", ".join(f"{transferability.SCORE_NAMES[name]} {value:.3f}" for name, value in tau.items())
-        + ". A score ranks candidates; it does not predict an accuracy.",
+        + " (the plain H-score's; the table's is the regularised H-score of Ibrahim et al. 2022, which that benchmark "
+        "did not measure). A score ranks candidates; it does not predict an accuracy.",
     ]
     if ranking["skipped"]:
         lines.append(

@@ -21,12 +21,13 @@ import warnings
 from pathlib import Path
 
 import optuna
+import torch
 
 import train
 from cars import sweeps
 from cars.config import config_flags
 from cars.errors import UserError, run_cli
-from cars.report import best_row, markdown_table, read_metrics, write_text
+from cars.report import markdown_table, write_text
 from cars.runs import read_summary
 
 
@@ -34,14 +35,25 @@ class OverCap(Exception):
     """A trial started after the study had its --trials: it is not run (two workers asked at the same moment)."""
 
 
+class TrialCrashed(Exception):
+    """A trial that failed for a reason of its own (out of memory, say): it is marked failed and the worker goes on."""
+
+
+CRASHES_IN_A_ROW = 3  # a worker whose trials keep failing stops: the fault is not the trials'
+
+
 def main(argv=None) -> None:
     args = parse_sweep(argv)
     sweep = sweeps.load_sweep(args.config, args.trials)
     out = Path(args.out or f"runs/sweeps/{sweep.name}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the sweep's trials and files")
+    if args.refit and not args.storage and not (out / "study.db").is_file():
+        raise UserError(f"{out} holds no study to refit; run the search first: uv run sweep.py --config {args.config}")
     if not args.storage:  # the default study lives in the sweep folder
         out.mkdir(parents=True, exist_ok=True)
     storage = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    study = open_study(sweep, storage, args.heartbeat)
+    study = open_study(sweep, storage, args.heartbeat, out)
     out.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, train.raise_interrupt)  # a scheduler's stop (or a preemption) ends a worker as Ctrl-C
     if args.refit:
@@ -50,31 +62,54 @@ def main(argv=None) -> None:
         search(study, sweep, out, storage=storage, heartbeat=args.heartbeat)
 
 
-def open_study(sweep: sweeps.Sweep, storage: str, heartbeat: int):
-    """The study named after the sweep, made by the first worker and joined by the others; a worker whose sweep file
-    says something else than the study's first is refused."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # train.py's log says what each trial does
+def open_study(sweep: sweeps.Sweep, storage: str, heartbeat: int, out: Path):
+    """The study named after the sweep, made by the first worker and joined by the others. A worker whose resolved
+    recipe (the base preset's values, [fixed], the pruner, the space) differs from the study's is refused, and so is a
+    new study over a folder that holds an earlier study's trials."""
+    # train.py's log says what each trial does; Optuna's warnings would repeat a stopped trial's traceback
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     # heartbeats and their retries are marked experimental in Optuna 5; they are what keeps a study going
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     study = optuna.create_study(
         study_name=sweep.name,
         storage=sweeps.open_storage(storage, heartbeat),
         direction="maximize",
+        # parallel workers: a running trial counts as a poor result, so that TPE does not propose its neighbours
+        sampler=optuna.samplers.TPESampler(constant_liar=True),
         pruner=sweeps.make_pruner(sweep.pruner, sweep.epochs),
         load_if_exists=True,
     )
-    recipe = json.dumps(
-        {"base": sweep.base.name, "fixed": sweep.fixed, "space": [vars(p) for p in sweep.space]}, sort_keys=True
-    )
-    known = study.user_attrs.get("recipe")
+    fingerprint = sweep.fingerprint()
+    known = study.user_attrs.get("fingerprint")
     if known is None:
-        study.set_user_attr("recipe", recipe)
-    elif known != recipe:
+        earlier = sorted(p.name for p in out.glob("trial-*"))
+        if earlier and not study.get_trials(deepcopy=False):
+            raise UserError(
+                f"{out} holds the trial folders of an earlier study ({', '.join(earlier[:3])}"
+                f"{', ...' if len(earlier) > 3 else ''}) that this new study's trials would collide with; give it "
+                "its own folder with --out DIR, or delete those folders"
+            )
+        study.set_user_attr("fingerprint", json.loads(json.dumps(fingerprint)))
+    elif known != json.loads(json.dumps(fingerprint)):
         raise UserError(
-            f"the study {sweep.name!r} in {sweeps.shown(storage)} was made from another sweep file (another base, "
-            "[fixed] or [space]); give this one another name or --storage"
+            f"the study {sweep.name!r} in {sweeps.shown(storage)} was made from another recipe: "
+            f"{difference(known, fingerprint)}; its trials would not be comparable. Give this sweep another name (its "
+            "file name) or another --storage"
         )
     return study
+
+
+def difference(known: dict, now: dict) -> str:
+    """The first value that differs between two study fingerprints, in words."""
+    for part, label in (("recipe", "the trials' recipe"), ("pruner", "the pruner"), ("space", "the space")):
+        old, new = known.get(part), now.get(part)
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in sorted(set(old) | set(new)):
+                if old.get(key) != new.get(key):
+                    return f"{label}'s {key} was {old.get(key)!r}, now {new.get(key)!r}"
+        elif old != new:
+            return f"{label} was {old!r}, now {new!r}"
+    return "it differs"
 
 
 def search(study, sweep: sweeps.Sweep, out: Path, *, storage: str, heartbeat: int) -> None:
@@ -84,9 +119,14 @@ def search(study, sweep: sweeps.Sweep, out: Path, *, storage: str, heartbeat: in
         f"sweep {sweep.name}: {sweep.trials} trials in all, in {sweeps.shown(storage)}; searching "
         + "; ".join(p.describe() for p in sweep.space)
     )
-    ran = []
+    ran, crashes = [], []
     try:
         while len(sweeps.finished_trials(study)) < sweep.trials:
+            if len(crashes) >= CRASHES_IN_A_ROW:
+                raise UserError(
+                    f"{CRASHES_IN_A_ROW} trials in a row failed on this worker (the last: {crashes[-1]}); see their "
+                    f"train.log in {out}, fix the cause and run the worker again"
+                )
             sweeps.fail_stopped_trials(study)
             counted = study.get_trials(deepcopy=False, states=sweeps.counted_states())
             queued = any(t.state == optuna.trial.TrialState.WAITING for t in counted)
@@ -95,7 +135,17 @@ def search(study, sweep: sweeps.Sweep, out: Path, *, storage: str, heartbeat: in
                     break  # a journal file: the other workers finish their own trials
                 sweeps.wait_for_others(study, heartbeat)
                 continue
-            study.optimize(lambda trial: objective(trial, study, sweep, out, ran), n_trials=1, catch=(OverCap,))
+            study.optimize(
+                lambda trial: objective(trial, study, sweep, out, ran, crashes),
+                n_trials=1,
+                catch=(OverCap, TrialCrashed),
+            )
+    except sweeps.storage_errors() as error:
+        detail = str(getattr(error, "orig", None) or error).strip().splitlines()[0][:200]
+        raise UserError(
+            f"the study's storage {sweeps.shown(storage)} stopped answering ({detail}); this worker stops, and its "
+            f"unfinished trial runs again when a worker goes on: uv run sweep.py --config {sweep.path}"
+        ) from None
     except KeyboardInterrupt:
         sweeps.write_study_files(study, out)
         print(
@@ -117,7 +167,7 @@ def search(study, sweep: sweeps.Sweep, out: Path, *, storage: str, heartbeat: in
     )
 
 
-def objective(trial, study, sweep: sweeps.Sweep, out: Path, ran: list) -> float:
+def objective(trial, study, sweep: sweeps.Sweep, out: Path, ran: list, crashes: list) -> float:
     """One trial: train.py on the sweep's config with this trial's parameters, in runs/sweeps/<name>/trial-<k>/.
     Returns its best validation accuracy."""
     if not sweeps.has_slot(study, trial, sweep.trials):
@@ -155,11 +205,24 @@ def objective(trial, study, sweep: sweeps.Sweep, out: Path, ran: list) -> float:
     except UserError:
         if read_summary(run_dir).get("status") != "diverged":
             raise
-        trial.set_user_attr("note", "diverged")  # an answer about this region of the space, not a fault
+        # an answer about this region of the space, not a fault; pruned, so never the best: its peak came before
+        # it diverged, and a refit of it would diverge again
+        trial.set_user_attr("note", "diverged")
         ran.append(trial.number)
-        best = best_row(read_metrics(run_dir / "metrics.csv")) if (run_dir / "metrics.csv").exists() else None
-        return best["eval_acc"] if best else 0.0
+        crashes.clear()
+        raise optuna.TrialPruned("diverged") from None
+    except sweeps.storage_errors():
+        raise  # the study's storage, not the trial: the worker stops
+    except Exception as error:  # out of memory, a driver fault: this trial failed, the study goes on
+        line = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"[:300]
+        trial.set_user_attr("note", f"failed: {line}")
+        print(f"trial {trial.number} failed ({line}); its train.log is in {run_dir}. The next trial starts")
+        crashes.append(f"trial {trial.number}, {line}")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise TrialCrashed(line) from None
     ran.append(trial.number)
+    crashes.clear()
     summary = read_summary(run_dir)
     if summary["status"] == "pruned":
         raise optuna.TrialPruned(f"pruned after epoch {summary['epochs_done']}")
@@ -168,23 +231,43 @@ def objective(trial, study, sweep: sweeps.Sweep, out: Path, ran: list) -> float:
 
 def refit(study, sweep: sweeps.Sweep, out: Path, *, overwrite: bool) -> None:
     """The best trial's config trained on the whole training split for the same epochs, with no validation split,
-    evaluated on the test split once at the end; result.md says what was chosen on validation and what test gave."""
+    evaluated on the test split once at the end; result.md says what was chosen on validation and what test gave.
+    Only a finished study is refitted, and only once: a second refit is a second look at the test split."""
     done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         raise UserError(
             f"the study {sweep.name!r} has no finished trial yet; run the search first: uv run sweep.py "
             f"--config {sweep.path}"
         )
+    finished, running = (
+        len(sweeps.finished_trials(study)),
+        study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)),
+    )
+    if finished < sweep.trials or running:
+        state = (
+            f"{finished} of its {sweep.trials} trials are done"
+            if finished < sweep.trials
+            else f"{len(running)} trials are still running or queued"
+        )
+        raise UserError(
+            f"the study {sweep.name!r} is not finished: {state}. Finish it first (uv run sweep.py --config "
+            f"{sweep.path}), then refit"
+        )
+    if study.user_attrs.get("refitted") and not overwrite:
+        raise UserError(
+            f"the study {sweep.name!r} was refitted already and its test accuracy is in {out / 'result.md'}; a second "
+            "refit would look at the test split again. Pass --overwrite to refit anyway"
+        )
     best = study.best_trial
     run_dir = out / "refit"
-    values = {**sweep.fixed, **best.params, "val_split": 0.0}
-    values.pop("split_seed", None)
+    values = {**sweep.refit_values(best.params), "run_dir": str(run_dir), "sweep": str(out), "trial": best.number}
     epochs = sweep.epochs
-    # evaluated once, after the last epoch: every earlier evaluation would be a look at the test split
-    values.update(eval_every=epochs, early_stop=0, run_dir=str(run_dir), sweep=str(out), trial=best.number)
     command = ["--config", str(sweep.base), *config_flags(values)] + (["--overwrite"] if overwrite else [])
+    if run_dir.exists() and not overwrite:
+        raise UserError(f"{run_dir} holds an earlier refit; pass --overwrite to replace it")
     print(f"refit of trial {best.number} ({format_params(best.params)}) on the whole training split, {epochs} epochs")
     train.main(command)
+    study.set_user_attr("refitted", True)  # the test split has been read
     summary = read_summary(run_dir)
     test_acc = summary["final_eval_acc"]
     rows = [[p, f"{v:.4g}" if isinstance(v, float) else v] for p, v in best.params.items()]

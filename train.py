@@ -26,7 +26,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from cars import demo
 from cars.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from cars.config import Config, config_flags
 from cars.data import load_splits
 from cars.demo import DEMO_PRETRAINED, demo_pretrained_path
 from cars.distributed import check_job, init_world, shutdown
@@ -42,22 +44,22 @@ from cars.engine import (
 )
 from cars.errors import UserError, run_cli
 from cars.loaders import eval_loader, start_epoch, train_loader
-from cars.models import build_model, check_resolution, set_backbone_frozen
+from cars.models import build_model, check_resolution, set_backbone_frozen, start_fingerprint
 from cars.optim import ema_decay, make_ema, make_optimizer, make_scheduler
 from cars.report import METRIC_COLUMNS, best_row, plot_curves, stale_evaluations, write_csv
 from cars.resume import check_same_classes, resolve_run, resumed_step
 from cars.run_state import Run, log_start, restore, save_best, save_last, write_summary
-from cars.runs import RunLog, duration, prepare_folder
+from cars.runs import RunLog, duration, prepare_folder, read_summary, run_status
 from cars.runtime import check_compiler, pick_device, seed_everything, seed_process, worker_count
 from cars.transforms import batch_mixer
 
-SOURCE_RECIPE = Path(__file__).parent / "configs" / "demo_source.toml"  # how the demo-pretrained weights are made
 PROGRESS_SECONDS = 0.5  # how often the progress bar reads the loss and accuracy (each read waits for the device)
 
 
-def main(argv=None, *, after_evaluation=None) -> None:
+def main(argv=None, *, after_evaluation=None, resume_advice: str | None = None) -> None:
     """`after_evaluation(epoch, eval_acc)`, when given, is asked after every evaluated epoch whether to stop the run
-    there (sweep.py's pruner answers); a run it stops is marked pruned."""
+    there (sweep.py's pruner answers); a run it stops is marked pruned. `resume_advice` replaces the advice an
+    interrupted run prints (the demo's pretraining is resumed by the command that started it)."""
     args = parse_train(argv)
     # the command that reproduces the run, also when another tool calls main (sweep.py's trials)
     run = setup(args, command=[Path(sys.argv[0]).name, *sys.argv[1:]] if argv is None else ["train.py", *argv])
@@ -76,7 +78,8 @@ def main(argv=None, *, after_evaluation=None) -> None:
         run.log(
             f"interrupted in epoch {run.epoch}; last.pt holds epoch {saved_epoch}"
             + (f" and {saved_steps} steps of epoch {saved_epoch + 1} (--save-every-steps)" if saved_steps else "")
-            + f". Resume with: uv run train.py --resume {run.run_dir}"
+            + ". "
+            + (resume_advice or f"Resume with: uv run train.py --resume {run.run_dir}")
         )
         sys.exit(130)
     except Diverged as error:
@@ -262,7 +265,7 @@ def setup(args, *, command: list[str]) -> Run:
     """Check every input, build the data, the model and its optimisation state, and only then touch the run folder."""
     cfg, preset, run_dir, resumed = resolve_run(args)  # with --resume, the checkpoint to go on from
     if cfg.weights == DEMO_PRETRAINED and not resumed:
-        pretrain_on_demo_source(cfg.arch)
+        pretrain_on_demo_source(cfg)
     device_type = pick_device(cfg.device)
     check_job(cfg, device_type)
     world = init_world(device_type)  # one process, or one of torchrun's
@@ -277,6 +280,8 @@ def setup(args, *, command: list[str]) -> Run:
         check_same_classes(resumed, splits.class_names, data=cfg.data, run_dir=run_dir)
     raw_model = build_model(cfg.arch, "none" if resumed else cfg.weights, len(splits.class_names), cfg.dropout)
     check_resolution(raw_model, cfg.arch, cfg.resolution)
+    # what the run started from, recorded in its checkpoints (a resume takes it from last.pt)
+    fingerprint = start_fingerprint(raw_model) if not resumed and cfg.weights.lower() != "none" else None
     seed_process(cfg.seed, world.rank)
     workers = worker_count(cfg.workers)
     # from the preprocessing cache (the first run on a dataset fills it), or with --cache off decoded by worker
@@ -332,6 +337,7 @@ def setup(args, *, command: list[str]) -> Run:
         train_batches=train_batches,
         eval_batches=eval_batches,
         workers=workers,
+        start_fingerprint=fingerprint,
     )
     if resumed:
         restore(run, resumed)  # before the run folder is touched: a resume that fails changes nothing
@@ -404,10 +410,11 @@ def finish(run: Run, train_result: EpochResult, eval_result: EpochResult) -> dic
     return summary
 
 
-def pretrain_on_demo_source(arch: str) -> None:
-    """Make the demo-pretrained weights of `arch`, once: train it from scratch with configs/demo_source.toml on the
-    source task, then keep its final weights as a plain state dict in torchvision's form, with their own head."""
-    weights_file = demo_pretrained_path(arch)
+def pretrain_on_demo_source(cfg: Config) -> None:
+    """Make the demo-pretrained weights of `cfg.arch`, once: train it from scratch with configs/demo_source.toml on
+    the source task (on the fine-tune's device, cache and workers), then keep its final weights as a plain state dict
+    in torchvision's form, with their own head. An interrupted pretraining goes on where it stopped next time."""
+    arch, weights_file = cfg.arch, demo_pretrained_path(cfg.arch)
     if weights_file.is_file():
         return
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process must make them, not every one of torchrun's
@@ -415,14 +422,28 @@ def pretrain_on_demo_source(arch: str) -> None:
             f"the demo-pretrained weights for {arch} are not made yet; run uv run train.py --config configs/demo.toml "
             f"--arch {arch} once without torchrun (it makes them in {weights_file.parent}), then torchrun again"
         )
-    run_dir = weights_file.with_name(f"{arch}-run")
-    weights_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(weights_file.with_name(f"{arch}.lock"), "w") as lock:
+    run_dir = demo.demo_pretraining_run(arch)
+    try:
+        weights_file.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(weights_file.with_name(f"{weights_file.stem}.lock"), "w")
+    except OSError as error:
+        raise UserError(
+            f"cannot write the demo-pretrained weights into {weights_file.parent}: {error.strerror}; set CARS_CACHE "
+            "to a folder you may write"
+        ) from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process pretraining (a second sweep worker): wait for it
         if weights_file.is_file():
             return
-        print(f"pretraining {arch} on the demo's source task, once; the weights go to {weights_file}")
-        main(["--config", str(SOURCE_RECIPE), "--arch", arch, "--run-dir", str(run_dir), "--overwrite"])
+        speed = config_flags({"device": cfg.device, "cache": cfg.cache, "workers": cfg.workers})
+        again = "run the interrupted command again: the pretraining goes on where it stopped, then the fine-tune starts"
+        if run_status(read_summary(run_dir)) in ("interrupted", "crashed") and (run_dir / "last.pt").is_file():
+            print(f"going on with the interrupted pretraining of {arch} on the demo's source task in {run_dir}")
+            main(["--resume", str(run_dir), *speed], resume_advice=again)
+        else:
+            print(f"pretraining {arch} on the demo's source task, once; the weights go to {weights_file}")
+            recipe = ["--config", str(demo.SOURCE_RECIPE), "--arch", arch, "--run-dir", str(run_dir), "--overwrite"]
+            main([*recipe, *speed], resume_advice=again)
         save_weights_file(run_dir, weights_file)
     print(f"pretrained: {weights_file}; now the fine-tune")
 

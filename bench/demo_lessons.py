@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cars.config import Config  # noqa: E402
-from cars.demo import demo_pretrained_path  # noqa: E402
+from cars.demo import demo_pretraining_run  # noqa: E402
 from cars.report import read_metrics  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def main() -> None:
         name = recipes.setdefault(recipe, file.stem)
         results = [train_once(file, args.out / f"{name}-seed{seed}", seed) for seed in args.seeds]
         rows.append((file.relative_to(ROOT), results))
-    pretraining = demo_pretrained_path("shufflenet_v2_x0_5").with_name("shufflenet_v2_x0_5-run") / "summary.json"
+    pretraining = demo_pretraining_run("shufflenet_v2_x0_5") / "summary.json"
     if pretraining.is_file():
         summary = json.loads(pretraining.read_text())
         print(

@@ -3,6 +3,8 @@ imported (which takes seconds). Each tool at the root calls `check_command_line`
 
 import argparse
 import dataclasses
+import os
+import signal
 import sys
 import textwrap
 
@@ -544,3 +546,10 @@ def check_command_line(module_name: str, parse) -> None:
     answer at once instead of after seconds of imports. (The tool's main parses it again: that costs nothing.)"""
     if module_name == "__main__":
         run_cli(parse, sys.argv[1:])
+        # Ctrl-C during the slow imports that follow: "interrupted" and exit 130, not a traceback out of them
+        signal.signal(signal.SIGINT, quiet_interrupt)
+
+
+def quiet_interrupt(signum, frame):
+    print("interrupted", file=sys.stderr)
+    os._exit(130)  # nothing is written yet, and an import cut in half cannot be unwound cleanly

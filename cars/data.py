@@ -9,6 +9,8 @@ import io
 import os
 import random
 import re
+import stat
+import struct
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +40,17 @@ class HubSplit:
 
     def open(self, i: int) -> Image.Image:
         image = self.dataset[i]["image"]
-        return Image.open(io.BytesIO(image["bytes"])) if image["bytes"] else Image.open(image["path"])
+        return Image.open(io.BytesIO(image["bytes"])) if image["bytes"] else open_image_file(image["path"])
 
     def where(self, i: int) -> str:
         return f"row {i} of the {self.name} split"
+
+
+def open_image_file(path) -> Image.Image:
+    """PIL's Image.open of a regular file only: a pipe would block forever, waiting for a writer."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError("not a regular file (a pipe, a device or a folder)")
+    return Image.open(path)
 
 
 class FileSplit:
@@ -56,7 +65,7 @@ class FileSplit:
         return len(self.labels)
 
     def open(self, i: int) -> Image.Image:
-        return Image.open(self.paths[i])
+        return open_image_file(self.paths[i])
 
     def where(self, i: int) -> str:
         return self.paths[i]
@@ -93,13 +102,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 # what PIL raises for a file it cannot decode: corrupt, truncated, not an image (UnidentifiedImageError is an
-# OSError), or so large that it refuses (a decompression bomb)
-UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# OSError), so large that it refuses (a decompression bomb), or bytes a decoder did not expect (a truncated QOI file
+# raises IndexError)
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, IndexError, EOFError, struct.error)
 
 
 def upright(image: Image.Image) -> Image.Image:
-    """The image as a browser shows it: a phone photo's EXIF orientation applied to its pixels."""
-    return ImageOps.exif_transpose(image)
+    """The image as a browser shows it: a phone photo's EXIF orientation applied to its pixels. EXIF that PIL cannot
+    parse (a tag of the wrong type beside the orientation, common from editors) leaves the image as stored."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except (*UNREADABLE, TypeError, KeyError, AttributeError):
+        return image
 
 
 def read_rgb(split, i: int) -> Image.Image:

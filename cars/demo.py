@@ -12,7 +12,10 @@ in minutes, through exactly the code that reads the real dataset.
   classes, and each class has many more images.
 """
 
+import dataclasses
+import hashlib
 import io
+import json
 import random
 import shutil
 import tempfile
@@ -20,6 +23,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
+from cars.errors import UserError
 from cars.files import default_mode
 from cars.paths import cache_home
 
@@ -48,9 +52,9 @@ SOURCE_COLOURS = {
     "Teal": (30, 140, 150),
 }
 SOURCE_CLASS_NAMES = [f"{kind} {colour}" for kind in SOURCE_KINDS for colour in SOURCE_COLOURS]
-# Bump whenever the source images or configs/demo_source.toml change: the pretrained weights are named after it
-SOURCE_VERSION = "v1"
+SOURCE_VERSION = "v1"  # bump whenever the source images change: the data and the pretrained weights are named after it
 DEMO_PRETRAINED = "demo-pretrained"  # the --weights name of the backbone pretrained on the source task
+SOURCE_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo_source.toml"  # how they are made
 
 
 def demo_root() -> Path:
@@ -62,8 +66,25 @@ def source_root() -> Path:
 
 
 def demo_pretrained_path(arch: str) -> Path:
-    """Where `--weights demo-pretrained` is kept for `arch`: a torchvision-form state dict with a 40-way head."""
-    return cache_home() / f"demo-pretrained-{SOURCE_VERSION}" / f"{arch}.pth"
+    """Where `--weights demo-pretrained` is kept for `arch`: a torchvision-form state dict with a 40-way head, named
+    after what it is made from (`source_recipe_key`), so that an edited recipe never finds the old weights."""
+    return cache_home() / "demo-pretrained" / f"{arch}-{source_recipe_key(arch)}.pth"
+
+
+def demo_pretraining_run(arch: str) -> Path:
+    """The run folder of the pretraining that makes demo_pretrained_path(arch)."""
+    weights = demo_pretrained_path(arch)
+    return weights.with_name(f"{weights.stem}-run")
+
+
+def source_recipe_key(arch: str) -> str:
+    """A digest of what the demo-pretrained weights of `arch` are made from: the source images' version and every
+    value of SOURCE_RECIPE (defaults filled in, so an edited comment changes nothing and an edited value does)."""
+    from cars.config import Config, from_dict, load_toml
+
+    values = {**from_dict(load_toml(str(SOURCE_RECIPE)), str(SOURCE_RECIPE)), "arch": arch}
+    recipe = json.dumps(dataclasses.asdict(Config(**values)), sort_keys=True)
+    return hashlib.sha256(f"{SOURCE_VERSION}\n{recipe}".encode()).hexdigest()[:12]
 
 
 def jitter(colour, rng, amount=30):
@@ -296,7 +317,13 @@ def ensure_source() -> Path:
 
 def ensure_written(root: Path, write, description: str) -> Path:
     if not root.exists():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        print(f"writing {description} to {root} (once)")
-        write(root)
+        try:
+            root.parent.mkdir(parents=True, exist_ok=True)
+            print(f"writing {description} to {root} (once)")
+            write(root)
+        except OSError as error:
+            raise UserError(
+                f"cannot write {description} into {root.parent}: {error.strerror or error}; set CARS_CACHE to a "
+                "folder you may write"
+            ) from None
     return root

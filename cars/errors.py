@@ -1,6 +1,8 @@
 """One exception for every mistake a user can fix, and one way to report it."""
 
+import signal
 import sys
+import threading
 
 
 class UserError(Exception):
@@ -26,6 +28,8 @@ def printable(text: str) -> str:
 
 def run_cli(main, argv=None) -> None:
     """Run an entry point; a UserError becomes one line on stderr and exit status 2."""
+    if threading.current_thread() is threading.main_thread():  # Ctrl-C is KeyboardInterrupt again, as main expects
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         main(argv)
     except UserError as error:

@@ -30,6 +30,7 @@ class Trained:
         "pytorch"  # or onnxruntime: an exported model.onnx, called like the PyTorch model (no gradients, so no CAMs)
     )
     start_weights: str | None = None  # the --weights its fine-tune started from, when known
+    start_fingerprint: str | None = None  # models.start_fingerprint of those weights, when the run recorded it
 
     def classify(self, pixels: torch.Tensor, topk: int) -> list[dict]:
         """The top-k classes for one image's uint8 pixels (as eval_transform gives them), most probable first."""
@@ -82,6 +83,7 @@ def read_model_file(path: Path) -> tuple[dict, dict]:
     return state_dict_of(loaded, path), {
         **{k: config.get(k) for k in ("arch", "resolution", "data", "weights")},
         "class_names": names,
+        "start_fingerprint": loaded.get("start_fingerprint"),
     }
 
 
@@ -183,4 +185,13 @@ def load_trained(path, *, arch=None, num_classes=None, resolution=None, data=Non
         )
     load_checked(model, state, what=f"checkpoint {path}", arch=arch)
     check_resolution(model, arch, resolution)
-    return Trained(model.eval(), arch, resolution, class_names, data, path, start_weights=info.get("weights"))
+    return Trained(
+        model.eval(),
+        arch,
+        resolution,
+        class_names,
+        data,
+        path,
+        start_weights=info.get("weights"),
+        start_fingerprint=info.get("start_fingerprint"),
+    )

@@ -204,7 +204,8 @@ class CachedLoader:
             except BaseException as error:  # handed to the training loop, which raises it
                 offer(error)
 
-        threading.Thread(target=read_ahead, daemon=True).start()
+        reader = threading.Thread(target=read_ahead, daemon=True, name="batch-reader")
+        reader.start()
         try:
             while (batch := ready.get()) is not StopIteration:
                 if isinstance(batch, BaseException):
@@ -212,6 +213,10 @@ class CachedLoader:
                 yield None if batch is None else self.finish(**batch)
         finally:
             stop.set()
+            # wait for the reader to finish its batch: after Ctrl-C the interpreter exits at once, and a thread still
+            # inside a torch operation then aborts the process ("terminate called without an active exception",
+            # exit 134 instead of 130)
+            reader.join(timeout=10)
 
     def finish(self, *, pixels, labels, shapes=None, flips=None, steps=None):
         """On the device: an eval batch made NCHW (channels-last in memory); training crops resized,

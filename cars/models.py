@@ -1,6 +1,7 @@
 """Build a torchvision classifier with a fresh head, split its parameters, clean state dicts."""
 
 import difflib
+import hashlib
 import warnings
 from pathlib import Path
 
@@ -67,6 +68,20 @@ def set_backbone_frozen(model: nn.Module, frozen: bool) -> None:
                 module.eval()
 
 
+def start_fingerprint(model: nn.Module) -> str:
+    """A digest of a network's starting weights: every tensor of its state dict but the head's (a head made fresh for
+    the target is random, and not part of what was transferred). Two starts with the same fingerprint are the same
+    weights, whatever file or name they came from."""
+    digest = hashlib.sha256()
+    head = head_name(model) + "."
+    for key, tensor in sorted(model.state_dict().items()):
+        if key.startswith(head):
+            continue
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def resolve_weights(arch: str, weights: str):
     """A torchvision weights enum for `arch`, None for 'none', or a Path to a state-dict file."""
     if weights.lower() == "none":
@@ -81,6 +96,11 @@ def resolve_weights(arch: str, weights: str):
         return path
     if weights.endswith((".pt", ".pth", ".bin", ".ckpt")) or "/" in weights or Path(weights).exists():
         path = Path(weights).expanduser()
+        if path.is_dir():
+            raise UserError(
+                f"{weights} is a folder, not a weights file; give the state-dict file inside it (e.g. "
+                f"{path / 'best.pt'})"
+            )
         if not path.is_file():
             raise UserError(f"weights file {weights} does not exist")
         return path
@@ -130,7 +150,16 @@ def build_model(arch: str, weights: str, num_classes: int, dropout: float = 0.0)
     if isinstance(resolved, Path):
         model = torchvision.models.get_model(arch, weights=None)
         replace_head(model, num_classes, dropout)
-        load_weights_file(model, resolved, arch)
+        try:
+            load_weights_file(model, resolved, arch)
+        except UserError as error:
+            if weights != DEMO_PRETRAINED:
+                raise
+            problem = str(error).split(";")[0]
+            raise UserError(
+                f"{resolved} is this project's own demo-pretrained weights file for {arch}, and it cannot be used "
+                f"({problem}); delete it, and the next run with --weights {DEMO_PRETRAINED} makes it again"
+            ) from None
         return model
     model = published(arch, resolved)
     replace_head(model, num_classes, dropout)

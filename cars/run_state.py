@@ -56,6 +56,9 @@ class Run:
     progress: Progress | None = None  # where a mid-epoch checkpoint left the first epoch to run
     # what last.pt holds: its epoch, and the steps of the next epoch a mid-epoch save kept
     saved: tuple[int, int] = (0, 0)
+    # models.start_fingerprint of the weights the run started from (None from random weights): eval.py's transfer
+    # lens checks that the start it rebuilds is this one
+    start_fingerprint: str | None = None
 
     @property
     def eval_pad_to(self) -> int | None:
@@ -87,6 +90,7 @@ def best_checkpoint(run: Run, epoch: int) -> dict:
         "epoch": epoch,
         "metric": run.rows[-1]["eval_acc"] if run.rows else None,
         "metric_name": f"{run.splits.eval_name}_acc",
+        "start_fingerprint": run.start_fingerprint,
     }
 
 
@@ -125,6 +129,7 @@ def restore(run: Run, checkpoint: dict) -> None:
             run.ema.load_state_dict(checkpoint["ema"])
         restore_rng(checkpoint["rng"], run.world.rank)
         run.rows = checkpoint["history"]
+        run.start_fingerprint = checkpoint.get("start_fingerprint")
         run.first_epoch = run.epoch = checkpoint["epoch"] + 1
         run.saved = (checkpoint["epoch"], (checkpoint.get("progress") or {}).get("steps") or 0)
         run.progress = Progress(**checkpoint["progress"]) if checkpoint.get("progress") else None  # a mid-epoch one

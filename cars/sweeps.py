@@ -16,6 +16,7 @@ A sweep file names a base preset, values fixed for every trial, and a search spa
 import dataclasses
 import os
 import re
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ from cars.runs import process_alive
 PRUNERS = ("hyperband", "successive-halving", "median", "none")
 # set by sweep.py for every trial, or meaningless in a search
 NOT_SEARCHED = {"run_dir", "sweep", "trial", "final_test", "val_split", "split_seed", "data", "device"}
+# the study's budget: Hyperband's resource and the refit's length are the sweep's one number of epochs
+FIXED_BUDGET = {"epochs"}
+SQLITE_WAIT = 30  # seconds a worker waits for a locked SQLite study before it stops
 
 
 @dataclass
@@ -76,11 +80,41 @@ class Sweep:
     def epochs(self) -> int:
         return Config(**self.trial_values({})).epochs
 
+    def refit_values(self, params: dict) -> dict:
+        """The refit's knobs over the base preset: the fixed values and the chosen parameters, trained on all of the
+        training split (no validation split, so no split seed) and evaluated on the test split once, after the last
+        epoch: every earlier evaluation would be a look at the test split."""
+        defaults = Config()
+        return {
+            **self.fixed,
+            **params,
+            "val_split": 0.0,
+            "split_seed": defaults.split_seed,
+            "final_test": defaults.final_test,
+            "eval_every": self.epochs,
+            "early_stop": 0,
+        }
+
+    def fingerprint(self) -> dict:
+        """What a study is: every value of the trials' recipe (the base preset's with the defaults filled in, then
+        [fixed]), the pruner and the space. Workers and refits of one study must agree on all of it."""
+        recipe = dataclasses.asdict(Config(**self.trial_values({})))
+        for name in ("run_dir", "sweep", "trial"):  # set per trial, not part of the recipe
+            recipe.pop(name)
+        return {
+            "recipe": recipe,
+            "pruner": self.pruner,
+            "space": {p.name: p.describe() for p in self.space},
+        }
+
 
 def load_sweep(path: str, trials: int | None = None) -> Sweep:
     """The sweep file, every range checked against Config before anything runs."""
     raw = load_toml(path)
     where = Path(path)
+    for table in ("fixed", "space"):
+        if not isinstance(raw.get(table, {}), dict):
+            raise UserError(f"{path}: {table} must be a table ([{table}] with one knob a line), got {raw[table]!r}")
     unknown = set(raw) - {"base", "trials", "pruner", "fixed", "space"}
     if unknown:
         raise UserError(
@@ -89,6 +123,8 @@ def load_sweep(path: str, trials: int | None = None) -> Sweep:
     if not isinstance(raw.get("base"), str):
         raise UserError(f'{path}: base must name the preset every trial starts from, e.g. base = "../demo.toml"')
     base = (where.parent / raw["base"]).resolve()
+    if base.is_dir():
+        raise UserError(f"{path}: base preset {raw['base']} ({base}) is a folder; name a preset's TOML file")
     if not base.is_file():
         raise UserError(f"{path}: base preset {raw['base']} ({base}) does not exist")
     fixed = from_dict(raw.get("fixed", {}), f"{path} [fixed]")
@@ -106,18 +142,22 @@ def load_sweep(path: str, trials: int | None = None) -> Sweep:
         )
     sweep = Sweep(where.stem, where, base, fixed, space, total, pruner)
     config = Config(**sweep.trial_values({}))
-    config.validate()
     if config.val_split <= 0:
         raise UserError(
             f"{path}: a sweep chooses on a validation split, never on the test split; set val_split in [fixed] "
             "(e.g. val_split = 0.2)"
         )
+    config.validate()
     for p in space:
         for value in p.corners():
             try:
                 Config(**sweep.trial_values({p.name: value})).validate()
             except UserError as error:
                 raise UserError(f"{path} [space]: {p.name} = {value!r} is not a valid trial: {error}") from None
+            try:
+                Config(**{**sweep.trial_values({}), **sweep.refit_values({p.name: value})}).validate()
+            except UserError as error:
+                raise UserError(f"{path}: the refit of a trial with {p.name} = {value!r} would fail: {error}") from None
     return sweep
 
 
@@ -127,6 +167,11 @@ def param(name: str, spec, where: str) -> Param:
         raise UserError(f"{where}: {name!r} is not a knob; the knobs are train.py's flags with '_' for '-'")
     if name in NOT_SEARCHED:
         raise UserError(f"{where}: {name} is set by sweep.py or fixed for the whole sweep; it cannot be searched")
+    if name in FIXED_BUDGET:
+        raise UserError(
+            f"{where}: {name} cannot be searched: it is the pruner's budget and the refit's length, one number for the "
+            f"whole study; set it in [fixed] or in the base preset"
+        )
     keys = set(spec) if isinstance(spec, dict) else set()
     if not ({"low", "high"} <= keys <= {"low", "high", "log"} or keys == {"choices"}):
         raise UserError(f"{where}: {name} needs {{low = ..., high = ...[, log = true]}} or {{choices = [...]}}")
@@ -156,28 +201,67 @@ def open_storage(url: str, heartbeat: int):
 
     try:
         if "://" in url:
+            # SQLite: wait up to SQLITE_WAIT seconds for a lock (a backup, a VACUUM), not SQLAlchemy's 5
+            engine = {"connect_args": {"timeout": SQLITE_WAIT}} if url.startswith("sqlite") else None
             for attempt in range(3):
                 try:
                     return optuna.storages.RDBStorage(
                         url,
+                        engine_kwargs=engine,
                         heartbeat_interval=heartbeat,
                         grace_period=2 * heartbeat,
                         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
                     )
-                except Exception:  # workers that start together race to make a new database's tables: try again
-                    if attempt == 2:
+                except Exception as error:  # workers that start together race to make a new database's tables
+                    if attempt == 2 or "locked" in str(error):  # a lock was waited for already
                         raise
                     time.sleep(1 + attempt)
         Path(url).parent.mkdir(parents=True, exist_ok=True)
+        repair_torn_journal(Path(url))
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
     except Exception as error:  # a wrong URL, a server that is down, a missing driver: all one line
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"cannot open the study's storage {shown(url)}: {detail}") from None
 
 
+def repair_torn_journal(path: Path) -> None:
+    """A journal file whose last record was cut off (a full disk, a machine lost mid-write) never loads again, and a
+    worker that appended after the cut would bury it. The cut-off record is removed (the whole file kept beside it)
+    before anything is appended; a record still being written by a live worker is left alone."""
+    if not path.is_file():
+        return
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        file.seek(max(0, size - (1 << 20)))
+        tail = file.read()
+    complete = tail.rfind(b"\n") + 1  # where the last whole record ends, in the tail
+    if complete == len(tail):
+        return
+    time.sleep(1)
+    if path.stat().st_size != size:  # another worker is writing it
+        return
+    cut = size - (len(tail) - complete)
+    kept = path.with_name(f"{path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.copyfile(path, kept)
+    os.truncate(path, cut)
+    print(
+        f"note: the last record of the journal {path} was cut off ({size - cut} bytes, a lost write); it was removed "
+        f"so that the study loads again. The file as it was is kept in {kept}"
+    )
+
+
 def shown(url: str) -> str:
     """A storage URL as it may be printed: without its password."""
     return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", url)
+
+
+def storage_errors() -> tuple:
+    """What a storage that stopped answering raises (a SQLite study locked for longer than SQLITE_WAIT, a database
+    server gone)."""
+    import optuna
+    import sqlalchemy.exc
+
+    return (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)
 
 
 def has_heartbeats(study) -> bool:

@@ -6,6 +6,7 @@ Kornblith et al. 2019 (CKA; fixed features vs fine-tuning), Nguyen, Raghu & Korn
 Neyshabur et al. 2020 and Raghu et al. 2019 (which layers move when a pretrained network is fine-tuned).
 """
 
+import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cars.checkpoint import read_state_dict
-from cars.models import build_model, head_fits, head_name, resolve_weights
+from cars.models import build_model, head_fits, head_name, resolve_weights, start_fingerprint
 
 
 def is_layer(module: nn.Module) -> bool:
@@ -69,6 +70,13 @@ def stages(model: nn.Module) -> list[tuple[str, str]]:
 # --- weights -----------------------------------------------------------------------------------------------------
 
 
+def host(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor as a float64 NumPy array on the host, for sums that must not lose digits. The cast to float64 happens
+    in NumPy: Apple's MPS has no float64, so no float64 tensor is ever made on the device (or anywhere)."""
+    on_host = tensor.detach().cpu()
+    return (on_host if on_host.dtype == torch.float64 else on_host.float()).numpy().astype(np.float64)
+
+
 def weight_change(start: nn.Module, tuned: nn.Module, *, head_is_new: bool) -> list[dict]:
     """Per block: ||W - W0|| / ||W0|| over all of the block's parameters (weights and biases; buffers are not
     parameters). The head's row has no value when the head is new: it has no starting value to move from."""
@@ -81,10 +89,8 @@ def weight_change(start: nn.Module, tuned: nn.Module, *, head_is_new: bool) -> l
         if block == head and head_is_new:
             rows.append(dict(layer=block, parameters=count, relative_change="", start="new"))
             continue
-        moved = sum(
-            float((tuned_params[n].detach().double() - start_params[n].detach().double()).pow(2).sum()) for n in names
-        )
-        size = sum(float(start_params[n].detach().double().pow(2).sum()) for n in names)
+        moved = sum(float(((host(tuned_params[n]) - host(start_params[n])) ** 2).sum()) for n in names)
+        size = sum(float((host(start_params[n]) ** 2).sum()) for n in names)
         rows.append(
             dict(
                 layer=block,
@@ -105,14 +111,14 @@ def bn_drift(start: nn.Module, tuned: nn.Module) -> list[dict]:
         if not isinstance(module, nn.modules.batchnorm._NormBase) or module.running_mean is None:
             continue
         before = start_modules[name]
-        sigma0 = (before.running_var.double() + before.eps).sqrt()
-        sigma = (module.running_var.double() + module.eps).sqrt()
+        sigma0 = np.sqrt(host(before.running_var) + before.eps)
+        sigma = np.sqrt(host(module.running_var) + module.eps)
         rows.append(
             dict(
                 layer=name,
                 channels=module.num_features,
-                mean_shift=float(((module.running_mean.double() - before.running_mean.double()).abs() / sigma0).mean()),
-                std_shift=float(((sigma - sigma0).abs() / sigma0).mean()),
+                mean_shift=float((np.abs(host(module.running_mean) - host(before.running_mean)) / sigma0).mean()),
+                std_shift=float((np.abs(sigma - sigma0) / sigma0).mean()),
             )
         )
     return rows
@@ -164,20 +170,22 @@ def pooled_stage_features(model, stage_list, loader, device, *, description: str
 # --- linear CKA --------------------------------------------------------------------------------------------------
 
 
-def gram(features: torch.Tensor) -> torch.Tensor:
-    """The linear kernel X X^T of a batch of (flattened) features, computed where they are, returned on the CPU in
-    float64 (Apple's MPS has no float64)."""
+def gram(features: torch.Tensor) -> np.ndarray:
+    """The linear kernel X X^T of a batch of (flattened) features, computed where they are in float32, then summed on
+    the host in float64 (see `host`)."""
     flat = features.flatten(1).float()
-    return (flat @ flat.T).double().cpu()
+    return host(flat @ flat.T)
 
 
-def hsic_unbiased(k: torch.Tensor, l: torch.Tensor) -> float:  # noqa: E741 (K and L, as in the paper)
+def hsic_unbiased(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741 (K and L, as in the paper)
     """The unbiased HSIC estimator of Song et al. 2012 (used by Nguyen et al. 2021) from two n x n Gram matrices:
     1/(n(n-3)) [tr(K~L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2) 1'K~L~1], K~ and L~ with zero diagonals."""
     n = k.shape[0]
     if n < 4:
         raise ValueError("the unbiased HSIC estimator needs at least 4 examples")
-    k, l = k.clone().fill_diagonal_(0), l.clone().fill_diagonal_(0)  # noqa: E741
+    k, l = np.array(k, dtype=np.float64), np.array(l, dtype=np.float64)  # noqa: E741 (copies: the diagonals go)
+    np.fill_diagonal(k, 0)
+    np.fill_diagonal(l, 0)
     trace = (k * l).sum()  # tr(K L) for symmetric matrices
     ones = k.sum() * l.sum() / ((n - 1) * (n - 2))
     cross = 2 * (k.sum(0) @ l.sum(1)) / (n - 2)
@@ -206,9 +214,20 @@ class MinibatchCKA:
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """Linear CKA of all the examples at once (the plain estimator of Kornblith et al. 2019):
     ||Y'X||_F^2 / (||X'X||_F ||Y'Y||_F) on centred features."""
-    x, y = x.flatten(1).double(), y.flatten(1).double()
+    x, y = host(x.flatten(1)), host(y.flatten(1))
     x, y = x - x.mean(0), y - y.mean(0)
-    return float((y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm()))
+    norm = np.linalg.norm
+    return float(norm(y.T @ x) ** 2 / (norm(x.T @ x) * norm(y.T @ y)))
+
+
+def closest_and_furthest(cka_rows: list[dict]) -> tuple[dict | None, dict | None]:
+    """The stages whose fine-tuned features are most and least like the start's. A stage whose features never varied
+    has no CKA (NaN) and is left out: NaN compares false with everything, so max and min would pick it or not by its
+    place in the list. (None, None) when no stage has a value."""
+    measured = [row for row in cka_rows if math.isfinite(row["cka"])]
+    if not measured:
+        return None, None
+    return max(measured, key=lambda row: row["cka"]), min(measured, key=lambda row: row["cka"])
 
 
 @torch.no_grad()
@@ -276,6 +295,8 @@ class Start:
     model: nn.Module
     weights: str  # as --weights names them
     head_is_new: bool  # the head was made fresh for the target (not in the weights): it has no starting value
+    fingerprint: str  # models.start_fingerprint of these weights
+    matches_run: bool | None = None  # whether they are the ones the run recorded starting from (None: not recorded)
 
 
 def starting_network(arch: str, weights: str, num_classes: int) -> Start:
@@ -286,7 +307,7 @@ def starting_network(arch: str, weights: str, num_classes: int) -> Start:
         model = build_model(arch, weights, num_classes)
     resolved = resolve_weights(arch, weights)
     loaded_head = isinstance(resolved, Path) and head_fits(model, read_state_dict(resolved))
-    return Start(model.eval(), weights, head_is_new=not loaded_head)
+    return Start(model.eval(), weights, head_is_new=not loaded_head, fingerprint=start_fingerprint(model))
 
 
 def random_network(arch: str, num_classes: int, seed: int) -> nn.Module:

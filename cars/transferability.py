@@ -3,7 +3,8 @@ training split: LogME and H-score from the model's features, LEEP and NCE from i
 Every score is higher for a better expected transfer.
 
 On Stanford Cars, the Transfer-Learning-Library benchmark measured how well each score ranked 10 ImageNet models by
-their fine-tuned accuracy (weighted Kendall tau): NCE .750, LEEP .703, LogME .654, H-score .638.
+their fine-tuned accuracy (weighted Kendall tau): NCE .750, LEEP .703, LogME .654, H-score .638. The H-score's .638 is
+the plain H-score's; the regularised H-score computed here was not in that benchmark.
 """
 
 import numpy as np
@@ -12,15 +13,21 @@ from tqdm import tqdm
 
 from cars.models import head_name
 
-# weighted Kendall tau against fine-tuned accuracy on Stanford Cars, 10 ImageNet models (Transfer-Learning-Library)
+# weighted Kendall tau against fine-tuned accuracy on Stanford Cars, 10 ImageNet models (Transfer-Learning-Library);
+# the H-score's is the plain H-score's, not the regularised one's computed here
 TAU_ON_CARS = {"nce": 0.750, "leep": 0.703, "logme": 0.654, "hscore": 0.638}
+EPSILON = 1e-5  # LogME's floor under |m|^2 and the residual, the reference implementation's
 SCORE_NAMES = {"logme": "LogME", "nce": "NCE", "leep": "LEEP", "hscore": "H-score"}
 
 
 def logme(features: np.ndarray, labels: np.ndarray, *, iterations: int = 100, tolerance: float = 1e-6) -> float:
     """LogME (You et al. 2021): the log marginal evidence per example of a Bayesian linear regression from the
     features to each class's one-hot target, with its prior precision alpha and noise precision beta set by
-    MacKay's fixed-point updates to maximise the evidence; averaged over classes. Higher is better."""
+    MacKay's fixed-point updates to maximise the evidence; averaged over classes. Higher is better.
+
+    As in the reference implementation (github.com/thuml/LogME), 1e-5 is added to |m|^2 and |F m - y|^2: features
+    that fit the labels exactly (fewer images than dimensions) would otherwise drive beta, and the evidence, to
+    infinity."""
     f = np.asarray(features, dtype=np.float64)
     n, d = f.shape
     u, s, _ = np.linalg.svd(f, full_matrices=False)
@@ -36,7 +43,7 @@ def logme(features: np.ndarray, labels: np.ndarray, *, iterations: int = 100, to
             gamma = shrink.sum()  # the effective number of well-determined weights
             m_norm2 = float(((beta * s * z / (alpha + beta * sigma)) ** 2).sum())  # |m|^2
             residual = float((((shrink - 1) * z) ** 2).sum() + outside)  # |F m - y|^2
-            new_alpha, new_beta = gamma / max(m_norm2, 1e-300), (n - gamma) / max(residual, 1e-300)
+            new_alpha, new_beta = gamma / (m_norm2 + EPSILON), (n - gamma) / (residual + EPSILON)
             done = abs(new_alpha - alpha) / alpha < tolerance and abs(new_beta - beta) / beta < tolerance
             alpha, beta = new_alpha, new_beta
             if done:
@@ -49,8 +56,8 @@ def logme(features: np.ndarray, labels: np.ndarray, *, iterations: int = 100, to
             n / 2 * np.log(beta)
             + d / 2 * np.log(alpha)
             - n / 2 * np.log(2 * np.pi)
-            - beta / 2 * residual
-            - alpha / 2 * m_norm2
+            - beta / 2 * (residual + EPSILON)
+            - alpha / 2 * (m_norm2 + EPSILON)
             - log_det / 2
         )
         evidences.append(evidence / n)
@@ -89,9 +96,11 @@ def nce(source_probabilities: np.ndarray, labels: np.ndarray) -> float:
 
 def hscore(features: np.ndarray, labels: np.ndarray, *, shrink: bool = True) -> float:
     """H-score (Bao et al. 2019): tr(cov(f)^-1 cov(E[f | y])), how much of the features' variance lies between the
-    classes. With fewer images than feature dimensions the sample covariance is singular and the plain score is C - 1
-    for any features; `shrink` takes the Ledoit-Wolf estimate of cov(f) instead (the regularised H-score of Ibrahim
-    et al. 2022), which equals the sample covariance as the images outnumber the dimensions."""
+    classes; at most C - 1. With fewer images than feature dimensions the sample covariance is singular and the plain
+    score is C - 1 for any features, so `shrink` computes the regularised H-score of Ibrahim et al. 2022 instead:
+    tr(cov_a(f)^-1 (1 - a) cov(E[f | y])), with cov_a the Ledoit-Wolf estimate (1 - a) cov(f) + a tr(cov(f))/d I and a
+    its shrinkage. The (1 - a) shrinks the between-class covariance as much as cov_a shrinks cov(f): without it, models
+    whose features are shrunk by different amounts are scored on different scales and rank wrongly."""
     from sklearn.covariance import LedoitWolf
 
     f = np.asarray(features, dtype=np.float64)
@@ -100,8 +109,12 @@ def hscore(features: np.ndarray, labels: np.ndarray, *, shrink: bool = True) -> 
     class_means = np.zeros_like(f)
     for c in np.unique(labels):
         class_means[labels == c] = f[labels == c].mean(0)
-    covariance = LedoitWolf(assume_centered=True).fit(f).covariance_ if shrink else f.T @ f / len(f)
     between = class_means.T @ class_means / len(f)
+    if shrink:
+        estimate = LedoitWolf(assume_centered=True).fit(f)
+        covariance, between = estimate.covariance_, (1 - estimate.shrinkage_) * between
+    else:
+        covariance = f.T @ f / len(f)
     return float(np.trace(np.linalg.pinv(covariance, rcond=1e-10, hermitian=True) @ between))
 
 

@@ -214,18 +214,23 @@ workers = 0
 @pytest.fixture(scope="session")
 def demo_pretrained(tmp_path_factory, offline_caches):
     """The demo-pretrained file for shufflenet_v2_x0_5 in the session's cache, made by train.py's own pretraining
-    (pretrain_on_demo_source) on a 4-class source task in seconds, instead of configs/demo_source.toml's minutes."""
+    (pretrain_on_demo_source) on a 4-class source task in seconds, instead of configs/demo_source.toml's minutes; then
+    placed where --weights demo-pretrained looks for the real recipe's weights."""
     import train
-    from cars.demo import SOURCE_COLOURS, demo_pretrained_path
+    from cars import demo
+    from cars.config import Config
 
     root = tmp_path_factory.mktemp("source")
-    data = write_kinds(root / "data", SOURCE_KINDS, per_class=(40, 10), seed=1, paints=list(SOURCE_COLOURS.values()))
+    data = write_kinds(
+        root / "data", SOURCE_KINDS, per_class=(40, 10), seed=1, paints=list(demo.SOURCE_COLOURS.values())
+    )
     recipe = root / "tiny_source.toml"
     recipe.write_text(TINY_SOURCE_RECIPE.format(data=data, epochs=8))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "SOURCE_RECIPE", recipe)
-        train.pretrain_on_demo_source("shufflenet_v2_x0_5")
-    return demo_pretrained_path("shufflenet_v2_x0_5")
+        patch.setattr(demo, "SOURCE_RECIPE", recipe)
+        train.pretrain_on_demo_source(Config(arch="shufflenet_v2_x0_5", workers=0))
+        made = demo.demo_pretrained_path("shufflenet_v2_x0_5")
+    return place_demo_pretrained(made)
 
 
 def place_demo_pretrained(weights_file: Path) -> Path:

@@ -1,6 +1,8 @@
 """The preprocessing cache: same pixels as the original PIL pipeline, same crops, rebuilt exactly when it must be."""
 
+import importlib.util
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +19,8 @@ from cars.engine import Device, collect_logits
 from cars.errors import UserError
 from cars.loaders import CachedLoader, GlobalBatches, eval_loader, train_loader
 from cars.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize, eval_transform, keep_for_cache, resize_crops
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def noise_images(sizes, seed=0):
@@ -366,3 +370,23 @@ def test_both_pipelines_give_the_same_augmented_pixels(noisy_hub, tmp_path, extr
         assert batch.shape == (6, 3, 48, 48) and labels.tolist() == split.labels
         for i in indices:
             assert torch.equal(batch[i], decoded[i][0]), (epoch, i)
+
+
+def test_the_input_benchmark_counts_every_image_and_ours_is_not_slower_than_ours_plus_the_device_half(
+    tmp_path, hub_folder
+):
+    """bench/input_pipeline.py once counted the reader's dict batches by their keys (6 images a batch): "ours" read 10x
+    slower than "ours plus the device half", which does strictly more. Its batches must count every image, and in one
+    run the reading alone must not be slower than reading plus the device half (with a wide margin: this is no
+    timing claim, only a check that catches a miscount)."""
+    bench = importlib.util.spec_from_file_location("input_pipeline", ROOT / "bench" / "input_pipeline.py")
+    input_pipeline = importlib.util.module_from_spec(bench)
+    bench.loader.exec_module(input_pipeline)
+    splits = load_splits(str(hub_folder))
+    cfg = Config(data=str(hub_folder), resolution=32, batch_size=4, cache=str(tmp_path / "cache"), workers=0)
+    loader = train_loader(splits.train, cfg, workers=0)
+    counted = [len(labels) for _, labels in input_pipeline.cpu_half(loader, repeats=2)]
+    assert sum(counted) == 2 * loader.batch_sampler.images_per_epoch
+    ours = input_pipeline.images_per_second(input_pipeline.cpu_half(loader, repeats=30))
+    whole = input_pipeline.images_per_second(input_pipeline.whole(loader, repeats=30))
+    assert ours > 0.5 * whole, (ours, whole)

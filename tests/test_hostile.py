@@ -1,6 +1,7 @@
 """Hostile and careless inputs against every CLI: one `error:` line, a non-zero exit, no traceback,
 and nothing of the user's lost."""
 
+import io
 import json
 import os
 import re
@@ -286,6 +287,55 @@ def test_a_decompression_bomb_is_an_unreadable_image(tmp_path, trained):
 
     with pytest.raises(UserError, match="cannot read image .*bomb.png"):
         read_rgb(FileSplit([(str(bomb), 0)], "train"), 0)
+
+
+def exif_block(entries) -> bytes:
+    """A JPEG's EXIF segment written by hand: one little-endian TIFF IFD of (tag, type, count, value) entries."""
+    import struct
+
+    ifd = struct.pack("<H", len(entries)) + b"".join(
+        struct.pack("<HHI", tag, kind, count) + value.ljust(4, b"\0") for tag, kind, count, value in entries
+    )
+    return b"Exif\0\0" + b"II*\0" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0)
+
+
+def hostile_images(folder: Path) -> dict[str, Path]:
+    """Files that once escaped read_rgb with a traceback, or blocked it, by what they are."""
+    import struct
+
+    folder.mkdir(parents=True, exist_ok=True)
+    made = {}
+    for name, entries in {
+        # an orientation, and beside it a resolution stored as text (PIL: TypeError) or a tag too short (struct.error)
+        "exif-text-resolution": [(0x0112, 3, 1, struct.pack("<H", 6)), (0x011A, 2, 4, b"ab\0\0")],
+        "exif-short-tag": [(0x0112, 3, 1, struct.pack("<H", 6)), (0x0213, 2, 2, b"a\0")],
+    }.items():
+        made[name] = folder / f"{name}.jpg"
+        Image.new("RGB", (40, 20), (200, 30, 30)).save(made[name], "JPEG", exif=exif_block(entries))
+    qoi = io.BytesIO()
+    Image.effect_noise((32, 32), 50).convert("RGB").save(qoi, "QOI")
+    made["truncated-qoi"] = folder / "truncated.jpg"  # under any name: PIL goes by the bytes
+    made["truncated-qoi"].write_bytes(qoi.getvalue()[:40])  # PIL's QOI decoder: IndexError
+    made["fifo"] = folder / "fifo.jpg"
+    os.mkfifo(made["fifo"])  # nobody writes it: opening it to read would wait forever
+    return made
+
+
+def test_images_that_used_to_raise_or_block_are_upright_or_unreadable(tmp_path, trained):
+    from cars.data import FileSplit, read_rgb
+    from cars.errors import UserError
+
+    images = hostile_images(tmp_path / "images")
+    split = FileSplit([(str(p), 0) for p in images.values()], "input")
+    for i, name in enumerate(images):
+        if name.startswith("exif"):  # its EXIF cannot be parsed: kept as stored, 40 x 20
+            assert read_rgb(split, i).size == (40, 20)
+        else:
+            with pytest.raises(UserError, match="cannot read image"):
+                read_rgb(split, i)
+    code, stderr = run(predict.main, trained, *images.values(), "--json")
+    assert code == 1 and "Traceback" not in stderr, stderr
+    assert stderr.count("cannot read image") == 2 and "not a regular file" in stderr
 
 
 def test_a_val_split_that_holds_out_nothing_is_refused(tmp_path):

@@ -189,3 +189,22 @@ def test_equal_hashes_with_other_pixels_are_not_called_the_same_pixels(tmp_path)
         "0 bits apart (other pixels)",
     ]
     assert duplicate_label(5, False) == "5 bits apart"
+
+
+def test_no_readable_image_is_one_line_and_no_readable_training_image_skips_the_ranking(tmp_path, capsys):
+    garbage = [b"not an image"] * 3
+    nothing = write_hub_folder(tmp_path / "nothing", rows={"train": (garbage, [0, 1, 2]), "test": (garbage, [0, 1, 2])})
+    with pytest.raises(UserError, match="none of the 6 images of .* can be read"):
+        inspect_data.main(["--data", str(nothing), "--out", str(tmp_path / "a"), "--workers", "0"])
+    assert not (tmp_path / "a").exists()
+
+    good = [Image.new("RGB", (40, 30), colour) for colour in ("red", "green", "blue")]
+    test_only = write_hub_folder(
+        tmp_path / "test-only", rows={"train": (garbage, [0, 1, 2]), "test": (good, [0, 1, 2])}
+    )
+    inspect_data.main(
+        ["--data", str(test_only), "--out", str(tmp_path / "b"), "--workers", "0", "--check-images", "0"]
+        + ["--rank-models", "resnet18:none"]
+    )
+    assert "no training image can be read" in capsys.readouterr().out
+    assert json.loads((tmp_path / "b" / "data.json").read_text())["transferability"]["scores"] == []

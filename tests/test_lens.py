@@ -4,6 +4,7 @@ then eval.py's section and inspect_data.py --rank-models on a real fine-tune fro
 import copy
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import train
 from cars import demo, transfer, transferability
 from cars.checkpoint import read_state_dict
 from cars.errors import UserError
-from cars.models import build_model
+from cars.models import build_model, start_fingerprint
 
 ARCH = "shufflenet_v2_x0_5"
 
@@ -150,9 +151,7 @@ def test_cka_equals_the_formula_and_has_the_invariances_of_its_definition():
     biased = numpy_hsic_biased(kx, ky) / np.sqrt(numpy_hsic_biased(kx, kx) * numpy_hsic_biased(ky, ky))
     assert transfer.linear_cka(x, y) == pytest.approx(biased, rel=1e-10)
     for a, b in ((kx, ky), (kx, kx), (ky, ky)):
-        assert transfer.hsic_unbiased(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(
-            numpy_hsic_unbiased(a, b), rel=1e-9
-        )
+        assert transfer.hsic_unbiased(a, b) == pytest.approx(numpy_hsic_unbiased(a, b), rel=1e-9)
     # over several minibatches: the sums of each minibatch's HSIC
     batches = [slice(s, s + 64) for s in range(0, 256, 64)]
     kl, kk, ll = (
@@ -250,16 +249,42 @@ def test_hscore_equals_its_definition():
         between += np.sum(labels == c) / len(f) * np.outer(mean, mean)
     expected = np.trace(np.linalg.inv(np.cov(f.T, bias=True)) @ between)
     assert transferability.hscore(f, labels, shrink=False) == pytest.approx(expected, rel=1e-9)
-    # the shrunk covariance is Ledoit-Wolf's: (1 - s) S + s tr(S)/d I
-    from sklearn.covariance import ledoit_wolf
-
-    shrunk, _ = ledoit_wolf(centred, assume_centered=True)
-    assert transferability.hscore(f, labels) == pytest.approx(np.trace(np.linalg.inv(shrunk) @ between), rel=1e-9)
     assert transferability.hscore(f, labels) > transferability.hscore(rng.normal(size=(100, 6)), labels)
 
 
+def ledoit_wolf_by_hand(centred: np.ndarray) -> tuple[np.ndarray, float]:
+    """Ledoit & Wolf 2004, lemmas 3.2-3.4, written from the paper: the shrinkage a = min(b2, d2) / d2 of the sample
+    covariance S towards m I, with m = tr(S)/p, d2 = ||S - m I||^2 / p, b2 = sum_k ||x_k x_k' - S||^2 / (n^2 p)."""
+    n, p = centred.shape
+    s = centred.T @ centred / n
+    m = np.trace(s) / p
+    d2 = np.sum((s - m * np.eye(p)) ** 2) / p
+    b2 = sum(np.sum((np.outer(x, x) - s) ** 2) for x in centred) / (n**2 * p)
+    a = min(b2, d2) / d2
+    return (1 - a) * s + a * m * np.eye(p), a
+
+
+def test_the_regularised_hscore_is_the_papers_formula_where_the_shrinkage_is_large():
+    """Ibrahim et al. 2022: tr(cov_a(f)^-1 (1 - a) cov(E[f|y])). With fewer images than dimensions the shrinkage is
+    large, and leaving out (1 - a) gives another number, one that can exceed C - 1."""
+    rng = np.random.default_rng(7)
+    labels = np.repeat(np.arange(4), 10)
+    for d in (64, 256):
+        f = rng.normal(size=(40, d)) + 0.8 * np.eye(4)[labels] @ rng.normal(size=(4, d))
+        centred = f - f.mean(0)
+        means = np.stack([centred[labels == c].mean(0) for c in labels])
+        between = means.T @ means / len(f)
+        shrunk, a = ledoit_wolf_by_hand(centred)
+        assert a > 0.3  # large: the formula's factor matters
+        expected = np.trace(np.linalg.inv(shrunk) @ ((1 - a) * between))
+        assert transferability.hscore(f, labels) == pytest.approx(expected, rel=1e-8)
+        assert transferability.hscore(f, labels) <= 3.0  # never above C - 1
+        assert np.trace(np.linalg.inv(shrunk) @ between) > transferability.hscore(f, labels) * 1.3
+
+
 def evidence(f: np.ndarray, y: np.ndarray, log_alpha: float, log_beta: float) -> float:
-    """The log marginal evidence of Bayesian linear regression, straight from its formula (You et al. 2021, eq. 2)."""
+    """The log marginal evidence of Bayesian linear regression, straight from its formula (You et al. 2021, eq. 2), with
+    the reference implementation's floor of 1e-5 under |m|^2 and the residual."""
     alpha, beta = np.exp(log_alpha), np.exp(log_beta)
     n, d = f.shape
     a = alpha * np.eye(d) + beta * f.T @ f
@@ -268,8 +293,8 @@ def evidence(f: np.ndarray, y: np.ndarray, log_alpha: float, log_beta: float) ->
         n / 2 * np.log(beta)
         + d / 2 * np.log(alpha)
         - n / 2 * np.log(2 * np.pi)
-        - beta / 2 * np.sum((f @ m - y) ** 2)
-        - alpha / 2 * m @ m
+        - beta / 2 * (np.sum((f @ m - y) ** 2) + transferability.EPSILON)
+        - alpha / 2 * (m @ m + transferability.EPSILON)
         - np.linalg.slogdet(a)[1] / 2
     )
 
@@ -296,6 +321,16 @@ def test_logme_is_the_maximum_evidence_per_image_averaged_over_classes(n, d):
         )
         best.append(-result.fun / n)
     assert transferability.logme(f, labels) == pytest.approx(np.mean(best), abs=1e-6)
+
+
+def test_logme_stays_finite_when_the_features_fit_the_labels_exactly():
+    """Fewer images than dimensions, and features that are the one-hot labels: the residual is 0. The reference
+    implementation's floor keeps the evidence finite, and such features still score above random ones."""
+    labels = np.arange(12) % 3
+    exact = np.hstack([np.eye(3)[labels], np.zeros((12, 27))])
+    score = transferability.logme(exact, labels)
+    assert np.isfinite(score)
+    assert score > transferability.logme(np.random.default_rng(0).normal(size=(12, 30)), labels)
 
 
 def test_logme_orders_separable_features_above_random_ones():
@@ -370,10 +405,14 @@ def test_eval_reports_what_fine_tuning_changed(fine_tuned, demo_pretrained):
     )
     # the paragraph reads the files
     report = (run_dir / "eval" / "report.md").read_text()
-    best = max(probes[:-1], key=lambda r: float(r["probe_acc"]))
+    final = probes[-2]  # the last stage's: what the head reads, not a stage chosen on the eval (here the test) split
     assert "## What fine-tuning changed" in report and "![CKA per stage](transfer/cka.png)" in report
-    assert f"reaches {float(best['probe_acc']):.1f}% at its best stage ({best['layer']})" in report
-    assert f"bought **{summary['top1'] - float(best['probe_acc']):+.1f} points**" in report
+    assert (
+        f"frozen final features ({final['layer']}, what the head reads) reaches {float(final['probe_acc']):.1f}%"
+        in (report.replace("\n", " "))
+    )
+    assert f"bought **{summary['top1'] - float(final['probe_acc']):+.1f} points**" in report
+    assert lens["start_matches_run"] is True and len(lens["start_fingerprint"]) == 16
 
 
 def test_against_itself_nothing_changed(fine_tuned, tmp_path):
@@ -400,14 +439,41 @@ def test_the_section_is_skipped_with_a_reason_and_bad_start_weights_are_one_line
     assert "skipped (--transfer off)" in capsys.readouterr().out
     other = tmp_path / "resnet18.pth"
     torch.save(build_model("resnet18", "none", 3).state_dict(), other)
-    with pytest.raises(UserError, match="holds a resnet18 model, not shufflenet_v2_x0_5"):
-        eval_tool.main([str(run_dir), "--start-weights", str(other), "--out", str(tmp_path / "bad")])
-    assert not (tmp_path / "bad").exists(), "bad input is refused before the output folder is made"
+    nan = tmp_path / "nan.pth"
+    state = read_state_dict(run_dir / "best.pt")
+    torch.save({k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in state.items()}, nan)
+    for weights, message in (
+        (other, "holds a resnet18 model, not shufflenet_v2_x0_5"),
+        (nan, "hold NaN or infinite values"),
+        ("", "--start-weights is empty"),
+        (tmp_path, "is a folder, not a weights file"),
+    ):
+        with pytest.raises(UserError, match=message):
+            eval_tool.main([str(run_dir), "--start-weights", str(weights), "--out", str(tmp_path / "bad")])
+        assert not (tmp_path / "bad").exists(), "bad input is refused before the output folder is made"
 
 
-def test_rank_models_puts_the_pretrained_start_above_a_random_one(fine_tuned, tmp_path, capsys):
+def test_a_start_that_is_not_the_run_s_own_is_never_measured_as_if_it_were(fine_tuned, tmp_path, capsys):
+    """The run records a fingerprint of its start. When the weights found under the run's start name are other
+    weights (the demo's pretraining was made again, a file was replaced), the lens says so and measures nothing."""
+    run_dir, _ = fine_tuned
+    elsewhere = tmp_path / "run"
+    shutil.copytree(run_dir, elsewhere, ignore=shutil.ignore_patterns("eval"))
+    checkpoint = torch.load(elsewhere / "best.pt", weights_only=True)
+    assert checkpoint["start_fingerprint"] == start_fingerprint(build_model(ARCH, "demo-pretrained", 3))
+    checkpoint["start_fingerprint"] = "0123456789abcdef"  # as if it had started from other demo-pretrained weights
+    torch.save(checkpoint, elsewhere / "best.pt")
+    eval_tool.main([str(elsewhere), "--num-gradcam", "0", "--workers", "0"])
+    assert "are not the ones" in capsys.readouterr().out and not (elsewhere / "eval" / "transfer").exists()
+    report = (elsewhere / "eval" / "report.md").read_text()
+    assert "fingerprint" in report and "0123456789abcdef" in report
+
+
+def test_rank_models_puts_the_pretrained_start_above_a_random_one(fine_tuned, demo_pretrained, tmp_path, capsys):
     _, data = fine_tuned
-    candidates = f"{ARCH}:none,{ARCH}:demo-pretrained,resnet34:IMAGENET1K_V1"
+    damaged = tmp_path / "damaged.pth"  # the demo-pretrained weights, every value NaN: "SVD did not converge"
+    torch.save({k: v.fill_(float("nan")) for k, v in read_state_dict(demo_pretrained).items()}, damaged)
+    candidates = f"{ARCH}:none,{ARCH}:demo-pretrained,resnet34:IMAGENET1K_V1,{ARCH}:{damaged}"
     inspect_data.main(
         [
             "--data",
@@ -434,10 +500,9 @@ def test_rank_models_puts_the_pretrained_start_above_a_random_one(fine_tuned, tm
         and pretrained["nce"] > random["nce"]
         and pretrained["leep"] > random["leep"]
     )
-    assert (
-        "skipped resnet34:IMAGENET1K_V1: could not get the ResNet34_Weights.IMAGENET1K_V1 weights"
-        in capsys.readouterr().out
-    )
+    printed = capsys.readouterr().out
+    assert "skipped resnet34:IMAGENET1K_V1: could not get the ResNet34_Weights.IMAGENET1K_V1 weights" in printed
+    assert f"skipped {ARCH}:{damaged}: its outputs hold NaN or infinite values" in printed
     report = (tmp_path / "r" / "report.md").read_text()
     assert (
         "## Which pretrained model transfers best" in report
@@ -466,3 +531,12 @@ def test_a_start_that_is_not_on_this_machine_skips_the_section_unless_it_was_ask
     assert "does not say which weights its fine-tune started from; pass --start-weights" in eval_tool.find_start(
         args, trained
     )
+
+
+def test_a_stage_without_a_cka_is_neither_the_closest_nor_the_furthest():
+    nan = float("nan")
+    rows = [dict(layer="stem", cka=nan), dict(layer="a", cka=0.9), dict(layer="b", cka=nan), dict(layer="c", cka=0.2)]
+    for order in (rows, rows[::-1], rows[1:] + rows[:1]):
+        closest, furthest = transfer.closest_and_furthest(order)
+        assert (closest["layer"], furthest["layer"]) == ("a", "c")
+    assert transfer.closest_and_furthest([dict(layer="stem", cka=nan)]) == (None, None)

@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -152,6 +153,29 @@ def test_nan_loss_stops_the_run_and_keeps_best(reference_run, tmp_path, monkeypa
     best = load_checkpoint(run_dir / "best.pt")
     assert best["epoch"] == 1 and all(torch.isfinite(v).all() for v in best["model"].values() if v.is_floating_point())
     assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1
+
+
+def test_ctrl_c_as_the_first_epoch_starts_leaves_no_reading_thread(reference_run, tmp_path, monkeypatch):
+    """Ctrl-C in the first step, while the cache's reading thread is inside a batch: exit 130, and the thread has
+    finished before train.py returns. Left running, it met the interpreter's exit inside a torch operation, which
+    aborts the process (exit 134, "terminate called without an active exception")."""
+    from cars.loaders import CachedLoader
+
+    read = CachedLoader.read
+
+    def slow_read(loader, indices):
+        time.sleep(0.3)  # the reader is mid-batch when Ctrl-C comes
+        return read(loader, indices)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CachedLoader, "read", slow_read)
+    monkeypatch.setattr(train, "train_step", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        train.main([*run_args(reference_run, tmp_path / "ctrl-c"), "--batch-size", "2"])
+    assert stopped.value.code == 130
+    assert not [t for t in threading.enumerate() if t.name == "batch-reader" and t.is_alive()]
 
 
 def test_interrupted_atomic_write_keeps_the_old_file(tmp_path):

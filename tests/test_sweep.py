@@ -41,6 +41,8 @@ batch_size = 6
 epochs = 2
 lr = 0.01
 workers = 0
+split_seed = 3
+final_test = false
 """
 SWEEP = """base = "base.toml"
 trials = {trials}
@@ -55,7 +57,7 @@ lr = {{ low = 1e-4, high = 0.05, log = true }}
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory):
     """A base preset (resnet18 at 32 px, 2 epochs, about a second each) on a 3-class dataset, and a folder to write
-    sweep files into beside it."""
+    sweep files into beside it. The preset sets a split seed and final_test = false, which the refit must undo."""
     root = tmp_path_factory.mktemp("sweep")
     data = write_hub_folder(root / "data", per_class=(10, 3))
     (root / "base.toml").write_text(BASE.format(data=data))
@@ -98,6 +100,13 @@ def load_study(name: str, storage: str):
         (
             'base = "base.toml"\ntrials = 0\n[fixed]\nval_split = 0.3\n[space]\nlr = {low = 1e-4, high = 0.1}\n',
             "trials",
+        ),
+        ('base = "base.toml"\nspace = 3\n[fixed]\nval_split = 0.3\n', "space must be a table"),
+        ('base = "base.toml"\nfixed = "x"\n[space]\nlr = {low = 1e-4, high = 0.1}\n', "fixed must be a table"),
+        ('base = "."\n[fixed]\nval_split = 0.3\n[space]\nlr = {low = 1e-4, high = 0.1}\n', "is a folder"),
+        (
+            'base = "base.toml"\n[fixed]\nval_split = 0.3\n[space]\nepochs = {low = 1, high = 3}\n',
+            "epochs cannot be searched: it is the pruner's budget and the refit's length",
         ),
     ],
 )
@@ -167,19 +176,131 @@ def test_a_search_chooses_on_validation_and_only_the_refit_reads_the_test_split(
     assert f"trial {best.number}, chosen on validation only" in result
     assert f"validation accuracy: **{best.value:.2f}%**" in result
     assert f"**test accuracy {summary['final_eval_acc']:.2f}%**" in result
-    with pytest.raises(UserError, match="--overwrite"):
+    with pytest.raises(UserError, match="was refitted already .* look at the test split again. Pass --overwrite"):
         sweep_tool.main(["--config", str(path), "--out", str(out), "--refit"])
+    # the study grows by a trial: it is unfinished, and so not refitted
+    study.enqueue_trial({"lr": 0.01})
+    with pytest.raises(UserError, match="is not finished: 1 trials are still running or queued"):
+        sweep_tool.main(["--config", str(path), "--out", str(out), "--refit", "--overwrite"])
 
 
-def test_another_sweep_file_cannot_join_a_study(sweep_dir, tmp_path):
-    """Two sweep files of one name would mix two searches in one study: the second is refused."""
+def test_another_recipe_cannot_join_a_study(sweep_dir, tmp_path):
+    """Two sweep files of one name, or one whose base preset was edited, or one whose base is another file with other
+    values, would mix two searches in one study: refused, naming what differs. Another file with the same values is
+    the same recipe."""
     out, storage = tmp_path / "clash", f"sqlite:///{tmp_path / 'clash.db'}"
-    sweep_tool.main(
-        ["--config", str(sweep_file(sweep_dir, "clash", trials=1)), "--out", str(out), "--storage", storage]
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / "base.toml").write_text((sweep_dir / "base.toml").read_text())
+    path = sweep_file(folder, "clash", trials=1)
+
+    def join():
+        return sweep_tool.open_study(load_sweep(str(path)), storage, 1, out)
+
+    # parallel workers' TPE counts a running trial as a poor result (Optuna keeps the setting private)
+    assert join().sampler._constant_liar  # makes the study
+    (folder / "copy.toml").write_text((folder / "base.toml").read_text())
+    path.write_text(path.read_text().replace('base = "base.toml"', 'base = "copy.toml"'))
+    join()  # the same values under another name
+    path.write_text(path.read_text() + "weight_decay = { low = 1e-5, high = 1e-2, log = true }\n")
+    with pytest.raises(UserError, match="another recipe: the space's weight_decay was None, now"):
+        join()
+    path.write_text(SWEEP.format(trials=1, pruner="none"))
+    (folder / "base.toml").write_text((folder / "base.toml").read_text().replace("lr = 0.01", "lr = 0.02"))
+    with pytest.raises(UserError, match="another recipe: the trials' recipe's lr was 0.01, now 0.02"):
+        join()
+
+
+def test_a_new_study_never_writes_into_an_earlier_study_s_trial_folders(sweep_dir, tmp_path):
+    out = tmp_path / "old"
+    (out / "trial-0").mkdir(parents=True)
+    (out / "trial-0" / "best.pt").write_bytes(b"an earlier study's")
+    with pytest.raises(UserError, match=r"holds the trial folders of an earlier study \(trial-0\).*--out DIR"):
+        sweep_tool.main(["--config", str(sweep_file(sweep_dir, "fresh", trials=1)), "--out", str(out)])
+    assert (out / "trial-0" / "best.pt").read_bytes() == b"an earlier study's"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="--out .*file is a file"):
+        sweep_tool.main(["--config", str(sweep_file(sweep_dir, "fresh", trials=1)), "--out", str(tmp_path / "file")])
+    with pytest.raises(UserError, match="holds no study to refit"):
+        sweep_tool.main(["--config", str(sweep_file(sweep_dir, "fresh")), "--out", str(tmp_path / "n"), "--refit"])
+    assert not (tmp_path / "n").exists()
+
+
+def test_a_diverged_trial_is_pruned_and_a_crashed_one_fails_while_the_worker_goes_on(sweep_dir, tmp_path, monkeypatch):
+    """Trial 0 diverges (lr 1e6): pruned, never the best, never refitted. Trial 1 runs out of memory: failed, with a
+    note, and the worker runs trial 2, which finishes."""
+    path = sweep_file(sweep_dir, "faults", trials=2)
+    path.write_text(
+        path.read_text().replace("lr = { low = 1e-4, high = 0.05, log = true }", "lr = {choices = [1e6, 0.01]}")
     )
-    other = sweep_file(sweep_dir, "clash", trials=1, extra="weight_decay = { low = 1e-5, high = 1e-2, log = true }\n")
-    with pytest.raises(UserError, match="was made from another sweep file"):
-        sweep_tool.main(["--config", str(other), "--out", str(out), "--storage", storage])
+    out = tmp_path / "faults"
+    study = optuna.create_study(
+        study_name="faults", storage=f"sqlite:///{tmp_path / 'faults.db'}", direction="maximize"
+    )
+    study.enqueue_trial({"lr": 1e6})
+    study.enqueue_trial({"lr": 0.01})
+    study.enqueue_trial({"lr": 0.01})
+    original, calls = train.train_epoch, []
+
+    def out_of_memory_once(run, epoch):
+        calls.append(run.cfg.lr)
+        if calls.count(0.01) == 1 and run.cfg.lr == 0.01:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(run, epoch)
+
+    monkeypatch.setattr(train, "train_epoch", out_of_memory_once)
+    sweep_tool.main(["--config", str(path), "--out", str(out), "--storage", f"sqlite:///{tmp_path / 'faults.db'}"])
+    states = [(t.state, t.user_attrs.get("note", "")) for t in study.get_trials()]
+    assert states[0] == (optuna.trial.TrialState.PRUNED, "diverged")
+    assert states[1][0] == optuna.trial.TrialState.FAIL and states[1][1].startswith("failed: RuntimeError: CUDA out")
+    assert states[2][0] == optuna.trial.TrialState.COMPLETE and study.best_trial.number == 2
+    sweep_tool.main(
+        ["--config", str(path), "--out", str(out), "--storage", f"sqlite:///{tmp_path / 'faults.db'}", "--refit"]
+    )
+    assert tomllib.loads((out / "refit" / "config.toml").read_text())["trial"] == 2
+
+
+def test_a_locked_sqlite_study_is_waited_for_and_a_torn_journal_is_repaired(tmp_path, monkeypatch, capsys):
+    import sqlite3
+    import threading
+
+    url = f"sqlite:///{tmp_path / 'locked.db'}"
+    study = optuna.create_study(study_name="s", storage=open_storage(url, heartbeat=1))
+
+    def hold_lock(seconds):
+        connection = sqlite3.connect(tmp_path / "locked.db")
+        connection.execute("BEGIN EXCLUSIVE")
+        time.sleep(seconds)
+        connection.rollback()
+        connection.close()
+
+    holder = threading.Thread(target=hold_lock, args=(6,))  # longer than SQLAlchemy's 5 s default
+    holder.start()
+    time.sleep(0.3)
+    study.set_user_attr("waited", True)  # waits for the lock instead of failing
+    holder.join()
+    assert optuna.load_study(study_name="s", storage=url).user_attrs["waited"]
+    monkeypatch.setattr(sweeps, "SQLITE_WAIT", 0.5)
+    holder = threading.Thread(target=hold_lock, args=(2,))
+    holder.start()
+    time.sleep(0.3)
+    began = time.monotonic()
+    with pytest.raises(UserError, match="cannot open the study's storage .*locked"):
+        open_storage(url, heartbeat=1).get_all_studies()
+    assert time.monotonic() - began < 1.9
+    holder.join()
+
+    journal = tmp_path / "study.journal"
+    study = optuna.create_study(study_name="j", storage=open_storage(str(journal), heartbeat=1))
+    study.enqueue_trial({"lr": 0.1})
+    whole = journal.read_bytes()
+    with open(journal, "ab") as file:
+        file.write(b'{"op_code": 5, "worker_id": "lost-')  # the write a full disk cut off
+    study = optuna.load_study(study_name="j", storage=open_storage(str(journal), heartbeat=1))
+    assert len(study.trials) == 1 and journal.read_bytes() == whole
+    kept = list(tmp_path.glob("study.journal.torn-*"))
+    assert len(kept) == 1 and kept[0].read_bytes().endswith(b"lost-")
+    assert "was cut off" in capsys.readouterr().out
 
 
 def test_a_pruned_trial_is_marked_in_its_folder_and_stays_valid(sweep_dir, tmp_path, capsys):
@@ -206,7 +327,7 @@ def test_the_pruner_s_answer_becomes_a_pruned_trial(sweep_dir, tmp_path):
     path = sweep_file(sweep_dir, "pruneall", trials=1)
     sweep = load_sweep(str(path))
     study = optuna.create_study(study_name="pruneall", direction="maximize", pruner=PruneAll())
-    study.optimize(lambda trial: sweep_tool.objective(trial, study, sweep, tmp_path, []), n_trials=1)
+    study.optimize(lambda trial: sweep_tool.objective(trial, study, sweep, tmp_path, [], []), n_trials=1)
     trial = study.trials[0]
     assert trial.state == optuna.trial.TrialState.PRUNED and list(trial.intermediate_values) == [1]
     assert read_summary(tmp_path / "trial-0")["status"] == "pruned"
@@ -339,6 +460,12 @@ def test_two_workers_share_a_journal_file_and_ctrl_c_stops_one_cleanly(sweep_dir
     survivor, stopping = worker(path, out, journal, 4), worker(path, out, journal, 4)
     interrupted, stopped_output = stop_in_a_trial(stopping, random.Random(1), signal.SIGINT)
     assert stopping.returncode == 130 and "stopped; this worker ran trials" in stopped_output
+    assert "Traceback" not in stopped_output, "Optuna's report of the interrupted trial is not printed"
+    importing = worker(path, out, journal, 4)
+    time.sleep(0.5)  # Ctrl-C while sweep.py imports torch and Optuna
+    importing.send_signal(signal.SIGINT)
+    output = importing.communicate(timeout=60)[0]
+    assert importing.returncode == 130 and output.strip().endswith("interrupted") and "Traceback" not in output
     outputs = [survivor.communicate(timeout=900)[0], stopped_output]
     assert survivor.returncode == 0, outputs[0]
     if len(load_study("journal", journal).get_trials(states=FINISHED)) < 4:  # the survivor ended before the re-queue

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import SOURCE_KINDS, write_kinds
+from conftest import SOURCE_KINDS, TINY_SOURCE_RECIPE, write_kinds
 
 import train
 from cars import demo
@@ -14,7 +14,7 @@ from cars.checkpoint import read_state_dict
 from cars.config import Config
 from cars.data import load_splits
 from cars.errors import UserError
-from cars.models import head_name, resolve_weights
+from cars.models import build_model, head_name, resolve_weights
 from cars.report import read_metrics
 
 ARCH = "shufflenet_v2_x0_5"
@@ -75,14 +75,70 @@ def test_demo_pretrained_is_a_torchvision_state_dict_with_its_own_head(demo_pret
 
 def test_demo_pretrained_is_made_once_and_never_by_torchrun(demo_pretrained, monkeypatch):
     made = demo_pretrained.stat().st_mtime_ns
-    train.pretrain_on_demo_source(ARCH)  # already there: nothing is trained or written
+    train.pretrain_on_demo_source(Config(arch=ARCH))  # already there: nothing is trained or written
     assert demo_pretrained.stat().st_mtime_ns == made
     with pytest.raises(UserError, match="the demo-pretrained weights for resnet18 are not made yet.*train.py"):
         resolve_weights("resnet18", "demo-pretrained")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="once without torchrun"):
-        train.pretrain_on_demo_source("resnet18")
-    assert not demo.demo_pretrained_path("resnet18").parent.joinpath("resnet18-run").exists()
+        train.pretrain_on_demo_source(Config(arch="resnet18"))
+    assert not demo.demo_pretraining_run("resnet18").exists()
+
+
+def test_the_demo_pretrained_file_is_named_after_every_value_of_its_recipe(tmp_path, monkeypatch):
+    recipe = tmp_path / "demo_source.toml"
+    recipe.write_text(demo.SOURCE_RECIPE.read_text())
+    monkeypatch.setattr(demo, "SOURCE_RECIPE", recipe)
+    first = demo.demo_pretrained_path(ARCH)
+    recipe.write_text("# a comment changes no value\n" + recipe.read_text())
+    assert demo.demo_pretrained_path(ARCH) == first
+    recipe.write_text(recipe.read_text().replace("epochs = 16", "epochs = 17"))
+    assert demo.demo_pretrained_path(ARCH) != first, "an edited recipe never finds the old weights"
+    assert demo.demo_pretrained_path("resnet18").name.startswith("resnet18-")
+
+
+def test_an_interrupted_pretraining_goes_on_and_becomes_the_weights(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the demo's pretraining: the advice is the interrupted command, and running it again resumes the
+    pretraining (not from scratch) and then writes the weights file."""
+    monkeypatch.setenv("CARS_CACHE", str(tmp_path / "cache"))
+    data = write_kinds(
+        tmp_path / "source", SOURCE_KINDS[:2], per_class=(8, 4), seed=3, paints=list(demo.PAINTS.values())
+    )
+    recipe = tmp_path / "tiny_source.toml"
+    recipe.write_text(TINY_SOURCE_RECIPE.format(data=data, epochs=3))
+    monkeypatch.setattr(demo, "SOURCE_RECIPE", recipe)
+    original, epochs = train.train_epoch, []
+
+    def interrupted_in_epoch_2(run, epoch):
+        epochs.append(epoch)
+        if epoch == 2 and epochs.count(2) == 1:
+            raise KeyboardInterrupt
+        return original(run, epoch)
+
+    monkeypatch.setattr(train, "train_epoch", interrupted_in_epoch_2)
+    fine_tune = Config(arch=ARCH, workers=0, cache="off")  # the pretraining runs on the fine-tune's settings
+    with pytest.raises(SystemExit) as stopped:
+        train.pretrain_on_demo_source(fine_tune)
+    assert stopped.value.code == 130 and not demo.demo_pretrained_path(ARCH).exists()
+    assert "run the interrupted command again" in capsys.readouterr().out
+    train.pretrain_on_demo_source(fine_tune)
+    assert "going on with the interrupted pretraining" in capsys.readouterr().out
+    assert epochs == [1, 2, 2, 3], "epoch 1 was not trained again"
+    assert demo.demo_pretrained_path(ARCH).is_file()
+    assert tomllib.loads((demo.demo_pretraining_run(ARCH) / "config.toml").read_text())["cache"] == "off"
+    # a damaged file is named as the project's own, with the remedy (never "pass --arch")
+    demo.demo_pretrained_path(ARCH).write_bytes(b"half a file")
+    with pytest.raises(UserError, match="this project's own demo-pretrained weights file .* delete it, and the next"):
+        build_model(ARCH, "demo-pretrained", 3)
+
+
+def test_an_unwritable_cache_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("CARS_CACHE", str(tmp_path / "file" / "cache"))  # not writable, even by root
+    with pytest.raises(UserError, match="cannot write the demo-pretrained weights into .*set CARS_CACHE"):
+        train.pretrain_on_demo_source(Config(arch=ARCH, workers=0))
+    with pytest.raises(UserError, match="cannot write the demo dataset into .*set CARS_CACHE"):
+        load_splits("demo")
 
 
 @pytest.fixture(scope="module")
