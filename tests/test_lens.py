@@ -472,7 +472,10 @@ def test_a_start_that_is_not_the_run_s_own_is_never_measured_as_if_it_were(fine_
 def test_rank_models_puts_the_pretrained_start_above_a_random_one(fine_tuned, demo_pretrained, tmp_path, capsys):
     _, data = fine_tuned
     damaged = tmp_path / "damaged.pth"  # the demo-pretrained weights, every value NaN: "SVD did not converge"
-    torch.save({k: v.fill_(float("nan")) for k, v in read_state_dict(demo_pretrained).items()}, damaged)
+    torch.save(
+        {k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in read_state_dict(demo_pretrained).items()},
+        damaged,
+    )
     candidates = f"{ARCH}:none,{ARCH}:demo-pretrained,resnet34:IMAGENET1K_V1,{ARCH}:{damaged}"
     inspect_data.main(
         [
