@@ -79,7 +79,7 @@ def open_study(sweep: sweeps.Sweep, storage: str, heartbeat: int, out: Path):
         pruner=sweeps.make_pruner(sweep.pruner, sweep.epochs),
         load_if_exists=True,
     )
-    fingerprint = sweep.fingerprint()
+    fingerprint = json.loads(json.dumps(sweep.fingerprint()))  # as the storage gives it back (lists, not tuples)
     known = study.user_attrs.get("fingerprint")
     if known is None:
         earlier = sorted(p.name for p in out.glob("trial-*"))
@@ -89,8 +89,8 @@ def open_study(sweep: sweeps.Sweep, storage: str, heartbeat: int, out: Path):
                 f"{', ...' if len(earlier) > 3 else ''}) that this new study's trials would collide with; give it "
                 "its own folder with --out DIR, or delete those folders"
             )
-        study.set_user_attr("fingerprint", json.loads(json.dumps(fingerprint)))
-    elif known != json.loads(json.dumps(fingerprint)):
+        study.set_user_attr("fingerprint", fingerprint)
+    elif known != fingerprint:
         raise UserError(
             f"the study {sweep.name!r} in {sweeps.shown(storage)} was made from another recipe: "
             f"{difference(known, fingerprint)}; its trials would not be comparable. Give this sweep another name (its "
