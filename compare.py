@@ -10,13 +10,13 @@ from pathlib import Path
 from cars.config import Config, load_saved
 from cars.errors import UserError, run_cli
 from cars.files import make_folder
-from cars.optim import base_lr
-from cars.report import METRIC_COLUMNS, best_row, evaluated, markdown_table, plot_comparison, read_metrics, write_text
-from cars.runs import read_summary, run_status
+from cars.finetune import base_lr, term_names
+from cars.report import METRIC_COLUMNS, markdown_table, plot_comparison, read_metrics, write_text
+from cars.runs import best_row, evaluated, read_summary, run_status
 
 
 @dataclass
-class Run:
+class ComparedRun:
     name: str
     config: Config
     metrics: list[dict]
@@ -24,18 +24,19 @@ class Run:
     status: str
 
 
-def read_run(folder: Path) -> Run:
+def read_run(folder: Path) -> ComparedRun:
     if not (folder / "config.toml").is_file():
         raise UserError(f"{folder} is not a run folder (no config.toml)")
     config = load_saved(folder / "config.toml")
     try:
         metrics = read_metrics(folder / "metrics.csv") if (folder / "metrics.csv").is_file() else []
-        if any(set(r) != set(METRIC_COLUMNS) or r["epoch"] is None for r in metrics):
+        columns = {*METRIC_COLUMNS, *term_names(config)}  # and a column per extra loss term of the method
+        if any(set(r) != columns or r["epoch"] is None for r in metrics):
             raise ValueError("unexpected columns")
     except (OSError, ValueError, TypeError) as error:
         raise UserError(f"{folder / 'metrics.csv'} is damaged ({error})") from None
     summary = read_summary(folder)
-    return Run(folder.name, config, metrics, summary, run_status(summary))
+    return ComparedRun(folder.name, config, metrics, summary, run_status(summary))
 
 
 def unreadable_row(folder: Path, why: str) -> list[str]:
@@ -97,7 +98,7 @@ def verdict(status: str, metrics: list[dict]) -> str:
     return "underfitting" if last["train_acc"] < UNDERFIT_TRAIN else "fine"
 
 
-def row(run: Run) -> list[str]:
+def row(run: ComparedRun) -> list[str]:
     cfg, metrics, summary = run.config, run.metrics, run.summary
     split = summary.get("selected_on", "val" if cfg.val_split else "test")
     if evaluated(metrics):

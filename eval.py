@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cars import analysis, transfer
+from cars import analysis, finetune, transfer
 from cars.cli import TTA_SCALES
 from cars.data import SubsetSplit, dataset_location, label_map, open_hub_dataset, open_source, read_rgb
 from cars.engine import Device, collect_logits
@@ -415,7 +415,7 @@ def what_fine_tuning_changed(evaluation: Evaluation, summary: dict) -> str:
     out.mkdir(exist_ok=True)
     start.model.to(device.type)
     control = transfer.random_network(trained.arch, len(trained.class_names), args.seed).to(device.type)
-    stage_list = transfer.stages(tuned)
+    stage_list = finetune.stages(tuned)
 
     changes = transfer.weight_change(start.model, tuned, head_is_new=start.head_is_new)
     write_csv(out / "weight_change.csv", changes, ["layer", "parameters", "relative_change", "start"])

@@ -21,8 +21,9 @@ from cars.checkpoint import unwrap
 from cars.data import load_splits
 from cars.engine import Device, train_step
 from cars.errors import UserError, run_cli
+from cars.finetune import plain_objective, set_trainable
 from cars.loaders import train_loader
-from cars.models import build_model, check_resolution, set_backbone_frozen
+from cars.models import build_model, check_resolution
 from cars.optim import make_optimizer
 from cars.report import plot_lr_find, write_csv
 from cars.runs import check_folder_free, prepare_folder
@@ -81,6 +82,7 @@ def range_test(
     ratios = [group["lr"] / optimizer.param_groups[-1]["lr"] for group in optimizer.param_groups]
     mixer = batch_mixer(cfg.mixup, cfg.cutmix, num_classes, cfg.seed)
     scaler = device.scaler()
+    objective = plain_objective(cfg.label_smoothing)  # the range test measures cross-entropy alone
     lrs, losses, best, average = [], [], math.inf, 0.0
     batches = readable_batches(loader)
     for step in range(steps):
@@ -88,9 +90,9 @@ def range_test(
         for group, ratio in zip(optimizer.param_groups, ratios):
             group["lr"] = lr * ratio
         model.train()
-        set_backbone_frozen(unwrap(model), phase == "head")
-        loss, _, _ = train_step(
-            model, next(batches), optimizer, scaler, device, mixer=mixer, label_smoothing=cfg.label_smoothing, step=step
+        set_trainable(cfg, unwrap(model), backbone_frozen=phase == "head")
+        loss, _, _, _ = train_step(
+            model, next(batches), optimizer, scaler, device, objective=objective, mixer=mixer, step=step
         )
         lrs.append(lr)
         losses.append(loss.item())

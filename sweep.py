@@ -28,6 +28,7 @@ from cars import sweeps
 from cars.config import config_flags
 from cars.errors import UserError, run_cli
 from cars.report import markdown_table, write_text
+from cars.run_state import raise_interrupt
 from cars.runs import read_summary
 
 
@@ -55,7 +56,7 @@ def main(argv=None) -> None:
     storage = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     study = open_study(sweep, storage, args.heartbeat, out)
     out.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, train.raise_interrupt)  # a scheduler's stop (or a preemption) ends a worker as Ctrl-C
+    signal.signal(signal.SIGTERM, raise_interrupt)  # a scheduler's stop (or a preemption) ends a worker as Ctrl-C
     if args.refit:
         refit(study, sweep, out, overwrite=args.overwrite)
     else:

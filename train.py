@@ -13,11 +13,10 @@ from cars.cli import check_command_line, parse_train
 
 check_command_line(__name__, parse_train)  # --help and mistakes answer before the imports below load torch
 
+import copy
 import fcntl
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -31,10 +30,9 @@ from cars.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from cars.config import Config, config_flags
 from cars.data import load_splits
 from cars.demo import DEMO_PRETRAINED, demo_pretrained_path
-from cars.distributed import check_job, init_world, shutdown
+from cars.distributed import check_job, init_world
 from cars.engine import (
     Device,
-    Diverged,
     EpochResult,
     Progress,
     RunningTotals,
@@ -43,13 +41,23 @@ from cars.engine import (
     train_step,
 )
 from cars.errors import UserError, run_cli
+from cars.finetune import (
+    PARAM_GROUP_COLUMNS,
+    build_objective,
+    check_start,
+    fit_probe_head,
+    needs_start,
+    param_group_rows,
+    set_head,
+    set_trainable,
+)
 from cars.loaders import eval_loader, start_epoch, train_loader
-from cars.models import build_model, check_resolution, set_backbone_frozen, start_fingerprint
+from cars.models import build_model, check_resolution
 from cars.optim import ema_decay, make_ema, make_optimizer, make_scheduler
-from cars.report import METRIC_COLUMNS, best_row, plot_curves, stale_evaluations, write_csv
+from cars.report import METRIC_COLUMNS, plot_curves, write_csv
 from cars.resume import check_same_classes, resolve_run, resumed_step
-from cars.run_state import Run, log_start, restore, save_best, save_last, write_summary
-from cars.runs import RunLog, duration, prepare_folder, read_summary, run_status
+from cars.run_state import Run, log_start, restore, save_best, save_last, supervised, write_summary
+from cars.runs import RunLog, best_row, duration, prepare_folder, read_summary, run_status, stale_evaluations
 from cars.runtime import check_compiler, pick_device, seed_everything, seed_process, worker_count
 from cars.transforms import batch_mixer
 
@@ -63,40 +71,8 @@ def main(argv=None, *, after_evaluation=None, resume_advice: str | None = None) 
     args = parse_train(argv)
     # the command that reproduces the run, also when another tool calls main (sweep.py's trials)
     run = setup(args, command=[Path(sys.argv[0]).name, *sys.argv[1:]] if argv is None else ["train.py", *argv])
-    write_summary(run, run.status)
-    # SIGTERM (a scheduler's stop, kill) ends the run as Ctrl-C does
-    previous_sigterm = (
-        signal.signal(signal.SIGTERM, raise_interrupt)
-        if threading.current_thread() is threading.main_thread()
-        else None
-    )
-    try:
+    with supervised(run, resume_advice=resume_advice):
         train_result, eval_result, stopped = train(run, after_evaluation)
-    except KeyboardInterrupt:  # every file on disk is complete (atomic writes): say how to go on
-        saved_epoch, saved_steps = run.saved
-        write_summary(run, {**run.status, "status": "interrupted", "epochs_done": saved_epoch})
-        run.log(
-            f"interrupted in epoch {run.epoch}; last.pt holds epoch {saved_epoch}"
-            + (f" and {saved_steps} steps of epoch {saved_epoch + 1} (--save-every-steps)" if saved_steps else "")
-            + ". "
-            + (resume_advice or f"Resume with: uv run train.py --resume {run.run_dir}")
-        )
-        sys.exit(130)
-    except Diverged as error:
-        write_summary(run, {**run.status, "status": "diverged", "epochs_done": run.epoch - 1})
-        run.log(f"diverged in epoch {run.epoch}: {error}")
-        raise UserError(
-            f"training diverged in epoch {run.epoch}: {error}. best.pt and last.pt from before are intact"
-        ) from None
-    except BaseException:  # anything else: the run is not left marked running
-        write_summary(run, {**run.status, "status": "crashed", "epochs_done": run.epoch - 1})
-        raise
-    finally:
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
-        if run.board:
-            run.board.close()
-        shutdown(run.world)
     summary = finish(run, train_result, eval_result)
     if stopped:
         summary.update(status=stopped, epochs_done=run.epoch)
@@ -113,6 +89,10 @@ def train(run: Run, after_evaluation=None) -> tuple[EpochResult, EpochResult | N
         run.epoch, epoch_start = epoch, time.time()
         if cfg.freeze_epochs and epoch == cfg.freeze_epochs + 1:
             log(f"epoch {epoch}: unfreezing the backbone; all layers train from now on")
+        if not (run.progress and epoch == run.first_epoch):  # a mid-epoch resume keeps the row its epoch began with
+            run.group_rows += param_group_rows(run.optimizer, epoch)
+            if run.world.main:
+                write_csv(run.run_dir / "param_groups.csv", run.group_rows, PARAM_GROUP_COLUMNS)
         progress = train_epoch(run, epoch)
         train_result = average_over_processes(progress.result(), run.world)
         eval_result = None
@@ -133,6 +113,7 @@ def train(run: Run, after_evaluation=None) -> tuple[EpochResult, EpochResult | N
             seconds=None,
             eval_loss=eval_result.loss if eval_result else None,
             eval_acc=eval_result.accuracy if eval_result else None,
+            **train_result.terms,  # the method's extra loss terms, per image
         )
         run.rows.append(row)
         improved = best_row(run.rows) is row  # strictly better than every earlier evaluation
@@ -141,7 +122,7 @@ def train(run: Run, after_evaluation=None) -> tuple[EpochResult, EpochResult | N
         # TensorBoard: what metrics.csv holds, at the step the epoch ended (written before last.pt, so that a resume
         # from the previous epoch drops these events and writes them again)
         if run.board:
-            for key in ("lr", "train_loss", "train_acc", "eval_loss", "eval_acc"):
+            for key in ("lr", "train_loss", "train_acc", "eval_loss", "eval_acc", *train_result.terms):
                 if row[key] is not None:
                     run.board.add_scalar(
                         f"epoch/{key.replace('eval', eval_name)}", row[key], epoch * len(run.train_batches)
@@ -153,7 +134,7 @@ def train(run: Run, after_evaluation=None) -> tuple[EpochResult, EpochResult | N
             save_best(run, epoch)
         save_last(run, epoch)
         if run.world.main:
-            write_csv(run.run_dir / "metrics.csv", run.rows, METRIC_COLUMNS)
+            write_csv(run.run_dir / "metrics.csv", run.rows, [*METRIC_COLUMNS, *run.objective.names])
         if run.world.main and (time.time() - plotted > 30 or epoch == cfg.epochs):  # a plot costs about a second
             plot_curves(
                 run.rows, run.run_dir / "curves.png", eval_name, title=f"{run.preset}: {cfg.arch} {cfg.resolution}px"
@@ -210,9 +191,10 @@ def train_epoch(run: Run, epoch: int) -> Progress:
     if run.mixer:
         run.mixer.epoch = epoch  # each batch's MixUp or CutMix depends on (seed, epoch, step) too
     run.model.train()
-    # after train(): a frozen backbone keeps its BatchNorm statistics
-    set_backbone_frozen(run.raw_model, epoch <= cfg.freeze_epochs)
-    totals = RunningTotals(progress, run.device.type)
+    run.objective.train()
+    # after train(): what is frozen keeps its BatchNorm statistics
+    set_trainable(cfg, run.raw_model, backbone_frozen=epoch <= cfg.freeze_epochs)
+    totals = RunningTotals(progress, run.device.type, run.objective.names)
     bar = tqdm(
         run.train_batches,
         desc=f"epoch {epoch}/{cfg.epochs}",
@@ -224,17 +206,17 @@ def train_epoch(run: Run, epoch: int) -> Progress:
     for batch in bar:
         if batch is None:  # every image of the batch was unreadable and skipped
             continue
-        loss, logits, labels = train_step(
+        loss, logits, labels, terms = train_step(
             run.model,
             batch,
             run.optimizer,
             run.scaler,
             run.device,
+            objective=run.objective,
             mixer=run.mixer,
-            label_smoothing=cfg.label_smoothing,
             step=progress.steps,
         )
-        totals.add(progress.steps, loss, logits, labels)
+        totals.add(progress.steps, loss, logits, labels, terms)
         run.scheduler.step()
         if run.ema:
             run.ema.update_parameters(run.raw_model)
@@ -278,10 +260,17 @@ def setup(args, *, command: list[str]) -> Run:
     splits = load_splits(cfg.data, cfg.val_split, cfg.split_seed)
     if resumed:
         check_same_classes(resumed, splits.class_names, data=cfg.data, run_dir=run_dir)
-    raw_model = build_model(cfg.arch, "none" if resumed else cfg.weights, len(splits.class_names), cfg.dropout)
+    if cfg.co_tuning and world.size > 1:
+        raise UserError("--co-tuning runs in one process: its source head is not averaged over torchrun's processes")
+    # a resumed run gets its weights from last.pt; it rebuilds its start only when the loss reads it (L2-SP, DELTA)
+    from_start = not resumed or needs_start(cfg)
+    raw_model = build_model(cfg.arch, cfg.weights if from_start else "none", len(splits.class_names), cfg.dropout)
     check_resolution(raw_model, cfg.arch, cfg.resolution)
-    # what the run started from, recorded in its checkpoints (a resume takes it from last.pt)
-    fingerprint = start_fingerprint(raw_model) if not resumed and cfg.weights.lower() != "none" else None
+    # what the run started from, recorded in its checkpoints (a resume takes it from last.pt, and checks it)
+    fingerprint = None
+    if cfg.weights.lower() != "none" and from_start:
+        recorded = resumed.get("start_fingerprint") if resumed else None
+        fingerprint = check_start(raw_model, recorded=recorded, weights=cfg.weights, run_dir=run_dir)
     seed_process(cfg.seed, world.rank)
     workers = worker_count(cfg.workers)
     # from the preprocessing cache (the first run on a dataset fills it), or with --cache off decoded by worker
@@ -303,9 +292,35 @@ def setup(args, *, command: list[str]) -> Run:
     raw_model = device.place(raw_model)
     if cfg.sync_bn and world.size > 1:
         raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
-    optimizer = make_optimizer(cfg, raw_model)
-    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=len(train_batches))
+    # the method (cars/finetune.py): a frozen copy of the start, the probe head, the loss and its terms
+    start = copy.deepcopy(raw_model).eval().requires_grad_(False) if needs_start(cfg) else None
+    train_images, probe = None, None  # the training images as evaluated (centre crops), for what is fitted on them
+    if not resumed and (cfg.probe_init or cfg.delta or cfg.co_tuning):
+        train_images = eval_loader(
+            splits.train,
+            resolution=cfg.resolution,
+            cache=cfg.cache,
+            skip_bad_images=cfg.skip_bad_images,
+            batch_size=cfg.batch_size,
+            workers=workers,
+            device_type=device_type,
+        )
+    if not resumed and (cfg.probe_init or cfg.delta):
+        probe = fit_probe_head(raw_model, train_images, device, len(splits.class_names))
+        if cfg.probe_init:
+            set_head(raw_model, probe.weight, probe.bias)
     ema = make_ema(raw_model, ema_decay(cfg, len(train_batches))) if cfg.ema else None
+    objective = build_objective(
+        cfg,
+        raw_model,
+        start=start,
+        probe=probe,
+        train_images=train_images,
+        device=device,
+        learned=resumed.get("method", {}) if resumed else {},
+    )
+    optimizer = make_optimizer(cfg, raw_model, extra=objective.param_groups(cfg))
+    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=len(train_batches))
 
     model = raw_model
     if world.size > 1:  # gradients averaged over processes; a frozen backbone leaves parameters without gradients
@@ -337,6 +352,7 @@ def setup(args, *, command: list[str]) -> Run:
         train_batches=train_batches,
         eval_batches=eval_batches,
         workers=workers,
+        objective=objective,
         start_fingerprint=fingerprint,
     )
     if resumed:
@@ -350,6 +366,17 @@ def setup(args, *, command: list[str]) -> Run:
     world.barrier()
     run.log = RunLog(run_dir / "train.log", enabled=world.main)
     log_start(run, command=command, compiled=compiled)
+    if probe:
+        run.log(
+            f"linear probe on the start's features of {probe.images} training images: {probe.train_accuracy:.1f}% of "
+            "them right"
+            + ("" if probe.converged else " (not converged)")
+            + (
+                "; it is the head the fine-tune starts from (LP-FT)"
+                if cfg.probe_init
+                else "; DELTA's attention reads it"
+            )
+        )
     if world.main:  # after a resume, events past the checkpoint (an interrupted epoch's steps) are dropped
         run.board = SummaryWriter(
             str(run_dir), purge_step=resumed_step(resumed, len(train_batches)) + 1 if resumed else None
@@ -451,10 +478,6 @@ def pretrain_on_demo_source(cfg: Config) -> None:
 def save_weights_file(run_dir: Path, weights_file: Path) -> None:
     """The final weights of the run in `run_dir` (last.pt's model) as a bare state dict, written atomically."""
     save_checkpoint(weights_file, load_checkpoint(run_dir / "last.pt")["model"])
-
-
-def raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

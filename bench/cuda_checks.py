@@ -41,9 +41,10 @@ def compiles_per_epoch(argv: list[str]) -> list[int]:
     counters.clear()
     after_epoch, write_csv = [], train.write_csv
 
-    def counted(*args, **kwargs):  # metrics.csv is written once per epoch, after its training and evaluation
-        write_csv(*args, **kwargs)
-        after_epoch.append(counters["frames"]["ok"])
+    def counted(path, *args, **kwargs):  # metrics.csv is written once per epoch, after its training and evaluation
+        write_csv(path, *args, **kwargs)
+        if path.name == "metrics.csv":
+            after_epoch.append(counters["frames"]["ok"])
 
     train.write_csv = counted
     try:

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cars.config import Config
 from cars.data import load_splits
 from cars.engine import Device, Progress, RunningTotals, collect_logits, train_step
+from cars.finetune import plain_objective
 from cars.loaders import train_loader
 from cars.models import build_model
 from cars.optim import make_optimizer
@@ -57,10 +58,12 @@ def train_steps(model, batches, optimizer, scaler, device: Device) -> int:
     device, read once at the end. Returns the images trained on."""
     model.train()
     progress = Progress(lr=optimizer.param_groups[-1]["lr"])
-    totals = RunningTotals(progress, device.type)
+    totals, objective = RunningTotals(progress, device.type), plain_objective()
     for batch in batches:
-        loss, logits, labels = train_step(model, batch, optimizer, scaler, device, step=progress.steps)
-        totals.add(progress.steps, loss, logits, labels)
+        loss, logits, labels, terms = train_step(
+            model, batch, optimizer, scaler, device, objective=objective, step=progress.steps
+        )
+        totals.add(progress.steps, loss, logits, labels, terms)
         progress.steps, progress.seen = progress.steps + 1, progress.seen + len(labels)
     totals.settle(progress, optimizer.param_groups[-1]["lr"])
     return progress.seen

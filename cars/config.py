@@ -28,6 +28,7 @@ GROUPS = {
     "data": "what to train on",
     "model": "the network and where it starts",
     "optimisation": "the optimizer, the loss, what trains",
+    "method": "the fine-tuning method: what trains, the lr per block, extra loss terms (docs/explanation/methods.md)",
     "schedule": "the lr over time, and how long",
     "augmentation": "the training crops, and what else is done to them",
     "speed": "the device and how fast it runs",
@@ -120,6 +121,62 @@ class Config:
         0.0,
         "EMA decay per optimisation step, instead of --ema-half-life (0: from the half-life)",
         metavar="DECAY",
+    )
+    probe_init: bool = knob(
+        "method",
+        False,
+        "LP-FT (Kumar et al. 2022): first fit the new head as a logistic-regression probe on the start's frozen "
+        "features of the training images, then fine-tune everything from there",
+    )
+    layer_decay: float = knob(
+        "method",
+        1.0,
+        "layer-wise lr decay: a block k blocks below the head (the stem one block, each residual block one) trains at "
+        "lr x D^k (1: off)",
+        metavar="D",
+    )
+    train_blocks: str = knob(
+        "method",
+        "",
+        "surgical fine-tuning (Lee et al. 2023): only these blocks or stages train, plus the head, e.g. layer4, "
+        "'stem,layer1' or layer4.2; the rest stay frozen with their BatchNorm statistics",
+        metavar="NAMES",
+        shown_default="all",
+    )
+    train_params: str = knob(
+        "method",
+        "all",
+        "norm: only the normalisation layers' scales and shifts train (BN-only, Frankle et al. 2021); bias: only the "
+        "biases (BitFit, Ben Zaken et al. 2022); the head always trains",
+        ["all", "norm", "bias"],
+    )
+    l2sp: float = knob(
+        "method",
+        0.0,
+        "L2-SP (Li et al. 2018): add alpha/2 x ||w - w0||^2 of the backbone to its start; the weight decay then "
+        "applies to the head only (0: off)",
+        metavar="ALPHA",
+    )
+    delta: float = knob(
+        "method",
+        0.0,
+        "DELTA (Li et al. 2019): add alpha x the distance of the stages' feature maps to the start's, weighted by "
+        "channel attention (0: off)",
+        metavar="ALPHA",
+    )
+    bss: float = knob(
+        "method",
+        0.0,
+        "BSS (Chen et al. 2019): add eta x the k smallest squared singular values of the batch's features (0: off)",
+        metavar="ETA",
+    )
+    bss_k: int = knob("method", 1, "BSS: how many of the smallest singular values are shrunk", metavar="K")
+    co_tuning: float = knob(
+        "method",
+        0.0,
+        "Co-Tuning (You et al. 2020): also train the start's own source head on p(source class | target class), "
+        "weighted by lambda (0: off); needs a start with its source head (ImageNet, demo-pretrained)",
+        metavar="LAMBDA",
     )
     epochs: int = knob("schedule", 90, "number of epochs")
     scheduler: str = knob("schedule", "step", "lr schedule, updated every step", ["step", "cosine"])
@@ -251,6 +308,10 @@ class Config:
             "cache_side",
             "early_stop",
             "log_every_steps",
+            "l2sp",
+            "delta",
+            "bss",
+            "co_tuning",
         ]
         for name in non_negative:
             if getattr(self, name) < 0:
@@ -272,6 +333,7 @@ class Config:
                 f"--freeze-epochs ({self.freeze_epochs}) must be smaller than --epochs ({self.epochs}), or nothing but "
                 "the head is ever trained"
             )
+        self.check_method()
         if not 0 < self.crop_scale <= 1:
             raise UserError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
         if 0 < self.cache_side < self.resolution:
@@ -293,6 +355,29 @@ class Config:
                 raise UserError(f"--{flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
         return self
 
+    def check_method(self) -> None:
+        """The fine-tuning method's knobs, and the ones that cannot go together."""
+        if not 0 < self.layer_decay <= 1:
+            raise UserError(f"--layer-decay must be in (0, 1] (1: off), got {self.layer_decay}")
+        if self.bss_k < 1:
+            raise UserError(f"--bss-k must be at least 1, got {self.bss_k}")
+        from_start = [name for name in ("probe_init", "l2sp", "delta", "co_tuning") if getattr(self, name)]
+        if from_start and self.weights.lower() == "none":
+            raise UserError(
+                f"--{flag(from_start[0])} needs a pretrained start, and --weights none starts from random weights; "
+                "drop it or pass --weights"
+            )
+        if self.freeze_epochs:
+            own_way = [
+                n for n in ("probe_init", "train_blocks", "train_params") if getattr(self, n) != getattr(Config, n)
+            ]
+            if own_way:
+                raise UserError(
+                    f"--freeze-epochs and --{flag(own_way[0])} both decide what trains first; use one of them"
+                )
+        if self.layer_decay != 1 and self.backbone_lr_mult != 1:
+            raise UserError("--layer-decay and --backbone-lr-mult both set the backbone's lr; use one of them")
+
     def speedup_on(self, name: str, device_type: str) -> bool:
         """Whether the switch `name` (amp, compile, channels_last) is on for this device."""
         return getattr(self, name) == "on" or (getattr(self, name) == "auto" and device_type == "cuda")
@@ -308,6 +393,7 @@ APPLIES_ONLY = [  # (knob, whether it has an effect in a config, what it needs)
     ("momentum", lambda c: c.optimizer == "sgd", "--optimizer sgd"),
     ("ema_half_life", lambda c: c.ema and not c.ema_decay, "--ema (and no --ema-decay)"),
     ("split_seed", lambda c: c.val_split > 0, "--val-split"),
+    ("bss_k", lambda c: c.bss > 0, "--bss"),
     ("final_test", lambda c: c.val_split > 0, "--val-split"),
 ]
 

@@ -2,7 +2,7 @@
 epoch, predictions and evaluation. train.py's loop calls them; nothing here calls back into it."""
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -80,10 +80,12 @@ class Progress:
     loss_sum: float = 0.0
     correct: int = 0
     seen: int = 0
+    term_sums: dict[str, float] = field(default_factory=dict)  # the method's extra loss terms, summed like the loss
 
     def result(self) -> "EpochResult":
         seen = max(self.seen, 1)
-        return EpochResult(self.loss_sum / seen, 100 * self.correct / seen, self.seen)
+        terms = {name: total / seen for name, total in self.term_sums.items()}
+        return EpochResult(self.loss_sum / seen, 100 * self.correct / seen, self.seen, terms)
 
 
 @dataclass
@@ -91,52 +93,57 @@ class EpochResult:
     loss: float
     accuracy: float  # percent
     images: int  # how many were seen (fewer than the split when unreadable ones were skipped)
+    terms: dict[str, float] = field(default_factory=dict)  # the method's extra loss terms, per image
 
 
 def average_over_processes(result: EpochResult, world) -> EpochResult:
     """One process's training loss and accuracy -> the whole job's, weighted by images seen."""
-    parts = world.all({"loss": result.loss, "accuracy": result.accuracy, "images": result.images})
+    parts = world.all({"loss": result.loss, "accuracy": result.accuracy, "images": result.images, **result.terms})
     images = sum(p["images"] for p in parts)
 
     def mean(key: str) -> float:
         return sum(p[key] * p["images"] for p in parts) / max(images, 1)
 
-    return EpochResult(mean("loss"), mean("accuracy"), images)
+    return EpochResult(mean("loss"), mean("accuracy"), images, {name: mean(name) for name in result.terms})
 
 
-def train_step(
-    model, batch, optimizer, scaler, device: Device, *, mixer=None, label_smoothing: float = 0.0, step: int = 0
-):
-    """One optimisation step on one batch (the epoch's `step`-th). Returns the loss, the logits and the true labels
-    (MixUp and CutMix blend the targets the loss sees, not these)."""
+def train_step(model, batch, optimizer, scaler, device: Device, *, objective, mixer=None, step: int = 0):
+    """One optimisation step on one batch (the epoch's `step`-th), minimising `objective` (cars/finetune.py: the
+    cross-entropy and the method's terms, built once in setup). Returns the cross-entropy, the logits, the true labels
+    (MixUp and CutMix blend the targets the loss sees, not these) and the method's terms."""
     images, labels = device.put(*batch)
     targets = labels
     if mixer is not None:
         images, targets = mixer(images, labels, step)
     with device.autocast():
-        logits = model(images)
-        loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+        loss, cross_entropy, logits, terms = objective(model, images, targets)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    return loss, logits, labels
+    return cross_entropy, logits, labels, terms
 
 
 class RunningTotals:
     """An epoch's loss sum, correct count and first non-finite loss, kept on the device: adding a step
     to them makes the host wait for nothing. `settle` reads them (one wait) into a Progress."""
 
-    def __init__(self, progress: Progress, device_type: str):
+    def __init__(self, progress: Progress, device_type: str, term_names: list[str] = ()):
         # float32: Apple's MPS has no float64. The correct count is an int64, so the accuracy stays exact
         self.loss_sum = torch.tensor(progress.loss_sum, dtype=torch.float32, device=device_type)
+        self.term_sums = {
+            name: torch.tensor(progress.term_sums.get(name, 0.0), dtype=torch.float32, device=device_type)
+            for name in term_names
+        }
         self.correct = torch.tensor(progress.correct, dtype=torch.int64, device=device_type)
         self.bad_step = torch.tensor(-1, device=device_type)  # the first step whose loss was not finite
         self.bad_loss = torch.tensor(0.0, device=device_type)
 
-    def add(self, step: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def add(self, step: int, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, terms: dict) -> None:
         loss = loss.detach()
         self.loss_sum += loss.float() * len(labels)
+        for name, value in terms.items():
+            self.term_sums[name] += value.detach().float() * len(labels)
         self.correct += (logits.detach().argmax(1) == labels).sum()
         first = (self.bad_step < 0) & ~torch.isfinite(loss)
         self.bad_step = torch.where(first, step, self.bad_step)
@@ -146,8 +153,8 @@ class RunningTotals:
         """Into `progress`; a loss that stopped being finite raises Diverged (nothing after it could be trusted)."""
         # one read for all four; float32 holds every whole number up to 2**24 exactly, so the step and the count
         # (an epoch's images in one process) come back exact
-        bad_step, loss_sum, correct, bad_loss = torch.stack(
-            [self.bad_step.float(), self.loss_sum, self.correct.float(), self.bad_loss]
+        bad_step, loss_sum, correct, bad_loss, *term_sums = torch.stack(
+            [self.bad_step.float(), self.loss_sum, self.correct.float(), self.bad_loss, *self.term_sums.values()]
         ).tolist()
         if bad_step >= 0:
             raise Diverged(
@@ -155,6 +162,7 @@ class RunningTotals:
                 f"(lr {lr:.3g}); lower --lr, check --lr-scaling, or try lr_find.py"
             )
         progress.loss_sum, progress.correct = loss_sum, int(correct)
+        progress.term_sums = dict(zip(self.term_sums, term_sums))
 
 
 @torch.no_grad()

@@ -1,7 +1,6 @@
 """Build a torchvision classifier with a fresh head, split its parameters, clean state dicts."""
 
 import difflib
-import hashlib
 import warnings
 from pathlib import Path
 
@@ -44,42 +43,6 @@ def replace_head(model: nn.Module, num_classes: int, dropout: float) -> None:
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, child)
     setattr(parent, child, DropoutLinear(old.in_features, num_classes, dropout))
-
-
-def head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return list(model.get_submodule(head_name(model)).parameters())
-
-
-def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
-    head = {id(p) for p in head_parameters(model)}
-    return [p for p in model.parameters() if id(p) not in head]
-
-
-def set_backbone_frozen(model: nn.Module, frozen: bool) -> None:
-    """Two-stage training: a frozen backbone gets no gradients and keeps its normalisation statistics.
-    Call it after model.train(). Only the backbone's BatchNorm layers go into eval mode: dropout,
-    the head's included, works as in any training step."""
-    for p in backbone_parameters(model):
-        p.requires_grad_(not frozen)
-    if frozen:
-        head = set(model.get_submodule(head_name(model)).modules())
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._NormBase) and module not in head:
-                module.eval()
-
-
-def start_fingerprint(model: nn.Module) -> str:
-    """A digest of a network's starting weights: every tensor of its state dict but the head's (a head made fresh for
-    the target is random, and not part of what was transferred). Two starts with the same fingerprint are the same
-    weights, whatever file or name they came from."""
-    digest = hashlib.sha256()
-    head = head_name(model) + "."
-    for key, tensor in sorted(model.state_dict().items()):
-        if key.startswith(head):
-            continue
-        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def resolve_weights(arch: str, weights: str):

@@ -1,4 +1,5 @@
-"""How the weights move: optimizer and parameter groups, the lr schedule, the EMA of the weights, the AMP scaler."""
+"""How the weights move: the optimizer (over the parameter groups of cars/finetune.py), the lr schedule, the EMA
+of the weights, the AMP scaler."""
 
 import math
 
@@ -6,52 +7,16 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from cars.models import backbone_parameters, head_parameters
+from cars.finetune import base_lr, param_groups
 
 
-def base_lr(cfg) -> float:
-    """--lr, scaled by batch/128 with --lr-scaling linear (lr 0.1 was tuned for batch 128)."""
-    return cfg.lr * cfg.batch_size / 128 if cfg.lr_scaling == "linear" else cfg.lr
-
-
-def no_decay_parameters(model: nn.Module) -> set[int]:
-    """The ids of the normalisation layers' weights and of every bias: what --norm-weight-decay decays. Decay pulls
-    a weight towards 0; a BatchNorm scale or a bias is not a weight that overfits by growing, and shrinking it only
-    fights the normalisation (torchvision's and timm's recipes leave them undecayed)."""
-    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
-    chosen = {
-        id(p) for module in model.modules() if isinstance(module, norms) for p in module.parameters(recurse=False)
-    }
-    return chosen | {id(p) for name, p in model.named_parameters() if name.endswith(".bias")}
-
-
-def make_optimizer(cfg, model) -> torch.optim.Optimizer:
-    """Two parameter groups so the backbone can learn slower than the new head (--backbone-lr-mult); with
-    --norm-weight-decay each is split in two, the normalisation weights and biases with their own decay. The head's
+def make_optimizer(cfg, model, *, extra: list[dict] = ()) -> torch.optim.Optimizer:
+    """SGD or AdamW over the method's parameter groups (finetune.param_groups: the lr and decay of each). The head's
     groups come last: the recipe reads the lr there."""
-    lr = base_lr(cfg)
-    groups = [
-        {"params": backbone_parameters(model), "lr": lr * cfg.backbone_lr_mult, "name": "backbone"},
-        {"params": head_parameters(model), "lr": lr, "name": "head"},
-    ]
-    if cfg.norm_weight_decay >= 0:
-        chosen, split = no_decay_parameters(model), []
-        for group in groups:
-            decayed = [p for p in group["params"] if id(p) not in chosen]
-            undecayed = [p for p in group["params"] if id(p) in chosen]
-            split.append({**group, "params": decayed})
-            split.append(
-                {
-                    **group,
-                    "params": undecayed,
-                    "name": f"{group['name']} norm and bias",
-                    "weight_decay": cfg.norm_weight_decay,
-                }
-            )
-        groups = [group for group in split if group["params"]]
+    groups = param_groups(cfg, model, extra=extra)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=base_lr(cfg), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=base_lr(cfg), weight_decay=cfg.weight_decay)
 
 
 def lr_factor(cfg, steps_per_epoch: int):

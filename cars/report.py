@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # no display needed, also on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cars.files import atomic_write  # noqa: E402
+from cars.runs import best_row, evaluated  # noqa: E402
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "eval_loss", "eval_acc", "seconds"]
 
@@ -35,23 +36,6 @@ def read_metrics(path: Path) -> list[dict]:
     """metrics.csv rows as numbers; None for the eval columns of epochs that were not evaluated (--eval-every)."""
     with open(path, newline="") as file:
         return [{k: float(v) if v != "" else None for k, v in row.items()} for row in csv.DictReader(file)]
-
-
-def evaluated(rows: list[dict]) -> list[dict]:
-    """The epochs that were evaluated (all of them unless --eval-every skipped some)."""
-    return [r for r in rows if r["eval_acc"] is not None]
-
-
-def best_row(rows: list[dict]) -> dict | None:
-    """The evaluated epoch with the highest eval accuracy, the first of equals (a tie is no improvement); None before
-    any."""
-    return max(evaluated(rows), key=lambda r: r["eval_acc"], default=None)
-
-
-def stale_evaluations(rows: list[dict]) -> int:
-    """How many evaluations came after the best one (--early-stop counts these)."""
-    best = best_row(rows)
-    return sum(1 for r in evaluated(rows) if r["epoch"] > best["epoch"]) if best else 0
 
 
 def plot_curves(rows: list[dict], path: Path, eval_name: str = "test", title: str = "") -> None:

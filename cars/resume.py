@@ -8,8 +8,7 @@ from pathlib import Path
 from cars import config as config_module
 from cars.checkpoint import load_checkpoint
 from cars.errors import UserError
-from cars.report import best_row
-from cars.runs import check_folder_free, read_summary, run_status
+from cars.runs import best_row, check_folder_free, read_summary, run_status
 
 # the only flags that may come with --resume: none of them changes the recipe (in the order the refusal names them)
 RESUMABLE_FLAGS = (

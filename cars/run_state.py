@@ -4,7 +4,11 @@ to use, and last.pt, everything needed to go on exactly."""
 import dataclasses
 import math
 import os
+import signal
 import socket
+import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,11 +18,12 @@ from torch.utils.tensorboard import SummaryWriter
 from cars.checkpoint import save_checkpoint, unwrap
 from cars.config import Config
 from cars.data import Splits
-from cars.distributed import World
-from cars.engine import Device, Progress
+from cars.distributed import World, shutdown
+from cars.engine import Device, Diverged, Progress
 from cars.errors import UserError
+from cars.finetune import base_lr
 from cars.loaders import CachedLoader
-from cars.optim import base_lr, ema_decay, load_scaler_state
+from cars.optim import ema_decay, load_scaler_state
 from cars.report import write_json
 from cars.runs import RunLog
 from cars.runtime import restore_rng, rng_state
@@ -48,9 +53,11 @@ class Run:
     train_batches: object
     eval_batches: object
     workers: int
+    objective: torch.nn.Module  # finetune.Objective: the loss with the method's terms
     log: RunLog | None = None  # made once every input, the checkpoint of a resume included, has been checked
     board: SummaryWriter | None = None  # TensorBoard events in the run folder (the main process only)
     rows: list[dict] = field(default_factory=list)  # metrics.csv, one row per epoch done
+    group_rows: list[dict] = field(default_factory=list)  # param_groups.csv, a row per group at each epoch's start
     first_epoch: int = 1
     epoch: int = 1  # the epoch in progress
     progress: Progress | None = None  # where a mid-epoch checkpoint left the first epoch to run
@@ -108,6 +115,8 @@ def save_last(run: Run, epoch: int, progress: Progress | None = None) -> None:
         "scaler": run.scaler.state_dict(),
         "rng": run.world.all(rng_state()),
         "history": run.rows,
+        "param_groups": run.group_rows,
+        "method": run.objective.learned(),
         "progress": dataclasses.asdict(progress) if progress else None,
     }
     if run.ema:  # "model" holds the EMA weights; the raw ones are needed to go on training
@@ -129,6 +138,7 @@ def restore(run: Run, checkpoint: dict) -> None:
             run.ema.load_state_dict(checkpoint["ema"])
         restore_rng(checkpoint["rng"], run.world.rank)
         run.rows = checkpoint["history"]
+        run.group_rows = checkpoint.get("param_groups", [])
         run.start_fingerprint = checkpoint.get("start_fingerprint")
         run.first_epoch = run.epoch = checkpoint["epoch"] + 1
         run.saved = (checkpoint["epoch"], (checkpoint.get("progress") or {}).get("steps") or 0)
@@ -139,6 +149,51 @@ def restore(run: Run, checkpoint: dict) -> None:
             f"{run.run_dir / 'last.pt'} does not fit this run ({detail}); it is damaged or was written by "
             f"another recipe. Nothing in {run.run_dir} was changed"
         ) from None
+
+
+@contextmanager
+def supervised(run: Run, *, resume_advice: str | None = None):
+    """The run's bookkeeping around its epochs: summary.json says "running" while they run, and how they ended when
+    they did not finish (interrupted, diverged, crashed); Ctrl-C or SIGTERM (a scheduler's stop, kill) exits 130
+    with the advice to resume (`resume_advice`, or train.py --resume). TensorBoard and the process group are closed
+    whatever happens."""
+    write_summary(run, run.status)
+    previous_sigterm = (
+        signal.signal(signal.SIGTERM, raise_interrupt)
+        if threading.current_thread() is threading.main_thread()
+        else None
+    )
+    try:
+        yield
+    except KeyboardInterrupt:  # every file on disk is complete (atomic writes): say how to go on
+        saved_epoch, saved_steps = run.saved
+        write_summary(run, {**run.status, "status": "interrupted", "epochs_done": saved_epoch})
+        run.log(
+            f"interrupted in epoch {run.epoch}; last.pt holds epoch {saved_epoch}"
+            + (f" and {saved_steps} steps of epoch {saved_epoch + 1} (--save-every-steps)" if saved_steps else "")
+            + ". "
+            + (resume_advice or f"Resume with: uv run train.py --resume {run.run_dir}")
+        )
+        sys.exit(130)
+    except Diverged as error:
+        write_summary(run, {**run.status, "status": "diverged", "epochs_done": run.epoch - 1})
+        run.log(f"diverged in epoch {run.epoch}: {error}")
+        raise UserError(
+            f"training diverged in epoch {run.epoch}: {error}. best.pt and last.pt from before are intact"
+        ) from None
+    except BaseException:  # anything else: the run is not left marked running
+        write_summary(run, {**run.status, "status": "crashed", "epochs_done": run.epoch - 1})
+        raise
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+        if run.board:
+            run.board.close()
+        shutdown(run.world)
+
+
+def raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def write_summary(run: Run, summary: dict) -> None:

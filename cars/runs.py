@@ -16,6 +16,7 @@ OUTPUTS = {
     "run folder": {
         "config.toml",
         "metrics.csv",
+        "param_groups.csv",
         "best.pt",
         "last.pt",
         "curves.png",
@@ -161,3 +162,23 @@ class RunLog:
         if self.file:
             tqdm.write(line)
             self.file.write(line + "\n")
+
+
+# --- the best epoch -------------------------------------------------------------------------------------------
+
+
+def evaluated(rows: list[dict]) -> list[dict]:
+    """The epochs that were evaluated (all of them unless --eval-every skipped some)."""
+    return [r for r in rows if r["eval_acc"] is not None]
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    """The best-epoch rule, which chooses what best.pt holds: the evaluated epoch with the highest eval accuracy, the
+    first of equals (a tie is no improvement); None before any."""
+    return max(evaluated(rows), key=lambda r: r["eval_acc"], default=None)
+
+
+def stale_evaluations(rows: list[dict]) -> int:
+    """How many evaluations came after the best one (--early-stop counts these)."""
+    best = best_row(rows)
+    return sum(1 for r in evaluated(rows) if r["epoch"] > best["epoch"]) if best else 0

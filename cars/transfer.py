@@ -7,7 +7,6 @@ Neyshabur et al. 2020 and Raghu et al. 2019 (which layers move when a pretrained
 """
 
 import math
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,54 +17,8 @@ from torch import nn
 from tqdm import tqdm
 
 from cars.checkpoint import read_state_dict
-from cars.models import build_model, head_fits, head_name, resolve_weights, start_fingerprint
-
-
-def is_layer(module: nn.Module) -> bool:
-    """A single layer (a convolution, a BatchNorm, ...): nothing inside it holds parameters of its own."""
-    return not any(True for _ in module.children())
-
-
-def blocks(model: nn.Module) -> list[str]:
-    """The model's blocks in forward order, by dotted name: its top-level children, with every nn.Sequential of
-    multi-layer blocks opened into them (ResNet's layer1 into layer1.0, layer1.1, ...; EfficientNet's features into
-    its stem and its MBConv blocks). A Sequential of single layers (ShuffleNet's conv1: conv, BN, ReLU) stays one block.
-    Blocks without parameters (pooling, ReLU) are left out."""
-
-    def opened(name: str, module: nn.Module) -> list[str]:
-        children = list(module.named_children())
-        if isinstance(module, nn.Sequential) and any(not is_layer(child) for _, child in children):
-            return [found for child_name, child in children for found in opened(f"{name}.{child_name}", child)]
-        return [name] if any(True for _ in module.parameters()) else []
-
-    return [found for name, child in model.named_children() for found in opened(name, child)]
-
-
-def head_block(model: nn.Module) -> str:
-    """The block that holds the classification head: `fc` for ResNets, `classifier` for EfficientNets."""
-    head = head_name(model)
-    return next(b for b in blocks(model) if head == b or head.startswith(b + "."))
-
-
-def stages(model: nn.Module) -> list[tuple[str, str]]:
-    """(label, module whose output is the stage's) for each stage before the head: a run of consecutive blocks with
-    one parent, labelled by the parent when the run is all of it (ResNet's layer1.0-layer1.2 is layer1), else by
-    joining the blocks' names (ResNet's stem, conv1 and bn1, is conv1+bn1; EfficientNet's is features.0)."""
-    every = blocks(model)
-    body = every[: every.index(head_block(model))]
-    parent_of = {block: block.rpartition(".")[0] for block in body}
-    runs: list[list[str]] = []
-    for block in body:
-        if runs and parent_of[runs[-1][0]] == parent_of[block]:
-            runs[-1].append(block)
-        else:
-            runs.append([block])
-    whole = {parent: sum(p == parent for p in parent_of.values()) for parent in parent_of.values()}
-    return [
-        (parent_of[run[0]] if parent_of[run[0]] and len(run) == whole[parent_of[run[0]]] else "+".join(run), run[-1])
-        for run in runs
-    ]
-
+from cars.finetune import blocks, fit_logistic_regression, head_block, start_fingerprint
+from cars.models import build_model, head_fits, resolve_weights
 
 # --- weights -----------------------------------------------------------------------------------------------------
 
@@ -271,16 +224,7 @@ def linear_probe(train_x, train_y, test_x, test_y, *, max_iter: int = 1000) -> P
     """Kornblith et al.'s fixed-feature classifier: multinomial logistic regression (L-BFGS, scikit-learn's default
     L2 strength C=1, not tuned) on standardised features. Without tuning it is a lower bound of what the features
     allow."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        classifier.fit(train_x, train_y)
-    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    classifier, converged = fit_logistic_regression(train_x, train_y, max_iter=max_iter)
     accuracy = 100 * float((classifier.predict(test_x) == np.asarray(test_y)).sum()) / len(test_y)
     return Probe(accuracy, converged)
 

@@ -22,6 +22,7 @@ from cars.config import Config, load_saved, resolve
 from cars.data import load_splits
 from cars.engine import Device, train_step
 from cars.errors import UserError
+from cars.finetune import plain_objective
 
 
 def bench_module(name: str):
@@ -69,8 +70,13 @@ def test_mixed_precision_on_a_cpu_is_bfloat16_without_loss_scaling_and_channels_
     assert Device("cuda", amp=True).amp_dtype == torch.float16 and Device("mps", amp=True).amp_dtype == torch.float16
     images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     before = model[2].weight.detach().clone()
-    loss, logits, _ = train_step(
-        model, (images, torch.tensor([0, 1])), torch.optim.SGD(model.parameters(), lr=0.1), scaler, device
+    loss, logits, _, _ = train_step(
+        model,
+        (images, torch.tensor([0, 1])),
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        scaler,
+        device,
+        objective=plain_objective(),
     )
     assert seen == {"input_channels_last": True, "output": torch.bfloat16}
     # cross-entropy runs in float32 under autocast

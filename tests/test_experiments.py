@@ -21,6 +21,7 @@ from cars.data import load_splits
 from cars.demo import write_demo
 from cars.engine import Device, train_step
 from cars.errors import UserError
+from cars.finetune import plain_objective
 from cars.loaders import TransformedSplit, make_loader
 from cars.models import build_model, head_name
 from cars.optim import make_ema
@@ -272,14 +273,14 @@ def linear_model_loss(label_smoothing=0.0, mixer=None):
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
     images, labels = torch.randn(6, 3, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    loss, _, _ = train_step(
+    loss, _, _, _ = train_step(
         model,
         (images, labels),
         optimizer,
         torch.amp.GradScaler("cpu", enabled=False),
         Device("cpu"),
+        objective=plain_objective(label_smoothing),
         mixer=mixer,
-        label_smoothing=label_smoothing,
     )
     return loss.item(), model(images.flatten(1).view(6, 3, 4, 4)).detach(), labels
 

@@ -16,10 +16,11 @@ from scipy.optimize import minimize
 import eval as eval_tool
 import inspect_data
 import train
-from cars import demo, transfer, transferability
+from cars import demo, finetune, transfer, transferability
 from cars.checkpoint import read_state_dict
 from cars.errors import UserError
-from cars.models import build_model, start_fingerprint
+from cars.finetune import start_fingerprint
+from cars.models import build_model
 
 ARCH = "shufflenet_v2_x0_5"
 
@@ -40,8 +41,8 @@ def meta_model(arch: str):
 def test_blocks_and_stages_follow_the_architecture():
     resnet = meta_model("resnet50")
     residual = [f"layer{i}.{j}" for i, n in enumerate((3, 4, 6, 3), 1) for j in range(n)]
-    assert transfer.blocks(resnet) == ["conv1", "bn1", *residual, "fc"]
-    assert transfer.stages(resnet) == [
+    assert finetune.blocks(resnet) == ["conv1", "bn1", *residual, "fc"]
+    assert finetune.stages(resnet) == [
         ("conv1+bn1", "bn1"),
         ("layer1", "layer1.2"),
         ("layer2", "layer2.3"),
@@ -49,15 +50,15 @@ def test_blocks_and_stages_follow_the_architecture():
         ("layer4", "layer4.2"),
     ]
     shufflenet = meta_model(ARCH)
-    assert transfer.blocks(shufflenet)[:2] == ["conv1", "stage2.0"] and transfer.blocks(shufflenet)[-2:] == [
+    assert finetune.blocks(shufflenet)[:2] == ["conv1", "stage2.0"] and finetune.blocks(shufflenet)[-2:] == [
         "conv5",
         "fc",
     ]
-    assert [label for label, _ in transfer.stages(shufflenet)] == ["conv1", "stage2", "stage3", "stage4", "conv5"]
+    assert [label for label, _ in finetune.stages(shufflenet)] == ["conv1", "stage2", "stage3", "stage4", "conv5"]
     efficientnet = meta_model("efficientnet_b0")
-    assert transfer.head_block(efficientnet) == "classifier"
-    assert transfer.blocks(efficientnet)[:3] == ["features.0", "features.1.0", "features.2.0"]
-    assert [label for label, _ in transfer.stages(efficientnet)] == [
+    assert finetune.head_block(efficientnet) == "classifier"
+    assert finetune.blocks(efficientnet)[:3] == ["features.0", "features.1.0", "features.2.0"]
+    assert [label for label, _ in finetune.stages(efficientnet)] == [
         "features.0",
         *[f"features.{i}" for i in range(1, 8)],
         "features.8",
@@ -77,7 +78,7 @@ def test_a_planted_weight_change_comes_back_exactly():
                 p.mul_(factor)
         tuned.layer3[0].bn1.running_mean.add_(100.0)  # a buffer, not a parameter: no weight change
     rows = {r["layer"]: r for r in transfer.weight_change(start, tuned, head_is_new=True)}
-    assert list(rows) == transfer.blocks(start)
+    assert list(rows) == finetune.blocks(start)
     assert rows["layer2.1"]["relative_change"] == pytest.approx(1.0, abs=1e-12)
     assert rows["layer4.0"]["relative_change"] == pytest.approx(0.75, abs=1e-12)
     assert rows["conv1"]["relative_change"] == pytest.approx(3.0, abs=1e-12)
@@ -177,7 +178,7 @@ def test_cka_of_independent_features_is_near_zero_where_the_plain_estimator_is_n
 def test_a_stage_output_is_hooked_and_pooled_as_the_model_computes_it():
     model = build_model("resnet18", "none", 3).eval()
     images = torch.randn(5, 3, 64, 64)
-    with transfer.stage_outputs(model, transfer.stages(model)) as outputs, torch.no_grad():
+    with transfer.stage_outputs(model, finetune.stages(model)) as outputs, torch.no_grad():
         logits = model(images)
     expected = torch.nn.functional.adaptive_avg_pool2d(outputs["layer4"], 1).flatten(1)
     assert torch.allclose(model.fc(transfer.pooled(outputs["layer4"])), logits, atol=1e-5)

@@ -7,7 +7,8 @@ import torchvision
 
 from cars.checkpoint import clean_state_dict, load_checkpoint, read_state_dict, save_checkpoint
 from cars.errors import UserError
-from cars.models import backbone_parameters, build_model, head_name, head_parameters
+from cars.finetune import backbone_parameters, head_parameters
+from cars.models import build_model, head_name
 
 
 def place_in_torchvision_cache(arch: str, weights_name: str) -> dict:
@@ -130,10 +131,12 @@ def test_damaged_checkpoint_is_one_clear_line(tmp_path):
 def test_a_frozen_backbone_keeps_its_norm_statistics_and_the_head_trains_as_usual(arch):
     """Only the backbone's normalisation statistics stop: every dropout, the head's included, stays
     in training mode, so a frozen epoch trains the head exactly as an unfrozen one would."""
-    from cars.models import set_backbone_frozen
+    from cars.config import Config
+    from cars.finetune import set_trainable
 
+    cfg = Config()
     model = build_model(arch, "none", num_classes=5, dropout=0.5).train()
-    set_backbone_frozen(model, True)
+    set_trainable(cfg, model, backbone_frozen=True)
     head = model.get_submodule(head_name(model))
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
@@ -149,5 +152,5 @@ def test_a_frozen_backbone_keeps_its_norm_statistics_and_the_head_trains_as_usua
     model(torch.randn(4, 3, 64, 64))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in statistics.items())
 
-    set_backbone_frozen(model.train(), False)
+    set_trainable(cfg, model.train())
     assert all(m.training for m in norms) and all(p.requires_grad for p in model.parameters())

@@ -49,5 +49,7 @@ def test_the_first_batch_of_seed_0_is_pinned(tmp_path, hub_folder):
     assert (images.int() - reference.int()).abs().max().item() <= 1
 
     run.model.train()
-    loss, _, _ = train.train_step(run.model, (images, labels), run.optimizer, run.scaler, run.device, step=0)
+    loss, _, _, _ = train.train_step(
+        run.model, (images, labels), run.optimizer, run.scaler, run.device, objective=run.objective, step=0
+    )
     assert loss.item() == pytest.approx(FIRST_BATCH["loss"], rel=1e-3)
