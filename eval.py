@@ -483,6 +483,8 @@ def what_fine_tuning_changed(evaluation: Evaluation, summary: dict) -> str:
         "seconds": round(seconds, 2),
     }
     largest_drift = max(drift, key=lambda r: r["mean_shift"], default=None)
+    still = [r["layer"] for r in changes if r["start"] != "new" and r["relative_change"] == 0]
+    summary["transfer"]["unchanged_blocks"] = still
     most = ", ".join(f"{r['layer']} ({r['relative_change']:.3f})" for r in moved[:3])
     identity = {
         True: "",
@@ -494,7 +496,8 @@ def what_fine_tuning_changed(evaluation: Evaluation, summary: dict) -> str:
         f"Fine-tuning from `{start.weights}`{identity} moved the blocks {most} "
         f"most and {moved[-1]['layer']} least ({moved[-1]['relative_change']:.3f}); relative change is "
         "||W - W0|| / ||W0|| over a block's weights and biases"
-        + (", and the head is new." if start.head_is_new else "."),
+        + (", and the head is new." if start.head_is_new else ".")
+        + (f" {len(still)} blocks did not move at all, as the method froze them: {', '.join(still)}." if still else ""),
         f"The BatchNorm statistics moved most in {largest_drift['layer']}: its running means by "
         f"{largest_drift['mean_shift']:.2f} starting standard deviations on average."
         if largest_drift
@@ -543,7 +546,8 @@ def write_report(
     report = [
         f"# Evaluation of `{trained.path}`",
         f"{trained.arch} at {trained.resolution} px on the test split of `{trained.data}` ({len(scores.labels)} "
-        f"images, {len(scores.names)} classes).",
+        f"images, {len(scores.names)} classes)"
+        + (f", trained by {trained.method} from `{trained.start_weights}` weights." if trained.method else "."),
         f"**Top-1 {summary['top1']:.2f}%**, top-5 {summary['top5']:.2f}%; mean per-class accuracy "
         f"{np.nanmean([c.accuracy for c in scores.classes]):.2f}%.",
         "## Per-class accuracy",

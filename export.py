@@ -156,6 +156,7 @@ def export_info(trained: Trained) -> dict:
         "data": trained.data,
         "weights": trained.start_weights,  # what the fine-tune started from: eval.py's transfer section reads it
         "start_fingerprint": trained.start_fingerprint,  # and checks that it finds those very weights
+        "method": trained.method,  # how it was fine-tuned, in words (the report names it)
         "source": str(trained.path),
     }
 

@@ -15,6 +15,7 @@ The methods (the papers compare them on fine-grained classification such as Stan
 """
 
 import copy
+import dataclasses
 import hashlib
 import re
 import warnings
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from cars.config import Config, from_dict
 from cars.errors import UserError
 from cars.models import head_name
 
@@ -123,7 +125,7 @@ def chosen_blocks(model: nn.Module, names: str) -> set[str]:
     """The blocks --train-blocks names: a block (`layer4.2`), a stage or any parent of blocks (`layer4`), a stage's
     label (`conv1+bn1`) or `stem` (the first stage). Comma- or space-separated."""
     every, runs = blocks(model), stage_runs(model)
-    labels = {label: run for label, run in runs} | {STEM: runs[0][1]}
+    labels = {STEM: runs[0][1], **{label: run for label, run in runs}}
     chosen = set()
     for name in filter(None, re.split(r"[,\s]+", names)):
         found = labels.get(name) or [b for b in every if b == name or b.startswith(name + ".")]
@@ -308,18 +310,27 @@ def head_inputs(model: nn.Module, loader, device, *, description: str) -> tuple[
     return torch.cat(features), torch.cat(labels)
 
 
-def fit_logistic_regression(features, labels, *, max_iter: int = 1000):
+def fit_logistic_regression(features, labels, *, max_iter: int = 1000, per_feature: bool = True):
     """Multinomial logistic regression (L-BFGS, scikit-learn's default L2 strength C=1) on standardised features,
-    fitted to convergence or `max_iter`. Returns the fitted pipeline and whether it converged."""
+    fitted to convergence or `max_iter`: each feature scaled to unit variance, or with `per_feature=False` all of them
+    by one number (the features' mean standard deviation), which keeps a nearly constant feature from getting a huge
+    weight. Returns the fitted pipeline and whether it converged."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
-    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
+    features = np.asarray(features, dtype=np.float64)
+    if per_feature:
+        scaler = StandardScaler()
+    else:
+        mean, spread = features.mean(0), float(features.std(0).mean()) or 1.0
+        scaler = FunctionTransformer(lambda x: (x - mean) / spread)
+        scaler.mean_, scaler.scale_ = mean, np.full(features.shape[1], spread)
+    classifier = make_pipeline(scaler, LogisticRegression(max_iter=max_iter))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        classifier.fit(np.asarray(features), np.asarray(labels))
+        classifier.fit(features, np.asarray(labels))
     return classifier, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
 
 
@@ -336,7 +347,7 @@ class ProbeHead:
 
 def fit_probe_head(model: nn.Module, loader, device, num_classes: int) -> ProbeHead:
     """LP-FT's first stage: a logistic-regression probe on the start's frozen features of the training images (centre
-    crops, as evaluated), as the head's weights. Every class must appear in the images."""
+    crops, as evaluated), folded into the head's weight and bias. Every class must appear in the images."""
     features, labels = head_inputs(model, loader, device, description="probe features")
     classes = sorted(set(labels.tolist()))
     if classes != list(range(num_classes)):
@@ -344,7 +355,9 @@ def fit_probe_head(model: nn.Module, loader, device, num_classes: int) -> ProbeH
             f"the linear probe needs training images of every class; {num_classes - len(classes)} of {num_classes} "
             "classes have none readable"
         )
-    classifier, converged = fit_logistic_regression(features.numpy(), labels.numpy())
+    # one scale for all features: per-feature standardising would give a nearly constant feature a weight large enough
+    # to blow the logits up as soon as fine-tuning moves it
+    classifier, converged = fit_logistic_regression(features.numpy(), labels.numpy(), per_feature=False)
     scaler, regression = classifier[0], classifier[-1]
     coef = torch.from_numpy(regression.coef_).float()
     scale = torch.from_numpy(scaler.scale_).float()
@@ -712,3 +725,12 @@ def describe(cfg) -> str:
     if cfg.weights.lower() == "none":
         return "training from scratch" + (f": {', '.join(parts)}" if parts else "")
     return ", ".join(parts) if parts else "plain fine-tuning"
+
+
+def describe_saved(config: dict) -> str | None:
+    """`describe` of a checkpoint's saved config; None when it is not a whole config of this version."""
+    try:
+        values = from_dict(config, "the checkpoint's config")
+        return describe(dataclasses.replace(Config(), **values))
+    except (UserError, TypeError):
+        return None

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from cars.checkpoint import clean_state_dict, load_checkpoint, state_dict_of
 from cars.data import label_map, open_source
 from cars.errors import UserError
+from cars.finetune import describe_saved
 from cars.models import build_model, check_resolution, head_name, load_checked
 from cars.transforms import normalize
 
@@ -30,7 +31,8 @@ class Trained:
         "pytorch"  # or onnxruntime: an exported model.onnx, called like the PyTorch model (no gradients, so no CAMs)
     )
     start_weights: str | None = None  # the --weights its fine-tune started from, when known
-    start_fingerprint: str | None = None  # models.start_fingerprint of those weights, when the run recorded it
+    start_fingerprint: str | None = None  # finetune.start_fingerprint of those weights, when the run recorded it
+    method: str | None = None  # the fine-tuning method, in words (finetune.describe), when the checkpoint says
 
     def classify(self, pixels: torch.Tensor, topk: int) -> list[dict]:
         """The top-k classes for one image's uint8 pixels (as eval_transform gives them), most probable first."""
@@ -84,6 +86,7 @@ def read_model_file(path: Path) -> tuple[dict, dict]:
         **{k: config.get(k) for k in ("arch", "resolution", "data", "weights")},
         "class_names": names,
         "start_fingerprint": loaded.get("start_fingerprint"),
+        "method": describe_saved(config),
     }
 
 
@@ -194,4 +197,5 @@ def load_trained(path, *, arch=None, num_classes=None, resolution=None, data=Non
         path,
         start_weights=info.get("weights"),
         start_fingerprint=info.get("start_fingerprint"),
+        method=info.get("method"),
     )

@@ -11,10 +11,10 @@ from cars.finetune import backbone_parameters, head_parameters
 from cars.models import build_model, head_name
 
 
-def place_in_torchvision_cache(arch: str, weights_name: str) -> dict:
+def place_in_torchvision_cache(arch: str, weights_name: str, seed: int = 123) -> dict:
     """An ImageNet-shaped state dict where torchvision looks before downloading."""
     weights = torchvision.models.get_model_weights(arch)[weights_name]
-    torch.manual_seed(123)
+    torch.manual_seed(seed)
     state = torchvision.models.get_model(arch, weights=None).state_dict()
     folder = Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
