@@ -429,9 +429,9 @@ def what_fine_tuning_changed(evaluation: Evaluation, summary: dict) -> str:
         start.model,
         tuned,
         control,
-        stage_list,
-        evaluation.loader_of(SubsetSplit(test, subset, "test"), cache=args.cache),
-        device,
+        stage_list=stage_list,
+        loader=evaluation.loader_of(SubsetSplit(test, subset, "test"), cache=args.cache),
+        device=device,
     )
     cka_rows = [
         dict(layer=label, cka=tuned_cka, cka_control=control_cka) for label, (tuned_cka, control_cka) in cka.items()

@@ -137,7 +137,7 @@ def search(study, sweep: sweeps.Sweep, out: Path, *, storage: str, heartbeat: in
                 sweeps.wait_for_others(study, heartbeat)
                 continue
             study.optimize(
-                lambda trial: objective(trial, study, sweep, out, ran, crashes),
+                lambda trial: objective(trial, study=study, sweep=sweep, out=out, ran=ran, crashes=crashes),
                 n_trials=1,
                 catch=(OverCap, TrialCrashed),
             )
@@ -168,7 +168,7 @@ def search(study, sweep: sweeps.Sweep, out: Path, *, storage: str, heartbeat: in
     )
 
 
-def objective(trial, study, sweep: sweeps.Sweep, out: Path, ran: list, crashes: list) -> float:
+def objective(trial, *, study, sweep: sweeps.Sweep, out: Path, ran: list, crashes: list) -> float:
     """One trial: train.py on the sweep's config with this trial's parameters, in runs/sweeps/<name>/trial-<k>/.
     Returns its best validation accuracy."""
     if not sweeps.has_slot(study, trial, sweep.trials):

@@ -113,8 +113,9 @@ def scene(rng: random.Random, size=(0.5, 0.7)):
     return image, draw, at, thing_w
 
 
-def wheel(draw, at, x, y, radius, rng, *, hub=True):
-    cx, cy = at(x, y)
+def wheel(draw, at, centre, radius, rng, *, hub=True):
+    """A wheel at `centre` (x, y in the thing's own units) of `radius` px."""
+    cx, cy = at(*centre)
     draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=(25, 25, 25))
     if hub:
         draw.ellipse(
@@ -122,7 +123,9 @@ def wheel(draw, at, x, y, radius, rng, *, hub=True):
         )
 
 
-def box(draw, at, x0, y0, x1, y1, fill):
+def box(draw, at, corners, fill):
+    """A filled rectangle between the `corners` (x0, y0, x1, y1, in the thing's own units)."""
+    x0, y0, x1, y1 = corners
     draw.polygon([at(x0, y0), at(x1, y0), at(x1, y1), at(x0, y1)], fill=fill)
 
 
@@ -130,7 +133,7 @@ def draw_car(body: str, paint: str, rng: random.Random) -> Image.Image:
     image, draw, at, car_w = scene(rng)
     top, cabin, wheel_size = BODIES[body]
     colour = jitter(PAINTS[paint], rng)
-    box(draw, at, 0, top, 1, 0.5, colour)
+    box(draw, at, (0, top, 1, 0.5), colour)
     draw.polygon([at(x, y) for x, y in cabin], fill=colour)
     glass = jitter((180, 210, 235), rng, 20)
     (ax, ay), (bx, by), (cx, cy), (dx, dy) = cabin
@@ -142,7 +145,7 @@ def draw_car(body: str, paint: str, rng: random.Random) -> Image.Image:
         draw.line([at(0.46, top + 0.03), at(0.98, top + 0.03)], fill=(40, 40, 40), width=max(1, int(car_w / 60)))
     radius = wheel_size * rng.uniform(0.9, 1.1) * car_w
     for x in (0.2, 0.8):
-        wheel(draw, at, x, 0.5, radius, rng)
+        wheel(draw, at, (x, 0.5), radius, rng)
     if rng.random() < 0.5:  # a detail that says nothing about the class: a headlight or a stripe
         lx, ly = at(0.97, top + 0.05)
         draw.ellipse([lx - car_w / 40, ly - car_w / 40, lx + car_w / 40, ly + car_w / 40], fill=(250, 240, 160))
@@ -158,24 +161,24 @@ def draw_source_thing(kind: str, paint: tuple[int, int, int], rng: random.Random
     line = max(1, int(thing_w / 40))
     r = rng.uniform(0.9, 1.1) * thing_w  # wheel radii are in units of the thing's width
     if kind == "Bus":
-        box(draw, at, 0, 0.08, 1, 0.5, colour)
+        box(draw, at, (0, 0.08, 1, 0.5), colour)
         for i in range(6):
-            box(draw, at, 0.06 + i * 0.15, 0.13, 0.17 + i * 0.15, 0.26, glass)
+            box(draw, at, (0.06 + i * 0.15, 0.13, 0.17 + i * 0.15, 0.26), glass)
         for x in (0.18, 0.82):
-            wheel(draw, at, x, 0.5, 0.08 * r, rng)
+            wheel(draw, at, (x, 0.5), 0.08 * r, rng)
     elif kind == "Truck":
-        box(draw, at, 0.3, 0.0, 1, 0.45, jitter((200, 200, 200), rng))  # the cargo box
-        box(draw, at, 0.0, 0.18, 0.28, 0.47, colour)  # the cab
-        box(draw, at, 0.03, 0.22, 0.2, 0.32, glass)
+        box(draw, at, (0.3, 0.0, 1, 0.45), jitter((200, 200, 200), rng))  # the cargo box
+        box(draw, at, (0.0, 0.18, 0.28, 0.47), colour)  # the cab
+        box(draw, at, (0.03, 0.22, 0.2, 0.32), glass)
         for x in (0.14, 0.62, 0.86):
-            wheel(draw, at, x, 0.5, 0.07 * r, rng)
+            wheel(draw, at, (x, 0.5), 0.07 * r, rng)
     elif kind == "Tractor":
-        box(draw, at, 0.1, 0.28, 0.8, 0.45, colour)
-        box(draw, at, 0.5, 0.02, 0.78, 0.28, colour)
-        box(draw, at, 0.54, 0.06, 0.74, 0.24, glass)
+        box(draw, at, (0.1, 0.28, 0.8, 0.45), colour)
+        box(draw, at, (0.5, 0.02, 0.78, 0.28), colour)
+        box(draw, at, (0.54, 0.06, 0.74, 0.24), glass)
         draw.line([at(0.2, 0.28), at(0.2, 0.12)], fill=dark, width=line)  # the exhaust
-        wheel(draw, at, 0.68, 0.42, 0.2 * r, rng)
-        wheel(draw, at, 0.18, 0.46, 0.1 * r, rng)
+        wheel(draw, at, (0.68, 0.42), 0.2 * r, rng)
+        wheel(draw, at, (0.18, 0.46), 0.1 * r, rng)
     elif kind == "Bicycle":
         for x in (0.2, 0.8):
             cx, cy = at(x, 0.38)
@@ -186,25 +189,25 @@ def draw_source_thing(kind: str, paint: tuple[int, int, int], rng: random.Random
         draw.line([at(0.7, 0.12), at(0.8, 0.38)], fill=colour, width=2 * line)
         draw.line([at(0.3, 0.05), at(0.4, 0.05)], fill=dark, width=2 * line)  # the saddle
     elif kind == "House":
-        box(draw, at, 0.1, 0.15, 0.9, 0.5, colour)
+        box(draw, at, (0.1, 0.15, 0.9, 0.5), colour)
         draw.polygon([at(0.03, 0.16), at(0.5, -0.15), at(0.97, 0.16)], fill=jitter((150, 60, 50), rng))
-        box(draw, at, 0.18, 0.22, 0.36, 0.34, glass)
-        box(draw, at, 0.62, 0.22, 0.8, 0.34, glass)
-        box(draw, at, 0.44, 0.3, 0.56, 0.5, dark)  # the door
+        box(draw, at, (0.18, 0.22, 0.36, 0.34), glass)
+        box(draw, at, (0.62, 0.22, 0.8, 0.34), glass)
+        box(draw, at, (0.44, 0.3, 0.56, 0.5), dark)  # the door
     elif kind == "Wagon":  # a railway carriage: many small wheels
-        box(draw, at, 0, 0.1, 1, 0.44, colour)
+        box(draw, at, (0, 0.1, 1, 0.44), colour)
         for i in range(4):
-            box(draw, at, 0.06 + i * 0.24, 0.16, 0.22 + i * 0.24, 0.28, glass)
+            box(draw, at, (0.06 + i * 0.24, 0.16, 0.22 + i * 0.24, 0.28), glass)
         draw.line([at(-0.05, 0.44), at(1.05, 0.44)], fill=dark, width=line)
         for x in (0.1, 0.24, 0.76, 0.9):
-            wheel(draw, at, x, 0.48, 0.05 * r, rng, hub=False)
+            wheel(draw, at, (x, 0.48), 0.05 * r, rng, hub=False)
     elif kind == "Boat":  # on water: a blue band over the road
         left, _ = at(-0.2, 0.5)
         right, _ = at(1.2, 0.5)
         _, water_top = at(0, 0.42)
         draw.rectangle([min(left, right), water_top, max(left, right), water_top + 0.2 * thing_w], fill=(40, 90, 160))
         draw.polygon([at(0, 0.3), at(1, 0.3), at(0.85, 0.48), at(0.1, 0.48)], fill=colour)
-        box(draw, at, 0.35, 0.1, 0.7, 0.3, jitter((230, 230, 230), rng))
+        box(draw, at, (0.35, 0.1, 0.7, 0.3), jitter((230, 230, 230), rng))
         for x in (0.4, 0.55):
             cx, cy = at(x, 0.2)
             radius = 0.035 * thing_w
@@ -215,10 +218,10 @@ def draw_source_thing(kind: str, paint: tuple[int, int, int], rng: random.Random
             radius=0.08 * thing_w,
             fill=colour,
         )
-        box(draw, at, 0.2, 0.14, 0.45, 0.26, glass)
-        box(draw, at, 0.7, 0.14, 0.82, 0.42, jitter((230, 230, 230), rng))
+        box(draw, at, (0.2, 0.14, 0.45, 0.26), glass)
+        box(draw, at, (0.7, 0.14, 0.82, 0.42), jitter((230, 230, 230), rng))
         draw.line([at(0.12, 0.4), at(0.0, 0.46)], fill=dark, width=line)
-        wheel(draw, at, 0.55, 0.47, 0.07 * r, rng)
+        wheel(draw, at, (0.55, 0.47), 0.07 * r, rng)
     else:
         raise ValueError(kind)
     return image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8)))

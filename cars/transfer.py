@@ -184,7 +184,7 @@ def closest_and_furthest(cka_rows: list[dict]) -> tuple[dict | None, dict | None
 
 
 @torch.no_grad()
-def minibatch_cka(start, tuned, control, stage_list, loader, device) -> dict[str, tuple[float, float]]:
+def minibatch_cka(start, tuned, control, *, stage_list, loader, device) -> dict[str, tuple[float, float]]:
     """Per stage: (CKA of the start against the fine-tuned network, CKA of the start against the control, a randomly
     initialised network), on the flattened stage outputs of the same images. Batches of fewer than 4 images are left
     out (the estimator needs 4)."""

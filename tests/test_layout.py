@@ -91,3 +91,19 @@ def test_the_cam_methods_offered_are_the_ones_explained():
     from cars.explain import CAM_METHODS as CLASSES
 
     assert tuple(CLASSES) == CAM_METHODS
+
+
+POSITIONAL_AT_MOST = 5  # a wider signature takes the rest by keyword, so that a call says what each value is
+
+
+def test_wide_signatures_take_keywords():
+    """The recipe's rule: a function with more than five parameters takes the rest keyword-only (after a `*`)."""
+    files = [*ROOT.glob("*.py"), *(ROOT / "cars").glob("*.py"), *(ROOT / "bench").glob("*.py"), *ROOT.glob("docs/*.py")]
+    wide = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                positional = [a.arg for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls")]
+                if len(positional) > POSITIONAL_AT_MOST:
+                    wide.append(f"{path.relative_to(ROOT)}: {node.name}({', '.join(positional)})")
+    assert not wide, "make the later parameters keyword-only: " + "; ".join(wide)
