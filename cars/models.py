@@ -1,6 +1,7 @@
 """Build a torchvision classifier with a fresh head, split its parameters, clean state dicts."""
 
 import difflib
+import functools
 import warnings
 from pathlib import Path
 
@@ -200,9 +201,19 @@ def load_checked(model: nn.Module, state: dict, *, what: str, arch: str, allow_m
 
 
 def guess_arch(state: dict) -> str | None:
-    """The torchvision architecture whose backbone has exactly these tensor names and shapes.
-    Models are built on the meta device: no memory, no weights, a few seconds for all of them."""
+    """The torchvision architecture whose backbone has exactly these tensor names and shapes."""
     shapes = {k: tuple(v.shape) for k, v in state.items()}
+    for arch, (head, own) in backbone_shapes().items():
+        if own == {k: v for k, v in shapes.items() if not k.startswith(head)}:
+            return arch
+    return None
+
+
+@functools.cache
+def backbone_shapes() -> dict[str, tuple[str, dict]]:
+    """Every torchvision classifier's head prefix and backbone tensor shapes, built once per process on the meta
+    device: no memory, no weights, a few seconds for all of them."""
+    found = {}
     for arch in classification_archs():
         try:
             with torch.device("meta"), warnings.catch_warnings():
@@ -214,7 +225,5 @@ def guess_arch(state: dict) -> str | None:
             head = head_name(model) + "."
         except UserError:  # no linear head (SqueezeNet): not a candidate
             continue
-        own = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(head)}
-        if own == {k: v for k, v in shapes.items() if not k.startswith(head)}:
-            return arch
-    return None
+        found[arch] = (head, {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(head)})
+    return found

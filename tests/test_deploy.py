@@ -286,48 +286,40 @@ export.main(sys.argv[2:])
 """
 
 
-@pytest.mark.parametrize("point", ["while writing", "before the swap", "between the moves"])
-def test_a_killed_overwrite_leaves_one_whole_export(exported, tmp_path, point, capsys):
-    """--overwrite writes the new export beside the old one and swaps it in: killed at any moment, the folder holds
-    one complete export that passes --verify, and nothing of the old one is lost before the new one has passed."""
+def test_a_killed_overwrite_leaves_one_whole_export(exported, tmp_path, capsys):
+    """--overwrite writes the new export beside the old one and swaps it in: killed at any moment (while writing,
+    before the swap, between the two moves where a system cannot swap folders in one step), the folder holds one
+    complete export that passes --verify, and nothing of the old one is lost before the new one has passed. The three
+    kills run at once, each on its own copy of the export."""
     import shutil
     import signal
     import subprocess
     import sys
 
-    out = tmp_path / "export"
-    shutil.copytree(exported / "safetensors-only", out)
-    before = json.loads((out / "model.json").read_text())
-    killed = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            KILLER,
-            point,
-            str(exported / "run"),
-            "--out",
-            str(out),
-            "--format",
-            "safetensors",
-            "--check-images",
-            "4",
-            "--overwrite",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    # puts back what a kill moved aside
-    export.main([str(exported / "run"), "--out", str(out), "--verify", "--check-images", "4"])
-    after = json.loads((out / "model.json").read_text())
-    assert after == before and sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]
-    assert capsys.readouterr().out.count("passes") == 1
-    export.main(
-        [str(exported / "run"), "--out", str(out), "--format", "safetensors", "--check-images", "4", "--overwrite"]
-    )
-    # the new export alone: no staging or old folder left
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
-    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]
+    points = ["while writing", "before the swap", "between the moves"]
+    killers = {}
+    for i, point in enumerate(points):
+        out = tmp_path / f"kill{i}" / "export"
+        shutil.copytree(exported / "safetensors-only", out)
+        flags = ["--out", str(out), "--format", "safetensors", "--check-images", "4", "--overwrite"]
+        command = [sys.executable, "-c", KILLER, point, str(exported / "run"), *flags]
+        killers[point] = (out, subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for point, (out, killer) in killers.items():
+        _, stderr = killer.communicate()
+        assert killer.returncode == -signal.SIGKILL, (point, stderr[-2000:])
+        before = json.loads((exported / "safetensors-only" / "model.json").read_text())
+        # puts back what a kill moved aside
+        capsys.readouterr()
+        export.main([str(exported / "run"), "--out", str(out), "--verify", "--check-images", "4"])
+        after = json.loads((out / "model.json").read_text())
+        assert after == before and sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"], point
+        assert capsys.readouterr().out.count("passes") == 1, point
+        export.main(
+            [str(exported / "run"), "--out", str(out), "--format", "safetensors", "--check-images", "4", "--overwrite"]
+        )
+        # the new export alone: no staging or old folder left
+        assert sorted(p.name for p in out.parent.iterdir()) == ["export"], point
+        assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"], point
 
 
 def test_overwrite_never_replaces_a_folder_that_is_not_an_export(exported, tmp_path):

@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_args, tiny_run, write_hub_folder
 from test_models import place_in_torchvision_cache
 
+import eval as eval_tool
 import train
 from cars import finetune
 from cars.checkpoint import load_checkpoint
@@ -55,8 +56,9 @@ EVERY_METHOD = ["--probe-init", "--layer-decay", "0.8", "--l2sp", "0.01", "--del
     ],
 )
 def test_every_method_runs_on_each_network_and_frozen_tensors_stay_bit_identical(
-    tmp_path, data, demo_pretrained, arch, weights, surgical, last_block
+    tmp_path, data, demo_pretrained, monkeypatch, arch, weights, surgical, last_block
 ):
+    monkeypatch.setattr(finetune, "DELTA_ATTENTION_IMAGES", 4)  # each knocked-out channel costs a pass over them
     if weights != "demo-pretrained":  # the demo_pretrained fixture placed those in the session's cache
         place_in_torchvision_cache(arch, weights)
     run_dir = tmp_path / "run"
@@ -91,6 +93,15 @@ def test_every_method_runs_on_each_network_and_frozen_tensors_stay_bit_identical
     assert finetune.block_of(last_block, finetune.blocks(model)) in groups or "--train-blocks" not in surgical
     log = (run_dir / "train.log").read_text()
     assert "linear probe on the start's features of 18 training images" in log
+    if arch == "resnet18":  # the report names the method, and its lens shows the frozen blocks at exactly 0 change
+        eval_tool.main([str(run_dir), "--num-gradcam", "2", "--workers", "0", "--batch-size", "8"])
+        report = (run_dir / "eval" / "report.md").read_text()
+        assert (
+            "trained by LP-FT (linear-probe head first), layer-wise lr decay 0.8, surgical: only layer4 and the head"
+            in report
+        )
+        still = ["conv1", "bn1", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1"]
+        assert f"{len(still)} blocks did not move at all, as the method froze them: {', '.join(still)}." in report
 
 
 def test_param_groups_csv_shows_each_blocks_lr_as_the_optimizer_has_it(tmp_path, data):

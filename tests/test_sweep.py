@@ -327,7 +327,10 @@ def test_the_pruner_s_answer_becomes_a_pruned_trial(sweep_dir, tmp_path):
     path = sweep_file(sweep_dir, "pruneall", trials=1)
     sweep = load_sweep(str(path))
     study = optuna.create_study(study_name="pruneall", direction="maximize", pruner=PruneAll())
-    study.optimize(lambda trial: sweep_tool.objective(trial, study, sweep, tmp_path, [], []), n_trials=1)
+    study.optimize(
+        lambda trial: sweep_tool.objective(trial, study=study, sweep=sweep, out=tmp_path, ran=[], crashes=[]),
+        n_trials=1,
+    )
     trial = study.trials[0]
     assert trial.state == optuna.trial.TrialState.PRUNED and list(trial.intermediate_values) == [1]
     assert read_summary(tmp_path / "trial-0")["status"] == "pruned"
