@@ -547,7 +547,7 @@ def write_report(
         f"# Evaluation of `{trained.path}`",
         f"{trained.arch} at {trained.resolution} px on the test split of `{trained.data}` ({len(scores.labels)} "
         f"images, {len(scores.names)} classes)"
-        + (f", trained by {trained.method} from `{trained.start_weights}` weights." if trained.method else "."),
+        + (f". Method: {trained.method}; started from `{trained.start_weights}`." if trained.method else "."),
         f"**Top-1 {summary['top1']:.2f}%**, top-5 {summary['top5']:.2f}%; mean per-class accuracy "
         f"{np.nanmean([c.accuracy for c in scores.classes]):.2f}%.",
         "## Per-class accuracy",

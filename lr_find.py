@@ -113,7 +113,14 @@ def main(argv=None) -> None:
     device_type = pick_device(cfg.device)
     device = Device.for_run(cfg, device_type)
     seed_everything(cfg.seed)
-    splits = load_splits(cfg.data, cfg.val_split, cfg.split_seed)
+    splits = load_splits(
+        cfg.data,
+        cfg.val_split,
+        cfg.split_seed,
+        per_class=cfg.train_per_class,
+        fraction=cfg.train_fraction,
+        subset_seed=cfg.subset_seed,
+    )
     model = build_model(cfg.arch, cfg.weights, len(splits.class_names), cfg.dropout)
     check_resolution(model, cfg.arch, cfg.resolution)
     workers = worker_count(cfg.workers)

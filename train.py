@@ -257,7 +257,14 @@ def setup(args, *, command: list[str]) -> Run:
         check_compiler(device_type)
     seed_everything(cfg.seed)
 
-    splits = load_splits(cfg.data, cfg.val_split, cfg.split_seed)
+    splits = load_splits(
+        cfg.data,
+        cfg.val_split,
+        cfg.split_seed,
+        per_class=cfg.train_per_class,
+        fraction=cfg.train_fraction,
+        subset_seed=cfg.subset_seed,
+    )
     if resumed:
         check_same_classes(resumed, splits.class_names, data=cfg.data, run_dir=run_dir)
     if cfg.co_tuning and world.size > 1:
@@ -363,6 +370,9 @@ def setup(args, *, command: list[str]) -> Run:
         if not resumed:
             prepare_folder(run_dir, args.overwrite)
         cfg.save(run_dir / "config.toml")  # on resume, records an extended --epochs
+        if cfg.train_per_class or cfg.train_fraction < 1:  # which training images the subset holds
+            rows = [dict(index=i, label=label) for i, label in zip(splits.train.indices, splits.train.labels)]
+            write_csv(run_dir / "subset.csv", rows, ["index", "label"])
     world.barrier()
     run.log = RunLog(run_dir / "train.log", enabled=world.main)
     log_start(run, command=command, compiled=compiled)

@@ -73,7 +73,14 @@ def lens(run_dir: Path) -> tuple[float, float, float]:
     """What the transfer lens says of the chosen epoch's weights: the mean relative change of the early and late
     blocks, and the minibatch CKA of the last stage to the start on the test images."""
     cfg = load_saved(run_dir / "config.toml")
-    splits = load_splits(cfg.data, cfg.val_split, cfg.split_seed)
+    splits = load_splits(
+        cfg.data,
+        cfg.val_split,
+        cfg.split_seed,
+        per_class=cfg.train_per_class,
+        fraction=cfg.train_fraction,
+        subset_seed=cfg.subset_seed,
+    )
     num_classes = len(splits.class_names)
     start = build_model(cfg.arch, cfg.weights, num_classes).eval()
     tuned = build_model(cfg.arch, "none", num_classes).eval()

@@ -67,6 +67,22 @@ class Config:
         "seed of the --val-split draw, apart from --seed: runs that differ only in --seed are chosen on the same "
         "images",
     )
+    train_per_class: int = knob(
+        "data",
+        0,
+        "train on exactly K images of every class, drawn after any --val-split (0: all); nested: the K images are "
+        "inside the 2K of the same --subset-seed",
+        metavar="K",
+    )
+    train_fraction: float = knob(
+        "data",
+        1.0,
+        "train on this fraction of every class's images (at least one), drawn like --train-per-class (1: all)",
+        metavar="F",
+    )
+    subset_seed: int = knob(
+        "data", 0, "seed of the --train-per-class or --train-fraction draw, apart from --seed", metavar="S"
+    )
     skip_bad_images: bool = knob(
         "data", False, "skip unreadable images (and count them) instead of stopping at the first one"
     )
@@ -277,7 +293,7 @@ class Config:
         for f in dataclasses.fields(self):
             if f.type is float and not math.isfinite(getattr(self, f.name)):
                 raise UserError(f"--{flag(f.name)} must be a finite number, got {getattr(self, f.name)}")
-        for name in ("seed", "split_seed"):
+        for name in ("seed", "split_seed", "subset_seed"):
             if not 0 <= getattr(self, name) < 2**32:
                 raise UserError(f"--{flag(name)} must be in 0..{2**32 - 1} (NumPy's range), got {getattr(self, name)}")
         if self.batch_size == 1:
@@ -308,6 +324,7 @@ class Config:
             "cache_side",
             "early_stop",
             "log_every_steps",
+            "train_per_class",
             "l2sp",
             "delta",
             "bss",
@@ -333,6 +350,10 @@ class Config:
                 f"--freeze-epochs ({self.freeze_epochs}) must be smaller than --epochs ({self.epochs}), or nothing but "
                 "the head is ever trained"
             )
+        if not 0 < self.train_fraction <= 1:
+            raise UserError(f"--train-fraction must be in (0, 1], got {self.train_fraction}")
+        if self.train_per_class and self.train_fraction < 1:
+            raise UserError("--train-per-class and --train-fraction both choose the training images; use one of them")
         self.check_method()
         if not 0 < self.crop_scale <= 1:
             raise UserError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
@@ -394,6 +415,7 @@ APPLIES_ONLY = [  # (knob, whether it has an effect in a config, what it needs)
     ("ema_half_life", lambda c: c.ema and not c.ema_decay, "--ema (and no --ema-decay)"),
     ("split_seed", lambda c: c.val_split > 0, "--val-split"),
     ("bss_k", lambda c: c.bss > 0, "--bss"),
+    ("subset_seed", lambda c: c.train_per_class or c.train_fraction < 1, "--train-per-class or --train-fraction"),
     ("final_test", lambda c: c.val_split > 0, "--val-split"),
 ]
 

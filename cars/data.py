@@ -137,12 +137,26 @@ class Splits:
         return self.eval.name
 
 
-def load_splits(data: str, val_split: float = 0.0, seed: int = 0) -> Splits:
+def load_splits(
+    data: str, val_split: float = 0.0, seed: int = 0, *, per_class: int = 0, fraction: float = 1.0, subset_seed: int = 0
+) -> Splits:
+    """The splits of `data`: with `val_split`, a stratified fraction of train held out to choose the epoch (drawn with
+    `seed`); with `per_class` or `fraction`, training on part of what is left (see `training_subset`)."""
     train, test, class_names = open_source(data)
     for split in (train, test):
         check_labels(split, len(class_names))
     if val_split == 0:
-        return Splits(train, test, None, class_names)
+        splits = Splits(train, test, None, class_names)
+    else:
+        splits = held_out_split(train, test, class_names, val_split, seed)
+    if per_class or fraction < 1:
+        splits.train = training_subset(
+            splits.train, class_names, per_class=per_class, fraction=fraction, seed=subset_seed
+        )
+    return splits
+
+
+def held_out_split(train, test, class_names: list[str], val_split: float, seed: int) -> Splits:
     keep, held_out = stratified_split(train.labels, val_split, seed)
     if not held_out:
         raise UserError(
@@ -156,6 +170,33 @@ def load_splits(data: str, val_split: float = 0.0, seed: int = 0) -> Splits:
             "split"
         )
     return Splits(SubsetSplit(train, keep, "train"), SubsetSplit(train, held_out, "val"), test, class_names)
+
+
+def training_subset(train, class_names: list[str], *, per_class: int, fraction: float, seed: int) -> SubsetSplit:
+    """Part of the training split: exactly `per_class` images of every class, or `fraction` of each class's (at least
+    one). Each class's images are put in an order drawn from (seed, class) alone, and the subset is the start of that
+    order: the same on any machine, and nested (the 4-image subset is inside the 8-image one of the same seed), so
+    points of a curve differ only by the images added. A class with fewer than `per_class` images is refused: a curve
+    point that claims K images per class must have them."""
+    parent = train.parent if isinstance(train, SubsetSplit) else train
+    rows = train.indices if isinstance(train, SubsetSplit) else list(range(len(train)))
+    by_class = defaultdict(list)
+    for row in rows:
+        by_class[parent.labels[row]].append(row)
+    chosen = []
+    for label in range(len(class_names)):
+        indices = sorted(by_class[label])
+        random.Random(f"subset {seed} class {label}").shuffle(indices)  # a str seed: the same on every machine
+        count = per_class if per_class else max(1, round(len(indices) * fraction))
+        if count > len(indices):
+            raise UserError(
+                f"--train-per-class {per_class}: class {class_names[label]!r} has only {len(indices)} training images"
+                f"{' after the validation split' if isinstance(train, SubsetSplit) else ''}; choose at most "
+                f"{min(len(v) for v in by_class.values()) if len(by_class) == len(class_names) else 0}, or use "
+                "--train-fraction"
+            )
+        chosen += indices[:count]
+    return SubsetSplit(parent, sorted(chosen), "train")
 
 
 def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -727,10 +727,21 @@ def describe(cfg) -> str:
     return ", ".join(parts) if parts else "plain fine-tuning"
 
 
+def subset_words(cfg) -> str:
+    """The training images a run used, in words: '' for all of them."""
+    if cfg.train_per_class:
+        return f"{cfg.train_per_class} training images per class"
+    if cfg.train_fraction < 1:
+        return f"{100 * cfg.train_fraction:g} % of each class's training images"
+    return ""
+
+
 def describe_saved(config: dict) -> str | None:
-    """`describe` of a checkpoint's saved config; None when it is not a whole config of this version."""
+    """`describe` of a checkpoint's saved config, with the training subset when there was one; None when it is not a
+    whole config of this version."""
     try:
-        values = from_dict(config, "the checkpoint's config")
-        return describe(dataclasses.replace(Config(), **values))
+        cfg = dataclasses.replace(Config(), **from_dict(config, "the checkpoint's config"))
     except (UserError, TypeError):
         return None
+    subset = subset_words(cfg)
+    return describe(cfg) + (f", on {subset} only (subset.csv)" if subset else "")

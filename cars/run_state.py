@@ -21,7 +21,7 @@ from cars.data import Splits
 from cars.distributed import World, shutdown
 from cars.engine import Device, Diverged, Progress
 from cars.errors import UserError
-from cars.finetune import base_lr
+from cars.finetune import base_lr, subset_words
 from cars.loaders import CachedLoader
 from cars.optim import ema_decay, load_scaler_state
 from cars.report import write_json
@@ -216,6 +216,8 @@ def log_start(run: Run, *, command: list[str], compiled: bool) -> None:
         f"{cfg.scheduler} schedule, {cfg.epochs} epochs"
         + (f", {world.size} processes of {cfg.batch_size // world.size} images each" if world.size > 1 else "")
     )
+    if cfg.train_per_class or cfg.train_fraction < 1:
+        log(f"training on a subset: {subset_words(cfg)} (subset seed {cfg.subset_seed}); the images are in subset.csv")
     if isinstance(run.train_batches, CachedLoader):
         kept = f"their longer side at most {cfg.cache_side} px (lossy)" if cfg.cache_side else "at native size"
         log(

@@ -17,6 +17,7 @@ OUTPUTS = {
         "config.toml",
         "metrics.csv",
         "param_groups.csv",
+        "subset.csv",
         "best.pt",
         "last.pt",
         "curves.png",

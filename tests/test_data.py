@@ -1,7 +1,10 @@
+import csv
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES
+from conftest import CLASSES, tiny_args, write_hub_folder
 from PIL import Image
 
 from cars import data
@@ -144,3 +147,42 @@ def test_phone_photos_are_read_upright_everywhere(tmp_path):
     import imagehash
 
     assert Facts(split)[0].phash == str(imagehash.phash(expected, hash_size=16))  # inspect_data's duplicates
+
+
+def test_a_training_subset_has_exactly_k_per_class_nested_and_drawn_after_the_validation_split(tmp_path):
+    data = str(write_hub_folder(tmp_path / "hub", per_class=(10, 2)))
+    full = load_splits(data, 0.2, 3)
+    val = set(full.eval.indices)
+
+    def subset(k, seed=0, fraction=1.0):
+        return load_splits(data, 0.2, 3, per_class=k, fraction=fraction, subset_seed=seed).train
+
+    for k in (1, 2, 4, 8):
+        chosen = subset(k)
+        assert Counter(chosen.labels) == {0: k, 1: k, 2: k}
+        assert not set(chosen.indices) & val  # drawn from what the validation split left
+        assert chosen.indices == subset(k).indices  # the same draw every time
+        if k > 1:
+            assert set(subset(k // 2).indices) < set(chosen.indices)  # nested
+    assert subset(4, seed=1).indices != subset(4).indices
+    half = subset(0, fraction=0.5)
+    assert Counter(half.labels) == {0: 4, 1: 4, 2: 4} and set(subset(2).indices) < set(half.indices)
+    with pytest.raises(UserError, match="--train-per-class 9: class 'AM General Hummer SUV 2000' has only 8 training"):
+        subset(9)
+
+
+def test_train_py_records_its_subset_and_eval_names_it(tmp_path, hub_folder):
+    import eval as eval_tool
+    import train
+
+    run_dir = tmp_path / "run"
+    train.main(tiny_args(hub_folder, run_dir, "--epochs", "1", "--train-per-class", "2", "--subset-seed", "5"))
+    with open(run_dir / "subset.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    expected = load_splits(str(hub_folder), per_class=2, subset_seed=5).train
+    assert [int(r["index"]) for r in rows] == expected.indices and [int(r["label"]) for r in rows] == expected.labels
+    assert "training on a subset: 2 training images per class (subset seed 5)" in (run_dir / "train.log").read_text()
+    eval_tool.main([str(run_dir), "--num-gradcam", "1", "--workers", "0"])
+    assert "on 2 training images per class only (subset.csv)" in (run_dir / "eval" / "report.md").read_text()
+    with pytest.raises(UserError, match="--train-per-class and --train-fraction both choose"):
+        train.main(tiny_args(hub_folder, tmp_path / "r2", "--train-per-class", "2", "--train-fraction", "0.5"))

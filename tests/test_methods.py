@@ -97,7 +97,7 @@ def test_every_method_runs_on_each_network_and_frozen_tensors_stay_bit_identical
         eval_tool.main([str(run_dir), "--num-gradcam", "2", "--workers", "0", "--batch-size", "8"])
         report = (run_dir / "eval" / "report.md").read_text()
         assert (
-            "trained by LP-FT (linear-probe head first), layer-wise lr decay 0.8, surgical: only layer4 and the head"
+            "Method: LP-FT (linear-probe head first), layer-wise lr decay 0.8, surgical: only layer4 and the head"
             in report
         )
         still = ["conv1", "bn1", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1"]
