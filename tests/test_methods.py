@@ -262,3 +262,23 @@ def test_bad_method_flags_are_one_line_and_write_nothing(tmp_path, data, flags, 
     with pytest.raises(UserError, match=message):
         train.main(tiny_args(data, tmp_path / "run", *base, *flags))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_sweep_searches_the_method_knobs(tmp_path):
+    """The methods are knobs: sweep.py searches them like the lr, and every trial's recipe is a valid one."""
+    from cars.sweeps import load_sweep
+
+    path = tmp_path / "methods.toml"
+    path.write_text(
+        f'base = "{Path(__file__).resolve().parents[1] / "configs" / "demo.toml"}"\ntrials = 4\n\n[fixed]\n'
+        "val_split = 0.25\n\n[space]\nl2sp = { low = 0.001, high = 0.1, log = true }\n"
+        'layer_decay = { low = 0.6, high = 1.0 }\ntrain_blocks = { choices = ["", "stage4,conv5"] }\n'
+    )
+    sweep = load_sweep(str(path))
+    assert [p.name for p in sweep.space] == ["l2sp", "layer_decay", "train_blocks"]
+    for params in (
+        {"l2sp": 0.001, "layer_decay": 0.6, "train_blocks": ""},
+        {"l2sp": 0.1, "layer_decay": 1.0, "train_blocks": "stage4,conv5"},
+    ):
+        cfg = Config(**sweep.trial_values(params)).validate()
+        assert finetune.describe(cfg).startswith("layer-wise lr decay 0.6" if params["layer_decay"] < 1 else "surgical")
