@@ -18,7 +18,7 @@ import numpy as np
 
 from cars import config as config_module
 from cars.checkpoint import unwrap
-from cars.data import load_splits
+from cars.data import run_splits
 from cars.engine import Device, train_step
 from cars.errors import UserError, run_cli
 from cars.finetune import plain_objective, set_trainable
@@ -113,14 +113,7 @@ def main(argv=None) -> None:
     device_type = pick_device(cfg.device)
     device = Device.for_run(cfg, device_type)
     seed_everything(cfg.seed)
-    splits = load_splits(
-        cfg.data,
-        cfg.val_split,
-        cfg.split_seed,
-        per_class=cfg.train_per_class,
-        fraction=cfg.train_fraction,
-        subset_seed=cfg.subset_seed,
-    )
+    splits = run_splits(cfg)
     model = build_model(cfg.arch, cfg.weights, len(splits.class_names), cfg.dropout)
     check_resolution(model, cfg.arch, cfg.resolution)
     workers = worker_count(cfg.workers)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from cars import demo
 from cars.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from cars.config import Config, config_flags
-from cars.data import load_splits
+from cars.data import run_splits
 from cars.demo import DEMO_PRETRAINED, demo_pretrained_path
 from cars.distributed import check_job, init_world
 from cars.engine import (
@@ -51,7 +51,7 @@ from cars.finetune import (
     set_head,
     set_trainable,
 )
-from cars.loaders import eval_loader, start_epoch, train_loader
+from cars.loaders import run_eval_loader, start_epoch, train_loader
 from cars.models import build_model, check_resolution
 from cars.optim import ema_decay, make_ema, make_optimizer, make_scheduler
 from cars.report import METRIC_COLUMNS, plot_curves, write_csv
@@ -257,14 +257,7 @@ def setup(args, *, command: list[str]) -> Run:
         check_compiler(device_type)
     seed_everything(cfg.seed)
 
-    splits = load_splits(
-        cfg.data,
-        cfg.val_split,
-        cfg.split_seed,
-        per_class=cfg.train_per_class,
-        fraction=cfg.train_fraction,
-        subset_seed=cfg.subset_seed,
-    )
+    splits = run_splits(cfg)
     if resumed:
         check_same_classes(resumed, splits.class_names, data=cfg.data, run_dir=run_dir)
     if cfg.co_tuning and world.size > 1:
@@ -285,16 +278,8 @@ def setup(args, *, command: list[str]) -> Run:
     train_batches = train_loader(
         splits.train, cfg, workers=workers, device_type=device_type, rank=world.rank, world=world.size
     )
-    eval_batches = eval_loader(
-        splits.eval,
-        resolution=cfg.resolution,
-        cache=cfg.cache,
-        skip_bad_images=cfg.skip_bad_images,
-        batch_size=cfg.batch_size,
-        workers=workers,
-        device_type=device_type,
-        rank=world.rank,
-        world=world.size,
+    eval_batches = run_eval_loader(
+        splits.eval, cfg, workers=workers, device_type=device_type, rank=world.rank, world=world.size
     )
     raw_model = device.place(raw_model)
     if cfg.sync_bn and world.size > 1:
@@ -303,15 +288,7 @@ def setup(args, *, command: list[str]) -> Run:
     start = copy.deepcopy(raw_model).eval().requires_grad_(False) if needs_start(cfg) else None
     train_images, probe = None, None  # the training images as evaluated (centre crops), for what is fitted on them
     if not resumed and (cfg.probe_init or cfg.delta or cfg.co_tuning):
-        train_images = eval_loader(
-            splits.train,
-            resolution=cfg.resolution,
-            cache=cfg.cache,
-            skip_bad_images=cfg.skip_bad_images,
-            batch_size=cfg.batch_size,
-            workers=workers,
-            device_type=device_type,
-        )
+        train_images = run_eval_loader(splits.train, cfg, workers=workers, device_type=device_type)
     if not resumed and (cfg.probe_init or cfg.delta):
         probe = fit_probe_head(raw_model, train_images, device, len(splits.class_names))
         if cfg.probe_init:
@@ -431,15 +408,7 @@ def finish(run: Run, train_result: EpochResult, eval_result: EpochResult) -> dic
     ):  # the val split chose the epoch; the test split is looked at only now
         best_model = unwrap(run.eval_model)  # uncompiled: the test split is seen once
         best_model.load_state_dict(load_checkpoint(run.run_dir / "best.pt")["model"])
-        test_batches = eval_loader(
-            run.splits.test,
-            resolution=cfg.resolution,
-            cache=cfg.cache,
-            skip_bad_images=cfg.skip_bad_images,
-            batch_size=cfg.batch_size,
-            workers=run.workers,
-            device_type=run.device.type,
-        )
+        test_batches = run_eval_loader(run.splits.test, cfg, workers=run.workers, device_type=run.device.type)
         test = evaluate(best_model, test_batches, run.device, description="test")
         summary["test_acc_of_best"] = test.accuracy
         log(f"test accuracy of the best epoch (chosen on val): {test.accuracy:.2f}%")

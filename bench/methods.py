@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from cars import finetune, transfer  # noqa: E402
 from cars.checkpoint import load_checkpoint  # noqa: E402
 from cars.config import load_saved  # noqa: E402
-from cars.data import load_splits  # noqa: E402
+from cars.data import run_splits  # noqa: E402
 from cars.engine import Device  # noqa: E402
 from cars.loaders import eval_loader  # noqa: E402
 from cars.models import build_model  # noqa: E402
@@ -73,14 +73,7 @@ def lens(run_dir: Path) -> tuple[float, float, float]:
     """What the transfer lens says of the chosen epoch's weights: the mean relative change of the early and late
     blocks, and the minibatch CKA of the last stage to the start on the test images."""
     cfg = load_saved(run_dir / "config.toml")
-    splits = load_splits(
-        cfg.data,
-        cfg.val_split,
-        cfg.split_seed,
-        per_class=cfg.train_per_class,
-        fraction=cfg.train_fraction,
-        subset_seed=cfg.subset_seed,
-    )
+    splits = run_splits(cfg)
     num_classes = len(splits.class_names)
     start = build_model(cfg.arch, cfg.weights, num_classes).eval()
     tuned = build_model(cfg.arch, "none", num_classes).eval()

@@ -156,6 +156,18 @@ def load_splits(
     return splits
 
 
+def run_splits(cfg) -> Splits:
+    """The splits a run's config names: its data, validation split and training subset."""
+    return load_splits(
+        cfg.data,
+        cfg.val_split,
+        cfg.split_seed,
+        per_class=cfg.train_per_class,
+        fraction=cfg.train_fraction,
+        subset_seed=cfg.subset_seed,
+    )
+
+
 def held_out_split(train, test, class_names: list[str], val_split: float, seed: int) -> Splits:
     keep, held_out = stratified_split(train.labels, val_split, seed)
     if not held_out:

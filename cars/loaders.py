@@ -283,6 +283,21 @@ def start_epoch(train_batches, *, epoch: int, seed: int, done_steps: int = 0) ->
     train_batches.batch_sampler.skip = done_steps
 
 
+def run_eval_loader(split, cfg, *, workers: int, device_type: str, rank: int = 0, world: int = 1):
+    """eval_loader with a run's resolution, cache, batch size and --skip-bad-images."""
+    return eval_loader(
+        split,
+        resolution=cfg.resolution,
+        cache=cfg.cache,
+        skip_bad_images=cfg.skip_bad_images,
+        batch_size=cfg.batch_size,
+        workers=workers,
+        device_type=device_type,
+        rank=rank,
+        world=world,
+    )
+
+
 def eval_loader(
     split,
     *,

@@ -523,8 +523,8 @@ def test_early_stop_stops_after_n_evaluations_without_improvement_and_resumes(
 
 def test_the_validation_split_stays_put_when_only_the_seed_changes(tmp_path, hub_folder, monkeypatch):
     held_out = []
-    real = train.load_splits
-    monkeypatch.setattr(train, "load_splits", lambda *args: held_out.append(real(*args).eval.indices) or real(*args))
+    real = train.run_splits
+    monkeypatch.setattr(train, "run_splits", lambda cfg: held_out.append(real(cfg).eval.indices) or real(cfg))
     for seed in (0, 1):
         train.main(
             tiny_args(hub_folder, tmp_path / f"seed{seed}", "--epochs", "1", "--val-split", "0.34", "--seed", str(seed))
