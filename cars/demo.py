@@ -78,12 +78,14 @@ def demo_pretraining_run(arch: str) -> Path:
 
 
 def source_recipe_key(arch: str) -> str:
-    """A digest of what the demo-pretrained weights of `arch` are made from: the source images' version and every
-    value of SOURCE_RECIPE (defaults filled in, so an edited comment changes nothing and an edited value does)."""
+    """A digest of what the demo-pretrained weights of `arch` are made from: the source images' version and the values
+    of SOURCE_RECIPE that differ from the defaults, as resolved (an edited comment changes nothing, an edited value
+    does; a knob the project adds later, at a default that changes nothing, keeps the weights)."""
     from cars.config import Config, from_dict, load_toml
 
     values = {**from_dict(load_toml(str(SOURCE_RECIPE)), str(SOURCE_RECIPE)), "arch": arch}
-    recipe = json.dumps(dataclasses.asdict(Config(**values)), sort_keys=True)
+    resolved, defaults = dataclasses.asdict(Config(**values)), dataclasses.asdict(Config())
+    recipe = json.dumps({k: v for k, v in resolved.items() if v != defaults[k]}, sort_keys=True)
     return hashlib.sha256(f"{SOURCE_VERSION}\n{recipe}".encode()).hexdigest()[:12]
 
 

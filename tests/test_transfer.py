@@ -1,5 +1,6 @@
 """Transfer learning offline: the demo's source task, the demo-pretrained weights, and what they do to a fine-tune."""
 
+import dataclasses
 import tomllib
 from pathlib import Path
 
@@ -92,6 +93,16 @@ def test_the_demo_pretrained_file_is_named_after_every_value_of_its_recipe(tmp_p
     first = demo.demo_pretrained_path(ARCH)
     recipe.write_text("# a comment changes no value\n" + recipe.read_text())
     assert demo.demo_pretrained_path(ARCH) == first
+    # nor does a knob the project adds later, at a default that changes nothing
+    from cars import config as config_module
+
+    @dataclasses.dataclass
+    class Later(config_module.Config):
+        a_knob_added_later: float = config_module.knob("method", 0.0, "a new method's strength")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(config_module, "Config", Later)
+        assert demo.demo_pretrained_path(ARCH) == first
     recipe.write_text(recipe.read_text().replace("epochs = 16", "epochs = 17"))
     assert demo.demo_pretrained_path(ARCH) != first, "an edited recipe never finds the old weights"
     assert demo.demo_pretrained_path("resnet18").name.startswith("resnet18-")
