@@ -15,7 +15,16 @@ import torch
 
 from cars import analysis, finetune, transfer
 from cars.cli import TTA_SCALES
-from cars.data import SubsetSplit, dataset_location, label_map, open_hub_dataset, open_source, read_rgb
+from cars.data import (
+    CORRUPTIONS,
+    SubsetSplit,
+    corruption_splits,
+    dataset_location,
+    label_map,
+    open_hub_dataset,
+    open_source,
+    read_rgb,
+)
 from cars.engine import Device, collect_logits
 from cars.errors import UserError, run_cli
 from cars.explain import class_activation_maps, overlay
@@ -38,7 +47,6 @@ from cars.runtime import pick_device, worker_count
 from cars.transforms import eval_transform, normalize
 
 CKA_IMAGES = 1024  # eval images the CKA is estimated on, in minibatches: enough for two decimals, 3 forward passes each
-CORRUPTIONS = ("contrast", "gaussian_noise", "impulse_noise", "jpeg_compression", "motion_blur", "pixelate", "spatter")
 
 
 def output_folder(args, checkpoint: Path) -> Path:
@@ -54,22 +62,6 @@ def output_folder(args, checkpoint: Path) -> Path:
     # marked as eval's own before anything else is written: a crash part way leaves a folder --overwrite may replace
     write_json(out / "summary.json", {"status": "running", "checkpoint": str(checkpoint)})
     return out
-
-
-def corruption_splits(data: str) -> list[str]:
-    """The corrupted test copies a hub-layout dataset has (none for other layouts)."""
-    data = dataset_location(data)
-    if Path(data).is_dir():
-        return [c for c in CORRUPTIONS if any(Path(data).glob(f"data/{c}-*.parquet"))]
-    try:
-        from huggingface_hub import list_repo_files
-
-        files = list_repo_files(data, repo_type="dataset")
-    except Exception as error:
-        raise UserError(
-            f"could not list the files of {data} to find its corrupted splits: {str(error).splitlines()[0]}"
-        ) from None
-    return [c for c in CORRUPTIONS if any(f.startswith(f"data/{c}-") for f in files)]
 
 
 @dataclass

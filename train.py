@@ -338,6 +338,7 @@ def setup(args, *, command: list[str]) -> Run:
         workers=workers,
         objective=objective,
         start_fingerprint=fingerprint,
+        probe_head=dict(weight=probe.weight, bias=probe.bias) if probe and cfg.probe_init else None,
     )
     if resumed:
         restore(run, resumed)  # before the run folder is touched: a resume that fails changes nothing

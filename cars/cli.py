@@ -527,6 +527,86 @@ def parse_app(argv=None) -> argparse.Namespace:
     return args
 
 
+def add_evaluation_flags(parser) -> None:
+    """How the images are fed, as eval.py feeds them."""
+    parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per batch (default: 64)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=-1,
+        metavar="N",
+        help="DataLoader workers; -1: one per core, at most 8 (default: -1)",
+    )
+    parser.add_argument(
+        "--cache",
+        default="auto",
+        metavar="auto|DIR|off",
+        help="preprocessing cache, as train.py's --cache (default: auto)",
+    )
+    add_device_flag(parser)
+
+
+ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+def interpolate_parser() -> argparse.ArgumentParser:
+    parser = tool_parser(
+        "interpolate.py",
+        "What lies between the start and the fine-tune (WiSE-FT): the accuracy of (1 - alpha) x start + alpha x "
+        "fine-tuned for alpha from 0 to 1, on the eval split and the corrupted copies; in report.md.",
+        [
+            "runs/demo",
+            "runs/demo --recalibrate-bn  # also with BatchNorm statistics estimated again",
+            "runs/demo --save-alpha 0.5  # that model as a run folder for eval, predict and export",
+        ],
+    )
+    parser.add_argument("run", metavar="RUN", help="a run folder of train.py that started from known weights")
+    add_out_flags(parser, "output folder", "<run>/interpolate")
+    parser.add_argument(
+        "--alphas",
+        type=alpha_list,
+        default=ALPHAS,
+        metavar="A,B,...",
+        help="the points on the line, each in [0, 1] (default: 0,0.1,...,1)",
+    )
+    parser.add_argument(
+        "--recalibrate-bn",
+        action="store_true",
+        help="also evaluate every point with its BatchNorm statistics estimated again on the training images, beside "
+        "the interpolated ones (default: interpolated only)",
+    )
+    parser.add_argument(
+        "--save-alpha",
+        type=float,
+        metavar="A",
+        help="also write the model at alpha A (interpolated statistics) as a run folder <out>/alpha-A (default: none)",
+    )
+    add_evaluation_flags(parser)
+    return parser
+
+
+def alpha_list(text: str) -> tuple[float, ...]:
+    try:
+        alphas = tuple(float(a) for a in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of numbers such as 0,0.5,1") from None
+    return alphas
+
+
+def parse_interpolate(argv=None) -> argparse.Namespace:
+    args = interpolate_parser().parse_args(argv)
+    outside = [
+        a for a in (*args.alphas, *([args.save_alpha] if args.save_alpha is not None else [])) if not 0 <= a <= 1
+    ]
+    if outside:
+        raise UserError(
+            f"alpha {outside[0]:g} is outside [0, 1]: the line runs from the start (0) to the fine-tune (1)"
+        )
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be positive")
+    return args
+
+
 # every tool's parser, in the order the reference lists them
 PARSERS = {
     "train.py": train_parser,
@@ -538,6 +618,7 @@ PARSERS = {
     "sweep.py": sweep_parser,
     "export.py": export_parser,
     "app.py": app_parser,
+    "interpolate.py": interpolate_parser,
 }
 
 

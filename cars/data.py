@@ -297,6 +297,26 @@ def open_source(data: str):
     )
 
 
+# the corrupted copies of the test split that Stanford Cars on the hub ships
+CORRUPTIONS = ("contrast", "gaussian_noise", "impulse_noise", "jpeg_compression", "motion_blur", "pixelate", "spatter")
+
+
+def corruption_splits(data: str) -> list[str]:
+    """The corrupted test copies a hub-layout dataset has (none for other layouts)."""
+    data = dataset_location(data)
+    if Path(data).is_dir():
+        return [c for c in CORRUPTIONS if any(Path(data).glob(f"data/{c}-*.parquet"))]
+    try:
+        from huggingface_hub import list_repo_files
+
+        files = list_repo_files(data, repo_type="dataset")
+    except Exception as error:
+        raise UserError(
+            f"could not list the files of {data} to find its corrupted splits: {str(error).splitlines()[0]}"
+        ) from None
+    return [c for c in CORRUPTIONS if any(f.startswith(f"data/{c}-") for f in files)]
+
+
 def open_hub_dataset(location: str, description: str, splits=("train", "test")):
     """A hub id or a local folder in the hub's layout: only the named splits' files are read."""
     import datasets

@@ -322,3 +322,25 @@ def plot_linear_probe(rows: list[dict], fine_tuned: float, path: Path, *, title:
     ax.legend(fontsize=8, loc="upper left")
     ax.set_title(title)
     save_figure(fig, path)
+
+
+def plot_interpolation(rows: list[dict], path: Path, *, title: str) -> None:
+    """Accuracy against alpha, one line per split; dashed with BatchNorm statistics estimated again."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    keys = list(dict.fromkeys((r["split"], r["batch_norm"]) for r in rows))
+    colours = {split: f"C{i}" for i, split in enumerate(dict.fromkeys(r["split"] for r in rows))}
+    for split, statistics in keys:
+        points = [(r["alpha"], r["accuracy"]) for r in rows if r["split"] == split and r["batch_norm"] == statistics]
+        ax.plot(
+            *zip(*points),
+            marker="o",
+            color=colours[split],
+            linestyle="--" if statistics == "recalibrated" else "-",
+            label=split + (" (BatchNorm statistics estimated again)" if statistics == "recalibrated" else ""),
+        )
+    ax.set_xlabel("alpha: 0 = the start with a probe head, 1 = the fine-tuned network")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)

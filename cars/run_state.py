@@ -66,6 +66,8 @@ class Run:
     # models.start_fingerprint of the weights the run started from (None from random weights): eval.py's transfer
     # lens checks that the start it rebuilds is this one
     start_fingerprint: str | None = None
+    # LP-FT's probe head (weight and bias) the fine-tune started from: interpolate.py's alpha = 0 end uses it
+    probe_head: dict | None = None
 
     @property
     def eval_pad_to(self) -> int | None:
@@ -98,6 +100,7 @@ def best_checkpoint(run: Run, epoch: int) -> dict:
         "metric": run.rows[-1]["eval_acc"] if run.rows else None,
         "metric_name": f"{run.splits.eval_name}_acc",
         "start_fingerprint": run.start_fingerprint,
+        "probe_head": run.probe_head,
     }
 
 
@@ -140,6 +143,7 @@ def restore(run: Run, checkpoint: dict) -> None:
         run.rows = checkpoint["history"]
         run.group_rows = checkpoint.get("param_groups", [])
         run.start_fingerprint = checkpoint.get("start_fingerprint")
+        run.probe_head = checkpoint.get("probe_head")
         run.first_epoch = run.epoch = checkpoint["epoch"] + 1
         run.saved = (checkpoint["epoch"], (checkpoint.get("progress") or {}).get("steps") or 0)
         run.progress = Progress(**checkpoint["progress"]) if checkpoint.get("progress") else None  # a mid-epoch one

@@ -40,6 +40,7 @@ OUTPUTS = {
         "transfer",  # the transfer section's files
     },
     "lr_find folder": {"lr_find.csv", "lr_find.png"},
+    "interpolate folder": {"interpolation.csv", "interpolation.png", "report.md", "summary.json", "model"},
     "data report folder": {
         "report.md",
         "data.json",
@@ -56,6 +57,7 @@ SIGNATURE = {
     "run folder": "config.toml",
     "eval folder": "summary.json",
     "lr_find folder": "lr_find.csv",
+    "interpolate folder": "interpolation.csv",
     "data report folder": "data.json",
     "export folder": "model.json",
 }

@@ -35,6 +35,7 @@ def test_the_tools_are_the_scripts_at_the_root_over_the_library():
         "eval.py",
         "export.py",
         "inspect_data.py",
+        "interpolate.py",
         "lr_find.py",
         "predict.py",
         "sweep.py",

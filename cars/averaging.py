@@ -1,0 +1,42 @@
+"""Weights between and across fine-tunes: the line from the start to a fine-tune (WiSE-FT, Wortsman et al. 2022),
+averages of fine-tunes from one start (model soups, Wortsman et al. 2022), and BatchNorm statistics estimated again
+after averaging: averaged weights with averaged (stale) statistics lose accuracy in BatchNorm networks."""
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import update_bn
+
+
+def interpolated(start: dict, tuned: dict, alpha: float) -> dict:
+    """(1 - alpha) x start + alpha x tuned, tensor by tensor: the weights and BatchNorm's running statistics alike.
+    Written as that sum, alpha 1 gives the tuned tensors exactly and alpha 0 the start's. Integer buffers (BatchNorm's
+    count of batches) are the tuned model's."""
+    return {
+        key: start[key] * (1 - alpha) + value * alpha if value.is_floating_point() else value.clone()
+        for key, value in tuned.items()
+    }
+
+
+def averaged(states: list[dict]) -> dict:
+    """The uniform average of state dicts (a uniform soup); integer buffers are the first one's. A single state is
+    returned unchanged, bit for bit."""
+    if len(states) == 1:
+        return {key: value.clone() for key, value in states[0].items()}
+    return {
+        key: sum(state[key] for state in states) / len(states) if value.is_floating_point() else value.clone()
+        for key, value in states[0].items()
+    }
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(model: nn.Module, loader, device) -> None:
+    """Every BatchNorm's running mean and variance estimated again from scratch on the loader's images (a cumulative
+    average over all of them: torch.optim.swa_utils.update_bn), the model left in eval mode."""
+    inputs = (device.put(*batch)[0] for batch in loader if batch is not None)
+    with device.autocast():
+        update_bn(inputs, model)
+    model.eval()

@@ -1,0 +1,124 @@
+"""interpolate.py: the line from the start to the fine-tune. Its ends are exactly the fine-tune eval.py scores and the
+start with its probe head; a point is exactly the weighted sum of the two."""
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import tiny_args, write_hub_folder
+from test_models import place_in_torchvision_cache
+
+import eval as eval_tool
+import interpolate
+import train
+from cars import analysis, finetune
+from cars.averaging import averaged, interpolated
+from cars.checkpoint import load_checkpoint
+from cars.data import load_splits
+from cars.engine import Device, collect_logits
+from cars.errors import UserError
+from cars.loaders import eval_loader
+from cars.models import build_model
+
+QUICK = ["--workers", "0", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def lp_ft_run(tmp_path_factory):
+    """An LP-FT fine-tune of ImageNet-shaped ResNet-18 weights, choosing its epoch on a validation split."""
+    root = tmp_path_factory.mktemp("interpolate")
+    data = write_hub_folder(root / "hub")
+    place_in_torchvision_cache("resnet18", "IMAGENET1K_V1")
+    run_dir = root / "run"
+    flags = ["--weights", "IMAGENET1K_V1", "--probe-init", "--val-split", "0.34", "--epochs", "2"]
+    train.main(tiny_args(data, run_dir, *flags))
+    return run_dir
+
+
+def read_rows(path):
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_the_ends_are_the_fine_tune_and_the_start_with_its_probe_head(lp_ft_run, tmp_path):
+    place_in_torchvision_cache("resnet18", "IMAGENET1K_V1")
+    out = tmp_path / "line"
+    interpolate.main([str(lp_ft_run), "--alphas", "0,0.5,1", "--out", str(out), "--save-alpha", "0.5", *QUICK])
+    rows = read_rows(out / "interpolation.csv")
+    accuracy = {(float(r["alpha"]), r["split"]): float(r["accuracy"]) for r in rows}
+    assert {split for _, split in accuracy} == {"val", "test"}
+
+    # alpha = 1 is the fine-tune: exactly eval.py's test accuracy
+    eval_tool.main([str(lp_ft_run), "--out", str(tmp_path / "eval"), "--num-gradcam", "1", "--transfer", "off", *QUICK])
+    assert accuracy[1.0, "test"] == json.loads((tmp_path / "eval" / "summary.json").read_text())["top1"]
+
+    # alpha = 0 is the start's backbone with the run's own probe head (LP-FT), scored by hand
+    checkpoint = load_checkpoint(lp_ft_run / "best.pt")
+    start = build_model("resnet18", "IMAGENET1K_V1", 3).eval()
+    finetune.set_head(start, checkpoint["probe_head"]["weight"], checkpoint["probe_head"]["bias"])
+    splits = load_splits(checkpoint["config"]["data"], 0.34, 0)
+    loader = eval_loader(splits.test, resolution=32, cache="auto", skip_bad_images=False, batch_size=8, workers=0)
+    logits, labels = collect_logits(start, loader, Device("cpu"))
+    assert accuracy[0.0, "test"] == analysis.topk_accuracy(logits, labels, 1)
+    assert "the run's own linear-probe head" in (out / "report.md").read_text()
+
+    # the saved point is the weighted sum of the two ends, tensor by tensor, and eval.py reads it as a run
+    saved = load_checkpoint(out / "model" / "best.pt")["model"]
+    expected = interpolated(start.state_dict(), checkpoint["model"], 0.5)
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+    eval_tool.main([str(out / "model"), "--num-gradcam", "1", "--transfer", "off", *QUICK])
+    assert json.loads((out / "model" / "eval" / "summary.json").read_text())["top1"] == accuracy[0.5, "test"]
+
+
+def test_batchnorm_statistics_estimated_again_are_a_second_line(lp_ft_run, tmp_path):
+    place_in_torchvision_cache("resnet18", "IMAGENET1K_V1")
+    out = tmp_path / "line"
+    interpolate.main([str(lp_ft_run), "--alphas", "0.5", "--recalibrate-bn", "--out", str(out), *QUICK])
+    modes = {(r["batch_norm"], r["split"]) for r in read_rows(out / "interpolation.csv")}
+    assert modes == {
+        ("interpolated", "val"),
+        ("interpolated", "test"),
+        ("recalibrated", "val"),
+        ("recalibrated", "test"),
+    }
+    report = (out / "report.md").read_text()
+    assert "With interpolated BatchNorm statistics" in report and "With recalibrated BatchNorm statistics" in report
+
+
+def test_averages_are_exact():
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(5)}
+    assert torch.equal(interpolated(a, b, 1.0)["w"], b["w"]) and torch.equal(interpolated(a, b, 0.0)["w"], a["w"])
+    assert torch.equal(interpolated(a, b, 0.25)["w"], torch.tensor([1.5, 3.0]))
+    assert torch.equal(averaged([a, b])["w"], torch.tensor([2.0, 4.0])) and averaged([a, b])["n"].item() == 3
+    one = averaged([b])
+    assert all(torch.equal(one[k], b[k]) for k in b)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--alphas", "0,1.5"], r"alpha 1.5 is outside \[0, 1\]"),
+        (["--save-alpha", "-0.1"], r"alpha -0.1 is outside \[0, 1\]"),
+        (["--weights-none"], "started from random weights"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(lp_ft_run, tmp_path, flags, message):
+    run = lp_ft_run
+    if flags == ["--weights-none"]:
+        run, flags = tmp_path / "scratch", []
+        train.main(tiny_args(write_hub_folder(tmp_path / "hub"), run, "--epochs", "1"))
+    with pytest.raises(UserError, match=message):
+        interpolate.main([str(run), "--out", str(tmp_path / "out"), *flags, *QUICK])
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_lp_ft_the_start_gets_a_probe_fitted_here(tmp_path):
+    place_in_torchvision_cache("resnet18", "IMAGENET1K_V1")
+    run = tmp_path / "plain"
+    train.main(tiny_args(write_hub_folder(tmp_path / "hub"), run, "--weights", "IMAGENET1K_V1", "--epochs", "1"))
+    interpolate.main([str(run), "--alphas", "0", "--out", str(tmp_path / "line"), *QUICK])
+    report = (tmp_path / "line" / "report.md").read_text()
+    assert "a linear-probe head fitted here on the start's features of 18 training images" in report
+    assert "The run has no validation split, so the best alpha is chosen on the test split" in report
