@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from cars import analysis, finetune, transfer
-from cars.averaging import interpolated, recalibrate_batch_norm
+from cars import finetune, transfer
+from cars.averaging import accuracy_on, interpolated, recalibrate_batch_norm
 from cars.checkpoint import load_checkpoint, save_checkpoint
 from cars.config import load_saved
 from cars.data import corruption_splits, dataset_location, label_map, load_splits, open_hub_dataset, run_splits
-from cars.engine import Device, collect_logits
+from cars.engine import Device
 from cars.errors import UserError, run_cli
 from cars.loaders import eval_loader
 from cars.models import build_model
@@ -149,18 +149,16 @@ def prepare(args) -> Line:
 
 
 def evaluate(line: Line, split, args) -> float:
-    """Top-1 accuracy on a split, fed as eval.py feeds it (the cache at the trained resolution, in batches)."""
-    loader = eval_loader(
+    return accuracy_on(
+        line.model,
         split,
         resolution=line.cfg.resolution,
         cache=args.cache,
-        skip_bad_images=False,
         batch_size=args.batch_size,
         workers=worker_count(args.workers),
-        device_type=line.device.type,
+        device=line.device,
+        to_model=line.to_model,
     )
-    logits, labels = collect_logits(line.model, loader, line.device, description=f"{split.name}")
-    return analysis.topk_accuracy(logits, labels if line.to_model is None else line.to_model[labels], 1)
 
 
 def write_report(line: Line, rows: list[dict], out: Path) -> dict:

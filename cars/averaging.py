@@ -6,6 +6,10 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
+from cars.analysis import topk_accuracy
+from cars.engine import collect_logits
+from cars.loaders import eval_loader
+
 
 def interpolated(start: dict, tuned: dict, alpha: float) -> dict:
     """(1 - alpha) x start + alpha x tuned, tensor by tensor: the weights and BatchNorm's running statistics alike.
@@ -40,3 +44,20 @@ def recalibrate_batch_norm(model: nn.Module, loader, device) -> None:
     with device.autocast():
         update_bn(inputs, model)
     model.eval()
+
+
+def accuracy_on(model, split, *, resolution: int, cache: str, batch_size: int, workers: int, device, to_model=None):
+    """Top-1 accuracy of `model` on a split, fed as eval.py feeds it (the cache at the trained resolution, in
+    batches), so that a model scored here and by eval.py gets the same number. `to_model` maps dataset labels to the
+    model's classes when the dataset orders them otherwise."""
+    loader = eval_loader(
+        split,
+        resolution=resolution,
+        cache=cache,
+        skip_bad_images=False,
+        batch_size=batch_size,
+        workers=workers,
+        device_type=device.type,
+    )
+    logits, labels = collect_logits(model, loader, device, description=split.name)
+    return topk_accuracy(logits, labels if to_model is None else to_model[labels], 1)

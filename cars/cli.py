@@ -607,6 +607,41 @@ def parse_interpolate(argv=None) -> argparse.Namespace:
     return args
 
 
+def soup_parser() -> argparse.ArgumentParser:
+    parser = tool_parser(
+        "soup.py",
+        "Average the weights of runs fine-tuned from one start (model soups): a uniform soup of them all, and a "
+        "greedy soup that adds them best first and keeps each only if the validation accuracy does not fall.",
+        [
+            "runs/seed0 runs/seed1 runs/seed2 --out runs/soup",
+            "runs/lr* --out runs/soup --recipe uniform --recalibrate-bn",
+        ],
+    )
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders of train.py, from the same start")
+    add_out_flags(parser, "the soup's folder, a run folder that eval.py, predict.py and export.py read", "runs/soup")
+    parser.add_argument(
+        "--recipe",
+        default="greedy",
+        choices=["greedy", "uniform"],
+        help="which soup becomes the folder's best.pt (both are scored) (default: greedy)",
+    )
+    parser.add_argument(
+        "--recalibrate-bn",
+        action="store_true",
+        help="estimate the soups' BatchNorm statistics again on the training images instead of averaging them "
+        "(default: averaged)",
+    )
+    add_evaluation_flags(parser)
+    return parser
+
+
+def parse_soup(argv=None) -> argparse.Namespace:
+    args = soup_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be positive")
+    return args
+
+
 # every tool's parser, in the order the reference lists them
 PARSERS = {
     "train.py": train_parser,
@@ -619,6 +654,7 @@ PARSERS = {
     "export.py": export_parser,
     "app.py": app_parser,
     "interpolate.py": interpolate_parser,
+    "soup.py": soup_parser,
 }
 
 

@@ -41,6 +41,7 @@ OUTPUTS = {
     },
     "lr_find folder": {"lr_find.csv", "lr_find.png"},
     "interpolate folder": {"interpolation.csv", "interpolation.png", "report.md", "summary.json", "model"},
+    "soup folder": {"soup.csv", "best.pt", "config.toml", "report.md", "summary.json", "eval", "export"},
     "data report folder": {
         "report.md",
         "data.json",
@@ -58,6 +59,7 @@ SIGNATURE = {
     "eval folder": "summary.json",
     "lr_find folder": "lr_find.csv",
     "interpolate folder": "interpolation.csv",
+    "soup folder": "soup.csv",
     "data report folder": "data.json",
     "export folder": "model.json",
 }

@@ -38,6 +38,7 @@ def test_the_tools_are_the_scripts_at_the_root_over_the_library():
         "interpolate.py",
         "lr_find.py",
         "predict.py",
+        "soup.py",
         "sweep.py",
         "train.py",
     ]
