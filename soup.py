@@ -82,8 +82,8 @@ def main(argv=None) -> None:
     for i, row in enumerate(rows):
         row["in_soup"] = "uniform, greedy" if i in kept else "uniform"
     rows += [
-        dict(model="uniform soup", **uniform_scores, in_soup=f"{len(runs)} runs"),
-        dict(model="greedy soup", **greedy_scores, in_soup=f"{len(kept)} runs"),
+        dict(model="uniform soup", **uniform_scores, in_soup=runs_words(len(runs))),
+        dict(model="greedy soup", **greedy_scores, in_soup=runs_words(len(kept))),
     ]
     chosen = greedy if args.recipe == "greedy" else uniform
     if args.recalibrate_bn:  # the statistics estimated again, as scored
@@ -146,6 +146,10 @@ def add(total: dict | None, state: dict) -> dict:
 def divided(total: dict, count: int) -> dict:
     """The running sum into the average; a sum of one is returned as it is, bit for bit."""
     return {k: v / count if v.is_floating_point() and count > 1 else v for k, v in total.items()}
+
+
+def runs_words(count: int) -> str:
+    return f"{count} run" + ("s" if count != 1 else "")
 
 
 def scores_words(row: dict) -> str:
