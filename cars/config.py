@@ -155,7 +155,8 @@ class Config:
         "method",
         "",
         "surgical fine-tuning (Lee et al. 2023): only these blocks or stages train, plus the head, e.g. layer4, "
-        "'stem,layer1' or layer4.2; the rest stay frozen with their BatchNorm statistics",
+        "'stem,layer1' or layer4.2 (head: the head alone, a linear probe); the rest stay frozen with their BatchNorm "
+        "statistics",
         metavar="NAMES",
         shown_default="all",
     )

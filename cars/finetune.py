@@ -123,9 +123,10 @@ def start_fingerprint(model: nn.Module) -> str:
 
 def chosen_blocks(model: nn.Module, names: str) -> set[str]:
     """The blocks --train-blocks names: a block (`layer4.2`), a stage or any parent of blocks (`layer4`), a stage's
-    label (`conv1+bn1`) or `stem` (the first stage). Comma- or space-separated."""
+    label (`conv1+bn1`), `stem` (the first stage) or `head` (the head alone: a linear probe trained by the recipe).
+    Comma- or space-separated."""
     every, runs = blocks(model), stage_runs(model)
-    labels = {STEM: runs[0][1], **{label: run for label, run in runs}}
+    labels = {STEM: runs[0][1], **{label: run for label, run in runs}, "head": [head_block(model)]}
     chosen = set()
     for name in filter(None, re.split(r"[,\s]+", names)):
         found = labels.get(name) or [b for b in every if b == name or b.startswith(name + ".")]
@@ -715,7 +716,9 @@ def describe(cfg) -> str:
         parts.append(f"layer-wise lr decay {cfg.layer_decay:g}")
     if cfg.backbone_lr_mult != 1:
         parts.append(f"backbone lr x {cfg.backbone_lr_mult:g}")
-    if cfg.train_blocks.strip():
+    if cfg.train_blocks.strip() == "head":
+        parts.append("linear probe (the head alone trains)")
+    elif cfg.train_blocks.strip():
         parts.append(f"surgical: only {cfg.train_blocks} and the head train")
     if cfg.train_params != "all":
         parts.append({"norm": "BN-only", "bias": "BitFit"}[cfg.train_params] + f" ({cfg.train_params} and the head)")

@@ -282,3 +282,11 @@ def test_a_sweep_searches_the_method_knobs(tmp_path):
     ):
         cfg = Config(**sweep.trial_values(params)).validate()
         assert finetune.describe(cfg).startswith("layer-wise lr decay 0.6" if params["layer_decay"] < 1 else "surgical")
+
+
+def test_train_blocks_head_trains_the_head_alone():
+    """A linear probe trained by the recipe: every backbone tensor frozen."""
+    model = build_model("resnet18", "none", 3)
+    trained = [name for name, _ in finetune.trained_parameters(Config(train_blocks="head"), model)]
+    assert trained == ["fc.weight", "fc.bias"]
+    assert finetune.describe(Config(train_blocks="head")) == "linear probe (the head alone trains)"
