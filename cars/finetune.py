@@ -215,44 +215,35 @@ def param_groups(cfg, model: nn.Module, *, extra: list[dict] = ()) -> list[dict]
       papers: the head keeps the ordinary decay.
     `extra` groups (Co-Tuning's source head) come before the head's, which comes last: the recipe reads the lr there.
     """
-    lr, trained = base_lr(cfg), trained_parameters(cfg, model)
-    head = head_block(model)
-    names = blocks(model)
-    backbone_decay = 0.0 if cfg.l2sp or cfg.delta else cfg.weight_decay
-    if cfg.layer_decay != 1:
-        depth = depth_below_head(model)
-        keys = [block if block != head else "head" for block in dict.fromkeys(block_of(n, names) for n, _ in trained)]
+    lr, trained, names, head = base_lr(cfg), trained_parameters(cfg, model), blocks(model), head_block(model)
+    pulled_to_start = bool(cfg.l2sp or cfg.delta)  # then the backbone has no decay towards 0
+    depth = depth_below_head(model)
 
-        def group_of(name):
-            block = block_of(name, names)
-            return "head" if block == head else block
+    def group_of(name: str) -> str:
+        block = block_of(name, names)
+        return "head" if block == head else block if cfg.layer_decay != 1 else "backbone"
 
-        scale = {key: cfg.layer_decay ** depth[head if key == "head" else key] for key in keys}
-    else:
-        keys = ["backbone", "head"]
+    def scale(key: str) -> float:
+        if key == "head":
+            return 1.0
+        return cfg.backbone_lr_mult if key == "backbone" else cfg.layer_decay ** depth[key]
 
-        def group_of(name):
-            return "head" if block_of(name, names) == head else "backbone"
-
-        scale = {"backbone": cfg.backbone_lr_mult, "head": 1.0}
     groups = []
-    for key in keys:
+    for key in dict.fromkeys(group_of(n) for n, _ in trained):  # in the model's order
+        decay = 0.0 if pulled_to_start and key != "head" else cfg.weight_decay
         params = [p for n, p in trained if group_of(n) == key]
-        if params:
-            decay = cfg.weight_decay if key == "head" else backbone_decay
-            groups.append({"params": params, "lr": lr * scale[key], "weight_decay": decay, "name": key})
+        groups.append({"params": params, "lr": lr * scale(key), "weight_decay": decay, "name": key})
     if cfg.norm_weight_decay >= 0:
         undecayed_ids, split = undecayed(model), []
         for group in groups:
-            decayed = [p for p in group["params"] if id(p) not in undecayed_ids]
-            undecayed_params = [p for p in group["params"] if id(p) in undecayed_ids]
-            split.append({**group, "params": decayed})
+            norm_decay = 0.0 if pulled_to_start and group["name"] != "head" else cfg.norm_weight_decay
+            split.append({**group, "params": [p for p in group["params"] if id(p) not in undecayed_ids]})
             split.append(
                 {
                     **group,
-                    "params": undecayed_params,
+                    "params": [p for p in group["params"] if id(p) in undecayed_ids],
                     "name": f"{group['name']} norm and bias",
-                    "weight_decay": cfg.norm_weight_decay if group["name"] == "head" or not cfg.l2sp else 0.0,
+                    "weight_decay": norm_decay,
                 }
             )
         groups = [group for group in split if group["params"]]
