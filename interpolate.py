@@ -20,13 +20,12 @@ from pathlib import Path
 import torch
 
 from cars import finetune, transfer
-from cars.averaging import accuracy_on, interpolated, recalibrate_batch_norm
+from cars.averaging import accuracy_on, interpolated, recalibrate_batch_norm, scored_splits, training_images
 from cars.checkpoint import load_checkpoint, save_checkpoint
 from cars.config import load_saved
-from cars.data import corruption_splits, dataset_location, label_map, load_splits, open_hub_dataset, run_splits
+from cars.data import corruption_splits, dataset_location, label_map, load_splits, open_hub_dataset
 from cars.engine import Device
 from cars.errors import UserError, run_cli
-from cars.loaders import eval_loader
 from cars.models import build_model
 from cars.report import markdown_table, plot_interpolation, write_csv, write_json, write_text
 from cars.runs import check_folder_free, prepare_folder
@@ -106,15 +105,7 @@ def prepare(args) -> Line:
         )
     device = Device(pick_device(args.device), show_progress=True)
     workers = worker_count(args.workers)
-    train_images = eval_loader(
-        run_splits(cfg).train,
-        resolution=cfg.resolution,
-        cache=args.cache,
-        skip_bad_images=True,
-        batch_size=args.batch_size,
-        workers=workers,
-        device_type=device.type,
-    )
+    train_images = training_images(cfg, cache=args.cache, batch_size=args.batch_size, workers=workers, device=device)
     start_model = start.model.to(device.type)
     if checkpoint.get("probe_head"):
         head, probe_source = checkpoint["probe_head"], "the run's own linear-probe head (it was trained with LP-FT)"
@@ -126,8 +117,8 @@ def prepare(args) -> Line:
             f"({probe.train_accuracy:.1f}% of them right)"
         )
     finetune.set_head(start_model, head["weight"], head["bias"])
-    splits = load_splits(cfg.data, cfg.val_split, cfg.split_seed)
-    chosen = {"val": splits.eval, "test": splits.test} if splits.test is not None else {"test": splits.eval}
+    chosen, chooser = scored_splits(cfg)
+    class_order = load_splits(cfg.data).class_names
     corrupted = corruption_splits(cfg.data)
     if corrupted:
         copies = open_hub_dataset(dataset_location(cfg.data), cfg.data, splits=corrupted)[:-1]
@@ -141,8 +132,8 @@ def prepare(args) -> Line:
         probe_source=probe_source,
         model=model,
         splits=chosen,
-        chooser="val" if "val" in chosen else "test",
-        to_model=label_map(class_names, splits.class_names, cfg.data),
+        chooser=chooser,
+        to_model=label_map(class_names, class_order, cfg.data),
         train_images=train_images,
         device=device,
     )

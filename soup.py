@@ -14,13 +14,11 @@ check_command_line(__name__, parse_soup)  # --help and mistakes answer before th
 
 from pathlib import Path
 
-from cars.averaging import accuracy_on, recalibrate_batch_norm
+from cars.averaging import accuracy_on, recalibrate_batch_norm, scored_splits, training_images
 from cars.checkpoint import load_checkpoint, save_checkpoint
 from cars.config import load_saved
-from cars.data import load_splits, run_splits
 from cars.engine import Device
 from cars.errors import UserError, run_cli
-from cars.loaders import eval_loader
 from cars.models import build_model
 from cars.report import markdown_table, write_csv, write_json, write_text
 from cars.runs import check_folder_free, prepare_folder
@@ -35,19 +33,9 @@ def main(argv=None) -> None:
     check_folder_free(out, args.overwrite, "soup folder", "--out")
     device = Device(pick_device(args.device))
     workers = worker_count(args.workers)
-    splits = load_splits(cfg.data, cfg.val_split, cfg.split_seed)
-    chooser = "val" if splits.test is not None else "test"
-    scored = {"val": splits.eval, "test": splits.test} if splits.test is not None else {"test": splits.eval}
+    scored, chooser = scored_splits(cfg)
     model = build_model(cfg.arch, "none", len(first["class_names"])).to(device.type).eval()
-    train_images = eval_loader(
-        run_splits(cfg).train,
-        resolution=cfg.resolution,
-        cache=args.cache,
-        skip_bad_images=True,
-        batch_size=args.batch_size,
-        workers=workers,
-        device_type=device.type,
-    )
+    train_images = training_images(cfg, cache=args.cache, batch_size=args.batch_size, workers=workers, device=device)
 
     def score(state: dict, recalibrate: bool) -> dict:
         """The accuracy of a state dict on every scored split, in the working model."""

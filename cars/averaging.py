@@ -7,6 +7,7 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 from cars.analysis import topk_accuracy
+from cars.data import load_splits, run_splits
 from cars.engine import collect_logits
 from cars.loaders import eval_loader
 
@@ -61,3 +62,26 @@ def accuracy_on(model, split, *, resolution: int, cache: str, batch_size: int, w
     )
     logits, labels = collect_logits(model, loader, device, description=split.name)
     return topk_accuracy(logits, labels if to_model is None else to_model[labels], 1)
+
+
+def scored_splits(cfg) -> tuple[dict, str]:
+    """The splits a run's averaged models are scored on, by name, and the one that chooses among them: the run's
+    validation split when it has one (and then the test split beside it), else the test split."""
+    splits = load_splits(cfg.data, cfg.val_split, cfg.split_seed)
+    if splits.test is None:
+        return {"test": splits.eval}, "test"
+    return {"val": splits.eval, "test": splits.test}, "val"
+
+
+def training_images(cfg, *, cache: str, batch_size: int, workers: int, device):
+    """The images a run trained on (its subset, if it had one) as evaluated, centre crops: for a probe head and for
+    BatchNorm statistics."""
+    return eval_loader(
+        run_splits(cfg).train,
+        resolution=cfg.resolution,
+        cache=cache,
+        skip_bad_images=True,
+        batch_size=batch_size,
+        workers=workers,
+        device_type=device.type,
+    )
