@@ -57,6 +57,20 @@ def add_device_flag(parser) -> None:
     )
 
 
+def add_evaluation_flags(parser, cache_help: str = "preprocessing cache, as train.py's --cache") -> None:
+    """How the images are fed, as eval.py feeds them."""
+    parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per batch (default: 64)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=-1,
+        metavar="N",
+        help="DataLoader workers; -1: one per core, at most 8 (default: -1)",
+    )
+    parser.add_argument("--cache", default="auto", metavar="auto|DIR|off", help=f"{cache_help} (default: auto)")
+    add_device_flag(parser)
+
+
 def add_backend_flag(parser) -> None:
     parser.add_argument(
         "--backend",
@@ -149,22 +163,11 @@ def eval_parser() -> argparse.ArgumentParser:
         help="the weights the fine-tune started from, for a checkpoint that does not say (a bare state dict): a "
         "torchvision weights name, demo-pretrained, or a state-dict file (default: the run's --weights)",
     )
-    parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per batch (default: 64)")
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=-1,
-        metavar="N",
-        help="DataLoader workers; -1: one per core, at most 8 (default: -1)",
+    add_evaluation_flags(
+        parser,
+        cache_help="preprocessing cache for the test split, as train.py's --cache; TTA and corrupted copies are always "
+        "decoded",
     )
-    parser.add_argument(
-        "--cache",
-        default="auto",
-        metavar="auto|DIR|off",
-        help="preprocessing cache for the test split, as train.py's --cache; TTA and corrupted copies are always "
-        "decoded (default: auto)",
-    )
-    add_device_flag(parser)
     parser.add_argument(
         "--seed", type=int, default=0, metavar="N", help="chooses the GradCAM sample images (default: 0)"
     )
@@ -525,25 +528,6 @@ def parse_app(argv=None) -> argparse.Namespace:
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     return args
-
-
-def add_evaluation_flags(parser) -> None:
-    """How the images are fed, as eval.py feeds them."""
-    parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per batch (default: 64)")
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=-1,
-        metavar="N",
-        help="DataLoader workers; -1: one per core, at most 8 (default: -1)",
-    )
-    parser.add_argument(
-        "--cache",
-        default="auto",
-        metavar="auto|DIR|off",
-        help="preprocessing cache, as train.py's --cache (default: auto)",
-    )
-    add_device_flag(parser)
 
 
 ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
