@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from cars.config import Config, from_dict
 from cars.errors import UserError
-from cars.models import head_name
+from cars.models import build_with_own_head, head_name
 
 STEM = "stem"  # --train-blocks' name for the first stage, whatever the architecture calls it
 DELTA_ATTENTION_IMAGES = 64  # training images DELTA's channel attention is measured on
@@ -598,8 +598,6 @@ def needs_start(cfg) -> bool:
 def source_head_of(cfg) -> tuple[nn.Module, nn.Linear]:
     """The start with its own head (ImageNet's 1000 classes, the demo source's 40), and a fresh Linear of that head's
     shape: Co-Tuning's source head."""
-    from cars.models import build_with_own_head
-
     try:
         own = build_with_own_head(cfg.arch, cfg.weights)
     except UserError as error:
