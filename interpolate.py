@@ -39,7 +39,8 @@ class Line:
     run: Path
     cfg: object
     start_state: dict  # the start's backbone with a probe head
-    tuned_state: dict  # the run's best.pt
+    tuned_state: dict  # the run's best.pt's weights
+    tuned_record: dict  # the rest of its best.pt (config, class names, fingerprint): what a saved point keeps
     probe_source: str  # where the alpha = 0 end's head comes from, in words
     model: torch.nn.Module  # the working copy every point is loaded into
     splits: dict  # name -> split, the ones each point is evaluated on
@@ -129,6 +130,7 @@ def prepare(args) -> Line:
         cfg=cfg,
         start_state={k: v.to(device.type) for k, v in start_model.state_dict().items()},
         tuned_state={k: v.to(device.type) for k, v in checkpoint["model"].items()},
+        tuned_record={k: v for k, v in checkpoint.items() if k != "model"},
         probe_source=probe_source,
         model=model,
         splits=chosen,
@@ -199,12 +201,8 @@ def write_report(line: Line, rows: list[dict], out: Path) -> dict:
 def save_model_at(line: Line, alpha: float, folder: Path) -> None:
     """The model at `alpha` (interpolated statistics) as a run folder's best.pt and config.toml."""
     folder.mkdir()
-    tuned = load_checkpoint(line.run / "best.pt")
     state = {k: v.cpu() for k, v in interpolated(line.start_state, line.tuned_state, alpha).items()}
-    save_checkpoint(
-        folder / "best.pt",
-        {**{k: v for k, v in tuned.items() if k != "model"}, "model": state, "interpolated_alpha": alpha},
-    )
+    save_checkpoint(folder / "best.pt", {**line.tuned_record, "model": state, "interpolated_alpha": alpha})
     line.cfg.save(folder / "config.toml")
 
 

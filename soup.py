@@ -85,7 +85,7 @@ def main(argv=None) -> None:
     write_csv(out / "soup.csv", table, ["model", "val_acc", "test_acc", "in_soup"])
     save_checkpoint(
         out / "best.pt",
-        {**{k: v for k, v in first.items() if k not in ("model", "probe_head")}, "model": chosen, "soup": args.recipe},
+        {**{k: v for k, v in first.items() if k != "probe_head"}, "model": chosen, "soup": args.recipe},
     )
     cfg.save(out / "config.toml")
     write_report(out, rows, chooser=chooser, recipe=args.recipe, recalibrated=args.recalibrate_bn)
@@ -97,12 +97,13 @@ def main(argv=None) -> None:
 
 def check_runs(runs: list[Path]) -> tuple[dict, object]:
     """Every run a train.py run folder, all of one architecture and class list, fine-tuned from one recorded start.
-    Returns the first run's best.pt and config."""
+    Returns the first run's best.pt (without its weights) and config."""
     checkpoints = []
     for run in runs:
         if not (run / "best.pt").is_file() or not (run / "config.toml").is_file():
             raise UserError(f"{run} is not a run folder of train.py (no best.pt and config.toml); give run folders")
-        checkpoints.append(load_checkpoint(run / "best.pt"))
+        # what the checks read: the weights of every run are not held at once
+        checkpoints.append({k: v for k, v in load_checkpoint(run / "best.pt").items() if k != "model"})
     configs = [load_saved(run / "config.toml") for run in runs]
     for run, cfg, checkpoint in zip(runs, configs, checkpoints):
         if cfg.arch != configs[0].arch or checkpoint.get("class_names") != checkpoints[0].get("class_names"):

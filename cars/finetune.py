@@ -147,16 +147,26 @@ def frozen_blocks(cfg, model: nn.Module) -> set[str]:
     return {b for b in blocks(model) if b != head} - chosen_blocks(model, cfg.train_blocks)
 
 
+NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+
+
 def kind_trains(cfg, model: nn.Module) -> set[int]:
     """The ids of the parameters --train-params lets train: all of them, the normalisation layers' (BN-only) or the
     biases (BitFit); the head's always."""
     if cfg.train_params == "all":
         return {id(p) for p in model.parameters()}
-    if cfg.train_params == "norm":
-        chosen = {id(p) for module in model.modules() if isinstance(module, NORMS) for p in module.parameters(False)}
-    else:
-        chosen = {id(p) for name, p in model.named_parameters() if name.endswith(".bias")}
+    chosen = norm_parameters(model) if cfg.train_params == "norm" else bias_parameters(model)
     return chosen | {id(p) for p in head_parameters(model)}
+
+
+def norm_parameters(model: nn.Module) -> set[int]:
+    """The ids of the normalisation layers' scales and shifts."""
+    return {id(p) for module in model.modules() if isinstance(module, NORMS) for p in module.parameters(False)}
+
+
+def bias_parameters(model: nn.Module) -> set[int]:
+    """The ids of every bias."""
+    return {id(p) for name, p in model.named_parameters() if name.endswith(".bias")}
 
 
 def trained_parameters(cfg, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -164,9 +174,6 @@ def trained_parameters(cfg, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     gradient and are not given to the optimizer (so no weight decay or momentum can move them either)."""
     frozen, kinds, names = frozen_blocks(cfg, model), kind_trains(cfg, model), blocks(model)
     return [(name, p) for name, p in model.named_parameters() if id(p) in kinds and block_of(name, names) not in frozen]
-
-
-NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
 def set_trainable(cfg, model: nn.Module, *, backbone_frozen: bool = False) -> None:
@@ -255,8 +262,7 @@ def undecayed(model: nn.Module) -> set[int]:
     """The ids of the normalisation layers' weights and of every bias: what --norm-weight-decay decays. Decay pulls
     a weight towards 0; a BatchNorm scale or a bias is not a weight that overfits by growing, and shrinking it only
     fights the normalisation (torchvision's and timm's recipes leave them undecayed)."""
-    chosen = {id(p) for module in model.modules() if isinstance(module, NORMS) for p in module.parameters(False)}
-    return chosen | {id(p) for name, p in model.named_parameters() if name.endswith(".bias")}
+    return norm_parameters(model) | bias_parameters(model)
 
 
 def param_group_rows(optimizer: torch.optim.Optimizer, epoch: int) -> list[dict]:

@@ -63,7 +63,7 @@ class Run:
     progress: Progress | None = None  # where a mid-epoch checkpoint left the first epoch to run
     # what last.pt holds: its epoch, and the steps of the next epoch a mid-epoch save kept
     saved: tuple[int, int] = (0, 0)
-    # models.start_fingerprint of the weights the run started from (None from random weights): eval.py's transfer
+    # finetune.start_fingerprint of the weights the run started from (None from random weights): eval.py's transfer
     # lens checks that the start it rebuilds is this one
     start_fingerprint: str | None = None
     # LP-FT's probe head (weight and bias) the fine-tune started from: interpolate.py's alpha = 0 end uses it

@@ -239,7 +239,7 @@ class Start:
     model: nn.Module
     weights: str  # as --weights names them
     head_is_new: bool  # the head was made fresh for the target (not in the weights): it has no starting value
-    fingerprint: str  # models.start_fingerprint of these weights
+    fingerprint: str  # finetune.start_fingerprint of these weights
     matches_run: bool | None = None  # whether they are the ones the run recorded starting from (None: not recorded)
 
 
