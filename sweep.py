@@ -14,7 +14,6 @@ from cars.cli import check_command_line, parse_sweep
 
 check_command_line(__name__, parse_sweep)  # --help and mistakes answer before the imports below load torch
 
-import json
 import signal
 import sys
 import warnings
@@ -80,37 +79,16 @@ def open_study(sweep: sweeps.Sweep, storage: str, heartbeat: int, out: Path):
         pruner=sweeps.make_pruner(sweep.pruner, sweep.epochs),
         load_if_exists=True,
     )
-    fingerprint = json.loads(json.dumps(sweep.fingerprint()))  # as the storage gives it back (lists, not tuples)
-    known = study.user_attrs.get("fingerprint")
-    if known is None:
-        earlier = sorted(p.name for p in out.glob("trial-*"))
-        if earlier and not study.get_trials(deepcopy=False):
-            raise UserError(
-                f"{out} holds the trial folders of an earlier study ({', '.join(earlier[:3])}"
-                f"{', ...' if len(earlier) > 3 else ''}) that this new study's trials would collide with; give it "
-                "its own folder with --out DIR, or delete those folders"
-            )
-        study.set_user_attr("fingerprint", fingerprint)
-    elif known != fingerprint:
-        raise UserError(
-            f"the study {sweep.name!r} in {sweeps.shown(storage)} was made from another recipe: "
-            f"{difference(known, fingerprint)}; its trials would not be comparable. Give this sweep another name (its "
-            "file name) or another --storage"
-        )
+    sweeps.claim_study(
+        study,
+        sweep.fingerprint(),
+        labels={"recipe": "the trials' recipe", "pruner": "the pruner", "space": "the space"},
+        storage=storage,
+        earlier=sorted(p.name for p in out.glob("trial-*")),
+        out=out,
+        rename="Give this sweep another name (its file name) or another --storage",
+    )
     return study
-
-
-def difference(known: dict, now: dict) -> str:
-    """The first value that differs between two study fingerprints, in words."""
-    for part, label in (("recipe", "the trials' recipe"), ("pruner", "the pruner"), ("space", "the space")):
-        old, new = known.get(part), now.get(part)
-        if isinstance(old, dict) and isinstance(new, dict):
-            for key in sorted(set(old) | set(new)):
-                if old.get(key) != new.get(key):
-                    return f"{label}'s {key} was {old.get(key)!r}, now {new.get(key)!r}"
-        elif old != new:
-            return f"{label} was {old!r}, now {new!r}"
-    return "it differs"
 
 
 def search(study, sweep: sweeps.Sweep, out: Path, *, storage: str, heartbeat: int) -> None:

@@ -494,6 +494,44 @@ def parse_sweep(argv=None) -> argparse.Namespace:
     return args
 
 
+def curves_parser() -> argparse.ArgumentParser:
+    parser = tool_parser(
+        "curves.py",
+        "How much labelled data pretraining saves: every method of a curves file trained on 1, 2, 4, ... images per "
+        "class, over several seeds, each cell an ordinary run folder; then curves.csv, curves.png and report.md. "
+        "Workers share the cells through one --storage, as sweep.py's do; a rerun skips the finished cells.",
+        [
+            "--config configs/curves/demo.toml",
+            "--config configs/curves/r50.toml --storage postgresql://USER:PASSWORD@HOST/curves  # on each machine",
+        ],
+    )
+    parser.add_argument(
+        "--config", required=True, metavar="CURVES_FILE", help="the curves file, e.g. configs/curves/demo.toml"
+    )
+    parser.add_argument(
+        "--storage",
+        metavar="URL|PATH",
+        help="where the cells' study lives, as sweep.py's --storage (default: study.db in the curves folder)",
+    )
+    parser.add_argument("--out", metavar="DIR", help="the curves folder (default: runs/curves/<curves file's name>)")
+    parser.add_argument(
+        "--heartbeat",
+        type=int,
+        default=30,
+        metavar="SECONDS",
+        help="seconds between a worker's heartbeats in a database; a cell silent for twice that runs again "
+        "(default: 30)",
+    )
+    return parser
+
+
+def parse_curves(argv=None) -> argparse.Namespace:
+    args = curves_parser().parse_args(argv)
+    if args.heartbeat < 1:
+        raise UserError(f"--heartbeat must be at least 1 second, got {args.heartbeat}")
+    return args
+
+
 def app_parser() -> argparse.ArgumentParser:
     parser = tool_parser(
         "app.py",
@@ -635,6 +673,7 @@ PARSERS = {
     "lr_find.py": lr_find_parser,
     "compare.py": compare_parser,
     "sweep.py": sweep_parser,
+    "curves.py": curves_parser,
     "export.py": export_parser,
     "app.py": app_parser,
     "interpolate.py": interpolate_parser,

@@ -412,16 +412,38 @@ class Term(nn.Module):
 class L2SP(Term):
     """L2-SP (Li, Grandvalet & Davoine 2018): alpha/2 x ||w - w0||^2 over the backbone's trained weights, w0 their
     values at the start: fine-tuning is pulled back to the start instead of to 0. One copy of the start's backbone
-    stays on the device."""
+    stays on the device. Its gradient, alpha (w - w0), is written directly (`SquaredDistance`): a network has hundreds
+    of weight tensors, and autograd through a subtract, square and sum for each costs more than the term."""
 
     name = "l2sp"
 
     def __init__(self, weight: float, pairs: list[tuple[nn.Parameter, torch.Tensor]]):
         super().__init__()
-        self.weight, self.pairs = weight, pairs
+        self.weight = weight
+        self.params, self.starts = [p for p, _ in pairs], [start for _, start in pairs]
 
     def forward(self, captured, images, targets):
-        return self.weight / 2 * sum(((p.float() - start.float()) ** 2).sum() for p, start in self.pairs)
+        if not self.params:  # nothing of the backbone trains
+            return torch.zeros(())
+        return self.weight / 2 * SquaredDistance.apply(self.starts, *self.params)
+
+
+class SquaredDistance(torch.autograd.Function):
+    """||w - w0||^2 summed over lists of tensors, with its gradient 2 (w - w0): one autograd node for the whole
+    list, computed with torch's multi-tensor (_foreach) kernels, the ones its optimizers use."""
+
+    @staticmethod
+    def forward(ctx, starts, *params):
+        ctx.starts = starts
+        ctx.save_for_backward(*params)
+        differences = torch._foreach_sub(params, starts)
+        return torch.stack(torch._foreach_norm(differences)).square().sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        differences = torch._foreach_sub(ctx.saved_tensors, ctx.starts)
+        torch._foreach_mul_(differences, 2 * grad_output)
+        return None, *differences
 
 
 class Delta(Term):

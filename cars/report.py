@@ -344,3 +344,27 @@ def plot_interpolation(rows: list[dict], path: Path, *, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, path)
+
+
+def plot_data_curves(series: dict[str, list[tuple]], path: Path, *, all_at: float, title: str) -> None:
+    """Test accuracy against training images per class (log axis), per method: the mean over seeds, and a band of
+    one standard deviation. `series` maps a method to (shots, mean, sd) points; "all" is drawn at `all_at` images."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ticks = {}
+    for i, (name, points) in enumerate(series.items()):
+        xs = [all_at if shots == "all" else shots for shots, _, _ in points]
+        means, sds = [m for _, m, _ in points], [s for _, _, s in points]
+        ax.plot(xs, means, marker="o", color=f"C{i}", label=name)
+        ax.fill_between(
+            xs, [m - s for m, s in zip(means, sds)], [m + s for m, s in zip(means, sds)], color=f"C{i}", alpha=0.2
+        )
+        ticks.update({x: f"all ({all_at:g})" if shots == "all" else str(shots) for x, (shots, _, _) in zip(xs, points)})
+    ax.set_xscale("log")
+    ax.set_xticks(list(ticks), list(ticks.values()))
+    ax.minorticks_off()
+    ax.set_xlabel("training images per class")
+    ax.set_ylabel("test accuracy (%): mean over seeds, band ±1 sd")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    save_figure(fig, path)

@@ -14,6 +14,7 @@ A sweep file names a base preset, values fixed for every trial, and a search spa
 """
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -222,6 +223,39 @@ def open_storage(url: str, heartbeat: int):
     except Exception as error:  # a wrong URL, a server that is down, a missing driver: all one line
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"cannot open the study's storage {shown(url)}: {detail}") from None
+
+
+def claim_study(study, fingerprint: dict, *, labels: dict, storage: str, earlier: list[str], out: Path, rename: str):
+    """Record what a new study is (its fingerprint), or refuse a worker whose fingerprint differs from the study's in
+    one line that names the first difference; a new study over a folder that holds an earlier study's run folders
+    (`earlier`) is refused too, as their names would collide."""
+    fingerprint = json.loads(json.dumps(fingerprint))  # as the storage gives it back (lists, not tuples)
+    known = study.user_attrs.get("fingerprint")
+    if known is None:
+        if earlier and not study.get_trials(deepcopy=False):
+            raise UserError(
+                f"{out} holds the run folders of an earlier study ({', '.join(earlier[:3])}"
+                f"{', ...' if len(earlier) > 3 else ''}) that this new study's would collide with; give it its own "
+                "folder with --out DIR, or delete those folders"
+            )
+        study.set_user_attr("fingerprint", fingerprint)
+    elif known != fingerprint:
+        raise UserError(
+            f"the study {study.study_name!r} in {shown(storage)} was made from another recipe: "
+            f"{difference(known, fingerprint, labels)}; its results would not be comparable. {rename}"
+        )
+
+
+def difference(known: dict, now: dict, labels: dict[str, str]) -> str:
+    """The first value that differs between two fingerprints, in words: labels name their parts."""
+    for part, label in labels.items():
+        old, new = known.get(part), now.get(part)
+        while isinstance(old, dict) and isinstance(new, dict) and old != new:
+            key = next(k for k in sorted(set(old) | set(new), key=str) if old.get(k) != new.get(k))
+            label, old, new = f"{label}'s {key}", old.get(key), new.get(key)
+        if old != new:
+            return f"{label} was {old!r}, now {new!r}"
+    return "it differs"
 
 
 def repair_torn_journal(path: Path) -> None:

@@ -180,6 +180,24 @@ def test_l2sp_is_zero_at_the_start_pulls_the_weights_back_and_resumes_exactly(tm
         train.main(["--resume", str(tmp_path / "stopped"), "--epochs", "4"])
 
 
+def test_l2sp_value_and_gradient_are_the_formulas():
+    """L2-SP writes its gradient itself (one node for every weight): it must be autograd's gradient of
+    alpha/2 x ||w - w0||^2, scaled as the loss is (a gradient scaler multiplies the loss)."""
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in [(3, 4), (5,), (2, 2, 3, 3)]]
+    starts = [torch.randn(p.shape, generator=generator) for p in params]
+    value = finetune.L2SP(0.3, list(zip(params, starts)))(None, None, None)
+    (2.5 * value).backward()
+    ours = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    expected = 0.3 / 2 * sum(((p - s) ** 2).sum() for p, s in zip(params, starts))
+    (2.5 * expected).backward()
+    assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert all(torch.allclose(mine, p.grad, rtol=1e-6) for mine, p in zip(ours, params))
+    assert finetune.L2SP(0.3, [])(None, None, None).item() == 0.0  # nothing of the backbone trains
+
+
 def test_the_probe_head_is_the_fitted_probe(tmp_path, data):
     """LP-FT's head is the logistic regression fitted on the start's frozen features: on those features it predicts
     the regression's probabilities."""

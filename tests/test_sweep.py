@@ -215,7 +215,7 @@ def test_a_new_study_never_writes_into_an_earlier_study_s_trial_folders(sweep_di
     out = tmp_path / "old"
     (out / "trial-0").mkdir(parents=True)
     (out / "trial-0" / "best.pt").write_bytes(b"an earlier study's")
-    with pytest.raises(UserError, match=r"holds the trial folders of an earlier study \(trial-0\).*--out DIR"):
+    with pytest.raises(UserError, match=r"holds the run folders of an earlier study \(trial-0\).*--out DIR"):
         sweep_tool.main(["--config", str(sweep_file(sweep_dir, "fresh", trials=1)), "--out", str(out)])
     assert (out / "trial-0" / "best.pt").read_bytes() == b"an earlier study's"
     (tmp_path / "file").write_text("x")
