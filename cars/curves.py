@@ -88,6 +88,13 @@ class Curves:
 def load_curves(path: str) -> Curves:
     """The curves file, every cell's config checked against Config, and the shots against the data, before anything
     runs."""
+    curves = read_curves(path)
+    curves.labelled, curves.classes = labelled_images(curves)
+    return curves
+
+
+def read_curves(path: str) -> Curves:
+    """The curves file, every cell's config checked against Config (the data is not opened)."""
     raw = load_toml(path)
     where = Path(path)
     unknown = set(raw) - {"shots", "seeds", "fixed", "methods"}
@@ -118,7 +125,6 @@ def load_curves(path: str) -> Curves:
                 raise UserError(
                     f"{path}: method {m.name!r} with shots {extreme!r} is not a valid run: {error}"
                 ) from None
-    curves.labelled, curves.classes = labelled_images(curves)
     return curves
 
 

@@ -4,6 +4,7 @@ output files are copied into docs/figures/.
     uv run docs/make_figures.py                 # about 5 minutes on 2 CPU cores, once the demo-pretrained weights
                                                 # exist (a fresh machine adds their 2 minutes)
     uv run docs/make_figures.py --sweep         # also the demo sweep's history (4 more minutes)
+    uv run docs/make_figures.py --curves        # also the demo's data-efficiency curves (about 20 more minutes)
 
 The tools run in a work folder (`--work`, default: a new temporary one) so that the run folders are `runs/demo` and
 the pages show what yours will. The web page and TensorBoard are photographed in headless Chromium (Debian's
@@ -113,6 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, help="where the tools run (default: a new temporary folder)")
     parser.add_argument("--sweep", action="store_true", help="also run the demo sweep for its history plot")
+    parser.add_argument("--curves", action="store_true", help="also run the demo's data-efficiency curves")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="cars-figures-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -141,6 +143,18 @@ def main() -> None:
     run(work, "predict.py", "runs/demo", "car.png", "--topk", "3", "--cam", "cams")
     keep(work / "cams/car_cam.png", "predict-cam.png")
 
+    # the interpolation page's run: plain fine-tuning with its epoch chosen on a validation split
+    run(
+        work,
+        "train.py",
+        "--config",
+        str(ROOT / "configs" / "methods" / "demo" / "0_plain.toml"),
+        "--run-dir",
+        "runs/plain",
+    )
+    run(work, "interpolate.py", "runs/plain", "--recalibrate-bn")
+    keep(work / "runs/plain/interpolate/interpolation.png", "interpolation.png")
+
     run(work, "compare.py", "runs/demo", "runs/demo_scratch", "--out", "runs/compare")
     keep(work / "runs/compare/compare.png", "compare.png")
     run(work, "lr_find.py", "--config", str(DEMO), "--steps", "100")
@@ -156,6 +170,9 @@ def main() -> None:
     if args.sweep:
         run(work, "sweep.py", "--config", str(ROOT / "configs" / "sweeps" / "demo.toml"))
         keep(work / "runs/sweeps/demo/optimization_history.png", "sweep-history.png")
+    if args.curves:
+        run(work, "curves.py", "--config", str(ROOT / "configs" / "curves" / "demo.toml"))
+        keep(work / "runs/curves/demo/curves.png", "data-curves.png")
     print(f"done; every tool's console output is in {work / 'console.log'}")
 
 

@@ -142,3 +142,14 @@ def test_a_killed_curves_worker_resumes_without_training_a_finished_cell_again(c
     report = (out / "report.md").read_text()
     assert "Its advantage over scratch" in report and "1 image per class (3 labelled images)" in report
     assert (out / "curves.png").stat().st_size > 10_000
+
+
+def test_the_curves_presets_load():
+    """Every method of every shipped curves file is a valid run at both ends of its shots; the demo's shots fit its
+    data (Stanford Cars is not opened offline)."""
+    for path in sorted((ROOT / "configs" / "curves").glob("*.toml")):
+        grid = curves.read_curves(str(path))
+        assert [m.name for m in grid.methods] == ["fine-tune", "linear probe", "scratch"], path
+        assert curves.scratch_method(grid).name == "scratch" and len(grid.seeds) >= 3
+    demo = curves.load_curves(str(ROOT / "configs" / "curves" / "demo.toml"))
+    assert demo.labelled == {1: 10, 2: 20, 4: 40, 8: 80, 16: 160, "all": 190} and demo.classes == 10
