@@ -102,7 +102,7 @@ class Facts(torch.utils.data.Dataset):
 def inspect_split(split, workers: int) -> list[ImageFacts]:
     """Every image of a split, looked at once, in `workers` processes."""
     loader = torch.utils.data.DataLoader(Facts(split), batch_size=None, num_workers=workers, collate_fn=keep_as_is)
-    return list(tqdm(loader, desc=f"inspecting {split.name}", unit="img", dynamic_ncols=True))
+    return list(tqdm(loader, desc=f"inspecting {split.name}", unit="img", dynamic_ncols=True, disable=None))
 
 
 def find_duplicates(facts: list[ImageFacts], same_pixels, max_distance: int = NEAR) -> list[dict]:

@@ -171,7 +171,7 @@ def build(
     sources, shapes, unreadable = np.zeros((len(split), 2), np.int64), np.zeros((len(split), 2), np.int64), {}
     blank = np.zeros((*(uniform or (1, 1)), 3), np.uint8)
     with open(folder / "pixels.u8", "wb") as out:
-        for i, sample in enumerate(tqdm(loader, desc=description, unit="img", dynamic_ncols=True)):
+        for i, sample in enumerate(tqdm(loader, desc=description, unit="img", dynamic_ncols=True, disable=None)):
             if isinstance(sample, str):  # unreadable: zeros in its place; whether that is fatal is the caller's choice
                 unreadable[str(i)] = sample
                 pixels = blank

@@ -3,6 +3,7 @@ imported (which takes seconds). Each tool at the root calls `check_command_line`
 
 import argparse
 import dataclasses
+import difflib
 import os
 import signal
 import sys
@@ -17,6 +18,69 @@ TTA_SCALES = (0.875, 1.0, 1.125)
 DOCS = "docs/reference/flags.md"  # where every --help points
 
 
+# what other tools (timm, fastai, torchvision's reference scripts) call flags that are named otherwise here
+OTHER_NAMES = {
+    "--learning-rate": "--lr",
+    "--wd": "--weight-decay",
+    "--bs": "--batch-size",
+    "--batch": "--batch-size",
+    "--model": "--arch",
+    "--pretrained": "--weights",
+    "--dataset": "--data",
+    "--data-dir": "--data",
+    "--img-size": "--resolution",
+    "--image-size": "--resolution",
+    "--input-size": "--resolution",
+    "--output": "--out",
+    "--output-dir": "--run-dir",
+    "--num-workers": "--workers",
+    "--smoothing": "--label-smoothing",
+    "--sched": "--scheduler",
+    "--opt": "--optimizer",
+    "--num-epochs": "--epochs",
+    "--checkpoint": "--resume",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, forgiving: a mistake is one line (with the closest flag for an unknown one) instead of a usage dump,
+    and no flag is taken for an abbreviation of another (--epoch is not --epochs)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        words = list(sys.argv[1:] if args is None else args)
+        known = self.known_flags()
+        typos = [w for w in words if w.startswith("--") and w.partition("=")[0] not in known]
+        if typos:  # before argparse's own complaints: a mistyped flag is why a required one seems missing
+            self.error(self.unknown(typos))
+        parsed, unknown = self.parse_known_args(words, namespace)
+        if unknown:
+            self.error(self.unknown(unknown))
+        return parsed
+
+    def known_flags(self) -> list[str]:
+        return [option for action in self._actions for option in action.option_strings]
+
+    def unknown(self, words: list[str]) -> str:
+        flag = next((w for w in words if w.startswith("-")), None)
+        if flag is None:
+            return f"unexpected argument {words[0]!r}"
+        name, known = flag.partition("=")[0], self.known_flags()
+        hyphenated = "--" + name.lstrip("-").replace("_", "-")
+        if hyphenated in known:
+            guess = hyphenated
+        elif OTHER_NAMES.get(hyphenated) in known:
+            guess = OTHER_NAMES[hyphenated]
+        else:
+            guess = next(iter(difflib.get_close_matches(hyphenated, known, n=1, cutoff=0.6)), None)
+        return f"unknown flag {name}" + (f"; did you mean {guess}?" if guess else "")
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (uv run {self.prog} --help)\n")
+
+
 def tool_parser(tool: str, description: str, examples: list[str]) -> argparse.ArgumentParser:
     """A tool's parser: its description, then after the flags two or three examples and where the docs are."""
     anchor = tool.replace(".", "")  # how a code host names the heading "train.py"
@@ -27,7 +91,7 @@ def tool_parser(tool: str, description: str, examples: list[str]) -> argparse.Ar
         args, _, comment = example.partition("  # ")
         epilog += f"  uv run {tool} {args.rstrip():{width}}# {comment}".rstrip(" #") + "\n"
     epilog += f"\nevery flag explained: {DOCS}#{anchor}; a first run step by step: docs/tutorial.md"
-    return argparse.ArgumentParser(
+    return Parser(
         prog=tool,
         description=textwrap.fill(description, 100),
         epilog=epilog,
@@ -207,8 +271,20 @@ def predict_parser() -> argparse.ArgumentParser:
     return parser
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MODEL_SUFFIXES = (".pt", ".pth", ".safetensors", ".onnx")
+
+
 def parse_predict(argv=None) -> argparse.Namespace:
     args = predict_parser().parse_args(argv)
+    model_like = [  # a folder, a model file, or a path without a suffix (runs/demo, not yet trained)
+        i for i in args.images if os.path.isdir(i) or i.endswith(MODEL_SUFFIXES) or not os.path.splitext(i)[1]
+    ]
+    if args.checkpoint.lower().endswith(IMAGE_SUFFIXES) and model_like:
+        raise UserError(
+            f"the arguments look swapped: {args.checkpoint} is an image and {model_like[0]} a model; the model comes "
+            f"first: uv run predict.py {model_like[0]} {args.checkpoint}"
+        )
     if args.topk < 1:
         raise UserError(f"--topk must be at least 1, got {args.topk}")
     if args.cam and args.backend == "onnxruntime":

@@ -6,6 +6,7 @@ then command-line flags. The resolved config is saved in the run folder as confi
 
 import argparse
 import dataclasses
+import difflib
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -457,12 +458,29 @@ def from_dict(values: dict, source: str) -> dict:
     return checked
 
 
+def nearest_preset(path: str) -> str | None:
+    """The shipped preset closest to a mistyped one (configs/demo.tml, demo.toml, run07.toml), in the configs folder
+    the path names (configs/sweeps/...) or else in configs/."""
+    root, typed = Path(__file__).resolve().parents[1], Path(path)
+    folder = root / typed.parent
+    if not (typed.parts[:1] == ("configs",) and folder.is_dir()):
+        folder = root / "configs"
+    presets = {p.stem: p for p in sorted(folder.glob("*.toml"))}
+    stem = typed.stem
+    guess = next((name for name in presets if stem and name.startswith(stem)), None)
+    guess = guess or next(iter(difflib.get_close_matches(stem, presets, n=1, cutoff=0.6)), None)
+    if guess is None:
+        return None
+    return str(presets[guess].relative_to(root)) if Path.cwd() == root else str(presets[guess])
+
+
 def load_toml(path: str) -> dict:
     try:
         with open(path, "rb") as file:
             data = file.read()
     except FileNotFoundError:
-        raise UserError(f"config file {path} does not exist") from None
+        guess = nearest_preset(path)
+        raise UserError(f"config file {path} does not exist" + (f"; did you mean {guess}?" if guess else "")) from None
     except OSError as error:
         raise UserError(
             f"cannot read config file {path}: {error.strerror}; give a TOML file such as configs/demo.toml"

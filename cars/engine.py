@@ -1,6 +1,7 @@
 """The per-batch pieces of training and evaluation: the device, one training step, the running totals of an
 epoch, predictions and evaluation. train.py's loop calls them; nothing here calls back into it."""
 
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -22,7 +23,8 @@ class Device:
     type: str  # cuda, mps or cpu
     channels_last: bool = False
     amp: bool = False
-    show_progress: bool = True  # only one process of a torchrun job draws progress bars
+    # progress bars on a terminal only: piped into a log they are a redraw a line; one process of a torchrun job
+    show_progress: bool = field(default_factory=lambda: sys.stderr.isatty())
 
     @classmethod
     def for_run(cls, cfg, device_type: str, show_progress: bool = True) -> "Device":
@@ -30,7 +32,7 @@ class Device:
             device_type,
             channels_last=cfg.speedup_on("channels_last", device_type),
             amp=cfg.speedup_on("amp", device_type),
-            show_progress=show_progress,
+            show_progress=show_progress and sys.stderr.isatty(),
         )
 
     @property
