@@ -4,13 +4,15 @@ from cars.cli import check_command_line, parse_compare
 
 check_command_line(__name__, parse_compare)  # --help and mistakes answer before the imports below load torch
 
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from cars.config import Config, load_saved
 from cars.errors import UserError, run_cli
 from cars.files import make_folder
-from cars.finetune import base_lr, term_names
+from cars.finetune import base_lr, method_parts, start_words, term_names
 from cars.report import METRIC_COLUMNS, markdown_table, plot_comparison, read_metrics, write_text
 from cars.runs import best_row, evaluated, read_summary, run_status
 
@@ -36,20 +38,27 @@ def read_run(folder: Path) -> ComparedRun:
     except (OSError, ValueError, TypeError) as error:
         raise UserError(f"{folder / 'metrics.csv'} is damaged ({error})") from None
     summary = read_summary(folder)
-    return ComparedRun(folder.name, config, metrics, summary, run_status(summary))
+    return ComparedRun(shown(folder), config, metrics, summary, run_status(summary))
+
+
+def shown(folder: Path) -> str:
+    """A run folder as the table names it: relative to where compare.py runs, when it is below it."""
+    relative = os.path.relpath(folder)
+    return str(folder) if relative.startswith("..") else relative
+
+
+def natural(name: str) -> list:
+    """Sort key: trial-2 before trial-10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def unreadable_row(folder: Path, why: str) -> list[str]:
-    return [folder.name, "unreadable", why, *["-"] * (len(HEADER) - 3)]
+    return [shown(folder), "unreadable", why, *["-"] * (len(HEADER) - 3)]
 
 
-def strategy(cfg: Config) -> str:
-    parts = [f"two-stage ({cfg.freeze_epochs} frozen)" if cfg.freeze_epochs else "one-stage"]
-    if cfg.backbone_lr_mult != 1:
-        parts.append(f"backbone lr x{cfg.backbone_lr_mult:g}")
-    if cfg.ema:
-        parts.append("EMA")
-    return ", ".join(parts)
+def method(cfg: Config) -> str:
+    """What the run added to plain training (finetune.method_parts), and EMA."""
+    return ", ".join(method_parts(cfg) + (["EMA"] if cfg.ema else [])) or "plain"
 
 
 def augmentation(cfg: Config) -> str:
@@ -122,7 +131,8 @@ def row(run: ComparedRun) -> list[str]:
         run.name,
         run.status,
         cfg.arch,
-        strategy(cfg),
+        start_words(cfg),
+        method(cfg),
         str(cfg.resolution),
         cfg.optimizer,
         lr,
@@ -144,7 +154,8 @@ HEADER = [
     "run",
     "status",
     "arch",
-    "strategy",
+    "start",
+    "method",
     "res",
     "optimizer",
     "lr",
@@ -165,6 +176,7 @@ HEADER = [
 def main(argv=None) -> None:
     args = parse_compare(argv)
     folders = [Path(p) for p in args.runs if Path(p).is_dir() and (Path(p) / "config.toml").exists()]
+    folders.sort(key=lambda folder: natural(shown(folder)))
     skipped = [p for p in args.runs if Path(p) not in folders]
     if not folders:
         raise UserError(f"none of {', '.join(args.runs)} is a run folder (a folder with config.toml)")
@@ -187,7 +199,10 @@ def main(argv=None) -> None:
     if args.out:
         out = Path(args.out)
         make_folder(out)
-        plot_comparison({run.name: run.metrics for run in runs if run.metrics}, out / "compare.png")
+        plot_comparison(
+            {f"{r.name} ({start_words(r.config)}; {method(r.config)})": r.metrics for r in runs if r.metrics},
+            out / "compare.png",
+        )
         write_text(
             out / "compare.md",
             f"# Experiments\n\n{table}\n\n{notes}\n\n![eval accuracy and lr of every run](compare.png)\n",

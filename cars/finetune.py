@@ -724,11 +724,24 @@ def check_start(start: nn.Module, *, recorded: str | None, weights: str, run_dir
 
 def describe(cfg) -> str:
     """The method in a few words, for train.log and eval.py's report: 'plain fine-tuning' when nothing is added."""
+    parts = method_parts(cfg)
+    if cfg.weights.lower() == "none":
+        return "training from scratch" + (f": {', '.join(parts)}" if parts else "")
+    return ", ".join(parts) if parts else "plain fine-tuning"
+
+
+def start_words(cfg) -> str:
+    """Where a run started: its --weights, or 'random'."""
+    return "random" if cfg.weights.lower() == "none" else cfg.weights
+
+
+def method_parts(cfg) -> list[str]:
+    """What a run adds to plain training, each in a few words (see describe)."""
     parts = []
     if cfg.probe_init:
         parts.append("LP-FT (linear-probe head first)")
     if cfg.freeze_epochs:
-        parts.append(f"head only for {cfg.freeze_epochs} epochs")
+        parts.append(f"head only for {cfg.freeze_epochs} epoch{'s' if cfg.freeze_epochs > 1 else ''}")
     if cfg.layer_decay != 1:
         parts.append(f"layer-wise lr decay {cfg.layer_decay:g}")
     if cfg.backbone_lr_mult != 1:
@@ -742,9 +755,7 @@ def describe(cfg) -> str:
     for name, what in zip(TERM_KNOBS, ("L2-SP", "DELTA", "BSS", "Co-Tuning")):
         if getattr(cfg, name):
             parts.append(f"{what} {getattr(cfg, name):g}" + (f" (k={cfg.bss_k})" if name == "bss" else ""))
-    if cfg.weights.lower() == "none":
-        return "training from scratch" + (f": {', '.join(parts)}" if parts else "")
-    return ", ".join(parts) if parts else "plain fine-tuning"
+    return parts
 
 
 def subset_words(cfg) -> str:

@@ -375,7 +375,7 @@ def test_compare_rows(three_runs, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = {
-        cells[0]: dict(zip(header, cells))
+        Path(cells[0]).name: dict(zip(header, cells))
         for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:5])
     }
     assert set(rows) == {"a", "b", "c"}
@@ -389,13 +389,14 @@ def test_compare_rows(three_runs, tmp_path, capsys):
         assert rows[name]["final epoch"] == f"{metrics[-1]['eval_acc']:.2f}%"
     test_of_best = json.loads((three_runs / "b" / "summary.json").read_text())["test_acc_of_best"]
     assert rows["b"]["test of best"] == f"{test_of_best:.2f}%" and rows["a"]["test of best"] == "(= best)"
-    assert rows["b"]["strategy"] == "two-stage (1 frozen)" and rows["a"]["strategy"] == "one-stage"
+    assert rows["b"]["method"] == "head only for 1 epoch" and rows["a"]["method"] == "plain"
+    assert rows["a"]["start"] == "demo-pretrained"
     assert rows["b"]["lr"] == "0.003" and rows["a"]["arch"] == "shufflenet_v2_x0_5"
 
     assert rows["c"]["status"] == "crashed" and rows["c"]["epochs"] == "1/2"
     assert rows["c"]["augmentation"] == "crop+flip, ls 0.1"
     assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| a | finished |" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert f"| {three_runs / 'a'} | finished |" in (tmp_path / "cmp" / "compare.md").read_text()
 
 
 def test_compare_without_run_folders_is_one_clear_line(tmp_path):
@@ -569,3 +570,31 @@ def test_each_lesson_is_a_pair_of_presets_that_differ_in_one_variable():
     # lesson 4's other pair
     assert differences("3b_448px_batch64", "4b_448px_batch16_lr_scaled") == {"batch_size": (64, 16)}
     assert lesson_config("1a_lr_same_for_all") == vars(Config()), "the a side of lesson 1 is run 7 itself"
+
+
+def test_compare_sorts_runs_naturally_and_names_them_from_where_it_runs(tmp_path, capsys, monkeypatch):
+    from cars.config import Config
+    from cars.report import METRIC_COLUMNS, write_csv
+
+    for name, weights in (("trial-10", "none"), ("trial-2", "IMAGENET1K_V2"), ("trial-1", "demo-pretrained")):
+        run_dir = tmp_path / "sweep" / name
+        run_dir.mkdir(parents=True)
+        Config(epochs=1, weights=weights, l2sp=0.01 if name == "trial-2" else 0.0).save(run_dir / "config.toml")
+        row = dict(epoch=1, lr=0.1, train_loss=1.0, train_acc=50.0, eval_loss=1.0, eval_acc=40.0, seconds=1.0)
+        write_csv(
+            run_dir / "metrics.csv",
+            [{**row, **({"l2sp": 0.5} if name == "trial-2" else {})}],
+            METRIC_COLUMNS + (["l2sp"] if name == "trial-2" else []),
+        )
+        (run_dir / "summary.json").write_text(json.dumps({"status": "finished", "selected_on": "test"}))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    compare.main([f"sweep/{name}" for name in ("trial-10", "trial-2", "trial-1")])
+    lines = capsys.readouterr().out.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    table = [dict(zip(header, [c.strip() for c in line.strip("|").split("|")])) for line in lines[2:5]]
+    assert [(r["run"], r["start"], r["method"]) for r in table] == [
+        ("sweep/trial-1", "demo-pretrained", "plain"),
+        ("sweep/trial-2", "IMAGENET1K_V2", "L2-SP 0.01"),
+        ("sweep/trial-10", "random", "plain"),
+    ]

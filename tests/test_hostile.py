@@ -360,7 +360,11 @@ def test_compare_shows_damaged_runs_as_unreadable_and_the_others(tmp_path, train
         file.write("colour = 'red'\n")
     capsys.readouterr()
     compare.main([str(p) for p in runs.values()])
-    rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    rows = {
+        Path(line.split("|")[1].strip()).name: line
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| ")
+    }
     assert "| finished |" in rows["good"] and "| crashed |" in rows["summary"]
     assert "| unreadable |" in rows["metrics"] and "metrics.csv is damaged" in rows["metrics"]
     assert "| unreadable |" in rows["config"] and "unknown key 'colour'" in rows["config"]
