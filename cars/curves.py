@@ -252,7 +252,8 @@ def sentences(curves: Curves, rows: list[dict], scratch: Method | None) -> list[
             if under:
                 line += (
                     f" Its advantage over {scratch.name} falls under {ADVANTAGE:g} points at "
-                    f"{per_class_words(curves, under[0])}: {under[1]:+.1f} points."
+                    f"{per_class_words(curves, under[0])}: {under[1]:+.1f} points"
+                    + (f", {scratch.name} is ahead there." if under[1] < 0 else ".")
                 )
             elif advantages:
                 smallest = min(advantages, key=lambda item: item[1])
