@@ -5,6 +5,7 @@ from cars.cli import check_command_line, parse_eval
 check_command_line(__name__, parse_eval)  # --help and mistakes answer before the imports below load torch
 
 import argparse
+import dataclasses
 import random
 import time
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import torch
 
 from cars import analysis, finetune, transfer
 from cars.cli import TTA_SCALES
+from cars.config import load_saved
 from cars.data import (
     CORRUPTIONS,
     SubsetSplit,
@@ -42,10 +44,11 @@ from cars.report import (
     write_json,
     write_text,
 )
-from cars.runs import prepare_folder
+from cars.runs import prepare_folder, read_summary, recipe_difference, scratch_twin
 from cars.runtime import pick_device, worker_count
 from cars.transforms import eval_transform, normalize
 
+ONE_TABLE = 20  # classes up to which the report ranks every class in one table
 CKA_IMAGES = 1024  # eval images the CKA is estimated on, in minibatches: enough for two decimals, 3 forward passes each
 
 
@@ -79,6 +82,7 @@ class Evaluation:
     out: Path
     workers: int
     start: transfer.Start | str  # the network the fine-tune started from, or why the transfer section is skipped
+    scratch: Path | None  # the same recipe's run from random weights, when there is one
 
     @property
     def names(self) -> list[str]:
@@ -154,8 +158,11 @@ def main(argv=None) -> None:
     tta = test_time_augmentation(evaluation, scores, summary) if evaluation.args.tta else ""
     robustness = corrupted_copies(evaluation, summary) if evaluation.corruptions else ""
     changed = what_fine_tuning_changed(evaluation, summary)
+    bought = what_pretraining_bought(evaluation, summary)
     write_json(evaluation.out / "summary.json", summary)
-    write_report(evaluation, scores=scores, summary=summary, cams=cams, sections=[tta, robustness, changed])
+    write_report(
+        evaluation, scores=scores, summary=summary, cams=cams, opening=bought, sections=[tta, robustness, changed]
+    )
     print(f"\nreport: {evaluation.out / 'report.md'}")
 
 
@@ -178,6 +185,7 @@ def start(args) -> Evaluation:
             "matched to the model's by name"
         )
     start = find_start(args, trained)
+    scratch = find_scratch(args, trained)
     out = output_folder(args, trained.path)
     device = Device(pick_device(args.device))
     trained.model.to(device.type)
@@ -196,7 +204,24 @@ def start(args) -> Evaluation:
         out,
         worker_count(args.workers),
         start,
+        scratch,
     )
+
+
+def find_scratch(args, trained: Trained) -> Path | None:
+    """The run of the same recipe from random weights: --scratch, or a run folder beside this one that differs only in
+    its weights and seed (runs.scratch_twin)."""
+    if args.scratch:
+        scratch = Path(args.scratch)
+        if not (scratch / "config.toml").is_file() or "best_eval_acc" not in read_summary(scratch):
+            raise UserError(f"--scratch {scratch} is not a finished run folder (config.toml and summary.json)")
+        if load_saved(scratch / "config.toml").weights.lower() != "none":
+            raise UserError(f"--scratch {scratch} did not start from random weights (--weights none)")
+        return scratch
+    run_dir = trained.path.parent
+    if not (run_dir / "config.toml").is_file() or str(trained.start_weights).lower() in ("none", ""):
+        return None
+    return scratch_twin(run_dir)
 
 
 def find_start(args, trained: Trained) -> transfer.Start | str:
@@ -530,8 +555,58 @@ def what_fine_tuning_changed(evaluation: Evaluation, summary: dict) -> str:
     )
 
 
+def what_pretraining_bought(evaluation: Evaluation, summary: dict) -> str:
+    """The report's opening answer: this run against the same recipe from random weights, and against a quick linear
+    probe on the start's frozen features (from the transfer section). Returns the section, '' for a run from random
+    weights or one that does not say where it started."""
+    trained, top1 = evaluation.trained, summary["top1"]
+    if not trained.start_weights or trained.start_weights.lower() == "none":
+        return ""
+    lines = []
+    scratch = evaluation.scratch
+    if scratch is None:
+        lines.append(
+            "No run of the same recipe from random weights was found beside this one, so what the start is worth is "
+            "not measured: train one (the same command with `--weights none` and its own `--run-dir` in the same "
+            "folder), or name it with `--scratch RUN`."
+        )
+    else:
+        twin = read_summary(scratch)
+        chosen_on_val = twin.get("selected_on") == "val"
+        scratch_acc = twin["test_acc_of_best"] if chosen_on_val else twin["best_eval_acc"]
+        differs = recipe_difference(
+            dataclasses.asdict(load_saved(scratch / "config.toml")),
+            dataclasses.asdict(load_saved(trained.path.parent / "config.toml"))
+            if (trained.path.parent / "config.toml").is_file()
+            else {},
+            also={"weights"},
+        )
+        summary["pretraining"] = {"scratch_run": str(scratch), "scratch_acc": scratch_acc, "gain": top1 - scratch_acc}
+        lines.append(
+            f"From random weights, the same recipe (`{scratch}`) reaches {scratch_acc:.1f}% on the test split; from "
+            f"`{trained.start_weights}` this run reaches {top1:.1f}%: pretraining bought **{top1 - scratch_acc:+.1f} "
+            "points**."
+            + (
+                f" (The two runs' recipes also differ in {', '.join(differs)}.)"
+                if differs and evaluation.args.scratch
+                else ""
+            )
+        )
+    probe = summary.get("transfer", {}).get("probe")
+    if probe:
+        layer, accuracy = list(probe.items())[-1]
+        summary.setdefault("pretraining", {})["probe_acc"] = accuracy
+        lines.append(
+            f"A quick, untuned linear probe on the start's frozen features ({layer}, what the head reads) reaches "
+            f"{accuracy:.1f}%: training the whole network bought {top1 - accuracy:+.1f} points over keeping the "
+            "features as they came."
+        )
+    lines.append("What these numbers mean: docs/explanation/transfer-lens.md.")
+    return "## What pretraining bought\n\n" + "\n\n".join(lines)
+
+
 def write_report(
-    evaluation: Evaluation, *, scores: Scores, summary: dict, cams: list[str], sections: list[str]
+    evaluation: Evaluation, *, scores: Scores, summary: dict, cams: list[str], opening: str, sections: list[str]
 ) -> None:
     """report.md: one page that ties it all together, pictures embedded."""
     trained = evaluation.trained
@@ -542,13 +617,15 @@ def write_report(
         + (f". Method: {trained.method}; started from `{trained.start_weights}`." if trained.method else "."),
         f"**Top-1 {summary['top1']:.2f}%**, top-5 {summary['top5']:.2f}%; mean per-class accuracy "
         f"{np.nanmean([c.accuracy for c in scores.classes]):.2f}%.",
+        *([opening] if opening else []),
         "## Per-class accuracy",
         "Every class, worst first ([per_class.csv](per_class.csv)):",
         "![per-class accuracy](per_class.png)",
-        "### Bottom 10",
-        scores.class_table(scores.worst),
-        "### Top 10",
-        scores.class_table(scores.best),
+        *(
+            [scores.class_table(analysis.ranked(scores.classes, len(scores.classes), worst=True))]
+            if len(scores.classes) <= ONE_TABLE  # a bottom 10 and a top 10 of 20 classes or fewer repeat each other
+            else ["### Bottom 10", scores.class_table(scores.worst), "### Top 10", scores.class_table(scores.best)]
+        ),
         "## Most confused pairs",
         "True class -> predicted class, counted over the test split "
         "([confused_pairs.csv](confused_pairs.csv), full matrix in [confusion_matrix.csv](confusion_matrix.csv)):",

@@ -222,6 +222,12 @@ def eval_parser() -> argparse.ArgumentParser:
         "block, CKA of the features, linear probes; files in <eval folder>/transfer/ (default: on)",
     )
     parser.add_argument(
+        "--scratch",
+        metavar="RUN",
+        help="the same recipe trained from random weights, to say what pretraining bought (default: a run folder "
+        "beside this one whose config differs only in its weights and seed)",
+    )
+    parser.add_argument(
         "--start-weights",
         metavar="WEIGHTS",
         help="the weights the fine-tune started from, for a checkpoint that does not say (a bare state dict): a "

@@ -1,5 +1,6 @@
 """Output folders: which ones may be replaced, and whether a run's process is still alive."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from cars.config import load_saved
 from cars.errors import UserError, printable
 
 # What each tool writes into its output folder. --overwrite replaces a folder only when it holds
@@ -187,3 +189,44 @@ def stale_evaluations(rows: list[dict]) -> int:
     """How many evaluations came after the best one (--early-stop counts these)."""
     best = best_row(rows)
     return sum(1 for r in evaluated(rows) if r["epoch"] > best["epoch"]) if best else 0
+
+
+# knobs that do not change what a run learns: two runs that differ only in these (and the seed) ran one recipe
+NOT_THE_RECIPE = {
+    "run_dir",
+    "sweep",
+    "trial",
+    "seed",
+    "workers",
+    "device",
+    "cache",
+    "save_every_steps",
+    "log_every_steps",
+    "eval_every",
+    "amp",
+    "compile",
+    "channels_last",
+}
+
+
+def recipe_difference(a: dict, b: dict, *, also: set = frozenset()) -> list[str]:
+    """The knobs two saved configs set differently, beyond those that do not change the recipe (and `also`)."""
+    return sorted(k for k in set(a) | set(b) if k not in NOT_THE_RECIPE | also and a.get(k) != b.get(k))
+
+
+def scratch_twin(run_dir: Path) -> Path | None:
+    """A finished run folder beside `run_dir` whose recipe differs from its own only in the start weights, which are
+    random (--weights none): the same recipe from scratch, to say what pretraining bought. The first by name."""
+    try:
+        own = dataclasses.asdict(load_saved(run_dir / "config.toml"))
+    except (UserError, OSError):
+        return None
+    for sibling in sorted(p for p in run_dir.parent.iterdir() if p.is_dir() and p != run_dir):
+        try:
+            other = dataclasses.asdict(load_saved(sibling / "config.toml"))
+        except (UserError, OSError):
+            continue
+        finished = read_summary(sibling).get("status") in ("finished", "stopped early")
+        if finished and other["weights"].lower() == "none" and not recipe_difference(own, other, also={"weights"}):
+            return sibling
+    return None

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import subprocess
@@ -14,7 +15,7 @@ import train
 from cars import config as config_module
 from cars import optim
 from cars.checkpoint import load_checkpoint, read_state_dict
-from cars.config import Config
+from cars.config import Config, load_saved
 from cars.errors import run_cli
 from cars.models import build_model
 from cars.report import read_metrics
@@ -89,9 +90,30 @@ def test_eval_py_explains_the_demo_run(demo_run):
     from cars.demo import CLASS_NAMES
 
     summary = json.loads((demo_run / "summary.json").read_text())
+    # beside it, the same recipe from random weights (another seed) and a decoy that differs in its lr: hand-made
+    # run folders with known accuracies
+    recipe = load_saved(demo_run / "config.toml")
+    for name, changes, accuracy in (("a-decoy", {"lr": 0.1}, 99.0), ("scratch", {"seed": 3}, 42.5)):
+        (demo_run.parent / name).mkdir()
+        dataclasses.replace(recipe, weights="none", **changes).save(demo_run.parent / name / "config.toml")
+        finished = {"status": "finished", "selected_on": "test", "best_eval_acc": accuracy}
+        (demo_run.parent / name / "summary.json").write_text(json.dumps(finished))
     command = quick_start()["eval.py"]  # runs/demo
     eval_tool.main([str(demo_run) if arg == "runs/demo" else arg for arg in command] + ["--corruptions"])
     report = check_eval_folder(demo_run / "eval", CLASS_NAMES)
+    top1, (layer, probe) = report["top1"], list(report["transfer"]["probe"].items())[-1]
+    assert report["pretraining"] == {
+        "scratch_run": str(demo_run.parent / "scratch"),
+        "scratch_acc": 42.5,
+        "gain": pytest.approx(top1 - 42.5),
+        "probe_acc": probe,
+    }
+    opening = (demo_run / "eval" / "report.md").read_text().split("## What pretraining bought\n\n")[1]
+    assert opening.startswith(
+        f"From random weights, the same recipe (`{demo_run.parent / 'scratch'}`) reaches 42.5% on the test split; "
+        f"from `demo-pretrained` this run reaches {top1:.1f}%: pretraining bought **{top1 - 42.5:+.1f} points**."
+    )
+    assert f"linear probe on the start's frozen features ({layer}, what the head reads) reaches {probe:.1f}%" in opening
     assert report["top1"] == pytest.approx(summary["best_eval_acc"], abs=0.01) and report["images"] == 300
     corruptions = report["corruptions"]
     assert list(corruptions["accuracy"]) == ["gaussian_noise", "motion_blur", "pixelate"]
