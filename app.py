@@ -16,14 +16,17 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the
 
 import gradio as gr
 
+from cars import familiarity
 from cars.cli import CAM_METHODS
 from cars.data import FileSplit, label_map, load_splits, read_rgb
+from cars.demo import CLASS_NAMES
 from cars.errors import UserError, message_of, run_cli
-from cars.explain import cam_overlay
+from cars.explain import cam_picture, display_pixels
 from cars.inference import Trained, load_trained_from
 from cars.runtime import pick_device
 from cars.transforms import eval_transform
 
+EXAMPLES = Path(__file__).resolve().parent / "examples"  # photos the demo's generator drew (README)
 MAX_UPLOAD = "20mb"  # a photo larger than this is refused on the page, before it reaches the model
 CHARTS = ("per_class.png", "confusion.png", "gradcam_samples.png", "gradcam_worst.png")
 # Every event that runs the model waits in this one queue, one at a time: a CAM hooks the model it explains, and a
@@ -34,6 +37,8 @@ ONE_AT_A_TIME = {"concurrency_id": "model", "concurrency_limit": 1}
 
 def predict_tab(trained: Trained, cam_method: str) -> None:
     transform = eval_transform(trained.resolution)
+    check = familiarity.load_for(trained)  # eval.py's calibration; None before eval.py has run
+    head_input = familiarity.HeadInput(trained.model) if check else None
 
     def answer(
         photo, method
@@ -43,7 +48,8 @@ def predict_tab(trained: Trained, cam_method: str) -> None:
         # the user's own file name, not where Gradio stored it
         name = photo.get("orig_name") or Path(photo["path"]).name
         try:
-            pixels = transform(read_rgb(FileSplit([(photo["path"], -1)], "upload"), 0))
+            image = read_rgb(FileSplit([(photo["path"], -1)], "upload"), 0)
+            pixels = transform(image)
         except UserError as error:
             reason = message_of(error).replace(photo["path"], name)
             # one line in the server's log, not a traceback
@@ -51,12 +57,21 @@ def predict_tab(trained: Trained, cam_method: str) -> None:
             raise gr.Error(f"This is not a photo the model can read: {reason}", print_exception=False) from None
         predictions = trained.classify(pixels, 5)
         top = {p["class"]: p["probability"] for p in predictions}
+        verdict = familiarity.verdict(check, head_input.features[0] if check else None)
+        if verdict["unfamiliar"] is None:
+            note = "No check of how familiar the photo is: run eval.py on this run first."
+        elif verdict["unfamiliar"]:
+            note = f"**This photo is {familiarity.in_words(verdict, check)}.**"
+        else:
+            note = f"Like the training images (familiarity score {verdict['familiarity_score']:.1f})."
         cam = (
-            cam_overlay(trained.model, pixels, predictions[0]["index"], method)
+            cam_picture(
+                trained.model, image, resolution=trained.resolution, target=predictions[0]["index"], method=method
+            )
             if trained.backend == "pytorch"
             else None
         )
-        return top, cam
+        return top, cam, note
 
     with gr.Row():
         with gr.Column():
@@ -71,12 +86,19 @@ def predict_tab(trained: Trained, cam_method: str) -> None:
                 list(CAM_METHODS), value=cam_method, label="CAM method", visible=trained.backend == "pytorch"
             )
             button = gr.Button("Predict", variant="primary", elem_id="predict")
+            shipped = sorted(str(p) for p in EXAMPLES.glob("*.png"))
+            if shipped and set(trained.class_names) == set(CLASS_NAMES):  # the demo's photos, for the demo's model
+                gr.Examples(shipped, inputs=[photo], label="Or try one of these (bus.png is no car at all)")
+            with gr.Accordion(f"The {len(trained.class_names)} classes this model knows", open=False):
+                gr.Markdown(", ".join(trained.class_names))
         with gr.Column():
             top5 = gr.Label(num_top_classes=5, label="Top 5", elem_id="top5")
+            note = gr.Markdown(elem_id="familiarity")
             cam = gr.Image(label="Where the model looked (top class)", interactive=False, elem_id="cam", height=320)
-    button.click(answer, [photo, method], [top5, cam], api_name="predict", preprocess=False, **ONE_AT_A_TIME)
+    outputs = [top5, cam, note]
+    button.click(answer, [photo, method], outputs, api_name="predict", preprocess=False, **ONE_AT_A_TIME)
     # an upload answers at once, too
-    photo.upload(answer, [photo, method], [top5, cam], api_visibility="private", preprocess=False, **ONE_AT_A_TIME)
+    photo.upload(answer, [photo, method], outputs, api_visibility="private", preprocess=False, **ONE_AT_A_TIME)
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -96,14 +118,13 @@ def evaluation_tab(trained: Trained, eval_dir: Path, cam_method: str) -> tuple:
     # eval.py maps them)
     to_model = label_map(trained.class_names, splits.class_names, data)
     model_labels = [int(to_model[label]) if to_model is not None else label for label in splits.train.labels]
-    transform = eval_transform(trained.resolution)
 
     def with_cam(split, index: int, target: int, caption: str):
-        pixels = transform(read_rgb(split, index))
+        photo = read_rgb(split, index)
         image = (
-            cam_overlay(trained.model, pixels, target, cam_method)
+            cam_picture(trained.model, photo, resolution=trained.resolution, target=target, method=cam_method)
             if trained.backend == "pytorch"
-            else pixels.permute(1, 2, 0).numpy()
+            else display_pixels(photo, trained.resolution)
         )
         return image, caption
 

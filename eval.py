@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cars import analysis, finetune, transfer
+from cars import analysis, familiarity, finetune, transfer
 from cars.cli import TTA_SCALES
 from cars.config import load_saved
 from cars.data import (
@@ -29,7 +29,8 @@ from cars.data import (
 )
 from cars.engine import Device, collect_logits
 from cars.errors import UserError, run_cli
-from cars.explain import class_activation_maps, overlay
+from cars.explain import class_activation_maps, display_pixels, overlay
+from cars.familiarity import Familiarity
 from cars.inference import Trained, load_trained_from
 from cars.loaders import TransformedSplit, eval_loader, make_loader
 from cars.report import (
@@ -157,12 +158,12 @@ def main(argv=None) -> None:
     cams = draw_cams(evaluation, scores) if evaluation.trained.backend == "pytorch" else []
     tta = test_time_augmentation(evaluation, scores, summary) if evaluation.args.tta else ""
     robustness = corrupted_copies(evaluation, summary) if evaluation.corruptions else ""
+    unfamiliar = calibrate_familiarity(evaluation, summary) if evaluation.trained.backend == "pytorch" else ""
     changed = what_fine_tuning_changed(evaluation, summary)
     bought = what_pretraining_bought(evaluation, summary)
     write_json(evaluation.out / "summary.json", summary)
-    write_report(
-        evaluation, scores=scores, summary=summary, cams=cams, opening=bought, sections=[tta, robustness, changed]
-    )
+    sections = [tta, robustness, unfamiliar, changed]
+    write_report(evaluation, scores=scores, summary=summary, cams=cams, opening=bought, sections=sections)
     print(f"\nreport: {evaluation.out / 'report.md'}")
 
 
@@ -555,6 +556,36 @@ def what_fine_tuning_changed(evaluation: Evaluation, summary: dict) -> str:
     )
 
 
+def calibrate_familiarity(evaluation: Evaluation, summary: dict) -> str:
+    """The unfamiliar-input check that predict.py and app.py apply: fitted on the features of the training images
+    (centre crops), its threshold calibrated on the test split's, written to familiarity.safetensors. Returns the
+    report's section."""
+    model, device, args = evaluation.trained.model, evaluation.device, evaluation.args
+    train = evaluation.loader_of(evaluation.train_split, cache=args.cache, skip_bad_images=True)
+    features, labels = finetune.head_inputs(model, train, device, description="familiarity: train")
+    if evaluation.to_model is not None:
+        labels = evaluation.to_model[labels]
+    check = Familiarity.fit(features, labels)
+    held_out, _ = finetune.head_inputs(
+        model, evaluation.loader_of(evaluation.test_split, cache=args.cache), device, description="familiarity: test"
+    )
+    calibration = check.calibrate(held_out)
+    check.save(evaluation.out / familiarity.FILE)
+    summary["familiarity"] = calibration
+    rate = calibration["false_alarms"]
+    return (
+        "## Unfamiliar inputs\n\n"
+        f"predict.py and app.py flag a photo as unlike the training data when the features the head reads are further "
+        f"from every class's training images than {100 * (1 - familiarity.FALSE_ALARMS):g} % of test images are "
+        f"(Mahalanobis distance to the nearest class mean above {calibration['threshold']:.1f}, chosen on "
+        f"{calibration['calibration_images']} test images). On the other {calibration['measured_images']} test "
+        "images it flags "
+        + (f"{100 * rate:.1f} %" if rate is not None else "none (too few images to measure)")
+        + f": the false-alarm rate. The check is in [{familiarity.FILE}]({familiarity.FILE}); docs/explanation/"
+        "unfamiliar-inputs.md says what it can and cannot tell.\n"
+    )
+
+
 def what_pretraining_bought(evaluation: Evaluation, summary: dict) -> str:
     """The report's opening answer: this run against the same recipe from random weights, and against a quick linear
     probe on the start's frozen features (from the transfer section). Returns the section, '' for a run from random
@@ -650,11 +681,12 @@ def write_report(
 def cam_tiles(model, split, *, indices, predicted, labels, confidence, names, resolution, method) -> list[dict]:
     """CAM overlays of the predicted class for some images of a split, one CAM object for all."""
     transform = eval_transform(resolution)
-    pixels = torch.stack([transform(read_rgb(split, i)) for i in indices])
+    photos = [read_rgb(split, i) for i in indices]
+    pixels = torch.stack([transform(photo) for photo in photos])
     maps = class_activation_maps(model, normalize(pixels), [int(predicted[i]) for i in indices], method)
     return [
         {
-            "image": overlay(pixels[k].permute(1, 2, 0).numpy(), maps[k]),
+            "image": overlay(display_pixels(photos[k], resolution), maps[k]),  # drawn at 224 px or more
             "true": names[int(labels[i])],
             "predicted": names[int(predicted[i])],
             "confidence": float(confidence[i]),

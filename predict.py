@@ -10,9 +10,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from cars import familiarity
 from cars.data import FileSplit, read_rgb
 from cars.errors import UserError, message_of, printable, run_cli
-from cars.explain import cam_overlay
+from cars.explain import cam_picture
 from cars.inference import load_trained_from
 from cars.runtime import pick_device
 from cars.transforms import eval_transform
@@ -46,22 +47,28 @@ def main(argv=None) -> None:
                 f"cannot make the --cam folder {cam_dir}: {error.strerror}; choose another folder"
             ) from None
     cam_names = unique_cam_names(args.images)
+    check = familiarity.load_for(trained)  # eval.py's calibration; None before eval.py has run
+    head_input = familiarity.HeadInput(trained.model) if check else None
 
     results, failures = [], 0
     for i, path in enumerate(args.images):
         try:
-            pixels = transform(read_rgb(images, i))
+            image = read_rgb(images, i)
+            pixels = transform(image)
         except UserError as error:
             print(f"error: {printable(message_of(error))}", file=sys.stderr)
             failures += 1
             continue
         result = {"image": path, "predictions": trained.classify(pixels, args.topk)}
+        result.update(familiarity.verdict(check, head_input.features[0] if check else None))
         if cam_dir:
             result["cam"] = str(cam_dir / cam_names[i])
             try:
-                Image.fromarray(
-                    cam_overlay(trained.model, pixels, result["predictions"][0]["index"], args.cam_method)
-                ).save(result["cam"])
+                target = result["predictions"][0]["index"]
+                picture = cam_picture(
+                    trained.model, image, resolution=trained.resolution, target=target, method=args.cam_method
+                )
+                Image.fromarray(picture).save(result["cam"])
             except OSError as error:
                 raise UserError(
                     f"cannot write {result['cam']}: {error.strerror or error}; choose another --cam folder"
@@ -71,6 +78,8 @@ def main(argv=None) -> None:
             print(path)
             for rank, prediction in enumerate(result["predictions"], 1):
                 print(f"  {rank}. {prediction['class']:<48} {100 * prediction['probability']:6.2f}%")
+            if result["unfamiliar"]:
+                print(f"  ! {familiarity.in_words(result, check)}")
     if args.json:
         print(json.dumps(results, indent=2))
     if failures:

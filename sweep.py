@@ -14,6 +14,7 @@ from cars.cli import check_command_line, parse_sweep
 
 check_command_line(__name__, parse_sweep)  # --help and mistakes answer before the imports below load torch
 
+import os
 import signal
 import sys
 import warnings
@@ -142,7 +143,11 @@ def search(study, sweep: sweeps.Sweep, out: Path, *, storage: str, heartbeat: in
         f"the study has its {sweep.trials} trials (this worker ran {ran or 'none'}). Best: trial {best.number}, "
         f"validation accuracy {best.value:.2f}%, {format_params(best.params)}\n"
         f"files: {out / 'trials.csv'}, {', '.join(str(out / p) for p in pictures)}\n"
-        f"next: uv run sweep.py --config {sweep.path} --refit"
+        + (
+            f"it was refitted already: {out / 'result.md'}"
+            if study.user_attrs.get("refitted")
+            else f"next: uv run sweep.py --config {sweep.path} --refit"
+        )
     )
 
 
@@ -241,7 +246,9 @@ def refit(study, sweep: sweeps.Sweep, out: Path, *, overwrite: bool) -> None:
     run_dir = out / "refit"
     values = {**sweep.refit_values(best.params), "run_dir": str(run_dir), "sweep": str(out), "trial": best.number}
     epochs = sweep.epochs
-    command = ["--config", str(sweep.base), *config_flags(values)] + (["--overwrite"] if overwrite else [])
+    base = os.path.relpath(sweep.base)  # as result.md shows it: relative to where the sweep runs, when below it
+    command = ["--config", str(sweep.base) if base.startswith("..") else base, *config_flags(values)]
+    command += ["--overwrite"] if overwrite else []
     if run_dir.exists() and not overwrite:
         raise UserError(f"{run_dir} holds an earlier refit; pass --overwrite to replace it")
     print(f"refit of trial {best.number} ({format_params(best.params)}) on the whole training split, {epochs} epochs")

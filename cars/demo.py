@@ -272,6 +272,22 @@ def draw_source_class(name: str, rng: random.Random) -> Image.Image:
     return draw_source_thing(kind, SOURCE_COLOURS[colour], rng)
 
 
+# photos to try, shipped in examples/ (uv run predict.py runs/demo examples/car.png): drawn by the generators above
+# with seeds of their own (the splits draw from one Random each, seeded 0 to 3); bus.png is a thing of the source
+# task, which is no car class: an input the demo's model has not learned
+EXAMPLES = {
+    "car.png": ("Toy Coupe Red 2012", 1010),
+    "van.png": ("Toy Van Blue 2014", 1029),
+    "bus.png": ("Bus Yellow", 1003),
+}
+
+
+def draw_example(filename: str) -> Image.Image:
+    name, seed = EXAMPLES[filename]
+    rng = random.Random(seed)
+    return draw_demo_car(name, rng) if name in CLASS_NAMES else draw_source_class(name, rng)
+
+
 def write_demo(root: Path, train_per_class: int = 24, test_per_class: int = 30) -> None:
     """The target task: train, test and corrupted test splits as data/<split>-00000-of-00001.parquet."""
     train = make_split(CLASS_NAMES, draw_demo_car, train_per_class, seed=1)

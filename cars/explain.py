@@ -7,6 +7,8 @@ object serves a whole grid; maps are drawn over the displayed, un-normalised ima
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from matplotlib.cm import ScalarMappable
 from pytorch_grad_cam import EigenCAM, FinerCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM, XGradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget, FinerWeightedTarget
@@ -14,7 +16,9 @@ from torch import nn
 
 from cars.checkpoint import unwrap
 from cars.errors import UserError
-from cars.transforms import normalize
+from cars.transforms import eval_transform, normalize
+
+DISPLAY_SIDE = 224  # the smallest side a CAM is drawn at, whatever the model's resolution
 
 CAM_METHODS = {
     "gradcam": GradCAM,
@@ -74,11 +78,41 @@ def finer_targets(model: nn.Module, images: torch.Tensor, classes: list[int], si
 
 
 def overlay(display_image: np.ndarray, cam: np.ndarray) -> np.ndarray:
-    """The heatmap blended over an HxWx3 uint8 image; returns uint8."""
+    """The heatmap blended over an HxWx3 uint8 image, the map resized to the image; returns uint8."""
+    if cam.shape != display_image.shape[:2]:  # computed at the model's resolution, drawn at the display's
+        cam = F.interpolate(torch.from_numpy(cam)[None, None], size=display_image.shape[:2], mode="bilinear")[0, 0]
+        cam = cam.clamp(0, 1).numpy()
     return show_cam_on_image(display_image.astype(np.float32) / 255, cam, use_rgb=True)
 
 
-def cam_overlay(model: nn.Module, pixels: torch.Tensor, target: int, method: str = "gradcam") -> np.ndarray:
-    """The CAM of class `target` for one image's uint8 pixels, blended over them (HxWx3 uint8)."""
+def display_pixels(image, resolution: int) -> np.ndarray:
+    """What the model saw of a PIL image (the same centre crop), at DISPLAY_SIDE px or more: HxWx3 uint8. The map of a
+    48 px model is drawn over the photo's own detail, not over the 48 px it was shown."""
+    return eval_transform(max(DISPLAY_SIDE, resolution))(image).permute(1, 2, 0).numpy()
+
+
+def cam_picture(model: nn.Module, image, *, resolution: int, target: int, method: str = "gradcam") -> np.ndarray:
+    """The CAM of class `target` for a PIL image: computed at the model's resolution, drawn at DISPLAY_SIDE px or more,
+    the untinted image beside the overlay and a colour bar that says what the colours mean. HxWx3 uint8."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    pixels = eval_transform(resolution)(image)
     cam = class_activation_maps(model, normalize(pixels)[None], [target], method)[0]
-    return overlay(pixels.permute(1, 2, 0).numpy(), cam)
+    shown = display_pixels(image, resolution)
+    side = shown.shape[0] / 100  # inches at 100 dpi: each panel is as wide as the display pixels
+    figure = Figure(figsize=(2 * side + 1.1, side + 0.35), dpi=100)
+    FigureCanvasAgg(figure)
+    image_ax, overlay_ax = figure.add_axes([0, 0, 0.43, 0.93]), figure.add_axes([0.44, 0, 0.43, 0.93])
+    for ax, picture, title in (
+        (image_ax, shown, "the photo, as the model saw it"),
+        (overlay_ax, overlay(shown, cam), "where it looked"),
+    ):
+        ax.imshow(picture)
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    bar = figure.colorbar(ScalarMappable(cmap="jet"), cax=figure.add_axes([0.89, 0.05, 0.025, 0.83]))
+    bar.set_ticks([0, 1], labels=["low", "high"], fontsize=7)
+    bar.set_label(f"{method} attention", fontsize=7)
+    figure.canvas.draw()
+    return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()

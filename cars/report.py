@@ -155,6 +155,9 @@ def plot_cam_grid(tiles: list[dict], path: Path, title: str, columns: int = 4) -
         )
     fig.suptitle(title)
     fig.tight_layout()
+    bar = fig.colorbar(matplotlib.cm.ScalarMappable(cmap="jet"), ax=axes, shrink=0.5, pad=0.02)
+    bar.set_ticks([0, 1], labels=["low", "high"])
+    bar.set_label("CAM attention")
     save_figure(fig, path, dpi=100)
 
 

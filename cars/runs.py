@@ -39,6 +39,7 @@ OUTPUTS = {
         "confusion.png",
         "gradcam_samples.png",
         "gradcam_worst.png",
+        "familiarity.safetensors",
         "transfer",  # the transfer section's files
     },
     "lr_find folder": {"lr_find.csv", "lr_find.png"},

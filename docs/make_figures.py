@@ -135,12 +135,9 @@ def main() -> None:
     for name in ("weight_change", "cka", "linear_probe"):
         keep(work / f"runs/demo/eval/transfer/{name}.png", f"transfer-{name.replace('_', '-')}.png")
 
-    sys.path.insert(0, str(ROOT))
-    from cars.data import load_splits
-
-    photo = work / "car.png"  # a test photo of the demo, as a user's photo would be
-    load_splits("demo").eval.open(0).save(photo)
-    run(work, "predict.py", "runs/demo", "car.png", "--topk", "3", "--cam", "cams")
+    shutil.copytree(ROOT / "examples", work / "examples", dirs_exist_ok=True)  # the photos the README offers
+    photo = work / "examples" / "car.png"
+    print(run(work, "predict.py", "runs/demo", "examples/car.png", "--topk", "3", "--cam", "cams"))
     keep(work / "cams/car_cam.png", "predict-cam.png")
 
     # the interpolation page's run: plain fine-tuning with its epoch chosen on a validation split

@@ -61,10 +61,14 @@ def served(tmp_path_factory):
     server.wait(timeout=30)
 
 
-def top1_by_predict_py(run: Path, image: Path, capsys) -> str:
+def predict_py(run: Path, image: Path, capsys) -> dict:
     capsys.readouterr()
     predict.main([str(run), str(image), "--json"])
-    return json.loads(capsys.readouterr().out)[0]["predictions"][0]["class"]
+    return json.loads(capsys.readouterr().out)[0]
+
+
+def top1_by_predict_py(run: Path, image: Path, capsys) -> str:
+    return predict_py(run, image, capsys)["predictions"][0]["class"]
 
 
 def test_the_page_answers_as_predict_py_and_survives_bad_photos(served, tmp_path, capsys):
@@ -72,10 +76,15 @@ def test_the_page_answers_as_predict_py_and_survives_bad_photos(served, tmp_path
 
     url, root, image = served
     client = Client(url, verbose=False)
-    top5, cam = client.predict(handle_file(str(image)), "gradcam", api_name="/predict")
-    assert top5["label"] == top1_by_predict_py(root / "run", image, capsys)
-    # every class of 3; the CAM over the model's view
-    assert len(top5["confidences"]) == 3 and Image.open(cam).size == (32, 32)
+    top5, cam, note = client.predict(handle_file(str(image)), "gradcam", api_name="/predict")
+    answer = predict_py(root / "run", image, capsys)
+    assert top5["label"] == answer["predictions"][0]["class"]
+    # eval.py calibrated the unfamiliar-input check: the page says what predict.py's JSON says, in words
+    assert isinstance(answer["unfamiliar"], bool) and answer["familiarity_score"] >= 0
+    assert note.startswith("**This photo is unlike" if answer["unfamiliar"] else "Like the training images")
+    # every class of 3; the CAM computed at the model's 32 px, drawn at 224 px beside the photo as it was
+    width, height = Image.open(cam).size
+    assert len(top5["confidences"]) == 3 and width >= 2 * 224 and height >= 224
 
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_text("this is text, not a photo")
@@ -97,7 +106,7 @@ def test_the_page_answers_as_predict_py_and_survives_bad_photos(served, tmp_path
     assert len(refusals) == 2 and "Traceback" not in log and "notes.jpg" in refusals[0] and "bomb.png" in refusals[1], (
         log
     )
-    again, _ = client.predict(handle_file(str(image)), "eigencam", api_name="/predict")  # still serving
+    again, _, _ = client.predict(handle_file(str(image)), "eigencam", api_name="/predict")  # still serving
     assert again["label"] == top5["label"]
 
 

@@ -113,8 +113,9 @@ def test_the_quick_start_is_the_demo_the_tests_run():
     assert commands == {
         "train.py": ["--config", "configs/demo.toml"],
         "eval.py": ["runs/demo"],
-        "predict.py": ["runs/demo", "car.jpg", "--cam", "cams/"],
+        "predict.py": ["runs/demo", "examples/car.png", "--cam", "cams/"],
     }
+    assert (ROOT / "examples" / "car.png").is_file(), "the README's photo is shipped"
     tests = (ROOT / "tests" / "test_train.py").read_text()
     for tool in commands:  # each is run by a test there, from the README's words
         assert f'quick_start()["{tool}"]' in tests
@@ -133,3 +134,16 @@ def test_the_real_run_of_the_quick_start_is_run_7_of_the_original_experiment_log
     run7 = tomllib.loads((ROOT / "configs" / "run07_baseline.toml").read_text())
     assert preset == "default" and all(getattr(defaults, key) == value for key, value in run7.items())
     assert "89.38" in readme and "run 7" in readme
+
+
+def test_the_shipped_photos_are_the_demo_generator_s():
+    """examples/ holds what cars.demo.draw_example draws, pixel for pixel (PNG: lossless)."""
+    from PIL import Image
+
+    from cars.demo import EXAMPLES, draw_example
+
+    assert sorted(p.name for p in (ROOT / "examples").glob("*.png")) == sorted(EXAMPLES)
+    for name in EXAMPLES:
+        with Image.open(ROOT / "examples" / name) as shipped:
+            assert shipped.convert("RGB").tobytes() == draw_example(name).convert("RGB").tobytes(), name
+            assert shipped.width >= 190

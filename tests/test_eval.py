@@ -5,6 +5,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from conftest import CLASSES, write_hub_folder
@@ -17,6 +18,7 @@ from cars.checkpoint import read_state_dict, save_checkpoint
 from cars.data import load_splits, read_rgb
 from cars.errors import UserError, run_cli
 from cars.explain import class_activation_maps
+from cars.familiarity import Familiarity
 from cars.models import build_model
 from cars.transforms import eval_transform, normalize
 
@@ -353,11 +355,16 @@ def test_predict_top1_matches_eval_and_reports_unreadable_files(tmp_path, traine
     assert len(errors) == 1 and errors[0].startswith("error: cannot read image") and "broken.jpg" in errors[0]
     results = json.loads(captured.out)
     rows = read_csv(evaluated / "predictions.csv")
+    check = Familiarity.load(evaluated / "familiarity.safetensors")
     assert [r["image"] for r in results] == paths
     for result, i in zip(results, (0, 4)):
         assert result["predictions"][0]["index"] == int(rows[i]["predicted"])
         assert result["predictions"][0]["probability"] == pytest.approx(float(rows[i]["confidence"]), abs=1e-3)
         assert len(result["predictions"]) == 2 and Path(result["cam"]).exists()
+        with PIL.Image.open(result["cam"]) as picture:  # the photo and the map over it, each 224 px or more
+            assert picture.width >= 2 * 224 and picture.height >= 224
+        # eval.py calibrated the unfamiliar-input check; predict.py applies it
+        assert result["unfamiliar"] == (result["familiarity_score"] > check.threshold)
 
 
 def test_predict_table_for_a_bare_state_dict_with_class_names_from_data(tmp_path, trained_run, capsys):

@@ -127,7 +127,9 @@ def test_the_presets_load():
 # --- one machine -------------------------------------------------------------------------------------------------
 
 
-def test_a_search_chooses_on_validation_and_only_the_refit_reads_the_test_split(sweep_dir, tmp_path, monkeypatch):
+def test_a_search_chooses_on_validation_and_only_the_refit_reads_the_test_split(
+    sweep_dir, tmp_path, monkeypatch, capsys
+):
     reads = Counter()
     original = HubSplit.open
 
@@ -178,6 +180,10 @@ def test_a_search_chooses_on_validation_and_only_the_refit_reads_the_test_split(
     assert f"**test accuracy {summary['final_eval_acc']:.2f}%**" in result
     with pytest.raises(UserError, match="was refitted already .* look at the test split again. Pass --overwrite"):
         sweep_tool.main(["--config", str(path), "--out", str(out), "--refit"])
+    capsys.readouterr()
+    sweep_tool.main(["--config", str(path), "--out", str(out), "--trials", "4"])  # a finished, refitted study
+    said = capsys.readouterr().out
+    assert f"it was refitted already: {out / 'result.md'}" in said and "--refit" not in said
     # the study grows by a trial: it is unfinished, and so not refitted
     study.enqueue_trial({"lr": 0.01})
     with pytest.raises(UserError, match="is not finished: 1 trials are still running or queued"):

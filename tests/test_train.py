@@ -142,8 +142,8 @@ def test_predict_py_names_the_car_of_a_photo_as_eval_py_did(demo_run, tmp_path, 
     surest = max(rows, key=lambda row: float(row["confidence"]))
     photo = tmp_path / "car.png"
     load_splits("demo").eval.open(int(surest["index"])).save(photo)
-    replace = {"runs/demo": str(demo_run), "car.jpg": str(photo), "cams/": str(tmp_path / "cams")}
-    command = quick_start()["predict.py"]  # runs/demo car.jpg --cam cams/
+    replace = {"runs/demo": str(demo_run), "examples/car.png": str(photo), "cams/": str(tmp_path / "cams")}
+    command = quick_start()["predict.py"]  # runs/demo examples/car.png --cam cams/
     capsys.readouterr()
     predict.main([replace.get(arg, arg) for arg in command])
     printed = capsys.readouterr().out.splitlines()

@@ -1,0 +1,116 @@
+"""Is an input like the training data? A photo of a motorcycle still gets some car's name, often with high
+confidence: the softmax must sum to one over the classes the model knows. This module gives every input a score of
+how unlike the training images its features are, and a threshold calibrated on the run's own held-out images.
+
+The score is the Mahalanobis distance of the features the head reads to the nearest class mean, with one covariance
+shared by the classes (Lee et al. 2018, "A simple unified framework for detecting out-of-distribution samples"),
+shrunk towards a scaled identity by Ledoit-Wolf so that it inverts with few images a class. eval.py fits it and
+writes familiarity.safetensors into its folder; predict.py and app.py read it from the run's eval folder.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from cars.models import head_name
+
+FALSE_ALARMS = 0.05  # the share of held-out images (like the training data) that may be flagged
+FILE = "familiarity.safetensors"
+
+
+class Familiarity:
+    """Class means and the shared precision matrix of the training features, and the threshold above which a score
+    means "unlike the training data"."""
+
+    def __init__(self, means: torch.Tensor, precision: torch.Tensor, threshold: float = float("inf")):
+        self.means, self.precision, self.threshold = means.float(), precision.float(), float(threshold)
+
+    @classmethod
+    def fit(cls, features: torch.Tensor, labels: torch.Tensor) -> "Familiarity":
+        from sklearn.covariance import LedoitWolf
+
+        classes = sorted(set(labels.tolist()))
+        means = torch.zeros(int(max(classes)) + 1, features.shape[1])
+        for c in classes:
+            means[c] = features[labels == c].mean(0)
+        centred = (features - means[labels]).double().numpy()
+        precision = torch.from_numpy(LedoitWolf(assume_centered=True).fit(centred).get_precision()).float()
+        present = torch.zeros(len(means), dtype=torch.bool)
+        present[classes] = True
+        return cls(means[present], precision)
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        """The squared Mahalanobis distance of each row to the nearest class mean."""
+        x = features.float()
+        projected = x @ self.precision
+        own = (projected * x).sum(1, keepdim=True)
+        cross = projected @ self.means.T
+        means = ((self.means @ self.precision) * self.means).sum(1)
+        return (own - 2 * cross + means).min(1).values
+
+    def calibrate(self, held_out: torch.Tensor) -> dict:
+        """The threshold from half of the held-out images' scores (every other one), and the share of the other half
+        that it flags: the false-alarm rate measured on images the threshold was not chosen on."""
+        scores = self.scores(held_out)
+        chosen_on, measured_on = scores[0::2], scores[1::2]
+        self.threshold = float(np.quantile(chosen_on.numpy(), 1 - FALSE_ALARMS))
+        return {
+            "threshold": self.threshold,
+            "target_false_alarms": FALSE_ALARMS,
+            "false_alarms": float((measured_on > self.threshold).float().mean()) if len(measured_on) else None,
+            "calibration_images": len(chosen_on),
+            "measured_images": len(measured_on),
+        }
+
+    def save(self, path: Path) -> None:
+        save_file(
+            {"means": self.means, "precision": self.precision, "threshold": torch.tensor(self.threshold)}, str(path)
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> "Familiarity":
+        saved = load_file(str(path))
+        return cls(saved["means"], saved["precision"], float(saved["threshold"]))
+
+
+def verdict(familiarity: "Familiarity | None", features: torch.Tensor) -> dict:
+    """{"unfamiliar": bool, "familiarity_score": float} for one image's features, or unfamiliar None without a
+    calibration."""
+    if familiarity is None:
+        return {"unfamiliar": None, "familiarity_score": None}
+    score = float(familiarity.scores(features[None])[0])
+    return {"unfamiliar": score > familiarity.threshold, "familiarity_score": round(score, 4)}
+
+
+def load_for(trained) -> Familiarity | None:
+    """The check eval.py calibrated for a run's model (<run>/eval/familiarity.safetensors), or None: an export, an
+    ONNX model, a run not evaluated yet, or a check made for another network."""
+    path = trained.path.parent / "eval" / FILE
+    if trained.backend != "pytorch" or not path.is_file():
+        return None
+    check = Familiarity.load(path)
+    head = trained.model.get_submodule(head_name(trained.model))
+    return check if check.means.shape == (head.out_features, head.in_features) else None
+
+
+class HeadInput:
+    """The features the head read on the model's last forward pass (one image: its row)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.features = None
+        model.get_submodule(head_name(model)).register_forward_pre_hook(self.keep)
+
+    def keep(self, module, inputs) -> None:
+        self.features = inputs[0].detach().float().cpu()
+
+
+def in_words(verdict: dict, familiarity: Familiarity) -> str:
+    """What predict.py prints and the web page shows for an unfamiliar input."""
+    score, threshold = verdict["familiarity_score"], familiarity.threshold
+    return (
+        f"unlike the training images (familiarity score {score:.1f} > {threshold:.1f}, a threshold that flags "
+        f"{100 * FALSE_ALARMS:g} % of test images): the classes above are the nearest of the {len(familiarity.means)} "
+        "the model knows, not an answer"
+    )

@@ -1,0 +1,42 @@
+"""The unfamiliar-input check on features whose answer is known: three Gaussian clusters, a point at a class mean and
+one far from every class."""
+
+import pytest
+import torch
+
+from cars.familiarity import FALSE_ALARMS, Familiarity, verdict
+
+
+def clusters(per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three classes in 8 dimensions, their means 6 apart along the axes, unit noise."""
+    generator = torch.Generator().manual_seed(seed)
+    means = 6 * torch.eye(8)[:3]
+    labels = torch.arange(3).repeat_interleave(per_class)
+    return means[labels] + torch.randn(len(labels), 8, generator=generator), labels
+
+
+def test_a_point_far_from_every_class_is_flagged_and_one_at_a_class_mean_is_not(tmp_path):
+    features, labels = clusters(200, seed=0)
+    check = Familiarity.fit(features, labels)
+    held_out, _ = clusters(1000, seed=1)
+    calibration = check.calibrate(held_out)
+    # squared Mahalanobis distance of unit Gaussian noise in 8 dimensions: chi-square with 8 degrees of freedom, whose
+    # 95th percentile is 15.5
+    assert 13 < calibration["threshold"] < 18 and calibration["calibration_images"] == 1500
+    assert abs(calibration["false_alarms"] - FALSE_ALARMS) < 0.025  # measured on the other 1,500
+    at_a_mean, far = 6 * torch.eye(8)[1], torch.full((8,), 30.0)
+    assert verdict(check, at_a_mean)["unfamiliar"] is False and verdict(check, at_a_mean)["familiarity_score"] < 1
+    assert verdict(check, far)["unfamiliar"] is True
+    assert verdict(None, far) == {"unfamiliar": None, "familiarity_score": None}  # no calibration: no answer
+
+    check.save(tmp_path / "check.safetensors")
+    again = Familiarity.load(tmp_path / "check.safetensors")
+    assert again.threshold == check.threshold and torch.equal(again.scores(held_out), check.scores(held_out))
+
+
+def test_the_score_is_the_distance_to_the_nearest_class_mean():
+    features, labels = clusters(50, seed=2)
+    check = Familiarity.fit(features, labels)
+    points, _ = clusters(5, seed=3)
+    expected = torch.tensor([min(float((x - m) @ check.precision @ (x - m)) for m in check.means) for x in points])
+    assert check.scores(points) == pytest.approx(expected, rel=1e-4, abs=1e-3)
