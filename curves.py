@@ -15,7 +15,6 @@ check_command_line(__name__, parse_curves)  # --help and mistakes answer before 
 
 import signal
 import sys
-import warnings
 from pathlib import Path
 
 import optuna
@@ -69,8 +68,7 @@ def main(argv=None) -> None:
 def open_study(curves: data_curves.Curves, storage: str, heartbeat: int, out: Path):
     """The study named after the curves file, over the grid of cells, made by the first worker and joined by the
     others; a worker whose curves file resolves to other recipes, shots or seeds is refused."""
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
+    sweeps.quiet_optuna()
     grid = {"method": [m.name for m in curves.methods], "shots": curves.shots, "seed": curves.seeds}
     study = optuna.create_study(
         study_name=f"curves-{curves.name}",

@@ -17,7 +17,6 @@ check_command_line(__name__, parse_sweep)  # --help and mistakes answer before t
 import os
 import signal
 import sys
-import warnings
 from pathlib import Path
 
 import optuna
@@ -67,10 +66,7 @@ def open_study(sweep: sweeps.Sweep, storage: str, heartbeat: int, out: Path):
     """The study named after the sweep, made by the first worker and joined by the others. A worker whose resolved
     recipe (the base preset's values, [fixed], the pruner, the space) differs from the study's is refused, and so is a
     new study over a folder that holds an earlier study's trials."""
-    # train.py's log says what each trial does; Optuna's warnings would repeat a stopped trial's traceback
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    # heartbeats and their retries are marked experimental in Optuna 5; they are what keeps a study going
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    sweeps.quiet_optuna()
     study = optuna.create_study(
         study_name=sweep.name,
         storage=sweeps.open_storage(storage, heartbeat),

@@ -50,8 +50,10 @@ def main() -> None:
     familiar, unfamiliar = scores.values()
     truth = [0] * len(familiar) + [1] * len(unfamiliar)
     print(f"{args.run}: {len(familiar)} demo test images, {len(unfamiliar)} demo-source test images")
-    print(f"AUROC, familiarity score (Mahalanobis): {roc_auc_score(truth, torch.cat([familiar, unfamiliar])):.3f}")
-    print(f"AUROC, 1 - top softmax probability:    {roc_auc_score(truth, torch.cat(list(unlike_softmax.values()))):.3f}")
+    mahalanobis = roc_auc_score(truth, torch.cat([familiar, unfamiliar]))
+    softmax = roc_auc_score(truth, torch.cat(list(unlike_softmax.values())))
+    print(f"AUROC, familiarity score (Mahalanobis): {mahalanobis:.3f}")
+    print(f"AUROC, 1 - top softmax probability:    {softmax:.3f}")
     print(
         f"threshold {check.threshold:.1f}: flags {100 * float((familiar > check.threshold).float().mean()):.1f} % of "
         f"the demo's test images and {100 * float((unfamiliar > check.threshold).float().mean()):.1f} % of the "

@@ -538,13 +538,7 @@ def sweep_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="the study's total number of trials, over all its workers (default: the sweep file's)",
     )
-    parser.add_argument(
-        "--storage",
-        metavar="URL|PATH",
-        help="where the study lives: a database URL (postgresql://user:password@host/db, sqlite:///path/study.db) "
-        "or the path of a journal file on a shared file system (default: study.db in the sweep folder)",
-    )
-    parser.add_argument("--out", metavar="DIR", help="the sweep folder (default: runs/sweeps/<sweep file's name>)")
+    add_study_flags(parser, "sweep", "runs/sweeps/<sweep file's name>")
     parser.add_argument(
         "--refit",
         action="store_true",
@@ -554,15 +548,26 @@ def sweep_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--overwrite", action="store_true", help="with --refit: replace an earlier refit (default: refuse)"
     )
+    return parser
+
+
+def add_study_flags(parser, folder: str, default: str) -> None:
+    """Where the Optuna study of sweep.py's trials or curves.py's cells lives, and its workers' heartbeats."""
+    parser.add_argument(
+        "--storage",
+        metavar="URL|PATH",
+        help="where the study lives: a database URL (postgresql://user:password@host/db, sqlite:///path/study.db) "
+        f"or the path of a journal file on a shared file system (default: study.db in the {folder} folder)",
+    )
+    parser.add_argument("--out", metavar="DIR", help=f"the {folder} folder (default: {default})")
     parser.add_argument(
         "--heartbeat",
         type=int,
         default=30,
         metavar="SECONDS",
-        help="seconds between a worker's heartbeats in a database; a trial silent for twice that is failed and run "
+        help="seconds between a worker's heartbeats in a database; a run silent for twice that is failed and run "
         "again (default: 30)",
     )
-    return parser
 
 
 def parse_sweep(argv=None) -> argparse.Namespace:
@@ -590,20 +595,7 @@ def curves_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", required=True, metavar="CURVES_FILE", help="the curves file, e.g. configs/curves/demo.toml"
     )
-    parser.add_argument(
-        "--storage",
-        metavar="URL|PATH",
-        help="where the cells' study lives, as sweep.py's --storage (default: study.db in the curves folder)",
-    )
-    parser.add_argument("--out", metavar="DIR", help="the curves folder (default: runs/curves/<curves file's name>)")
-    parser.add_argument(
-        "--heartbeat",
-        type=int,
-        default=30,
-        metavar="SECONDS",
-        help="seconds between a worker's heartbeats in a database; a cell silent for twice that runs again "
-        "(default: 30)",
-    )
+    add_study_flags(parser, "curves", "runs/curves/<curves file's name>")
     return parser
 
 

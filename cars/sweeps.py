@@ -225,6 +225,17 @@ def open_storage(url: str, heartbeat: int):
         raise UserError(f"cannot open the study's storage {shown(url)}: {detail}") from None
 
 
+def quiet_optuna() -> None:
+    """train.py's log says what each trial does: Optuna's warnings would repeat a stopped trial's traceback, and its
+    heartbeats and their retries, which keep a study going, are marked experimental in Optuna 5."""
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
 def claim_study(study, fingerprint: dict, *, labels: dict, storage: str, earlier: list[str], out: Path, rename: str):
     """Record what a new study is (its fingerprint), or refuse a worker whose fingerprint differs from the study's in
     one line that names the first difference; a new study over a folder that holds an earlier study's run folders
