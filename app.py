@@ -59,7 +59,9 @@ def predict_tab(trained: Trained, cam_method: str) -> None:
         top = {p["class"]: p["probability"] for p in predictions}
         verdict = familiarity.verdict(check, head_input.features[0] if check else None)
         if verdict["unfamiliar"] is None:
-            note = "No check of how familiar the photo is: run eval.py on this run first."
+            note = "No check of how familiar the photo is: " + (
+                "run eval.py on this run first." if trained.backend == "pytorch" else "ONNX Runtime gives no features."
+            )
         elif verdict["unfamiliar"]:
             note = f"**This photo is {familiarity.in_words(verdict, check)}.**"
         else:

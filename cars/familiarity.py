@@ -35,8 +35,9 @@ class Familiarity:
         means = torch.zeros(int(max(classes)) + 1, features.shape[1])
         for c in classes:
             means[c] = features[labels == c].mean(0)
-        centred = (features - means[labels]).double().numpy()
-        precision = torch.from_numpy(LedoitWolf(assume_centered=True).fit(centred).get_precision()).float()
+        centred = (features - means[labels]).numpy().astype(np.float64)  # float64 in NumPy only: MPS has none
+        precision = LedoitWolf(assume_centered=True).fit(centred).get_precision().astype(np.float32)
+        precision = torch.from_numpy(precision)
         present = torch.zeros(len(means), dtype=torch.bool)
         present[classes] = True
         return cls(means[present], precision)
