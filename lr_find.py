@@ -148,6 +148,7 @@ def main(argv=None) -> None:
         smoothed,
         suggestion,
         out / "lr_find.png",
+        preset_lr=cfg.lr,
         title=f"{preset}: {cfg.arch}, {cfg.optimizer}, phase {args.phase}",
     )
     if stopped_early:

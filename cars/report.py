@@ -39,10 +39,11 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_curves(rows: list[dict], path: Path, eval_name: str = "test", title: str = "") -> None:
-    """Loss and accuracy, train vs eval, with the learning rate on a second axis so lr drops
-    line up with the jumps they cause."""
+    """Loss and accuracy, train vs eval, and beneath them the learning rate on its own linear axis, on the same epochs:
+    lr drops line up with the jumps they cause, and a cosine looks like a cosine, not a cliff."""
     epochs = [r["epoch"] for r in rows]
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}, squeeze=False)
+    (loss_ax, acc_ax), lr_axes = axes
     for ax, key, label in ((loss_ax, "loss", "loss"), (acc_ax, "acc", "accuracy (%)")):
         ax.plot(epochs, [r[f"train_{key}"] for r in rows], "o-", ms=3, label="train")
         ax.plot(
@@ -52,15 +53,15 @@ def plot_curves(rows: list[dict], path: Path, eval_name: str = "test", title: st
             ms=3,
             label=eval_name,
         )
-        ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        lr_ax = ax.twinx()
-        lr_ax.plot(epochs, [r["lr"] for r in rows], color="grey", ls="--", lw=1, label="lr")
-        lr_ax.set_yscale("log")
-        lr_ax.set_ylabel("learning rate", color="grey")
-        handles = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
-        ax.legend(handles=handles, loc="center right")
+        ax.legend(loc="best", fontsize=8)
+    for lr_ax in lr_axes:
+        lr_ax.plot(epochs, [r["lr"] for r in rows], color="grey", lw=1.2)
+        lr_ax.set_ylabel("learning rate")
+        lr_ax.set_xlabel("epoch")
+        lr_ax.set_ylim(bottom=0)
+        lr_ax.grid(alpha=0.3)
     best = best_row(rows)
     if best:  # with --eval-every N, the first plots may come before the first evaluation
         acc_ax.annotate(
@@ -190,12 +191,19 @@ def plot_comparison(runs: dict[str, list[dict]], path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_lr_find(lrs: list[float], smoothed: list[float], suggestion: dict, path: Path, *, title: str = "") -> None:
+def plot_lr_find(
+    lrs: list[float], smoothed: list[float], suggestion: dict, path: Path, *, preset_lr: float, title: str = ""
+) -> None:
+    """The smoothed loss against the lr, the suggestions marked and the preset's lr beside them. The y axis stops a
+    little above the starting loss: the blow-up at the end would squash the useful part flat."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(lrs, smoothed, lw=1.5)
     for rule, marker, colour in (("valley", "o", "crimson"), ("steepest", "s", "darkorange")):
         lr = suggestion[rule]
         ax.plot([lr], [smoothed[lrs.index(lr)]], marker, color=colour, ms=8, label=f"{rule}: {lr:.3g}")
+    ax.axvline(preset_lr, color="grey", ls="--", lw=1, label=f"the preset's lr: {preset_lr:g}")
+    low, start = min(smoothed), smoothed[0]
+    ax.set_ylim(low - 0.1 * (start - low + 1e-9), start + 0.25 * (start - low + 1e-9))
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("smoothed training loss")

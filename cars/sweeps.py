@@ -387,7 +387,6 @@ def write_study_files(study, out: Path) -> list[str]:
     what the storage holds now. Returns the names of the pictures drawn."""
     import warnings
 
-    import optuna
     from optuna.visualization import matplotlib as plots
 
     trials = study.get_trials(deepcopy=False)
@@ -406,24 +405,73 @@ def write_study_files(study, out: Path) -> list[str]:
     ]
     names = sorted({k for r in rows for k in r if k.startswith("params_")})
     write_csv(out / "trials.csv", rows, ["number", "state", "value", *names, "epochs", "run_dir", "worker", "note"])
+    # the pictures count the pruned trials too, at their last reported value: a search whose low-lr trials were all
+    # pruned would otherwise rank the other knobs above lr
+    scored = with_pruned_trials(study)
+    counted = (
+        f"{sum(not t.user_attrs.get('pruned') for t in scored.trials)} finished trials and "
+        f"{sum(bool(t.user_attrs.get('pruned')) for t in scored.trials)} pruned ones (at their last reported value)"
+    )
     drawn = []
-    finished = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    pictures = [
-        ("optimization_history.png", plots.plot_optimization_history),
-        ("parallel_coordinate.png", plots.plot_parallel_coordinate),
-    ]
-    if len(finished) >= 2 and len(names) >= 1:
+    if scored.trials:
+        plot_history(scored, out / "optimization_history.png", counted=counted)
+        drawn.append("optimization_history.png")
+    pictures = [("parallel_coordinate.png", plots.plot_parallel_coordinate)]
+    if len(scored.trials) >= 2 and len(names) >= 1:
         pictures.append(("param_importances.png", plots.plot_param_importances))
     for filename, plot in pictures:
-        if not finished:
+        if not scored.trials:
             break
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
             try:
-                axes = plot(study)
+                axes = plot(scored)
             except (ValueError, RuntimeError):  # e.g. importances of parameters that never varied
                 continue
-        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
-        save_figure(figure, out / filename)
+        first = axes.flat[0] if hasattr(axes, "flat") else axes
+        first.set_title(f"{first.get_title()}\n{counted}", fontsize=9)
+        save_figure(first.figure, out / filename)
         drawn.append(filename)
     return drawn
+
+
+def with_pruned_trials(study):
+    """An in-memory copy of the study's finished trials, the pruned ones among them as complete at the last value
+    they reported (marked with the user attribute `pruned`)."""
+    import optuna
+
+    copy = optuna.create_study(direction="maximize")
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            copy.add_trial(trial)
+        elif trial.state == optuna.trial.TrialState.PRUNED and trial.intermediate_values:
+            last = trial.intermediate_values[max(trial.intermediate_values)]
+            copy.add_trial(
+                optuna.trial.create_trial(
+                    params=trial.params, distributions=trial.distributions, value=last, user_attrs={"pruned": True}
+                )
+            )
+    return copy
+
+
+def plot_history(scored, path: Path, *, counted: str) -> None:
+    """Every trial's validation accuracy in order, pruned trials hollow at their last value, and the best so far of
+    the finished ones."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for pruned, style in ((False, dict(marker="o", color="C0")), (True, dict(marker="o", mfc="none", color="C1"))):
+        points = [(n, t.value) for n, t in enumerate(scored.trials) if bool(t.user_attrs.get("pruned")) == pruned]
+        if points:
+            ax.plot(*zip(*points), ls="none", label="pruned (last value)" if pruned else "finished", **style)
+    best, line = float("-inf"), []
+    for n, t in enumerate(scored.trials):
+        best = max(best, t.value) if not t.user_attrs.get("pruned") else best
+        line.append((n, best if best > float("-inf") else None))
+    ax.plot([n for n, b in line if b is not None], [b for _, b in line if b is not None], color="C2", label="best")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(f"the study's trials: {counted}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    save_figure(fig, path)

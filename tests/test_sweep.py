@@ -514,3 +514,28 @@ def test_workers_that_start_at_once_agree_on_the_trial_over_the_cap():
     assert [sweeps.has_slot(study, t, 2) for t in (first, second, third)] == [True, True, False]
     study.tell(first, state=optuna.trial.TrialState.FAIL)  # a failed trial does not count; its retry will
     assert sweeps.has_slot(study, third, 2)
+
+
+def test_the_study_pictures_count_pruned_trials_at_their_last_value(tmp_path):
+    """A search whose pruned trials were left out of its pictures would tell another lesson: they count, at the last
+    validation accuracy they reported, and each picture says how many trials it used."""
+    study = optuna.create_study(direction="maximize")
+    lr = optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)
+    for value, lr_value in ((60.0, 0.01), (70.0, 0.02)):
+        study.add_trial(optuna.trial.create_trial(params={"lr": lr_value}, distributions={"lr": lr}, value=value))
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"lr": 1e-4},
+            distributions={"lr": lr},
+            state=optuna.trial.TrialState.PRUNED,
+            intermediate_values={1: 20.0, 2: 25.0},
+        )
+    )
+    scored = sweeps.with_pruned_trials(study)
+    assert [(t.value, bool(t.user_attrs.get("pruned"))) for t in scored.trials] == [
+        (60.0, False),
+        (70.0, False),
+        (25.0, True),
+    ]
+    drawn = sweeps.write_study_files(study, tmp_path)
+    assert "optimization_history.png" in drawn and "param_importances.png" in drawn
