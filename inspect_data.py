@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from cars import transferability
 from cars.cache import keep_as_is
-from cars.config import Config
+from cars.config import Config, from_dict, load_toml
 from cars.data import UNREADABLE, load_splits, read_rgb, to_rgb, upright
 from cars.engine import Device
 from cars.errors import UserError, run_cli
@@ -185,10 +185,18 @@ def size_stats(values: list[int]) -> dict:
     }
 
 
+SAMPLE_KNOBS = ("resolution", "train_crop", "crop_scale", "augment", "color_jitter", "random_erasing")
+
+
 def main(argv=None) -> None:
     args = parse_inspect(argv)
+    # what a training crop looks like depends on the recipe: a preset's augmentation knobs, else the defaults
+    preset = from_dict(load_toml(args.config), args.config) if args.config else {}
+    drawn = {k: v for k, v in preset.items() if k in SAMPLE_KNOBS}
+    if args.resolution is not None:
+        drawn["resolution"] = args.resolution
     cfg = Config(
-        data=args.data, arch=args.arch, weights=args.weights, resolution=args.resolution, workers=args.workers
+        data=args.data, arch=args.arch, weights=args.weights, workers=args.workers, **{"resolution": 224, **drawn}
     ).validate()
     for arch, _ in args.rank_models:
         check_arch(arch)

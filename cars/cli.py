@@ -447,7 +447,7 @@ def inspect_parser() -> argparse.ArgumentParser:
         "leaks, samples, what an ImageNet model calls the pictures, and (--rank-models) which pretrained model should "
         "transfer best.",
         [
-            "--data demo",
+            "--data demo --config configs/demo.toml  # crops drawn as the demo trains",
             "--data data/cars --arch resnet50 --weights DEFAULT",
             "--rank-models resnet50,resnet101,efficientnet_b0",
         ],
@@ -466,11 +466,17 @@ def inspect_parser() -> argparse.ArgumentParser:
         "--weights", default="DEFAULT", metavar="WEIGHTS", help="its torchvision weights (default: DEFAULT)"
     )
     parser.add_argument(
+        "--config",
+        metavar="PRESET",
+        help="draw the training crops as this preset trains: its resolution, crop and augmentation (default: the "
+        "defaults, run 7's)",
+    )
+    parser.add_argument(
         "--resolution",
         type=int,
-        default=224,
         metavar="N",
-        help="what the samples, the sanity check and --rank-models show the model, in px (default: 224)",
+        help="what the samples, the sanity check and --rank-models show the model, in px (default: the preset's, "
+        "else 224)",
     )
     parser.add_argument(
         "--check-images",

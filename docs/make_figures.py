@@ -121,9 +121,11 @@ def main() -> None:
     FIGURES.mkdir(exist_ok=True)
     print(f"working in {work}")
 
-    run(work, "inspect_data.py", "--data", "demo", "--resolution", "48")
+    run(work, "inspect_data.py", "--data", "demo", "--config", str(DEMO))
     keep(work / "runs/data-demo/samples.png", "inspect-samples.png")
     keep(work / "runs/data-demo/class_counts.png", "inspect-class-counts.png")
+    run(work, "inspect_data.py", "--data", "demo-source", "--config", str(ROOT / "configs" / "demo_source.toml"))
+    keep(work / "runs/data-demo-source/samples.png", "inspect-source-samples.png")
 
     run(work, "train.py", "--config", str(DEMO))
     keep(work / "runs/demo/curves.png", "train-curves.png")

@@ -129,20 +129,28 @@ def test_the_sanity_check_says_how_to_get_missing_weights(report):
     )
 
 
-def test_the_sanity_check_counts_what_the_imagenet_model_says(planted, tmp_path):
+def test_the_sanity_check_counts_what_the_imagenet_model_says(planted, tmp_path, monkeypatch):
     from test_models import place_in_torchvision_cache
 
     place_in_torchvision_cache("resnet18", "IMAGENET1K_V1")  # ImageNet-shaped weights, where torchvision looks
     data, _ = planted
+    # the training crops are drawn as a preset trains them (the flag's resolution wins over the preset's)
+    (tmp_path / "preset.toml").write_text("resolution = 48\ncrop_scale = 0.9\nlr = 0.5\n")
+    drawn_with = []
+    real = inspect_data.TrainAugmentation
+    monkeypatch.setattr(inspect_data, "TrainAugmentation", lambda cfg: drawn_with.append(cfg) or real(cfg))
     inspect_data.main(
         [
             "--data",
             str(data),
             "--out",
             str(tmp_path / "r"),
+            "--config",
+            str(tmp_path / "preset.toml"),
             *"--arch resnet18 --weights IMAGENET1K_V1 --resolution 64 --workers 0 --check-images 8".split(),
         ]
     )
+    assert [(c.crop_scale, c.resolution) for c in drawn_with] == [(0.9, 64)]
     check = json.loads((tmp_path / "r" / "data.json").read_text())["imagenet_check"]
     labels = [p["imagenet"] for p in check["predictions"]]
     assert (
