@@ -49,6 +49,7 @@ from cars.runs import prepare_folder, read_summary, recipe_difference, scratch_t
 from cars.runtime import pick_device, worker_count
 from cars.transforms import eval_transform, normalize
 
+LENS_DOC = "What it means: docs/explanation/transfer-lens.md."  # the project's docs, not a link: the report moves
 ONE_TABLE = 20  # classes up to which the report ranks every class in one table
 CKA_IMAGES = 1024  # eval images the CKA is estimated on, in minibatches: enough for two decimals, 3 forward passes each
 
@@ -534,12 +535,17 @@ def what_fine_tuning_changed(evaluation: Evaluation, summary: dict) -> str:
         "## What fine-tuning changed\n\n"
         + " ".join(reading)
         + "\n\n![relative weight change per block](transfer/weight_change.png)\n\n"
+        + "*How far each block's weights moved from the start, relative to their size. There is no control to read "
+        "it against (it grows with the lr, the epochs and the weight decay): compare the blocks with each other, and "
+        f"runs of one recipe with each other. {LENS_DOC}*\n\n"
         + "Per block: [transfer/weight_change.csv](transfer/weight_change.csv); per BatchNorm layer: "
         "[transfer/bn_drift.csv](transfer/bn_drift.csv).\n\n"
         + f"Linear CKA between the starting and the fine-tuned network's outputs at each stage, on {len(subset)} eval "
         "images (the minibatch estimator of Nguyen et al. 2021, unbiased HSIC per minibatch of "
         f"{args.batch_size}), beside the start against a randomly initialised network "
         "([transfer/cka.csv](transfer/cka.csv)):\n\n![CKA per stage](transfer/cka.png)\n\n"
+        + "*1 means the fine-tuned features are the start's up to a rotation and a scale; the control, a random "
+        f"network against the start, is the floor to read each stage against. {LENS_DOC}*\n\n"
         + markdown_table(
             ["stage", "CKA start vs fine-tuned", "CKA start vs random", "linear probe on the start"],
             [
@@ -551,6 +557,8 @@ def what_fine_tuning_changed(evaluation: Evaluation, summary: dict) -> str:
         f"stage's average-pooled output, fitted on the {len(train_y)} training images and scored on the "
         f"{len(test_y)} eval images ([transfer/linear_probe.csv](transfer/linear_probe.csv)):\n\n"
         "![linear probes](transfer/linear_probe.png)\n\n"
+        + "*What a classifier on the start's frozen features reaches at each stage, and last the fine-tune: the gap "
+        f"is what training the backbone bought over keeping it as it came. {LENS_DOC}*\n\n"
         + f"Cost: {len(train_y) + len(test_y)} images through the starting network for the probes and "
         f"{len(subset)} through each of three networks for CKA, {seconds:.1f} s on {device.type}.\n"
     )
