@@ -29,7 +29,7 @@ from cars.data import (
 )
 from cars.engine import Device, collect_logits
 from cars.errors import UserError, run_cli
-from cars.explain import class_activation_maps, display_pixels, overlay
+from cars.explain import beside, class_activation_maps, display_pixels
 from cars.familiarity import Familiarity
 from cars.inference import Trained, load_trained_from
 from cars.loaders import TransformedSplit, eval_loader, make_loader
@@ -694,7 +694,7 @@ def cam_tiles(model, split, *, indices, predicted, labels, confidence, names, re
     maps = class_activation_maps(model, normalize(pixels), [int(predicted[i]) for i in indices], method)
     return [
         {
-            "image": overlay(display_pixels(photos[k], resolution), maps[k]),  # drawn at 224 px or more
+            "image": beside(display_pixels(photos[k], resolution), maps[k]),  # drawn at 224 px or more
             "true": names[int(labels[i])],
             "predicted": names[int(predicted[i])],
             "confidence": float(confidence[i]),

@@ -85,6 +85,13 @@ def overlay(display_image: np.ndarray, cam: np.ndarray) -> np.ndarray:
     return show_cam_on_image(display_image.astype(np.float32) / 255, cam, use_rgb=True)
 
 
+def beside(shown: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """The image untinted, then the map over it, side by side (a white gap between): the paint's colour, half of
+    every class name, stays visible."""
+    gap = np.full((shown.shape[0], max(4, shown.shape[1] // 30), 3), 255, np.uint8)
+    return np.concatenate([shown, gap, overlay(shown, cam)], axis=1)
+
+
 def display_pixels(image, resolution: int) -> np.ndarray:
     """What the model saw of a PIL image (the same centre crop), at DISPLAY_SIDE px or more: HxWx3 uint8. The map of a
     48 px model is drawn over the photo's own detail, not over the 48 px it was shown."""

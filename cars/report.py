@@ -136,11 +136,12 @@ def plot_confusion(matrix, class_names: list[str], pairs, path: Path) -> None:
 
 
 def plot_cam_grid(tiles: list[dict], path: Path, title: str, columns: int = 4) -> None:
-    """tiles: {"image": HxWx3 uint8 overlay, "true": name, "predicted": name, "confidence": 0..1}."""
+    """tiles: {"image": HxWx3 uint8 (the photo and the CAM over it, side by side), "true": name, "predicted": name,
+    "confidence": 0..1}."""
     import textwrap
 
     rows = max(1, -(-len(tiles) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, tile in zip(axes.flat, tiles):
@@ -150,7 +151,7 @@ def plot_cam_grid(tiles: list[dict], path: Path, title: str, columns: int = 4) -
             f"{'✓' if right else '✗'} true: {tile['true']}\npred: {tile['predicted']} ({100 * tile['confidence']:.0f}%)"
         )
         ax.set_title(
-            "\n".join(textwrap.fill(line, 34) for line in label.split("\n")),
+            "\n".join(textwrap.fill(line, 60) for line in label.split("\n")),
             fontsize=8,
             color="darkgreen" if right else "crimson",
         )
