@@ -429,7 +429,8 @@ def write_study_files(study, out: Path) -> list[str]:
             except (ValueError, RuntimeError):  # e.g. importances of parameters that never varied
                 continue
         first = axes.flat[0] if hasattr(axes, "flat") else axes
-        first.set_title(f"{first.get_title()}\n{counted}", fontsize=9)
+        where = "left" if first.get_title(loc="left") else "center"  # where Optuna put its title
+        first.set_title(f"{first.get_title(loc=where)}\n{counted}", loc=where, fontsize=9)
         save_figure(first.figure, out / filename)
         drawn.append(filename)
     return drawn
