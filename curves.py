@@ -32,10 +32,6 @@ from cars.runs import read_summary, run_status
 COLUMNS = ["method", "shots", "images", "seed", "val_acc", "test_acc", "status", "run_dir"]
 
 
-class Duplicate(Exception):
-    """Two workers were given the same cell at once (the grid sampler cannot rule it out): the later one skips it."""
-
-
 def main(argv=None) -> None:
     args = parse_curves(argv)
     curves = data_curves.load_curves(args.config)
@@ -46,10 +42,10 @@ def main(argv=None) -> None:
     storage = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     study = open_study(curves, storage, args.heartbeat, out)
     signal.signal(signal.SIGTERM, raise_interrupt)  # a scheduler's stop ends a worker as Ctrl-C does
-    cells = len(curves.cells())
+    count = len(curves.cells())
     print(
         f"curves {curves.name}: {len(curves.methods)} methods x {len(curves.shots)} shots x {len(curves.seeds)} seeds "
-        f"= {cells} cells, in {sweeps.shown(storage)}"
+        f"= {count} cells, in {sweeps.shown(storage)}"
     )
     try:
         finished = run_cells(study, curves, out, heartbeat=args.heartbeat)
@@ -61,7 +57,7 @@ def main(argv=None) -> None:
         return
     files = write_results(curves, out)
     cell = curves.cells()[-1]
-    print(f"all {cells} cells are finished. files: {', '.join(str(out / f) for f in files)}")
+    print(f"all {count} cells are finished. files: {', '.join(str(out / f) for f in files)}")
     print(f"next: read {out / 'report.md'}; every cell is a run folder: uv run eval.py {curves.run_dir(out, cell)}")
 
 
@@ -131,7 +127,7 @@ def run_cell(trial, *, study, curves: data_curves.Curves, out: Path) -> float:
         if cell_of(t) == cell
         and (t.state == TrialState.COMPLETE or (t.state == TrialState.RUNNING and t.number < trial.number))
     ]
-    if taken:
+    if taken:  # two workers drew one cell at once (the grid sampler cannot rule it out): the later one skips it
         trial.set_user_attr("note", f"skipped: trial {taken[0]} has this cell")
         raise optuna.TrialPruned("duplicate")
     method, run_dir = curves.method(cell[0]), curves.run_dir(out, cell)
