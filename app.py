@@ -161,10 +161,15 @@ def evaluation_tab(trained: Trained, eval_dir: Path, cam_method: str) -> tuple:
         choices, value=0 if choices else None, label="Most confused pairs: true class -> taken for", elem_id="pairs"
     )
     with gr.Row():
+        # each picture is the photo beside its CAM: shown whole, not cropped to a square
         mistaken = gr.Gallery(
-            label="The misclassified test images, with the CAM of the class they were taken for", columns=3
+            label="The misclassified test images, with the CAM of the class they were taken for",
+            columns=2,
+            object_fit="contain",
         )
-        references = gr.Gallery(label="Training images of the class they were taken for, with their CAMs", columns=3)
+        references = gr.Gallery(
+            label="Training images of the class they were taken for, with their CAMs", columns=2, object_fit="contain"
+        )
     pair.change(show_pair, pair, [mistaken, references], **ONE_AT_A_TIME)
     charts = [(str(eval_dir / name), name) for name in CHARTS if (eval_dir / name).exists()]
     gr.Gallery(charts, label="The report's charts", columns=2, object_fit="contain", height=600, elem_id="charts")
