@@ -38,7 +38,6 @@ ONE_AT_A_TIME = {"concurrency_id": "model", "concurrency_limit": 1}
 def predict_tab(trained: Trained, cam_method: str) -> None:
     transform = eval_transform(trained.resolution)
     check = familiarity.load_for(trained)  # eval.py's calibration; None before eval.py has run
-    head_input = familiarity.HeadInput(trained.model) if check else None
 
     def answer(
         photo, method
@@ -55,9 +54,8 @@ def predict_tab(trained: Trained, cam_method: str) -> None:
             # one line in the server's log, not a traceback
             print(f"refused an upload: {reason}", file=sys.stderr, flush=True)
             raise gr.Error(f"This is not a photo the model can read: {reason}", print_exception=False) from None
-        predictions = trained.classify(pixels, 5)
+        predictions, verdict = familiarity.judged(trained, check, pixels, 5)
         top = {p["class"]: p["probability"] for p in predictions}
-        verdict = familiarity.verdict(check, head_input.features[0] if check else None)
         if verdict["unfamiliar"] is None:
             note = "No check of how familiar the photo is: " + (
                 "run eval.py on this run first." if trained.backend == "pytorch" else "ONNX Runtime gives no features."

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,13 +154,16 @@ class Scores:
 
 def main(argv=None) -> None:
     evaluation = start(parse_eval(argv))
-    scores = Scores(*evaluation.logits_of(evaluation.test_split, cache=evaluation.args.cache), evaluation.names)
+    pytorch = evaluation.trained.backend == "pytorch"
+    # the features the head reads, kept from the scoring pass: the familiarity check is calibrated on them
+    with finetune.kept_head_inputs(evaluation.trained.model) if pytorch else nullcontext([]) as test_features:
+        scores = Scores(*evaluation.logits_of(evaluation.test_split, cache=evaluation.args.cache), evaluation.names)
     summary = write_scores(evaluation, scores)
     # CAMs need gradients: none from ONNX Runtime
     cams = draw_cams(evaluation, scores) if evaluation.trained.backend == "pytorch" else []
     tta = test_time_augmentation(evaluation, scores, summary) if evaluation.args.tta else ""
     robustness = corrupted_copies(evaluation, summary) if evaluation.corruptions else ""
-    unfamiliar = calibrate_familiarity(evaluation, summary) if evaluation.trained.backend == "pytorch" else ""
+    unfamiliar = calibrate_familiarity(evaluation, summary, held_out=torch.cat(test_features)) if pytorch else ""
     changed = what_fine_tuning_changed(evaluation, summary)
     bought = what_pretraining_bought(evaluation, summary)
     write_json(evaluation.out / "summary.json", summary)
@@ -564,19 +568,16 @@ def what_fine_tuning_changed(evaluation: Evaluation, summary: dict) -> str:
     )
 
 
-def calibrate_familiarity(evaluation: Evaluation, summary: dict) -> str:
+def calibrate_familiarity(evaluation: Evaluation, summary: dict, *, held_out: torch.Tensor) -> str:
     """The unfamiliar-input check that predict.py and app.py apply: fitted on the features of the training images
-    (centre crops), its threshold calibrated on the test split's, written to familiarity.safetensors. Returns the
-    report's section."""
+    (centre crops), its threshold calibrated on the test split's (`held_out`, kept from the scoring pass), written to
+    familiarity.safetensors. Returns the report's section."""
     model, device, args = evaluation.trained.model, evaluation.device, evaluation.args
     train = evaluation.loader_of(evaluation.train_split, cache=args.cache, skip_bad_images=True)
     features, labels = finetune.head_inputs(model, train, device, description="familiarity: train")
     if evaluation.to_model is not None:
         labels = evaluation.to_model[labels]
     check = Familiarity.fit(features, labels)
-    held_out, _ = finetune.head_inputs(
-        model, evaluation.loader_of(evaluation.test_split, cache=args.cache), device, description="familiarity: test"
-    )
     calibration = check.calibrate(held_out)
     check.save(evaluation.out / familiarity.FILE)
     summary["familiarity"] = calibration
@@ -613,23 +614,22 @@ def what_pretraining_bought(evaluation: Evaluation, summary: dict) -> str:
         twin = read_summary(scratch)
         chosen_on_val = twin.get("selected_on") == "val"
         scratch_acc = twin["test_acc_of_best"] if chosen_on_val else twin["best_eval_acc"]
-        differs = recipe_difference(
-            dataclasses.asdict(load_saved(scratch / "config.toml")),
-            dataclasses.asdict(load_saved(trained.path.parent / "config.toml"))
-            if (trained.path.parent / "config.toml").is_file()
-            else {},
-            also={"weights"},
+        # a twin found beside the run differs in nothing else by construction; one named by --scratch may
+        own = trained.path.parent / "config.toml"
+        differs = (
+            recipe_difference(
+                dataclasses.asdict(load_saved(scratch / "config.toml")),
+                dataclasses.asdict(load_saved(own)),
+                also={"weights"},
+            )
+            if evaluation.args.scratch and own.is_file()
+            else []
         )
         summary["pretraining"] = {"scratch_run": str(scratch), "scratch_acc": scratch_acc, "gain": top1 - scratch_acc}
         lines.append(
             f"From random weights, the same recipe (`{scratch}`) reaches {scratch_acc:.1f}% on the test split; from "
             f"`{trained.start_weights}` this run reaches {top1:.1f}%: pretraining bought **{top1 - scratch_acc:+.1f} "
-            "points**."
-            + (
-                f" (The two runs' recipes also differ in {', '.join(differs)}.)"
-                if differs and evaluation.args.scratch
-                else ""
-            )
+            "points**." + (f" (The two runs' recipes also differ in {', '.join(differs)}.)" if differs else "")
         )
     probe = summary.get("transfer", {}).get("probe")
     if probe:

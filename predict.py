@@ -48,7 +48,6 @@ def main(argv=None) -> None:
             ) from None
     cam_names = unique_cam_names(args.images)
     check = familiarity.load_for(trained)  # eval.py's calibration; None before eval.py has run
-    head_input = familiarity.HeadInput(trained.model) if check else None
 
     results, failures = [], 0
     for i, path in enumerate(args.images):
@@ -59,8 +58,8 @@ def main(argv=None) -> None:
             print(f"error: {printable(message_of(error))}", file=sys.stderr)
             failures += 1
             continue
-        result = {"image": path, "predictions": trained.classify(pixels, args.topk)}
-        result.update(familiarity.verdict(check, head_input.features[0] if check else None))
+        predictions, verdict = familiarity.judged(trained, check, pixels, args.topk)
+        result = {"image": path, "predictions": predictions, **verdict}
         if cam_dir:
             result["cam"] = str(cam_dir / cam_names[i])
             try:

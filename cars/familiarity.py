@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from cars.finetune import kept_head_inputs
 from cars.models import head_name
 
 FALSE_ALARMS = 0.05  # the share of held-out images (like the training data) that may be flagged
@@ -96,15 +97,13 @@ def load_for(trained) -> Familiarity | None:
     return check if check.means.shape == (head.out_features, head.in_features) else None
 
 
-class HeadInput:
-    """The features the head read on the model's last forward pass (one image: its row)."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.features = None
-        model.get_submodule(head_name(model)).register_forward_pre_hook(self.keep)
-
-    def keep(self, module, inputs) -> None:
-        self.features = inputs[0].detach().float().cpu()
+def judged(trained, check: "Familiarity | None", pixels: torch.Tensor, topk: int) -> tuple[list[dict], dict]:
+    """trained.classify's top-k for one image, and the verdict on the features of that same forward pass."""
+    if check is None:
+        return trained.classify(pixels, topk), verdict(None, None)
+    with kept_head_inputs(trained.model) as kept:
+        predictions = trained.classify(pixels, topk)
+    return predictions, verdict(check, kept[0][0])
 
 
 def in_words(verdict: dict, familiarity: Familiarity) -> str:

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -286,25 +287,33 @@ PARAM_GROUP_COLUMNS = ["epoch", "group", "parameters", "lr", "weight_decay"]
 # --- features of the start ---------------------------------------------------------------------------------------
 
 
+@contextmanager
+def kept_head_inputs(model: nn.Module):
+    """A list that every forward pass of `model` adds the head's input (the pooled features) to, on the CPU, while the
+    block lasts: the features of a pass that computes something else too (eval.py's scores)."""
+    kept = []
+    handle = model.get_submodule(head_name(model)).register_forward_pre_hook(
+        lambda _, inputs: kept.append(inputs[0].detach().float().cpu())
+    )
+    try:
+        yield kept
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def head_inputs(model: nn.Module, loader, device, *, description: str) -> tuple[torch.Tensor, torch.Tensor]:
     """What the head reads (the pooled features) for every image of the loader, and the labels, on the CPU."""
     model.eval()
-    captured, features, labels = {}, [], []
-    handle = model.get_submodule(head_name(model)).register_forward_pre_hook(
-        lambda _, inputs: captured.__setitem__("x", inputs[0])
-    )
-    try:
+    labels = []
+    with kept_head_inputs(model) as features:
         for batch in tqdm(loader, desc=description, leave=False, dynamic_ncols=True, disable=not device.show_progress):
             if batch is None:
                 continue
             images, batch_labels = device.put(*batch)
             with device.autocast():
                 model(images)
-            features.append(captured["x"].float().cpu())
             labels.append(batch_labels.cpu())
-    finally:
-        handle.remove()
     return torch.cat(features), torch.cat(labels)
 
 

@@ -408,20 +408,18 @@ def write_study_files(study, out: Path) -> list[str]:
     # the pictures count the pruned trials too, at their last reported value: a search whose low-lr trials were all
     # pruned would otherwise rank the other knobs above lr
     scored = with_pruned_trials(study)
+    if not scored.trials:
+        return []
     counted = (
         f"{sum(not t.user_attrs.get('pruned') for t in scored.trials)} finished trials and "
         f"{sum(bool(t.user_attrs.get('pruned')) for t in scored.trials)} pruned ones (at their last reported value)"
     )
-    drawn = []
-    if scored.trials:
-        plot_history(scored, out / "optimization_history.png", counted=counted)
-        drawn.append("optimization_history.png")
+    plot_history(scored, out / "optimization_history.png", counted=counted)
+    drawn = ["optimization_history.png"]
     pictures = [("parallel_coordinate.png", plots.plot_parallel_coordinate)]
     if len(scored.trials) >= 2 and len(names) >= 1:
         pictures.append(("param_importances.png", plots.plot_param_importances))
     for filename, plot in pictures:
-        if not scored.trials:
-            break
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
             try:
