@@ -11,9 +11,11 @@ writes familiarity.safetensors into its folder; predict.py and app.py read it fr
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
 
+from cars.errors import UserError
+from cars.files import atomic_write
 from cars.finetune import kept_head_inputs
 from cars.models import head_name
 
@@ -67,14 +69,19 @@ class Familiarity:
         }
 
     def save(self, path: Path) -> None:
-        save_file(
-            {"means": self.means, "precision": self.precision, "threshold": torch.tensor(self.threshold)}, str(path)
-        )
+        """Atomically: a kill part way leaves no half-written check for predict.py to read."""
+        tensors = {"means": self.means, "precision": self.precision, "threshold": torch.tensor(self.threshold)}
+        atomic_write(path, lambda file: file.write(safetensors.torch.save(tensors)))
 
     @classmethod
     def load(cls, path: Path) -> "Familiarity":
-        saved = load_file(str(path))
-        return cls(saved["means"], saved["precision"], float(saved["threshold"]))
+        try:
+            saved = safetensors.torch.load(path.read_bytes())
+            return cls(saved["means"], saved["precision"], float(saved["threshold"]))
+        except Exception as error:  # safetensors' own errors, a missing tensor: the file is not eval.py's check
+            raise UserError(
+                f"{path} is damaged ({type(error).__name__}); run eval.py on the run again to make it anew"
+            ) from None
 
 
 def verdict(familiarity: "Familiarity | None", features: torch.Tensor) -> dict:

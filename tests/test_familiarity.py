@@ -4,6 +4,7 @@ one far from every class."""
 import pytest
 import torch
 
+from cars.errors import UserError
 from cars.familiarity import FALSE_ALARMS, Familiarity, verdict
 
 
@@ -40,3 +41,12 @@ def test_the_score_is_the_distance_to_the_nearest_class_mean():
     points, _ = clusters(5, seed=3)
     expected = torch.tensor([min(float((x - m) @ check.precision @ (x - m)) for m in check.means) for x in points])
     assert check.scores(points) == pytest.approx(expected, rel=1e-4, abs=1e-3)
+
+
+def test_a_damaged_check_is_one_line(tmp_path):
+    features, labels = clusters(20, seed=4)
+    check = Familiarity.fit(features, labels)
+    check.save(tmp_path / "check.safetensors")
+    (tmp_path / "check.safetensors").write_bytes((tmp_path / "check.safetensors").read_bytes()[:100])  # cut off
+    with pytest.raises(UserError, match="check.safetensors is damaged .*run eval.py on the run again"):
+        Familiarity.load(tmp_path / "check.safetensors")
