@@ -37,7 +37,7 @@ ONE_AT_A_TIME = {"concurrency_id": "model", "concurrency_limit": 1}
 
 def predict_tab(trained: Trained, cam_method: str) -> None:
     transform = eval_transform(trained.resolution)
-    check = familiarity.load_for(trained)  # eval.py's calibration; None before eval.py has run
+    check, why_none = familiarity.load_for(trained)  # eval.py's calibration for these weights
 
     def answer(
         photo, method
@@ -58,7 +58,11 @@ def predict_tab(trained: Trained, cam_method: str) -> None:
         top = {p["class"]: p["probability"] for p in predictions}
         if verdict["unfamiliar"] is None:
             note = "No check of how familiar the photo is: " + (
-                "run eval.py on this run first." if trained.backend == "pytorch" else "ONNX Runtime gives no features."
+                "ONNX Runtime gives no features."
+                if trained.backend != "pytorch"
+                else f"{why_none.removeprefix('no unfamiliar-input check: ')}."
+                if why_none
+                else "run eval.py on this run first."
             )
         elif verdict["unfamiliar"]:
             note = f"**This photo is {familiarity.in_words(verdict, check)}.**"

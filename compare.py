@@ -12,8 +12,15 @@ from pathlib import Path
 from cars.config import Config, load_saved
 from cars.errors import UserError, run_cli
 from cars.files import make_folder
-from cars.finetune import base_lr, method_parts, start_words, term_names
-from cars.report import METRIC_COLUMNS, markdown_table, plot_comparison, read_metrics, write_text
+from cars.methods import base_lr, method_parts, start_words, term_names
+from cars.report import (
+    METRIC_COLUMNS,
+    markdown_table,
+    plot_comparison,
+    read_metrics,
+    trained_parameter_words,
+    write_text,
+)
 from cars.runs import best_row, evaluated, read_summary, run_status
 
 
@@ -146,6 +153,7 @@ def row(run: ComparedRun) -> list[str]:
         gap_text,
         verdict(run.status, metrics),
         test_text,
+        trained_parameter_words(summary),
         minutes,
     ]
 
@@ -169,6 +177,7 @@ HEADER = [
     "train-eval gap",
     "verdict",
     "test of best",
+    "trained parameters",
     "time",
 ]
 

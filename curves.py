@@ -101,7 +101,9 @@ def run_cells(study, curves: data_curves.Curves, out: Path, *, heartbeat: int) -
             return True
         active = {cell_of(t) for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)}
         for cell in sorted({cell_of(t) for t in trials if t.state == TrialState.FAIL} - done - active, key=str):
-            study.enqueue_trial(dict(zip(("method", "shots", "seed"), cell)), user_attrs={"note": "runs again"})
+            study.enqueue_trial(
+                dict(zip(("method", "shots", "seed"), cell, strict=True)), user_attrs={"note": "runs again"}
+            )
             active.add(cell)
         if not grid - done - active and not any(t.state == TrialState.WAITING for t in trials):
             if not sweeps.has_heartbeats(study):
@@ -147,7 +149,11 @@ def run_cell(trial, *, study, curves: data_curves.Curves, out: Path) -> float:
                 raise
             trial.set_user_attr("note", "diverged")  # a result of the cell all the same (data_curves.cell_row)
     row = data_curves.cell_row(curves, out, cell)
-    return row["val_acc"] if row["val_acc"] != "" else row["test_acc"]
+    value = row["val_acc"] if row["val_acc"] != "" else row["test_acc"]
+    if value == "":  # diverged before its first evaluation: done, with no accuracy (curves.csv says so)
+        trial.set_user_attr("note", "diverged before its first evaluation")
+        return 0.0
+    return value
 
 
 def write_results(curves: data_curves.Curves, out: Path) -> list[str]:
@@ -171,7 +177,9 @@ def write_results(curves: data_curves.Curves, out: Path) -> list[str]:
             [
                 m.name,
                 *[
-                    f"{p[0]:.1f} ± {p[1]:.1f}" if (p := data_curves.mean_and_sd(rows, m.name, s)) else ""
+                    data_curves.spread_words(p, len(curves.seeds))
+                    if (p := data_curves.mean_and_sd(rows, m.name, s))
+                    else ""
                     for s in curves.shots
                 ],
             ]

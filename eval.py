@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cars import analysis, familiarity, finetune, transfer
+from cars import analysis, familiarity, finetune, methods, transfer
 from cars.cli import TTA_SCALES
-from cars.config import load_saved
+from cars.config import from_saved, load_saved
 from cars.data import (
     CORRUPTIONS,
     SubsetSplit,
@@ -27,6 +27,7 @@ from cars.data import (
     open_hub_dataset,
     open_source,
     read_rgb,
+    run_splits,
 )
 from cars.engine import Device, collect_logits
 from cars.errors import UserError, run_cli
@@ -34,6 +35,8 @@ from cars.explain import beside, class_activation_maps, display_pixels
 from cars.familiarity import Familiarity
 from cars.inference import Trained, load_trained_from
 from cars.loaders import TransformedSplit, eval_loader, make_loader
+from cars.methods import subset_words
+from cars.models import kept_head_inputs
 from cars.report import (
     markdown_table,
     plot_cam_grid,
@@ -77,7 +80,8 @@ class Evaluation:
     args: argparse.Namespace
     trained: Trained
     device: Device
-    train_split: object
+    train_split: object  # the images the run trained on, where its checkpoint says which; else the dataset's train
+    train_words: str  # which images those are, in words, for the report
     test_split: object
     # dataset label -> the model's class index, when the dataset orders the classes otherwise
     to_model: torch.Tensor | None
@@ -156,7 +160,7 @@ def main(argv=None) -> None:
     evaluation = start(parse_eval(argv))
     pytorch = evaluation.trained.backend == "pytorch"
     # the features the head reads, kept from the scoring pass: the familiarity check is calibrated on them
-    with finetune.kept_head_inputs(evaluation.trained.model) if pytorch else nullcontext([]) as test_features:
+    with kept_head_inputs(evaluation.trained.model) if pytorch else nullcontext([]) as test_features:
         scores = Scores(*evaluation.logits_of(evaluation.test_split, cache=evaluation.args.cache), evaluation.names)
     summary = write_scores(evaluation, scores)
     # CAMs need gradients: none from ONNX Runtime
@@ -184,6 +188,7 @@ def start(args) -> Evaluation:
             f"{trained.data} has no corrupted copies of its test split ({', '.join(CORRUPTIONS)}); drop --corruptions"
         )
     train_split, test_split, dataset_names = open_source(trained.data)
+    train_split, train_words = run_training_images(trained, train_split)
     to_model = label_map(trained.class_names, dataset_names, trained.data)
     if to_model is not None:
         print(
@@ -204,6 +209,7 @@ def start(args) -> Evaluation:
         trained,
         device,
         train_split,
+        train_words,
         test_split,
         to_model,
         corruptions,
@@ -214,6 +220,30 @@ def start(args) -> Evaluation:
     )
 
 
+def run_training_images(trained: Trained, train_split) -> tuple[object, str]:
+    """The images the run trained on (its validation split and any --train-per-class or --train-fraction subset taken
+    out, as its saved config draws them), and which they are in words: what the probes and the familiarity check are
+    fitted on. The dataset's whole training split when the checkpoint does not say, or was trained on other data."""
+    cfg = from_saved(trained.recipe)
+    if cfg is None or cfg.data != trained.data:
+        return train_split, (
+            f"all {len(train_split)} images of the training split (the checkpoint does not say which of them the run "
+            "trained on)"
+        )
+    own, subset = run_splits(cfg).train, subset_words(cfg)
+    held_out = "its validation split held out"
+    which = (
+        f"{subset}, drawn after its validation split was held out; subset.csv"
+        if subset and cfg.val_split
+        else f"{subset}; subset.csv"
+        if subset
+        else held_out
+        if cfg.val_split
+        else ""
+    )
+    return own, f"the {len(own)} images the run trained on" + (f" ({which})" if which else "")
+
+
 def find_scratch(args, trained: Trained) -> Path | None:
     """The run of the same recipe from random weights: --scratch, or a run folder beside this one that differs only in
     its weights and seed (runs.scratch_twin)."""
@@ -221,8 +251,21 @@ def find_scratch(args, trained: Trained) -> Path | None:
         scratch = Path(args.scratch)
         if not (scratch / "config.toml").is_file() or "best_eval_acc" not in read_summary(scratch):
             raise UserError(f"--scratch {scratch} is not a finished run folder (config.toml and summary.json)")
-        if load_saved(scratch / "config.toml").weights.lower() != "none":
+        scratch_cfg = load_saved(scratch / "config.toml")
+        if scratch_cfg.weights.lower() != "none":
             raise UserError(f"--scratch {scratch} did not start from random weights (--weights none)")
+        if test_accuracy(read_summary(scratch)) is None:
+            raise UserError(
+                f"--scratch {scratch} chose its epoch on a validation split and never read the test split "
+                "(--no-final-test), so it has no test accuracy to compare; evaluate it first (uv run eval.py "
+                f"{scratch}) and train it again without --no-final-test, or name another run"
+            )
+        own_data = (from_saved(trained.recipe) or trained).data  # the run's own, whatever --data evaluates on
+        if scratch_cfg.data != own_data:
+            raise UserError(
+                f"--scratch {scratch} trained on {scratch_cfg.data}, and {trained.path} on {own_data}: their test "
+                f"accuracies are of different test splits; name a run on {own_data}"
+            )
         return scratch
     run_dir = trained.path.parent
     if not (run_dir / "config.toml").is_file() or str(trained.start_weights).lower() in ("none", ""):
@@ -299,7 +342,7 @@ def write_scores(evaluation: Evaluation, scores: Scores) -> dict:
         out / "predictions.csv",
         [
             dict(index=i, true=int(t), predicted=int(p), confidence=round(float(c), 4))
-            for i, (t, p, c) in enumerate(zip(labels, scores.predicted, scores.confidence))
+            for i, (t, p, c) in enumerate(zip(labels, scores.predicted, scores.confidence, strict=True))
         ],
         ["index", "true", "predicted", "confidence"],
     )
@@ -407,7 +450,7 @@ def corrupted_copies(evaluation: Evaluation, summary: dict) -> str:
     splits = open_hub_dataset(dataset_location(data), data, splits=evaluation.corruptions)[:-1]
     accuracy = {
         name: analysis.topk_accuracy(*evaluation.logits_of(split), 1)
-        for name, split in zip(evaluation.corruptions, splits)
+        for name, split in zip(evaluation.corruptions, splits, strict=True)
     }
     mean = sum(accuracy.values()) / len(accuracy)
     summary["corruptions"] = {
@@ -500,11 +543,17 @@ def what_fine_tuning_changed(evaluation: Evaluation, summary: dict) -> str:
         "cka_control": {r["layer"]: r["cka_control"] for r in cka_rows},
         "cka_images": len(subset),
         "probe": {r["layer"]: r["probe_acc"] for r in probe_rows},
+        "probe_fitted_on": evaluation.train_words,
         "probes_converged": all(p.converged for p in probes.values()),
         "fine_tuned": summary["top1"],
         "forward_passes": {"train": len(train_y), "test": len(test_y), "cka": 3 * len(subset)},
         "seconds": round(seconds, 2),
     }
+    own = from_saved(trained.recipe)
+    # LoRA's promise, measured: each adapted layer moved by a matrix of rank at most --lora
+    ranks = transfer.change_ranks(start.model, tuned, methods.lora_targets(own, tuned)) if own and own.lora else {}
+    if ranks:
+        summary["transfer"]["change_ranks"] = ranks
     largest_drift = max(drift, key=lambda r: r["mean_shift"], default=None)
     still = [r["layer"] for r in changes if r["start"] != "new" and r["relative_change"] == 0]
     summary["transfer"]["unchanged_blocks"] = still
@@ -520,7 +569,14 @@ def what_fine_tuning_changed(evaluation: Evaluation, summary: dict) -> str:
         f"most and {moved[-1]['layer']} least ({moved[-1]['relative_change']:.3f}); relative change is "
         "||W - W0|| / ||W0|| over a block's weights and biases"
         + (", and the head is new." if start.head_is_new else ".")
-        + (f" {len(still)} blocks did not move at all, as the method froze them: {', '.join(still)}." if still else ""),
+        + (f" {len(still)} blocks did not move at all, as the method froze them: {', '.join(still)}." if still else "")
+        + (
+            f" LoRA adapted {len(ranks)} layers, each by a change of rank at most {own.lora}: the numerical rank of "
+            f"their measured changes W - W0 is at most {max(ranks.values())} (singular values above 1e-4 of the "
+            "largest)."
+            if ranks
+            else ""
+        ),
         f"The BatchNorm statistics moved most in {largest_drift['layer']}: its running means by "
         f"{largest_drift['mean_shift']:.2f} starting standard deviations on average."
         if largest_drift
@@ -531,8 +587,9 @@ def what_fine_tuning_changed(evaluation: Evaluation, summary: dict) -> str:
         if closest
         else "CKA is undefined at every stage: the features did not vary over the images.",
         f"A linear classifier on the starting network's frozen final features ({final_probe['layer']}, what the head "
-        f"reads) reaches {final_probe['probe_acc']:.1f}%; fine-tuning every layer reaches {summary['top1']:.1f}%: "
-        f"fine-tuning bought **{summary['top1'] - final_probe['probe_acc']:+.1f} points** over fixed features.",
+        f"reads), fitted on {evaluation.train_words}, reaches {final_probe['probe_acc']:.1f}%; the fine-tune reaches "
+        f"{summary['top1']:.1f}%: fine-tuning bought **{summary['top1'] - final_probe['probe_acc']:+.1f} points** "
+        "over fixed features.",
     ]
     print("\nwhat fine-tuning changed:\n" + "\n".join(reading))
     return (
@@ -554,11 +611,11 @@ def what_fine_tuning_changed(evaluation: Evaluation, summary: dict) -> str:
             ["stage", "CKA start vs fine-tuned", "CKA start vs random", "linear probe on the start"],
             [
                 [r["layer"], f"{r['cka']:.3f}", f"{r['cka_control']:.3f}", f"{p['probe_acc']:.1f}%"]
-                for r, p in zip(cka_rows, probe_rows)
+                for r, p in zip(cka_rows, probe_rows, strict=True)
             ],
         )
         + f"\n\nThe probes are logistic regressions (scikit-learn, L2 with C=1, not tuned: a lower bound) on each "
-        f"stage's average-pooled output, fitted on the {len(train_y)} training images and scored on the "
+        f"stage's average-pooled output, fitted on {evaluation.train_words} and scored on the "
         f"{len(test_y)} eval images ([transfer/linear_probe.csv](transfer/linear_probe.csv)):\n\n"
         "![linear probes](transfer/linear_probe.png)\n\n"
         + "*What a classifier on the start's frozen features reaches at each stage, and last the fine-tune: the gap "
@@ -577,7 +634,7 @@ def calibrate_familiarity(evaluation: Evaluation, summary: dict, *, held_out: to
     features, labels = finetune.head_inputs(model, train, device, description="familiarity: train")
     if evaluation.to_model is not None:
         labels = evaluation.to_model[labels]
-    check = Familiarity.fit(features, labels)
+    check = Familiarity.fit(features, labels, weights=evaluation.trained.weights_fingerprint)
     calibration = check.calibrate(held_out)
     check.save(evaluation.out / familiarity.FILE)
     summary["familiarity"] = calibration
@@ -595,6 +652,24 @@ def calibrate_familiarity(evaluation: Evaluation, summary: dict, *, held_out: to
     )
 
 
+def test_accuracy(summary: dict) -> float | None:
+    """A finished run's test accuracy: of the epoch chosen on validation (read once at the end), or, without a
+    validation split, its best on the test split; None when it never read the test split (--no-final-test)."""
+    return summary.get("test_acc_of_best") if summary.get("selected_on") == "val" else summary.get("best_eval_acc")
+
+
+def changed_test_set(evaluation: Evaluation) -> str:
+    """How --data or --resolution make this evaluation's test images other than the run's own, in words ('' when they
+    do not)."""
+    own = from_saved(evaluation.trained.recipe)
+    if own is None:
+        return ""
+    changes = [f"another dataset ({evaluation.trained.data})"] if own.data != evaluation.trained.data else []
+    if own.resolution != evaluation.trained.resolution:
+        changes.append(f"another resolution ({evaluation.trained.resolution} px)")
+    return " and ".join(changes)
+
+
 def what_pretraining_bought(evaluation: Evaluation, summary: dict) -> str:
     """The report's opening answer: this run against the same recipe from random weights, and against a quick linear
     probe on the start's frozen features (from the transfer section). Returns the section, '' for a run from random
@@ -610,10 +685,18 @@ def what_pretraining_bought(evaluation: Evaluation, summary: dict) -> str:
             "not measured: train one (the same command with `--weights none` and its own `--run-dir` in the same "
             "folder), or name it with `--scratch RUN`."
         )
+    elif changed_test_set(evaluation):
+        lines.append(
+            f"What the start is worth is not measured here: this evaluation reads {changed_test_set(evaluation)} than "
+            f"the run was trained with, and `{scratch}`'s test accuracy was measured the run's way; evaluate without "
+            "--data and --resolution to compare them."
+        )
+    elif (scratch_acc := test_accuracy(read_summary(scratch))) is None:
+        lines.append(
+            f"`{scratch}` is the same recipe from random weights, but it never read the test split (it chose its epoch "
+            "on validation and ran with --no-final-test), so what the start is worth is not measured."
+        )
     else:
-        twin = read_summary(scratch)
-        chosen_on_val = twin.get("selected_on") == "val"
-        scratch_acc = twin["test_acc_of_best"] if chosen_on_val else twin["best_eval_acc"]
         # a twin found beside the run differs in nothing else by construction; one named by --scratch may
         own = trained.path.parent / "config.toml"
         differs = (
@@ -636,9 +719,9 @@ def what_pretraining_bought(evaluation: Evaluation, summary: dict) -> str:
         layer, accuracy = list(probe.items())[-1]
         summary.setdefault("pretraining", {})["probe_acc"] = accuracy
         lines.append(
-            f"A quick, untuned linear probe on the start's frozen features ({layer}, what the head reads) reaches "
-            f"{accuracy:.1f}%: training the whole network bought {top1 - accuracy:+.1f} points over keeping the "
-            "features as they came."
+            f"A quick, untuned linear probe on the start's frozen features ({layer}, what the head reads), fitted on "
+            f"{evaluation.train_words}, reaches {accuracy:.1f}%: training the network bought {top1 - accuracy:+.1f} "
+            "points over keeping the features as they came."
         )
     lines.append("What these numbers mean: docs/explanation/transfer-lens.md.")
     return "## What pretraining bought\n\n" + "\n\n".join(lines)

@@ -172,7 +172,7 @@ def imagenet_check(by_split: dict, sample: list[tuple[str, int]], cfg: Config, d
         "top1": dict(Counter(labels).most_common()),
         "groups": dict(groups.most_common()),
         "vehicle_share": 100 * (len(labels) - groups.get("other", 0)) / max(len(labels), 1),
-        "predictions": [dict(split=s, index=i, imagenet=label) for (s, i), label in zip(sample, labels)],
+        "predictions": [dict(split=s, index=i, imagenet=label) for (s, i), label in zip(sample, labels, strict=True)],
     }
 
 

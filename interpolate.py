@@ -20,15 +20,22 @@ from pathlib import Path
 import torch
 
 from cars import finetune, transfer
-from cars.averaging import accuracy_on, interpolated, recalibrate_batch_norm, scored_splits, training_images
-from cars.checkpoint import load_checkpoint, save_checkpoint
-from cars.config import load_saved
+from cars.averaging import (
+    accuracy_on,
+    fine_tune_of,
+    interpolated,
+    out_apart_from,
+    recalibrate_batch_norm,
+    scored_splits,
+    training_images,
+)
+from cars.checkpoint import save_checkpoint
 from cars.data import corruption_splits, dataset_location, label_map, load_splits, open_hub_dataset
 from cars.engine import Device
 from cars.errors import UserError, run_cli
 from cars.models import build_model
 from cars.report import markdown_table, plot_interpolation, write_csv, write_json, write_text
-from cars.runs import check_folder_free, prepare_folder
+from cars.runs import check_folder_free, check_writable, prepare_folder
 from cars.runtime import pick_device, worker_count
 
 
@@ -52,9 +59,12 @@ class Line:
 
 def main(argv=None) -> None:
     args = parse_interpolate(argv)
+    run = Path(args.run)
+    out = Path(args.out or run / "interpolate")
+    out_apart_from(out, [run])
+    check_folder_free(out, args.overwrite, "interpolate folder", "--out")  # before the slow probe fit
+    check_writable(out)
     line = prepare(args)
-    out = Path(args.out or line.run / "interpolate")
-    check_folder_free(out, args.overwrite, "interpolate folder", "--out")
     prepare_folder(out, args.overwrite, "interpolate folder", "--out")
     columns = ["alpha", "batch_norm", "split", "accuracy"]
     write_csv(out / "interpolation.csv", [], columns)  # first: a crash part way leaves a folder --overwrite replaces
@@ -88,15 +98,10 @@ def main(argv=None) -> None:
 def prepare(args) -> Line:
     """The run, its start and the probe head, its splits: every check before the output folder is touched."""
     run = Path(args.run)
-    if not (run / "best.pt").is_file() or not (run / "config.toml").is_file():
-        raise UserError(f"{run} is not a run folder of train.py (no best.pt and config.toml); give one")
-    cfg = load_saved(run / "config.toml")
+    cfg, checkpoint = fine_tune_of(run)
     if cfg.weights.lower() == "none":
         raise UserError(f"{run} started from random weights (--weights none): there is no start to interpolate from")
-    checkpoint = load_checkpoint(run / "best.pt")
-    class_names = checkpoint.get("class_names")
-    if not isinstance(class_names, list) or not isinstance(checkpoint.get("model"), dict):
-        raise UserError(f"{run / 'best.pt'} is not a checkpoint of train.py (no model and class names)")
+    class_names = checkpoint["class_names"]
     start = transfer.starting_network(cfg.arch, cfg.weights, len(class_names))
     recorded = checkpoint.get("start_fingerprint")
     if recorded and start.fingerprint != recorded:
@@ -120,10 +125,14 @@ def prepare(args) -> Line:
     finetune.set_head(start_model, head["weight"], head["bias"])
     chosen, chooser = scored_splits(cfg)
     class_order = load_splits(cfg.data).class_names
-    corrupted = corruption_splits(cfg.data)
+    try:
+        corrupted = corruption_splits(cfg.data)
+    except UserError as error:  # a hub id offline: the clean splits are in the hub's cache, the listing is not
+        print(f"note: no corrupted copies: {error}")
+        corrupted = []
     if corrupted:
         copies = open_hub_dataset(dataset_location(cfg.data), cfg.data, splits=corrupted)[:-1]
-        chosen.update(zip(corrupted, copies))
+        chosen.update(zip(corrupted, copies, strict=True))
     model = build_model(cfg.arch, "none", len(class_names)).to(device.type).eval()
     return Line(
         run=run,

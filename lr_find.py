@@ -21,10 +21,10 @@ from cars.checkpoint import unwrap
 from cars.data import run_splits
 from cars.engine import Device, train_step
 from cars.errors import UserError, run_cli
-from cars.finetune import plain_objective, set_trainable
 from cars.loaders import train_loader
+from cars.methods import base_lr, plain_objective, set_trainable
 from cars.models import build_model, check_resolution
-from cars.optim import make_optimizer
+from cars.optim import head_lr, make_optimizer
 from cars.report import plot_lr_find, write_csv
 from cars.runs import check_folder_free, prepare_folder
 from cars.runtime import pick_device, seed_everything, worker_count
@@ -79,7 +79,7 @@ def range_test(
     model = device.place(copy.deepcopy(model))
     optimizer = make_optimizer(cfg, model)
     # keep --backbone-lr-mult
-    ratios = [group["lr"] / optimizer.param_groups[-1]["lr"] for group in optimizer.param_groups]
+    ratios = [group["lr"] / head_lr(optimizer) for group in optimizer.param_groups]
     mixer = batch_mixer(cfg.mixup, cfg.cutmix, num_classes, cfg.seed)
     scaler = device.scaler()
     objective = plain_objective(cfg.label_smoothing)  # the range test measures cross-entropy alone
@@ -87,7 +87,7 @@ def range_test(
     batches = readable_batches(loader)
     for step in range(steps):
         lr = start_lr * (end_lr / start_lr) ** (step / (steps - 1))
-        for group, ratio in zip(optimizer.param_groups, ratios):
+        for group, ratio in zip(optimizer.param_groups, ratios, strict=True):
             group["lr"] = lr * ratio
         model.train()
         set_trainable(cfg, unwrap(model), backbone_frozen=phase == "head")
@@ -140,7 +140,10 @@ def main(argv=None) -> None:
     suggestion = suggest(lrs, smoothed)
     write_csv(
         out / "lr_find.csv",
-        [dict(step=i, lr=lr, loss=loss, smoothed_loss=s) for i, (lr, loss, s) in enumerate(zip(lrs, losses, smoothed))],
+        [
+            dict(step=i, lr=lr, loss=loss, smoothed_loss=s)
+            for i, (lr, loss, s) in enumerate(zip(lrs, losses, smoothed, strict=True))
+        ],
         ["step", "lr", "loss", "smoothed_loss"],
     )
     plot_lr_find(
@@ -148,7 +151,7 @@ def main(argv=None) -> None:
         smoothed,
         suggestion,
         out / "lr_find.png",
-        preset_lr=cfg.lr,
+        preset_lr=base_lr(cfg),
         title=f"{preset}: {cfg.arch}, {cfg.optimizer}, phase {args.phase}",
     )
     if stopped_early:
@@ -158,7 +161,10 @@ def main(argv=None) -> None:
         "loss); "
         f"steepest descent at {suggestion['steepest']:.3g}"
     )
-    print(f"your preset's lr: {cfg.lr:g}. Plot and numbers: {out / 'lr_find.png'}, {out / 'lr_find.csv'}")
+    # the lr a run of this preset trains at: --lr-scaling linear scales it by the batch, and the test tried raw lrs
+    linear = cfg.lr_scaling == "linear"
+    scaled = f" (--lr {cfg.lr:g} x batch {cfg.batch_size}/128, --lr-scaling linear)" if linear else ""
+    print(f"your preset's lr: {base_lr(cfg):g}{scaled}. Plot and numbers: {out / 'lr_find.png'}, {out / 'lr_find.csv'}")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,9 @@ def main(argv=None) -> None:
                 f"cannot make the --cam folder {cam_dir}: {error.strerror}; choose another folder"
             ) from None
     cam_names = unique_cam_names(args.images)
-    check = familiarity.load_for(trained)  # eval.py's calibration; None before eval.py has run
+    check, why_none = familiarity.load_for(trained)  # eval.py's calibration for these weights
+    if why_none:
+        print(f"note: {why_none}", file=sys.stderr)
 
     results, failures = [], 0
     for i, path in enumerate(args.images):

@@ -14,9 +14,15 @@ check_command_line(__name__, parse_soup)  # --help and mistakes answer before th
 
 from pathlib import Path
 
-from cars.averaging import accuracy_on, recalibrate_batch_norm, scored_splits, training_images
+from cars.averaging import (
+    accuracy_on,
+    fine_tune_of,
+    out_apart_from,
+    recalibrate_batch_norm,
+    scored_splits,
+    training_images,
+)
 from cars.checkpoint import load_checkpoint, save_checkpoint
-from cars.config import load_saved
 from cars.engine import Device
 from cars.errors import UserError, run_cli
 from cars.models import build_model
@@ -28,8 +34,9 @@ from cars.runtime import pick_device, worker_count
 def main(argv=None) -> None:
     args = parse_soup(argv)
     runs = [Path(run) for run in args.runs]
-    first, cfg = check_runs(runs)
     out = Path(args.out or "runs/soup")
+    out_apart_from(out, runs)
+    first, cfg = check_runs(runs)
     check_folder_free(out, args.overwrite, "soup folder", "--out")
     device = Device(pick_device(args.device))
     workers = worker_count(args.workers)
@@ -96,16 +103,16 @@ def main(argv=None) -> None:
 
 
 def check_runs(runs: list[Path]) -> tuple[dict, object]:
-    """Every run a train.py run folder, all of one architecture and class list, fine-tuned from one recorded start.
-    Returns the first run's best.pt (without its weights) and config."""
-    checkpoints = []
+    """Every run a finished fine-tune (finite weights), all of one architecture and class list, fine-tuned from one
+    recorded start, their epochs chosen on one split. Returns the first run's best.pt (without its weights) and
+    config."""
+    checkpoints, configs = [], []
     for run in runs:
-        if not (run / "best.pt").is_file() or not (run / "config.toml").is_file():
-            raise UserError(f"{run} is not a run folder of train.py (no best.pt and config.toml); give run folders")
+        cfg, checkpoint = fine_tune_of(run)
+        configs.append(cfg)
         # what the checks read: the weights of every run are not held at once
-        checkpoints.append({k: v for k, v in load_checkpoint(run / "best.pt").items() if k != "model"})
-    configs = [load_saved(run / "config.toml") for run in runs]
-    for run, cfg, checkpoint in zip(runs, configs, checkpoints):
+        checkpoints.append({k: v for k, v in checkpoint.items() if k != "model"})
+    for run, cfg, checkpoint in zip(runs, configs, checkpoints, strict=True):
         if cfg.arch != configs[0].arch or checkpoint.get("class_names") != checkpoints[0].get("class_names"):
             raise UserError(
                 f"{run} is a {cfg.arch} for {len(checkpoint.get('class_names') or [])} classes, {runs[0]} a "
@@ -122,7 +129,20 @@ def check_runs(runs: list[Path]) -> tuple[dict, object]:
                 f"{run} started from other weights than {runs[0]} (fingerprints {fingerprint} and "
                 f"{checkpoints[0]['start_fingerprint']}): a soup averages fine-tunes of one start"
             )
+        if cfg.held_out != configs[0].held_out:
+            raise UserError(
+                f"{run} chose its epoch on {split_words(cfg)}, {runs[0]} on {split_words(configs[0])}: the greedy soup "
+                "would be chosen on images some ingredients trained on, and its test accuracy would not be clean; "
+                "soup runs that held out one split (the same --data, --val-split and --split-seed)"
+            )
     return checkpoints[0], configs[0]
+
+
+def split_words(cfg) -> str:
+    """The split a run chose its epoch on, in words: two runs with the same words held out the same images."""
+    if not cfg.val_split:
+        return f"the test split of {cfg.data} (no validation split)"
+    return f"a validation split of {cfg.data} (--val-split {cfg.val_split:g}, --split-seed {cfg.split_seed})"
 
 
 def add(total: dict | None, state: dict) -> dict:

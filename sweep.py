@@ -134,6 +134,12 @@ def search(study, sweep: sweeps.Sweep, out: Path, *, storage: str, heartbeat: in
     if finished < sweep.trials:
         print(f"{finished} of {sweep.trials} trials are finished; the rest are running in other workers")
         return
+    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        raise UserError(
+            f"none of the study's {sweep.trials} trials finished: every one diverged or was pruned (their notes are in "
+            f"{out / 'trials.csv'}). Narrow the space towards lower learning rates, or use a gentler pruner, and run a "
+            "new sweep (another name or --storage)"
+        )
     best = study.best_trial
     print(
         f"the study has its {sweep.trials} trials (this worker ran {ran or 'none'}). Best: trial {best.number}, "

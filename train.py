@@ -13,8 +13,8 @@ from cars.cli import check_command_line, parse_train
 
 check_command_line(__name__, parse_train)  # --help and mistakes answer before the imports below load torch
 
-import copy
 import fcntl
+import math
 import os
 import sys
 import time
@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from cars import demo
+from cars import demo, methods
 from cars.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from cars.config import Config, config_flags
 from cars.data import run_splits
@@ -33,6 +33,7 @@ from cars.demo import DEMO_PRETRAINED, demo_pretrained_path
 from cars.distributed import check_job, init_world
 from cars.engine import (
     Device,
+    Diverged,
     EpochResult,
     Progress,
     RunningTotals,
@@ -41,22 +42,14 @@ from cars.engine import (
     train_step,
 )
 from cars.errors import UserError, run_cli
-from cars.finetune import (
-    PARAM_GROUP_COLUMNS,
-    build_objective,
-    check_start,
-    fit_probe_head,
-    needs_start,
-    param_group_rows,
-    set_head,
-    set_trainable,
-)
+from cars.finetune import check_start
 from cars.loaders import run_eval_loader, start_epoch, train_loader
+from cars.methods import PARAM_GROUP_COLUMNS, needs_start, param_group_rows, set_trainable
 from cars.models import build_model, check_resolution
-from cars.optim import ema_decay, make_ema, make_optimizer, make_scheduler
+from cars.optim import ema_decay, head_lr, make_ema, make_optimizer, make_scheduler
 from cars.report import METRIC_COLUMNS, plot_curves, write_csv
 from cars.resume import check_same_classes, resolve_run, resumed_step
-from cars.run_state import Run, log_start, restore, save_best, save_last, supervised, write_summary
+from cars.run_state import ADAPTER, Run, log_start, restore, save_best, save_last, supervised, write_summary
 from cars.runs import RunLog, best_row, duration, prepare_folder, read_summary, run_status, stale_evaluations
 from cars.runtime import check_compiler, pick_device, seed_everything, seed_process, worker_count
 from cars.transforms import batch_mixer
@@ -105,6 +98,11 @@ def train(run: Run, after_evaluation=None) -> tuple[EpochResult, EpochResult | N
                 world=run.world,
                 pad_to=run.eval_pad_to,
             )
+            if eval_result.images and not math.isfinite(eval_result.loss):  # the last steps blew the weights up
+                raise Diverged(
+                    f"the {eval_name} loss became {eval_result.loss} after epoch {epoch} (lr {progress.lr:.3g}): the "
+                    "weights stopped being usable; lower --lr, check --lr-scaling, or try lr_find.py"
+                )
         row = dict(
             epoch=epoch,
             lr=progress.lr,
@@ -185,7 +183,7 @@ def train_epoch(run: Run, epoch: int) -> Progress:
     Returns this process's sums for the epoch, and the lr it started with."""
     cfg, steps_per_epoch = run.cfg, len(run.train_batches)
     # a fresh epoch, with the lr it starts at for its row of metrics.csv; or the rest of one a checkpoint kept
-    progress = run.progress or Progress(lr=run.optimizer.param_groups[-1]["lr"])
+    progress = run.progress or Progress(lr=head_lr(run.optimizer))
     run.progress = None
     start_epoch(run.train_batches, epoch=epoch, seed=cfg.seed, done_steps=progress.steps)
     if run.mixer:
@@ -222,7 +220,7 @@ def train_epoch(run: Run, epoch: int) -> Progress:
             run.ema.update_parameters(run.raw_model)
         progress.steps += 1
         progress.seen += len(labels)
-        lr = run.optimizer.param_groups[-1]["lr"]
+        lr = head_lr(run.optimizer)
 
         mid_epoch_save = (
             cfg.save_every_steps and progress.steps % cfg.save_every_steps == 0 and progress.steps < steps_per_epoch
@@ -239,7 +237,7 @@ def train_epoch(run: Run, epoch: int) -> Progress:
             step = (epoch - 1) * steps_per_epoch + progress.steps
             run.board.add_scalar("step/train_loss", loss.item(), step)
             run.board.add_scalar("step/lr", lr, step)
-    totals.settle(progress, run.optimizer.param_groups[-1]["lr"])
+    totals.settle(progress, head_lr(run.optimizer))
     return progress
 
 
@@ -260,8 +258,6 @@ def setup(args, *, command: list[str]) -> Run:
     splits = run_splits(cfg)
     if resumed:
         check_same_classes(resumed, splits.class_names, data=cfg.data, run_dir=run_dir)
-    if cfg.co_tuning and world.size > 1:
-        raise UserError("--co-tuning runs in one process: its source head is not averaged over torchrun's processes")
     # a resumed run gets its weights from last.pt; it rebuilds its start only when the loss reads it (L2-SP, DELTA)
     from_start = not resumed or needs_start(cfg)
     raw_model = build_model(cfg.arch, cfg.weights if from_start else "none", len(splits.class_names), cfg.dropout)
@@ -271,6 +267,7 @@ def setup(args, *, command: list[str]) -> Run:
     if cfg.weights.lower() != "none" and from_start:
         recorded = resumed.get("start_fingerprint") if resumed else None
         fingerprint = check_start(raw_model, recorded=recorded, weights=cfg.weights, run_dir=run_dir)
+    methods.adapt(cfg, raw_model)  # the methods' changes to the network (LoRA's adapters), before anything else
     seed_process(cfg.seed, world.rank)
     workers = worker_count(cfg.workers)
     # from the preprocessing cache (the first run on a dataset fills it), or with --cache off decoded by worker
@@ -284,26 +281,18 @@ def setup(args, *, command: list[str]) -> Run:
     raw_model = device.place(raw_model)
     if cfg.sync_bn and world.size > 1:
         raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
-    # the method (cars/finetune.py): a frozen copy of the start, the probe head, the loss and its terms
-    start = copy.deepcopy(raw_model).eval().requires_grad_(False) if needs_start(cfg) else None
-    train_images, probe = None, None  # the training images as evaluated (centre crops), for what is fitted on them
-    if not resumed and (cfg.probe_init or cfg.delta or cfg.co_tuning):
-        train_images = run_eval_loader(splits.train, cfg, workers=workers, device_type=device_type)
-    if not resumed and (cfg.probe_init or cfg.delta):
-        probe = fit_probe_head(raw_model, train_images, device, len(splits.class_names))
-        if cfg.probe_init:
-            set_head(raw_model, probe.weight, probe.bias)
-    ema = make_ema(raw_model, ema_decay(cfg, len(train_batches))) if cfg.ema else None
-    objective = build_objective(
+    # the method (cars/methods.py): what its declarations need (a frozen start, the probe), and the loss
+    method = methods.prepare(
         cfg,
         raw_model,
-        start=start,
-        probe=probe,
-        train_images=train_images,
+        train_split=splits.train,
+        eval_loader=lambda split: run_eval_loader(split, cfg, workers=workers, device_type=device_type),
         device=device,
-        learned=resumed.get("method", {}) if resumed else {},
+        learned=resumed.get("method", {}) if resumed else None,
+        world_size=world.size,
     )
-    optimizer = make_optimizer(cfg, raw_model, extra=objective.param_groups(cfg))
+    ema = make_ema(raw_model, ema_decay(cfg, len(train_batches))) if cfg.ema else None
+    optimizer = make_optimizer(cfg, raw_model, extra=method.objective.param_groups(cfg))
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch=len(train_batches))
 
     model = raw_model
@@ -336,9 +325,10 @@ def setup(args, *, command: list[str]) -> Run:
         train_batches=train_batches,
         eval_batches=eval_batches,
         workers=workers,
-        objective=objective,
+        objective=method.objective,
         start_fingerprint=fingerprint,
-        probe_head=dict(weight=probe.weight, bias=probe.bias) if probe and cfg.probe_init else None,
+        probe_head=method.probe_head,
+        parameters=methods.parameter_counts(cfg, raw_model),
     )
     if resumed:
         restore(run, resumed)  # before the run folder is touched: a resume that fails changes nothing
@@ -349,22 +339,15 @@ def setup(args, *, command: list[str]) -> Run:
             prepare_folder(run_dir, args.overwrite)
         cfg.save(run_dir / "config.toml")  # on resume, records an extended --epochs
         if cfg.train_per_class or cfg.train_fraction < 1:  # which training images the subset holds
-            rows = [dict(index=i, label=label) for i, label in zip(splits.train.indices, splits.train.labels)]
+            rows = [
+                dict(index=i, label=label) for i, label in zip(splits.train.indices, splits.train.labels, strict=True)
+            ]
             write_csv(run_dir / "subset.csv", rows, ["index", "label"])
     world.barrier()
     run.log = RunLog(run_dir / "train.log", enabled=world.main)
     log_start(run, command=command, compiled=compiled)
-    if probe:
-        run.log(
-            f"linear probe on the start's features of {probe.images} training images: {probe.train_accuracy:.1f}% of "
-            "them right"
-            + ("" if probe.converged else " (not converged)")
-            + (
-                "; it is the head the fine-tune starts from (LP-FT)"
-                if cfg.probe_init
-                else "; DELTA's attention reads it"
-            )
-        )
+    for line in method.log:
+        run.log(line)
     if world.main:  # after a resume, events past the checkpoint (an interrupted epoch's steps) are dropped
         run.board = SummaryWriter(
             str(run_dir), purge_step=resumed_step(resumed, len(train_batches)) + 1 if resumed else None
@@ -391,6 +374,8 @@ def finish(run: Run, train_result: EpochResult, eval_result: EpochResult) -> dic
         "best_eval_acc": best["eval_acc"],
         "final_eval_acc": rows[-1]["eval_acc"],
         "eval_images": eval_result.images,
+        "parameters": run.parameters[0],
+        "trainable_parameters": run.parameters[1],
     }
     # the last epoch's count: of the images it drew (a ragged last batch is not drawn), those that could not be read
     skipped = {
@@ -408,11 +393,17 @@ def finish(run: Run, train_result: EpochResult, eval_result: EpochResult) -> dic
         run.splits.test is not None and cfg.final_test and run.world.main
     ):  # the val split chose the epoch; the test split is looked at only now
         best_model = unwrap(run.eval_model)  # uncompiled: the test split is seen once
+        best_model = methods.merged(best_model) if methods.is_adapted(best_model) else best_model  # as best.pt is
         best_model.load_state_dict(load_checkpoint(run.run_dir / "best.pt")["model"])
         test_batches = run_eval_loader(run.splits.test, cfg, workers=run.workers, device_type=run.device.type)
         test = evaluate(best_model, test_batches, run.device, description="test")
         summary["test_acc_of_best"] = test.accuracy
         log(f"test accuracy of the best epoch (chosen on val): {test.accuracy:.2f}%")
+    adapter = run.run_dir / ADAPTER
+    if adapter.is_file():  # what a LoRA run trained, alone: the adapters and the head
+        megabytes = {path.name: path.stat().st_size / 2**20 for path in (adapter, run.run_dir / "best.pt")}
+        summary["adapter_megabytes"] = round(megabytes[ADAPTER], 3)
+        log(f"{ADAPTER}: {megabytes[ADAPTER]:.2f} MB, beside best.pt's {megabytes['best.pt']:.2f} MB")
     log(f"run folder: {run.run_dir} (best.pt, last.pt, metrics.csv, curves.png)")
     return summary
 

@@ -49,7 +49,7 @@ def main() -> None:
     print(f"\n| config | final test accuracy, mean (range) over seeds {seeds} | final train accuracy | training time |")
     print("|---|---|---|---|")
     for file, results in rows:
-        tests, trains, seconds = zip(*results)
+        tests, trains, seconds = zip(*results, strict=True)
         print(
             f"| `{file}` | {statistics.mean(tests):.1f} % ({min(tests):.1f}-{max(tests):.1f}) | "
             f"{statistics.mean(trains):.1f} % | {statistics.mean(seconds):.0f} s |"

@@ -144,7 +144,7 @@ def main() -> None:
             f"our cache: built in {build_seconds:.1f} s with {args.cores} workers (once per dataset and resolution), "
             f"{cached_bytes / 2**20:.0f} MiB for {images} images ({cached_bytes / images / 1024:.0f} KiB per image)"
         )
-        seed = dict(zip(("train", "eval"), seed_datasets(location, args.resolution)))
+        seed = dict(zip(("train", "eval"), seed_datasets(location, args.resolution), strict=True))
 
         per_core = {}
         print("\n| pipeline | split | CPU cores | img/s | img/s per core |\n|---|---|---|---|---|")

@@ -23,7 +23,8 @@ import torch  # noqa: E402
 
 import train  # noqa: E402
 from cars.engine import train_step  # noqa: E402
-from cars.finetune import set_trainable, stages  # noqa: E402
+from cars.finetune import stages  # noqa: E402
+from cars.methods import set_trainable  # noqa: E402
 from cars.models import build_model  # noqa: E402
 
 METHODS = {  # name: (flags, the most it may cost against plain fine-tuning)
@@ -32,6 +33,7 @@ METHODS = {  # name: (flags, the most it may cost against plain fine-tuning)
     "surgical (last stage)": (["--train-blocks", "LAST"], 1.05),
     "BN-only": (["--train-params", "norm"], 1.05),
     "BitFit": (["--train-params", "bias"], 1.05),
+    "LoRA rank 4": (["--lora", "4"], 1.05),
     "L2-SP 0.01": (["--l2sp", "0.01"], 1.05),
     "BSS 0.001": (["--bss", "0.001"], 1.3),
     "Co-Tuning 2.3": (["--co-tuning", "2.3"], 1.2),
@@ -64,7 +66,9 @@ def main() -> None:
         argv = [*recipe, *flags, "--run-dir", str(scratch / name.replace(" ", "_"))]
         runs[name] = train.setup(train.parse_train(argv), command=["train.py"])
     first = next(iter(runs.values()))
-    batches = [first.device.put(*batch) for batch, _ in zip(first.train_batches, range(4)) if batch is not None]
+    batches = [
+        first.device.put(*batch) for batch, _ in zip(first.train_batches, range(4), strict=False) if batch is not None
+    ]
     times = {name: [] for name in runs}
     for _ in range(args.rounds):
         for name, run in runs.items():

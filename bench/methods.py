@@ -42,12 +42,15 @@ def main() -> None:
         print(file.stem, results, flush=True)
     seeds = " ".join(map(str, args.seeds))
     print(f"\nmean +- standard deviation over seeds {seeds}\n")
-    print("| method | validation | test | change, early blocks | change, late blocks | CKA last stage | seconds |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| method | validation | test | change, early blocks | change, late blocks | CKA last stage | trained "
+        "parameters | seconds |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for name, results in rows:
-        columns = list(zip(*results))
+        columns = list(zip(*results, strict=True))
         cells = [spread(columns[0], "%"), spread(columns[1], "%"), spread(columns[2], ""), spread(columns[3], "")]
-        cells += [spread(columns[4], ""), f"{statistics.mean(columns[5]):.0f}"]
+        cells += [spread(columns[4], ""), f"{100 * columns[6][0]:.1f} %", f"{statistics.mean(columns[5]):.0f}"]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
@@ -59,14 +62,16 @@ def spread(values, unit: str) -> str:
 
 def train_once(config: Path, run_dir: Path, seed: int) -> tuple[float, ...]:
     """(validation accuracy, test accuracy of the chosen epoch, early and late blocks' mean relative weight change,
-    CKA of the last stage, training seconds) of one run, trained unless already finished."""
+    CKA of the last stage, training seconds, share of the parameters trained) of one run, trained unless already
+    finished."""
     summary_file = run_dir / "summary.json"
     if not (summary_file.is_file() and json.loads(summary_file.read_text()).get("status") == "finished"):
         command = [sys.executable, str(ROOT / "train.py"), "--config", str(config), "--seed", str(seed)]
         subprocess.run([*command, "--run-dir", str(run_dir), "--overwrite"], check=True, stdout=subprocess.DEVNULL)
     summary = json.loads(summary_file.read_text())
     early, late, cka = lens(run_dir)
-    return summary["best_eval_acc"], summary["test_acc_of_best"], early, late, cka, summary["seconds"]
+    share = summary["trainable_parameters"] / summary["parameters"]
+    return summary["best_eval_acc"], summary["test_acc_of_best"], early, late, cka, summary["seconds"], share
 
 
 def lens(run_dir: Path) -> tuple[float, float, float]:

@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cars.config import Config
 from cars.data import load_splits
 from cars.engine import Device, Progress, RunningTotals, collect_logits, train_step
-from cars.finetune import plain_objective
 from cars.loaders import train_loader
+from cars.methods import plain_objective
 from cars.models import build_model
-from cars.optim import make_optimizer
+from cars.optim import head_lr, make_optimizer
 from cars.runtime import check_compiler, pick_device
 
 
@@ -57,7 +57,7 @@ def train_steps(model, batches, optimizer, scaler, device: Device) -> int:
     """The steps of train.py's step loop without its bookkeeping: each step, and the running totals on the
     device, read once at the end. Returns the images trained on."""
     model.train()
-    progress = Progress(lr=optimizer.param_groups[-1]["lr"])
+    progress = Progress(lr=head_lr(optimizer))
     totals, objective = RunningTotals(progress, device.type), plain_objective()
     for batch in batches:
         loss, logits, labels, terms = train_step(
@@ -65,7 +65,7 @@ def train_steps(model, batches, optimizer, scaler, device: Device) -> int:
         )
         totals.add(progress.steps, loss, logits, labels, terms)
         progress.steps, progress.seen = progress.steps + 1, progress.seen + len(labels)
-    totals.settle(progress, optimizer.param_groups[-1]["lr"])
+    totals.settle(progress, head_lr(optimizer))
     return progress.seen
 
 

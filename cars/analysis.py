@@ -46,5 +46,5 @@ def confused_pairs(matrix: np.ndarray, k: int = 10) -> list[tuple[int, int, int]
     """The k largest off-diagonal counts as (true, predicted, count), largest first; ties by index."""
     off = matrix.copy()
     np.fill_diagonal(off, 0)
-    pairs = [(int(t), int(p), int(off[t, p])) for t, p in zip(*np.nonzero(off))]
+    pairs = [(int(t), int(p), int(off[t, p])) for t, p in zip(*np.nonzero(off), strict=True)]
     return sorted(pairs, key=lambda pair: (-pair[2], pair[0], pair[1]))[:k]

@@ -2,14 +2,20 @@
 averages of fine-tunes from one start (model soups, Wortsman et al. 2022), and BatchNorm statistics estimated again
 after averaging: averaged weights with averaged (stale) statistics lose accuracy in BatchNorm networks."""
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
 from cars.analysis import topk_accuracy
+from cars.checkpoint import load_checkpoint
+from cars.config import Config, load_saved
 from cars.data import load_splits, run_splits
 from cars.engine import collect_logits
+from cars.errors import UserError
 from cars.loaders import eval_loader
+from cars.runs import read_summary
 
 
 def interpolated(start: dict, tuned: dict, alpha: float) -> dict:
@@ -33,15 +39,43 @@ def averaged(states: list[dict]) -> dict:
     }
 
 
-def has_batch_norm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+def fine_tune_of(run: Path) -> tuple[Config, dict]:
+    """A finished fine-tune's config and best.pt, checked: a run folder of train.py whose best weights are finite.
+    A run that diverged before it saved any weights, or whose best.pt holds NaN or infinite ones, is one line."""
+    if not (run / "best.pt").is_file() or not (run / "config.toml").is_file():
+        if read_summary(run).get("status") == "diverged":
+            raise UserError(
+                f"{run} diverged in its first epoch (its summary.json says so) and saved no weights; train it again "
+                "with a lower --lr"
+            )
+        raise UserError(f"{run} is not a run folder of train.py (no best.pt and config.toml); give run folders")
+    checkpoint = load_checkpoint(run / "best.pt")
+    state = checkpoint.get("model")
+    if not isinstance(state, dict) or not isinstance(checkpoint.get("class_names"), list):
+        raise UserError(f"{run / 'best.pt'} is not a checkpoint of train.py (no model and class names)")
+    if not all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()):
+        raise UserError(
+            f"{run / 'best.pt'} holds NaN or infinite weights (the run diverged): nothing between or across such "
+            "weights means anything; train it again with a lower --lr"
+        )
+    return load_saved(run / "config.toml"), checkpoint
+
+
+def out_apart_from(out: Path, runs: list[Path], flag: str = "--out") -> None:
+    """An output folder that is one of the input runs, or holds one, would be emptied before the run is read."""
+    for run in runs:
+        if out.resolve() == run.resolve() or out.resolve() in run.resolve().parents:
+            raise UserError(
+                f"{flag} {out} is {'the input run' if out.resolve() == run.resolve() else 'a folder holding the run'} "
+                f"{run}, which would be emptied before it is read; write to a new folder"
+            )
 
 
 @torch.no_grad()
 def recalibrate_batch_norm(model: nn.Module, loader, device) -> None:
     """Every BatchNorm's running mean and variance estimated again from scratch on the loader's images (a cumulative
     average over all of them: torch.optim.swa_utils.update_bn), the model left in eval mode."""
-    inputs = (device.put(*batch)[0] for batch in loader if batch is not None)
+    inputs = (images for images, _ in device.batches(loader, description="BatchNorm statistics"))
     with device.autocast():
         update_bn(inputs, model)
     model.eval()

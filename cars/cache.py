@@ -48,7 +48,7 @@ def fingerprint(split) -> str:
     if hasattr(split, "dataset"):
         return split.dataset._fingerprint
     digest = hashlib.sha256()
-    for path, label in zip(split.paths, split.labels):
+    for path, label in zip(split.paths, split.labels, strict=True):
         # a dangling link is an unreadable image, later
         stat = os.lstat(path) if not os.path.exists(path) else os.stat(path)
         digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{label}\n".encode(errors="surrogateescape"))
@@ -108,7 +108,7 @@ class PixelCache:
         """The pixels of box k (fractions of the image, rounded to whole pixels) of image indices[k], HWC:
         only what a crop needs is read."""
         out = []
-        for i, box in zip(indices, boxes.tolist()):
+        for i, box in zip(indices, boxes.tolist(), strict=True):
             height, width = self.shapes[self.rows[i]]
             x0, y0, x1, y1 = pixel_box(box, height, width)
             out.append(self.image(i)[y0:y1, x0:x1])

@@ -1,5 +1,6 @@
 """Checkpoints: written atomically with clean keys, read safely whatever wrote them."""
 
+import hashlib
 import pickle
 from pathlib import Path
 
@@ -80,3 +81,15 @@ def state_dict_of(loaded: dict, path: Path) -> dict:
     if not state:
         raise UserError(f"{path} holds no tensors; it is not a model checkpoint")
     return clean_state_dict(state)
+
+
+def state_fingerprint(state: dict, *, leave_out: str | None = None) -> str:
+    """A digest of a state dict's tensors (every key but those starting with `leave_out`): two state dicts with the same
+    fingerprint hold the same weights, whatever file or name they came from."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(state.items()):
+        if leave_out and key.startswith(leave_out):
+            continue
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

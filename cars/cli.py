@@ -663,6 +663,8 @@ def interpolate_parser() -> argparse.ArgumentParser:
         ],
     )
     parser.add_argument("run", metavar="RUN", help="a run folder of train.py that started from known weights")
+    # a stray second word (an alpha without its flag) is caught to say so, not as an unexpected argument
+    parser.add_argument("stray", nargs="?", help=argparse.SUPPRESS)
     add_out_flags(parser, "output folder", "<run>/interpolate")
     parser.add_argument(
         "--alphas",
@@ -681,7 +683,7 @@ def interpolate_parser() -> argparse.ArgumentParser:
         "--save-alpha",
         type=float,
         metavar="A",
-        help="also write the model at alpha A (interpolated statistics) as a run folder <out>/alpha-A (default: none)",
+        help="also write the model at alpha A (interpolated statistics) as a run folder <out>/model (default: none)",
     )
     add_evaluation_flags(parser)
     return parser
@@ -695,8 +697,33 @@ def alpha_list(text: str) -> tuple[float, ...]:
     return alphas
 
 
+def is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_interpolate(argv=None) -> argparse.Namespace:
     args = interpolate_parser().parse_args(argv)
+    if args.stray is not None:
+        run, alpha = (args.stray, args.run) if is_number(args.run) else (args.run, args.stray)
+        if not is_number(alpha):
+            raise UserError(f"unexpected argument {args.stray!r}: interpolate.py takes one run folder")
+        raise UserError(
+            (
+                f"the arguments look swapped: {alpha} is an alpha and {run} a run"
+                if alpha == args.run
+                else f"{alpha} looks like an alpha"
+            )
+            + f"; an alpha comes with its flag: uv run interpolate.py {run} --save-alpha {alpha} (the model at that "
+            f"point), or --alphas {alpha} (the points evaluated)"
+        )
+    if is_number(args.run) and not os.path.exists(args.run):
+        raise UserError(
+            f"{args.run} is a number, not a run folder: uv run interpolate.py RUN --save-alpha {args.run} (or --alphas)"
+        )
     outside = [
         a for a in (*args.alphas, *([args.save_alpha] if args.save_alpha is not None else [])) if not 0 <= a <= 1
     ]

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,8 @@ class Config:
     data: str = knob(
         "data",
         "tanganke/stanford_cars",
-        "hub id, local folder (save_to_disk, parquet, ImageFolder, devkit), 'demo' or 'demo-source'",
+        "hub id, local folder (save_to_disk, parquet, ImageFolder, devkit), 'demo', 'demo-source', or the demo under "
+        "a shift: 'demo-input-shift', 'demo-output-shift'",
         metavar="SOURCE",
     )
     val_split: float = knob(
@@ -167,6 +169,24 @@ class Config:
         "norm: only the normalisation layers' scales and shifts train (BN-only, Frankle et al. 2021); bias: only the "
         "biases (BitFit, Ben Zaken et al. 2022); the head always trains",
         ["all", "norm", "bias"],
+    )
+    lora: int = knob(
+        "method",
+        0,
+        "LoRA (Hu et al. 2021, through peft): the rank R of low-rank updates W + (alpha/R) B A of the target layers; "
+        "the rest of the backbone stays frozen, its BatchNorm statistics too (0: off)",
+        metavar="R",
+    )
+    lora_alpha: float = knob(
+        "method", 0.0, "LoRA's alpha: the updates are scaled by alpha/R (0: alpha = R, a scale of 1)", metavar="A"
+    )
+    lora_targets: str = knob(
+        "method",
+        "",
+        "the layers LoRA adapts: stages or blocks (as --train-blocks names them; every linear layer and ungrouped "
+        "convolution inside) or layers by name",
+        metavar="NAMES",
+        shown_default="the last two stages",
     )
     l2sp: float = knob(
         "method",
@@ -327,6 +347,7 @@ class Config:
             "early_stop",
             "log_every_steps",
             "train_per_class",
+            "lora_alpha",
             "l2sp",
             "delta",
             "bss",
@@ -384,22 +405,29 @@ class Config:
             raise UserError(f"--layer-decay must be in (0, 1] (1: off), got {self.layer_decay}")
         if self.bss_k < 1:
             raise UserError(f"--bss-k must be at least 1, got {self.bss_k}")
-        from_start = [name for name in ("probe_init", "l2sp", "delta", "co_tuning") if getattr(self, name)]
-        if from_start and self.weights.lower() == "none":
-            raise UserError(
-                f"--{flag(from_start[0])} needs a pretrained start, and --weights none starts from random weights; "
-                "drop it or pass --weights"
-            )
-        if self.freeze_epochs:
-            own_way = [
-                n for n in ("probe_init", "train_blocks", "train_params") if getattr(self, n) != getattr(Config, n)
-            ]
-            if own_way:
+        for name in ("train_blocks", "lora_targets"):
+            if getattr(self, name).strip() and not re.split(r"[,\s]+", getattr(self, name).strip())[0]:
                 raise UserError(
-                    f"--freeze-epochs and --{flag(own_way[0])} both decide what trains first; use one of them"
+                    f"--{flag(name)} {getattr(self, name)!r} names no block; name blocks or stages, e.g. layer4 or "
+                    "'stem,layer1', or leave it out"
                 )
-        if self.layer_decay != 1 and self.backbone_lr_mult != 1:
-            raise UserError("--layer-decay and --backbone-lr-mult both set the backbone's lr; use one of them")
+        if self.lora < 0:
+            raise UserError(f"--lora must be a rank of 1 or more (0: off), got {self.lora}")
+        if self.bss and self.bss_k >= self.batch_size:
+            raise UserError(
+                f"--bss-k {self.bss_k} would shrink every singular value of a batch of {self.batch_size} images (it "
+                f"has at most {self.batch_size}), not the smallest few; choose --bss-k below {self.batch_size} (the "
+                "paper's is 1)"
+            )
+        from cars import methods  # the declarations' own rules (it imports torch: after the command line is read)
+
+        methods.check(self)
+
+    @property
+    def held_out(self) -> tuple:
+        """What says which images choose the epoch: two configs with the same held_out choose on the same images (the
+        same validation split, or the same test split)."""
+        return (self.data, self.val_split, self.split_seed if self.val_split else None)
 
     def speedup_on(self, name: str, device_type: str) -> bool:
         """Whether the switch `name` (amp, compile, channels_last) is on for this device."""
@@ -417,6 +445,8 @@ APPLIES_ONLY = [  # (knob, whether it has an effect in a config, what it needs)
     ("ema_half_life", lambda c: c.ema and not c.ema_decay, "--ema (and no --ema-decay)"),
     ("split_seed", lambda c: c.val_split > 0, "--val-split"),
     ("bss_k", lambda c: c.bss > 0, "--bss"),
+    ("lora_alpha", lambda c: c.lora > 0, "--lora"),
+    ("lora_targets", lambda c: c.lora > 0, "--lora"),
     ("subset_seed", lambda c: c.train_per_class or c.train_fraction < 1, "--train-per-class or --train-fraction"),
     ("final_test", lambda c: c.val_split > 0, "--val-split"),
 ]
@@ -546,6 +576,16 @@ def resolve(args: argparse.Namespace) -> tuple[Config, str]:
     names = {f.name for f in dataclasses.fields(Config)}
     values.update({k: v for k, v in vars(args).items() if k in names})
     return Config(**values).validate(), name
+
+
+def from_saved(values) -> Config | None:
+    """The Config a checkpoint saved (its "config"), or None when it holds none of this version."""
+    if not isinstance(values, dict) or not values:
+        return None
+    try:
+        return Config(**from_dict(values, "the checkpoint's config"))
+    except (UserError, TypeError):
+        return None
 
 
 def load_saved(path: Path) -> Config:

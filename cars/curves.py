@@ -23,7 +23,7 @@ from pathlib import Path
 from cars.config import Config, from_dict, load_toml
 from cars.errors import UserError
 from cars.report import read_metrics
-from cars.runs import best_row, read_summary
+from cars.runs import best_row, evaluated, read_summary
 
 # set by curves.py for every cell
 PER_CELL = {"train_per_class", "train_fraction", "subset_seed", "seed", "run_dir", "sweep", "trial", "overwrite"}
@@ -109,6 +109,12 @@ def read_curves(path: str) -> Curves:
     methods = [method(name, spec, fixed, where) for name, spec in raw.get("methods", {}).items()]
     if not methods:
         raise UserError(f'{path}: [methods] is empty; name at least one, e.g. fine-tune = "../demo.toml"')
+    nameless = next((m.name for m in methods if not m.folder), None)
+    if nameless is not None:
+        raise UserError(
+            f"{path}: the method name {nameless!r} has no letter or digit to name its folder of cells; name it with "
+            'words, e.g. "fine-tune"'
+        )
     if len({m.folder for m in methods}) < len(methods):
         raise UserError(f"{path}: two methods' names make the same folder name; name them apart")
     shots, seeds = check_shots(raw.get("shots"), path), raw.get("seeds", [0, 1, 2])
@@ -116,15 +122,24 @@ def read_curves(path: str) -> Curves:
         raise UserError(f"{path}: seeds must be a list of whole numbers >= 0, e.g. seeds = [0, 1, 2], got {seeds!r}")
     if len(set(seeds)) < len(seeds):
         raise UserError(f"{path}: seeds lists a seed twice: {seeds}")
+    too_large = next((s for s in seeds if s >= 2**32), None)
+    if too_large is not None:  # each is a cell's --seed and --subset-seed
+        raise UserError(f"{path}: seed {too_large} is outside 0..{2**32 - 1} (NumPy's range); list smaller seeds")
     curves = Curves(where.stem, where, methods, shots, seeds, {})
+    held_out = {m.name: Config(**curves.values(m, "all", seeds[0])).held_out for m in methods}
+    other = next((m.name for m in methods if held_out[m.name] != held_out[methods[0].name]), None)
+    if other is not None:  # a curve compares methods trained on one pool of images, chosen on one split
+        raise UserError(
+            f"{path}: methods {methods[0].name!r} and {other!r} hold out different validation splits (data, val_split, "
+            f"split_seed: {held_out[methods[0].name]} and {held_out[other]}); their cells would draw their images "
+            "from different pools and be chosen on different images. Set val_split (and split_seed) once in [fixed]"
+        )
     for m in methods:
-        for extreme, seed in ((shots[0], seeds[0]), (shots[-1], seeds[-1])):
+        for count in shots:
             try:
-                Config(**curves.values(m, extreme, seed)).validate()
+                Config(**curves.values(m, count, seeds[0])).validate()
             except UserError as error:
-                raise UserError(
-                    f"{path}: method {m.name!r} with shots {extreme!r} is not a valid run: {error}"
-                ) from None
+                raise UserError(f"{path}: method {m.name!r} with shots {count!r} is not a valid run: {error}") from None
     return curves
 
 
@@ -193,22 +208,34 @@ def labelled_images(curves: Curves) -> tuple[dict, int]:
 def cell_row(curves: Curves, out: Path, cell: tuple) -> dict:
     """A row of curves.csv from a cell's run folder: validation accuracy of the chosen epoch where a validation split
     chose it, and test accuracy (of that epoch; without a validation split, of the last epoch: nothing was chosen on
-    test). A diverged cell counts with its best epoch before it diverged."""
+    test). A diverged cell is never scored on an epoch chosen on test: with a validation split it has the validation
+    accuracy of its best epoch before it diverged and no test accuracy (the test split was not read); without one,
+    the test accuracy of its last epoch before it diverged. A cell that diverged before its first evaluation has
+    none."""
     name, shots, seed = cell
     run_dir = curves.run_dir(out, cell)
     summary = read_summary(run_dir)
     validated = summary.get("selected_on") == "val"
-    if summary.get("status") == "diverged":  # its best epoch before it diverged; the test split was not read
-        summary = {**summary, "best_eval_acc": best_row(read_metrics(run_dir / "metrics.csv"))["eval_acc"]}
-        if not validated:
-            summary["final_eval_acc"] = summary["best_eval_acc"]
+    val_acc, test_acc = None, None
+    if summary.get("status") == "diverged":
+        metrics = run_dir / "metrics.csv"
+        evaluated_rows = evaluated(read_metrics(metrics)) if metrics.is_file() else []
+        if evaluated_rows:
+            if validated:
+                val_acc = best_row(evaluated_rows)["eval_acc"]
+            else:
+                test_acc = evaluated_rows[-1]["eval_acc"]
+    elif validated:
+        val_acc, test_acc = summary.get("best_eval_acc"), summary.get("test_acc_of_best")
+    else:
+        test_acc = summary.get("final_eval_acc")
     return {
         "method": name,
         "shots": shots,
         "images": curves.labelled[shots],
         "seed": seed,
-        "val_acc": rounded(summary.get("best_eval_acc")) if validated else "",
-        "test_acc": rounded(summary.get("test_acc_of_best") if validated else summary.get("final_eval_acc")),
+        "val_acc": rounded(val_acc),
+        "test_acc": rounded(test_acc),
         "status": summary.get("status", ""),
         "run_dir": str(run_dir.relative_to(out)),
     }
@@ -223,6 +250,13 @@ def mean_and_sd(rows: list[dict], name: str, shots) -> tuple[float, float, int] 
     if not values:
         return None
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+def spread_words(point: tuple[float, float, int], seeds: int) -> str:
+    """'mean ± sd', and how many seeds it stands on when cells dropped out (diverged before their first evaluation,
+    or with no test accuracy)."""
+    mean, sd, count = point
+    return f"{mean:.1f} ± {sd:.1f}" + (f" (n={count} of {seeds})" if count < seeds else "")
 
 
 def per_class_words(curves: Curves, shots) -> str:
@@ -241,10 +275,12 @@ def sentences(curves: Curves, rows: list[dict], scratch: Method | None) -> list[
         if not points:
             lines.append(f"- **{m.name}**: no finished cell.")
             continue
-        (first, (low, low_sd, _)), (last, (high, high_sd, _)) = points[0], points[-1]
-        line = (
-            f"- **{m.name}** ({m.base.name}): {low:.1f} ± {low_sd:.1f} % test accuracy with "
-            f"{per_class_words(curves, first)}, {high:.1f} ± {high_sd:.1f} % with {per_class_words(curves, last)}."
+        (first, low), (last, high) = points[0], points[-1]
+        seeds = len(curves.seeds)
+        line = f"- **{m.name}** ({m.base.name}): {spread_words(low, seeds)} % test accuracy with " + (
+            f"{per_class_words(curves, first)}, {spread_words(high, seeds)} % with {per_class_words(curves, last)}."
+            if last != first
+            else f"{per_class_words(curves, first)}."
         )
         if scratch is not None and m is not scratch:
             advantages = [(s, p[0] - q[0]) for s, p in points if (q := mean_and_sd(rows, scratch.name, s)) is not None]
@@ -267,4 +303,4 @@ def sentences(curves: Curves, rows: list[dict], scratch: Method | None) -> list[
 
 def scratch_method(curves: Curves) -> Method | None:
     """The method that starts from random weights (the first, if several)."""
-    return next((m for m in curves.methods if Config(**curves.values(m, "all", 0)).weights == "none"), None)
+    return next((m for m in curves.methods if Config(**curves.values(m, "all", 0)).weights.lower() == "none"), None)

@@ -5,6 +5,7 @@ the hub repo, an ImageFolder tree, the Stanford Cars devkit layout, or the synth
 Images stay encoded until read_rgb decodes them (once, into the cache), and every one becomes RGB there.
 """
 
+import functools
 import io
 import os
 import random
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from cars.demo import ensure_demo, ensure_source
+from cars.demo import SHIFTED, ensure_demo, ensure_shifted, ensure_source
 from cars.errors import UserError
 
 HUB_SPLIT_FILES = "data/{split}-*.parquet"  # the hub's layout; loading by pattern fetches only these splits
@@ -211,6 +212,26 @@ def training_subset(train, class_names: list[str], *, per_class: int, fraction: 
     return SubsetSplit(parent, sorted(chosen), "train")
 
 
+def spread_sample(split, count: int, seed: int) -> SubsetSplit:
+    """`count` images of a split spread over its classes as evenly as they allow: every class gives one image before
+    any class gives a second, each class's images taken in an order drawn from (seed, class). The stored order (an
+    ImageFolder lists class after class) never decides which classes are seen. Fewer images when the split has fewer."""
+    parent = split.parent if isinstance(split, SubsetSplit) else split
+    rows = split.indices if isinstance(split, SubsetSplit) else list(range(len(split)))
+    by_class = defaultdict(list)
+    for row in rows:
+        by_class[parent.labels[row]].append(row)
+    for label, indices in by_class.items():
+        random.Random(f"sample {seed} class {label}").shuffle(indices)  # a str seed: the same on every machine
+    chosen, depth, wanted = [], 0, min(count, len(rows))
+    while len(chosen) < wanted:
+        round_ = [indices[depth] for _, indices in sorted(by_class.items()) if depth < len(indices)]
+        random.Random(f"sample {seed} round {depth}").shuffle(round_)  # a last, partial round: classes drawn too
+        chosen += round_[: wanted - len(chosen)]
+        depth += 1
+    return SubsetSplit(parent, sorted(chosen), split.name)
+
+
 def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Hold out `fraction` of each class (at least one image where a class has two or more)."""
     by_class = defaultdict(list)
@@ -259,7 +280,11 @@ def label_map(model_names: list[str], data_names: list[str], data: str) -> torch
 
 
 # the synthetic datasets (cars/demo.py): local folders in the hub layout, written on first use
-DEMO_DATASETS = {"demo": (ensure_demo, "the demo dataset"), "demo-source": (ensure_source, "the demo's source dataset")}
+DEMO_DATASETS = {
+    "demo": (ensure_demo, "the demo dataset"),
+    "demo-source": (ensure_source, "the demo's source dataset"),
+    **{name: (functools.partial(ensure_shifted, name), words) for name, words in SHIFTED.items()},
+}
 
 
 def dataset_location(data: str) -> str:

@@ -12,13 +12,13 @@ in minutes, through exactly the code that reads the real dataset.
   classes, and each class has many more images.
 """
 
-import dataclasses
 import hashlib
 import io
 import json
 import random
 import shutil
 import tempfile
+import tomllib
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
@@ -79,13 +79,10 @@ def demo_pretraining_run(arch: str) -> Path:
 
 def source_recipe_key(arch: str) -> str:
     """A digest of what the demo-pretrained weights of `arch` are made from: the source images' version and the values
-    of SOURCE_RECIPE that differ from the defaults, as resolved (an edited comment changes nothing, an edited value
-    does; a knob the project adds later, at a default that changes nothing, keeps the weights)."""
-    from cars.config import Config, from_dict, load_toml
-
-    values = {**from_dict(load_toml(str(SOURCE_RECIPE)), str(SOURCE_RECIPE)), "arch": arch}
-    resolved, defaults = dataclasses.asdict(Config(**values)), dataclasses.asdict(Config())
-    recipe = json.dumps({k: v for k, v in resolved.items() if v != defaults[k]}, sort_keys=True)
+    SOURCE_RECIPE sets (an edited comment changes nothing, an edited value does; a knob the project adds later, which
+    the recipe does not set, keeps the weights)."""
+    values = {**tomllib.loads(SOURCE_RECIPE.read_text()), "arch": arch}
+    recipe = json.dumps(values, sort_keys=True)
     return hashlib.sha256(f"{SOURCE_VERSION}\n{recipe}".encode()).hexdigest()[:12]
 
 
@@ -288,15 +285,56 @@ def draw_example(filename: str) -> Image.Image:
     return draw_demo_car(name, rng) if name in CLASS_NAMES else draw_source_class(name, rng)
 
 
+def demo_splits(train_per_class: int = 24, test_per_class: int = 30) -> dict:
+    """The demo's train and test images with their labels, as drawn."""
+    return {
+        "train": make_split(CLASS_NAMES, draw_demo_car, train_per_class, seed=1),
+        "test": make_split(CLASS_NAMES, draw_demo_car, test_per_class, seed=2),
+    }
+
+
 def write_demo(root: Path, train_per_class: int = 24, test_per_class: int = 30) -> None:
     """The target task: train, test and corrupted test splits as data/<split>-00000-of-00001.parquet."""
-    train = make_split(CLASS_NAMES, draw_demo_car, train_per_class, seed=1)
-    test = make_split(CLASS_NAMES, draw_demo_car, test_per_class, seed=2)
-    splits = {"train": train, "test": test}
+    splits = demo_splits(train_per_class, test_per_class)
+    test = splits["test"]
     for i, kind in enumerate(CORRUPTIONS):
         rng = random.Random(100 + i)
         splits[kind] = ([corrupt(image, kind, rng) for image in test[0]], test[1])
     write_hub_layout(root, splits, CLASS_NAMES)
+
+
+# Two new targets made from the demo's own images, for the lesson "the shift decides which block to tune" (Lee et al.
+# 2023): the same cars under a strong input-level shift (the same labels), and the same clean cars with new labels
+SHIFTED = {
+    "demo-input-shift": "the demo's cars under strong noise",
+    "demo-output-shift": "the demo's cars, each labelled as the next class",
+}
+SHIFT_NOISE = (60, 0.5)  # the input shift: Gaussian noise of this standard deviation, blended in at this share
+
+
+def shifted_root(name: str) -> Path:
+    return cache_home() / f"{name}-{VERSION}"
+
+
+def write_shifted(root: Path, name: str) -> None:
+    """The demo's train and test images (no corrupted copies) under the shift `name` of SHIFTED."""
+    splits = demo_splits()
+    if name == "demo-input-shift":
+        rng = random.Random(300)
+        sigma, share = SHIFT_NOISE
+        for images, _ in splits.values():
+            for i, image in enumerate(images):
+                noise = Image.effect_noise(image.size, sigma * rng.uniform(0.9, 1.1)).convert("RGB")
+                images[i] = Image.blend(image.convert("RGB"), noise, share)
+    else:  # an output-level shift: what each image is called changes, the images do not
+        splits = {
+            split: (images, [(y + 1) % len(CLASS_NAMES) for y in labels]) for split, (images, labels) in splits.items()
+        }
+    write_hub_layout(root, splits, CLASS_NAMES)
+
+
+def ensure_shifted(name: str) -> Path:
+    return ensure_written(shifted_root(name), lambda root: write_shifted(root, name), SHIFTED[name])
 
 
 def write_source(root: Path, train_per_class: int = 50, test_per_class: int = 10) -> None:

@@ -57,6 +57,12 @@ class Device:
             f"channels-last {'on' if self.channels_last else 'off'}"
         )
 
+    def batches(self, loader, *, description: str = ""):
+        """One pass over a loader: its readable batches (a batch of only unreadable images is None), put on the device,
+        with a progress bar on a terminal."""
+        bar = tqdm(loader, desc=description, leave=False, dynamic_ncols=True, disable=not self.show_progress)
+        return (self.put(*batch) for batch in bar if batch is not None)
+
     def put(self, images, labels):
         """A batch of uint8 pixels onto the device, then made the model's input there: converting
         and normalising on the GPU is cheaper than in the loader, and bytes cross the bus faster.
@@ -64,9 +70,11 @@ class Device:
         images = images.to(self.type, non_blocking=True)
         if images.dtype == torch.uint8:
             images = normalize(images)
-        # every batch in one memory format (a compiled model guards on strides: another layout would recompile it)
-        images = images.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
-        return images, labels.to(self.type, non_blocking=True)
+        return self.formatted(images), labels.to(self.type, non_blocking=True)
+
+    def formatted(self, images: torch.Tensor) -> torch.Tensor:
+        """Every batch in one memory format (a compiled model guards on strides: another layout would recompile it)."""
+        return images.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
 
 class Diverged(UserError):
@@ -147,9 +155,11 @@ class RunningTotals:
         for name, value in terms.items():
             self.term_sums[name] += value.detach().float() * len(labels)
         self.correct += (logits.detach().argmax(1) == labels).sum()
-        first = (self.bad_step < 0) & ~torch.isfinite(loss)
+        # the whole loss that was minimised: a method's term can stop being finite while the cross-entropy still is
+        whole = loss.float() + sum(value.detach().float() for value in terms.values())
+        first = (self.bad_step < 0) & ~torch.isfinite(whole)
         self.bad_step = torch.where(first, step, self.bad_step)
-        self.bad_loss = torch.where(first, loss.float(), self.bad_loss)
+        self.bad_loss = torch.where(first, whole, self.bad_loss)
 
     def settle(self, progress: Progress, lr: float) -> None:
         """Into `progress`; a loss that stopped being finite raises Diverged (nothing after it could be trusted)."""
@@ -164,7 +174,7 @@ class RunningTotals:
                 f"(lr {lr:.3g}); lower --lr, check --lr-scaling, or try lr_find.py"
             )
         progress.loss_sum, progress.correct = loss_sum, int(correct)
-        progress.term_sums = dict(zip(self.term_sums, term_sums))
+        progress.term_sums = dict(zip(self.term_sums, term_sums, strict=True))
 
 
 @torch.no_grad()
@@ -174,16 +184,10 @@ def collect_logits(model, loader, device: Device, *, description: str = "eval", 
     compiled model sees one shape only and never recompiles."""
     model.eval()
     all_logits, all_labels = [], []
-    for batch in tqdm(loader, desc=description, leave=False, dynamic_ncols=True, disable=not device.show_progress):
-        if batch is None:
-            continue
-        images, labels = batch
+    for images, labels in device.batches(loader, description=description):
         count = len(images)
-        if (
-            pad_to and count < pad_to
-        ):  # padded before put(), which gives the padded batch the memory format of every other
-            images = torch.cat([images, images.new_zeros((pad_to - count, *images.shape[1:]))])
-        images, labels = device.put(images, labels)
+        if pad_to and count < pad_to:
+            images = device.formatted(torch.cat([images, images.new_zeros((pad_to - count, *images.shape[1:]))]))
         with device.autocast():
             logits = model(images)[:count]
         all_logits.append(logits.float().cpu())

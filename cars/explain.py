@@ -70,7 +70,7 @@ def finer_targets(model: nn.Module, images: torch.Tensor, classes: list[int], si
     with torch.no_grad():
         logits = model(images)
     targets = []
-    for row, c in zip(logits, classes):
+    for row, c in zip(logits, classes, strict=True):
         distance = (row - row[c]).abs()
         distance[c] = float("inf")
         targets.append(FinerWeightedTarget(int(c), distance.argsort()[:similar].tolist(), alpha=1.0))

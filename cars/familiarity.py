@@ -16,8 +16,7 @@ import torch
 
 from cars.errors import UserError
 from cars.files import atomic_write
-from cars.finetune import kept_head_inputs
-from cars.models import head_name
+from cars.models import kept_head_inputs
 
 FALSE_ALARMS = 0.05  # the share of held-out images (like the training data) that may be flagged
 FILE = "familiarity.safetensors"
@@ -25,16 +24,30 @@ FILE = "familiarity.safetensors"
 
 class Familiarity:
     """Class means and the shared precision matrix of the training features, and the threshold above which a score
-    means "unlike the training data"."""
+    means "unlike the training data". `weights` is the fingerprint of the network whose features these are."""
 
-    def __init__(self, means: torch.Tensor, precision: torch.Tensor, threshold: float = float("inf")):
+    def __init__(
+        self,
+        means: torch.Tensor,
+        precision: torch.Tensor,
+        threshold: float = float("inf"),
+        *,
+        centre: torch.Tensor | None = None,
+        weights: str | None = None,
+    ):
         self.means, self.precision, self.threshold = means.float(), precision.float(), float(threshold)
+        # the training features' mean, taken off every feature before the distance: x'Px - 2x'Pm + m'Pm of large,
+        # uncentred features loses the distance's digits to cancellation in float32
+        self.centre = torch.zeros(means.shape[1]) if centre is None else centre.float()
+        self.weights = weights
 
     @classmethod
-    def fit(cls, features: torch.Tensor, labels: torch.Tensor) -> "Familiarity":
+    def fit(cls, features: torch.Tensor, labels: torch.Tensor, *, weights: str | None = None) -> "Familiarity":
         from sklearn.covariance import LedoitWolf
 
         classes = sorted(set(labels.tolist()))
+        centre = features.float().mean(0)
+        features = features.float() - centre
         means = torch.zeros(int(max(classes)) + 1, features.shape[1])
         for c in classes:
             means[c] = features[labels == c].mean(0)
@@ -43,11 +56,11 @@ class Familiarity:
         precision = torch.from_numpy(precision)
         present = torch.zeros(len(means), dtype=torch.bool)
         present[classes] = True
-        return cls(means[present], precision)
+        return cls(means[present], precision, centre=centre, weights=weights)
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         """The squared Mahalanobis distance of each row to the nearest class mean."""
-        x = features.float()
+        x = features.float() - self.centre
         projected = x @ self.precision
         own = (projected * x).sum(1, keepdim=True)
         cross = projected @ self.means.T
@@ -70,14 +83,23 @@ class Familiarity:
 
     def save(self, path: Path) -> None:
         """Atomically: a kill part way leaves no half-written check for predict.py to read."""
-        tensors = {"means": self.means, "precision": self.precision, "threshold": torch.tensor(self.threshold)}
-        atomic_write(path, lambda file: file.write(safetensors.torch.save(tensors)))
+        tensors = {
+            "means": self.means,
+            "precision": self.precision,
+            "threshold": torch.tensor(self.threshold),
+            "centre": self.centre,
+        }
+        metadata = {"weights": self.weights} if self.weights else None
+        atomic_write(path, lambda file: file.write(safetensors.torch.save(tensors, metadata=metadata)))
 
     @classmethod
     def load(cls, path: Path) -> "Familiarity":
         try:
-            saved = safetensors.torch.load(path.read_bytes())
-            return cls(saved["means"], saved["precision"], float(saved["threshold"]))
+            with safetensors.safe_open(str(path), "pt") as file:
+                saved = {key: file.get_tensor(key) for key in file.keys()}
+                weights = (file.metadata() or {}).get("weights")
+            means, precision, threshold = saved["means"], saved["precision"], float(saved["threshold"])
+            return cls(means, precision, threshold, centre=saved.get("centre"), weights=weights)
         except Exception as error:  # safetensors' own errors, a missing tensor: the file is not eval.py's check
             raise UserError(
                 f"{path} is damaged ({type(error).__name__}); run eval.py on the run again to make it anew"
@@ -93,15 +115,28 @@ def verdict(familiarity: "Familiarity | None", features: torch.Tensor) -> dict:
     return {"unfamiliar": score > familiarity.threshold, "familiarity_score": round(score, 4)}
 
 
-def load_for(trained) -> Familiarity | None:
-    """The check eval.py calibrated for a run's model (<run>/eval/familiarity.safetensors), or None: an export, an
-    ONNX model, a run not evaluated yet, or a check made for another network."""
-    path = trained.path.parent / "eval" / FILE
-    if trained.backend != "pytorch" or not path.is_file():
-        return None
-    check = Familiarity.load(path)
-    head = trained.model.get_submodule(head_name(trained.model))
-    return check if check.means.shape == (head.out_features, head.in_features) else None
+def load_for(trained) -> tuple[Familiarity | None, str]:
+    """The check eval.py fitted on these very weights (in the eval folder of their checkpoint: <run>/eval or
+    <run>/eval-<checkpoint>), and '' ; or None and why there is none, in a line ('' when eval.py has not run)."""
+    if trained.backend != "pytorch":
+        return None, ""
+    fingerprint = trained.weights_fingerprint
+    found = [folder / FILE for folder in eval_folders(trained.path) if (folder / FILE).is_file()]
+    for path in found:
+        check = Familiarity.load(path)
+        if check.weights == fingerprint:
+            return check, ""
+    if not found:
+        return None, ""
+    return None, (
+        f"no unfamiliar-input check: {found[0]} was fitted on other weights than {trained.path.name} holds now (a "
+        f"resume changed them since, or eval.py evaluated another checkpoint); run eval.py on {trained.path} again"
+    )
+
+
+def eval_folders(checkpoint: Path) -> list[Path]:
+    """Where eval.py writes for a checkpoint: <run>/eval (given the run folder), <run>/eval-<stem> (given the file)."""
+    return [checkpoint.parent / "eval", checkpoint.parent / f"eval-{checkpoint.stem}"]
 
 
 def judged(trained, check: "Familiarity | None", pixels: torch.Tensor, topk: int) -> tuple[list[dict], dict]:

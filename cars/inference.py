@@ -1,6 +1,7 @@
 """A trained model for inference: found in a run folder, a checkpoint, an export or a bare state dict; exported
 again."""
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,10 +10,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from cars.checkpoint import clean_state_dict, load_checkpoint, state_dict_of
+from cars.checkpoint import clean_state_dict, load_checkpoint, state_dict_of, state_fingerprint
 from cars.data import label_map, open_source
 from cars.errors import UserError
-from cars.finetune import describe_saved
+from cars.methods import describe_saved
 from cars.models import build_model, check_resolution, head_name, load_checked
 from cars.transforms import normalize
 
@@ -33,6 +34,13 @@ class Trained:
     start_weights: str | None = None  # the --weights its fine-tune started from, when known
     start_fingerprint: str | None = None  # finetune.start_fingerprint of those weights, when the run recorded it
     method: str | None = None  # the fine-tuning method, in words (finetune.describe), when the checkpoint says
+    recipe: dict | None = None  # the run's whole config as its checkpoint saved it, when it did
+
+    @functools.cached_property
+    def weights_fingerprint(self) -> str | None:
+        """checkpoint.state_fingerprint of the model's weights (None for ONNX Runtime, which gives none): what eval.py's
+        files for these weights record."""
+        return state_fingerprint(self.model.state_dict()) if self.backend == "pytorch" else None
 
     def classify(self, pixels: torch.Tensor, topk: int) -> list[dict]:
         """The top-k classes for one image's uint8 pixels (as eval_transform gives them), most probable first."""
@@ -44,7 +52,7 @@ class Trained:
         top = probabilities.topk(min(topk, len(probabilities)))
         return [
             {"class": self.class_names[c], "index": int(c), "probability": round(float(p), 6)}
-            for p, c in zip(top.values, top.indices)
+            for p, c in zip(top.values, top.indices, strict=True)
         ]
 
 
@@ -87,6 +95,7 @@ def read_model_file(path: Path) -> tuple[dict, dict]:
         "class_names": names,
         "start_fingerprint": loaded.get("start_fingerprint"),
         "method": describe_saved(config),
+        "config": config or None,
     }
 
 
@@ -198,4 +207,5 @@ def load_trained(path, *, arch=None, num_classes=None, resolution=None, data=Non
         start_weights=info.get("weights"),
         start_fingerprint=info.get("start_fingerprint"),
         method=info.get("method"),
+        recipe=info.get("config"),
     )

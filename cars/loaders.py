@@ -226,7 +226,7 @@ class CachedLoader:
         if shapes is None:
             return pixels.permute(0, 3, 1, 2), labels
         sizes = [height * width * 3 for height, width, _ in shapes]
-        regions = [part.view(shape).permute(2, 0, 1) for part, shape in zip(pixels.split(sizes), shapes)]
+        regions = [part.view(shape).permute(2, 0, 1) for part, shape in zip(pixels.split(sizes), shapes, strict=True)]
         crops = resize_crops(regions, flips.tolist(), self.dataset.augmentation.resolution)
         return apply_steps(crops, steps), labels
 

@@ -3,6 +3,7 @@
 import difflib
 import functools
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,6 +37,24 @@ def head_name(model: nn.Module) -> str:
     if not names:
         raise UserError(f"{type(model).__name__} has no linear classification layer to replace")
     return names[-1]
+
+
+def on_head_input(model: nn.Module, receive):
+    """Hand what the head reads (the pooled features) to `receive` on every forward pass of `model`; returns the hook's
+    handle (handle.remove() stops it). The one place anything listens to the head's input."""
+    return model.get_submodule(head_name(model)).register_forward_pre_hook(lambda _, inputs: receive(inputs[0]))
+
+
+@contextmanager
+def kept_head_inputs(model: nn.Module):
+    """A list that every forward pass of `model` adds the head's input to (detached, float32, on the CPU) while the
+    block lasts: the features of a pass that computes something else too (eval.py's scores, predict.py's answer)."""
+    kept = []
+    handle = on_head_input(model, lambda features: kept.append(features.detach().float().cpu()))
+    try:
+        yield kept
+    finally:
+        handle.remove()
 
 
 def replace_head(model: nn.Module, num_classes: int, dropout: float) -> None:

@@ -7,16 +7,20 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from cars.finetune import base_lr, param_groups
+from cars.methods import base_lr, param_groups
 
 
 def make_optimizer(cfg, model, *, extra: list[dict] = ()) -> torch.optim.Optimizer:
-    """SGD or AdamW over the method's parameter groups (finetune.param_groups: the lr and decay of each). The head's
-    groups come last: the recipe reads the lr there."""
+    """SGD or AdamW over the method's parameter groups (methods.param_groups: the lr and decay of each)."""
     groups = param_groups(cfg, model, extra=extra)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=base_lr(cfg), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=base_lr(cfg), weight_decay=cfg.weight_decay)
+
+
+def head_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The lr the head trains at now: the run's lr, as metrics.csv and the progress bar show it."""
+    return next(group["lr"] for group in optimizer.param_groups if group.get("name") == "head")
 
 
 def lr_factor(cfg, steps_per_epoch: int):

@@ -144,7 +144,7 @@ def plot_cam_grid(tiles: list[dict], path: Path, title: str, columns: int = 4) -
     fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, tile in zip(axes.flat, tiles):
+    for ax, tile in zip(axes.flat, tiles, strict=False):
         right = tile["true"] == tile["predicted"]
         ax.imshow(tile["image"])
         label = (
@@ -161,6 +161,15 @@ def plot_cam_grid(tiles: list[dict], path: Path, title: str, columns: int = 4) -
     bar.set_ticks([0, 1], labels=["low", "high"])
     bar.set_label("CAM attention")
     save_figure(fig, path, dpi=100)
+
+
+def trained_parameter_words(summary: dict) -> str:
+    """How many parameters a run trained, and their share ("1.2 M of 23.9 M, 5.0 %"), from its summary.json; "-" for a
+    run from before summaries recorded them."""
+    if "trainable_parameters" not in summary:
+        return "-"
+    trained, total = summary["trainable_parameters"], summary["parameters"]
+    return f"{trained / 1e6:.2f} M of {total / 1e6:.2f} M, {100 * trained / total:.1f} %"
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
@@ -237,7 +246,7 @@ def plot_sizes(widths: list[int], heights: list[int], path: Path) -> None:
     scatter.set_ylabel("height (px)")
     scatter.set_title("image sizes")
     scatter.grid(alpha=0.3)
-    ratios.hist([w / h for w, h in zip(widths, heights)], bins=40, color="gray")
+    ratios.hist([w / h for w, h in zip(widths, heights, strict=True)], bins=40, color="gray")
     ratios.set_xlabel("aspect ratio (width / height)")
     ratios.set_ylabel("images")
     ratios.set_title("aspect ratios")
@@ -255,7 +264,7 @@ def plot_duplicates(pairs: list[tuple], path: Path) -> None:
     import textwrap
 
     fig, axes = plt.subplots(len(pairs), 2, figsize=(7, 3 * len(pairs)), squeeze=False)
-    for (image_a, image_b, title_a, title_b, distance, exact), (left, right) in zip(pairs, axes):
+    for (image_a, image_b, title_a, title_b, distance, exact), (left, right) in zip(pairs, axes, strict=False):
         for ax, image, title in ((left, image_a, title_a), (right, image_b, title_b)):
             ax.imshow(image)
             ax.axis("off")
@@ -275,7 +284,7 @@ def plot_samples(rows: list[tuple], resolution: int, path: Path) -> None:
     )
     for ax in axes.flat:
         ax.axis("off")
-    for (name, image, crops, eval_crop), row in zip(rows, axes):
+    for (name, image, crops, eval_crop), row in zip(rows, axes, strict=False):
         row[0].imshow(image)
         row[0].set_title(textwrap.fill(f"{name} ({image.width}x{image.height}, as stored)", 30), fontsize=8)
         for k, crop in enumerate(crops, 1):
@@ -344,7 +353,7 @@ def plot_interpolation(rows: list[dict], path: Path, *, title: str) -> None:
     for split, statistics in keys:
         points = [(r["alpha"], r["accuracy"]) for r in rows if r["split"] == split and r["batch_norm"] == statistics]
         ax.plot(
-            *zip(*points),
+            *zip(*points, strict=True),
             marker="o",
             color=colours[split],
             linestyle="--" if statistics == "recalibrated" else "-",
@@ -368,11 +377,18 @@ def plot_data_curves(series: dict[str, list[tuple]], path: Path, *, all_at: floa
         means, sds = [m for _, m, _ in points], [s for _, _, s in points]
         ax.plot(xs, means, marker="o", color=f"C{i}", label=name)
         ax.fill_between(
-            xs, [m - s for m, s in zip(means, sds)], [m + s for m, s in zip(means, sds)], color=f"C{i}", alpha=0.2
+            xs,
+            [m - s for m, s in zip(means, sds, strict=True)],
+            [m + s for m, s in zip(means, sds, strict=True)],
+            color=f"C{i}",
+            alpha=0.2,
         )
         # "all" a line lower: it can sit close to the largest count (19 beside 16)
         ticks.update(
-            {x: f"\nall ({all_at:g})" if shots == "all" else str(shots) for x, (shots, _, _) in zip(xs, points)}
+            {
+                x: f"\nall ({all_at:g})" if shots == "all" else str(shots)
+                for x, (shots, _, _) in zip(xs, points, strict=True)
+            }
         )
     ax.set_xscale("log")
     ax.set_xticks(list(ticks), list(ticks.values()))

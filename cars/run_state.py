@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
@@ -21,12 +22,15 @@ from cars.data import Splits
 from cars.distributed import World, shutdown
 from cars.engine import Device, Diverged, Progress
 from cars.errors import UserError
-from cars.finetune import base_lr, subset_words
+from cars.files import atomic_write
 from cars.loaders import CachedLoader
+from cars.methods import adapter_state, base_lr, is_adapted, merged_state, subset_words
 from cars.optim import ema_decay, load_scaler_state
 from cars.report import write_json
 from cars.runs import RunLog
 from cars.runtime import restore_rng, rng_state
+
+ADAPTER = "adapter.safetensors"  # a run with LoRA: its adapters and head, beside best.pt
 
 
 @dataclass(kw_only=True)
@@ -68,6 +72,7 @@ class Run:
     start_fingerprint: str | None = None
     # LP-FT's probe head (weight and bias) the fine-tune started from: interpolate.py's alpha = 0 end uses it
     probe_head: dict | None = None
+    parameters: tuple[int, int] = (0, 0)  # (all of the network's, those that train): summary.json and compare.py
 
     @property
     def eval_pad_to(self) -> int | None:
@@ -76,6 +81,12 @@ class Run:
         # the evaluated model is the one that trains (one process, no EMA), and that one is wrapped: compiled
         compiled_and_evaluated = self.eval_model is self.model and self.model is not self.raw_model
         return self.cfg.batch_size if compiled_and_evaluated else None
+
+    @property
+    def keeps_raw(self) -> bool:
+        """Whether last.pt keeps the weights that train beside best.pt's: the EMA's average is evaluated instead, and
+        a network with adapters is kept merged (every tool loads that), its adapters apart to go on training."""
+        return self.ema is not None or is_adapted(self.raw_model)
 
     @property
     def status(self) -> dict:
@@ -91,9 +102,11 @@ class Run:
 
 
 def best_checkpoint(run: Run, epoch: int) -> dict:
-    """What best.pt holds, and last.pt too: the evaluated weights and what they need to be used."""
+    """What best.pt holds, and last.pt too: the evaluated weights, as the plain network (LoRA's adapters merged in),
+    and what they need to be used."""
+    evaluated = unwrap(run.eval_model)
     return {
-        "model": unwrap(run.eval_model).state_dict(),
+        "model": merged_state(evaluated) if is_adapted(evaluated) else evaluated.state_dict(),
         "config": dataclasses.asdict(run.cfg),
         "class_names": run.splits.class_names,
         "epoch": epoch,
@@ -105,8 +118,14 @@ def best_checkpoint(run: Run, epoch: int) -> dict:
 
 
 def save_best(run: Run, epoch: int) -> None:
-    if run.world.main:
-        save_checkpoint(run.run_dir / "best.pt", best_checkpoint(run, epoch))
+    """best.pt, and with adapters the adapter alone beside it (adapter.safetensors: what the method trained)."""
+    if not run.world.main:
+        return
+    save_checkpoint(run.run_dir / "best.pt", best_checkpoint(run, epoch))
+    evaluated = unwrap(run.eval_model)
+    if is_adapted(evaluated):
+        tensors = {k: v.contiguous() for k, v in adapter_state(evaluated).items()}
+        atomic_write(run.run_dir / ADAPTER, lambda file: file.write(safetensors.torch.save(tensors)))
 
 
 def save_last(run: Run, epoch: int, progress: Progress | None = None) -> None:
@@ -122,8 +141,10 @@ def save_last(run: Run, epoch: int, progress: Progress | None = None) -> None:
         "method": run.objective.learned(),
         "progress": dataclasses.asdict(progress) if progress else None,
     }
-    if run.ema:  # "model" holds the EMA weights; the raw ones are needed to go on training
-        state.update(raw_model=run.raw_model.state_dict(), ema=run.ema.state_dict())
+    if run.keeps_raw:  # "model" holds the EMA's or the merged weights; the ones that train are needed to go on
+        state["raw_model"] = run.raw_model.state_dict()
+    if run.ema:
+        state["ema"] = run.ema.state_dict()
     if run.world.main:
         save_checkpoint(run.run_dir / "last.pt", {**best_checkpoint(run, epoch), **state})
     run.saved = (epoch, progress.steps if progress else 0)
@@ -133,7 +154,7 @@ def restore(run: Run, checkpoint: dict) -> None:
     """save_last's twin: the weights, optimizer, schedule, AMP scaler, EMA, random streams, metrics and data
     position. A checkpoint that does not fit is one clear line, before the run folder is touched."""
     try:
-        run.raw_model.load_state_dict(checkpoint["raw_model" if run.ema else "model"])
+        run.raw_model.load_state_dict(checkpoint["raw_model" if run.keeps_raw else "model"])
         run.optimizer.load_state_dict(checkpoint["optimizer"])
         run.scheduler.load_state_dict(checkpoint["scheduler"])
         load_scaler_state(run.scaler, checkpoint["scaler"])

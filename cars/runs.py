@@ -27,6 +27,7 @@ OUTPUTS = {
         "train.log",
         "eval",
         "export",
+        "adapter.safetensors",
     },
     "eval folder": {
         "report.md",
@@ -109,6 +110,17 @@ def check_folder_free(folder: Path, overwrite: bool, kind: str = "run folder", e
         raise UserError(
             f"{folder} is not {article} {kind} this project wrote ({what} --overwrite would delete); "
             f"refusing to replace it. Choose another {elsewhere}"
+        )
+
+
+def check_writable(folder: Path, elsewhere: str = "--out") -> None:
+    """A folder that can be made and written, checked before the slow work that would end by writing it."""
+    existing = next(p for p in [folder, *folder.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"cannot write {folder}: {existing} is a file, not a folder; choose another {elsewhere}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(
+            f"cannot write {folder}: {existing} is not writable (permission denied); choose another {elsewhere}"
         )
 
 

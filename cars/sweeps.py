@@ -462,7 +462,9 @@ def plot_history(scored, path: Path, *, counted: str) -> None:
     for pruned, style in ((False, dict(marker="o", color="C0")), (True, dict(marker="o", mfc="none", color="C1"))):
         points = [(n, t.value) for n, t in enumerate(scored.trials) if bool(t.user_attrs.get("pruned")) == pruned]
         if points:
-            ax.plot(*zip(*points), ls="none", label="pruned (last value)" if pruned else "finished", **style)
+            ax.plot(
+                *zip(*points, strict=True), ls="none", label="pruned (last value)" if pruned else "finished", **style
+            )
     best, line = float("-inf"), []
     for n, t in enumerate(scored.trials):
         best = max(best, t.value) if not t.user_attrs.get("pruned") else best

@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from cars.checkpoint import read_state_dict
-from cars.finetune import blocks, fit_logistic_regression, head_block, start_fingerprint
+from cars.finetune import block_of, blocks, fit_logistic_regression, head_block, start_fingerprint
 from cars.models import build_model, head_fits, resolve_weights
 
 # --- weights -----------------------------------------------------------------------------------------------------
@@ -34,10 +33,10 @@ def weight_change(start: nn.Module, tuned: nn.Module, *, head_is_new: bool) -> l
     """Per block: ||W - W0|| / ||W0|| over all of the block's parameters (weights and biases; buffers are not
     parameters). The head's row has no value when the head is new: it has no starting value to move from."""
     start_params, tuned_params = dict(start.named_parameters()), dict(tuned.named_parameters())
-    head = head_block(tuned)
+    head, names_of_blocks = head_block(tuned), blocks(tuned)
     rows = []
-    for block in blocks(tuned):
-        names = [n for n in tuned_params if n.startswith(block + ".")]
+    for block in names_of_blocks:
+        names = [n for n in tuned_params if block_of(n, names_of_blocks) == block]
         count = sum(tuned_params[n].numel() for n in names)
         if block == head and head_is_new:
             rows.append(dict(layer=block, parameters=count, relative_change="", start="new"))
@@ -53,6 +52,18 @@ def weight_change(start: nn.Module, tuned: nn.Module, *, head_is_new: bool) -> l
             )
         )
     return rows
+
+
+def change_ranks(start: nn.Module, tuned: nn.Module, layers: list[str]) -> dict[str, int]:
+    """Per layer, the numerical rank of its weight change W - W0 (out x everything else, as LoRA's B A is): the
+    singular values above 1e-4 of the largest (in float64). A layer that did not move has rank 0."""
+    ranks = {}
+    for layer in layers:
+        before = start.get_submodule(layer).weight.detach().double().cpu()
+        change = (tuned.get_submodule(layer).weight.detach().double().cpu() - before).flatten(1)
+        singular = torch.linalg.svdvals(change)
+        ranks[layer] = int((singular > 1e-4 * singular[0]).sum()) if singular[0] > 0 else 0
+    return ranks
 
 
 def bn_drift(start: nn.Module, tuned: nn.Module) -> list[dict]:
@@ -98,7 +109,10 @@ def stage_outputs(model: nn.Module, stage_list: list[tuple[str, str]]):
 
 
 def pooled(output: torch.Tensor) -> torch.Tensor:
-    """A stage's output as one vector per image: the mean over its spatial positions (or its tokens)."""
+    """A stage's output as one vector per image: the mean over its spatial positions (images x channels x height x
+    width), or over its tokens (a transformer's images x tokens x width)."""
+    if output.ndim == 3:
+        return output.mean(dim=1)
     return output.mean(dim=tuple(range(2, output.ndim))) if output.ndim > 2 else output
 
 
@@ -108,10 +122,7 @@ def pooled_stage_features(model, stage_list, loader, device, *, description: str
     model.eval()
     features, labels = {label: [] for label, _ in stage_list}, []
     with stage_outputs(model, stage_list) as outputs:
-        for batch in tqdm(loader, desc=description, leave=False, dynamic_ncols=True, disable=not device.show_progress):
-            if batch is None:
-                continue
-            images, batch_labels = device.put(*batch)
+        for images, batch_labels in device.batches(loader, description=description):
             with device.autocast():
                 model(images)
             for label in features:
@@ -196,10 +207,9 @@ def minibatch_cka(start, tuned, control, *, stage_list, loader, device) -> dict[
         stage_outputs(tuned, stage_list) as b,
         stage_outputs(control, stage_list) as c,
     ):
-        for batch in tqdm(loader, desc="CKA", leave=False, dynamic_ncols=True, disable=not device.show_progress):
-            if batch is None or len(batch[0]) < 4:
+        for images, _ in device.batches(loader, description="CKA"):
+            if len(images) < 4:
                 continue
-            images, _ = device.put(*batch)
             with device.autocast():
                 for net in nets:
                     net(images)

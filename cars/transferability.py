@@ -9,9 +9,8 @@ the plain H-score's; the regularised H-score computed here was not in that bench
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from cars.models import head_name
+from cars.models import kept_head_inputs
 
 # weighted Kendall tau against fine-tuned accuracy on Stanford Cars, 10 ImageNet models (Transfer-Learning-Library);
 # the H-score's is the plain H-score's, not the regularised one's computed here
@@ -123,22 +122,14 @@ def features_and_source_probabilities(model, loader, device) -> tuple[np.ndarray
     """One forward pass: what the model's own head takes in (the features), the head's softmax (the distribution
     over the source task's classes) and the target labels, for every image of the loader."""
     model.eval()
-    taken: list[torch.Tensor] = []
-    hook = model.get_submodule(head_name(model)).register_forward_pre_hook(
-        lambda _, inputs: taken.append(inputs[0].flatten(1).float().cpu())
-    )
     probabilities, labels = [], []
-    try:
-        for batch in tqdm(loader, desc="scoring", leave=False, dynamic_ncols=True, disable=not device.show_progress):
-            if batch is None:
-                continue
-            images, batch_labels = device.put(*batch)
+    with kept_head_inputs(model) as features:
+        for images, batch_labels in device.batches(loader, description="scoring"):
             with device.autocast():
                 logits = model(images)
             probabilities.append(logits.float().softmax(1).cpu())
             labels.append(batch_labels.cpu())
-    finally:
-        hook.remove()
+    taken = [f.flatten(1) for f in features]
     return torch.cat(taken).numpy(), torch.cat(probabilities).numpy(), torch.cat(labels).numpy()
 
 

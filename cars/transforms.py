@@ -128,7 +128,7 @@ def resize_crops(regions: list[torch.Tensor], flips, size: int, in_float: bool |
     regions' device. On a CPU torch's uint8 kernel (PIL's fixed-point arithmetic); on a GPU in float
     (`in_float` chooses, to measure one path on the other's device)."""
     crops = []
-    for region, flip in zip(regions, flips):
+    for region, flip in zip(regions, flips, strict=True):
         if region.device.type != "cpu" if in_float is None else in_float:
             crop = F.resize(region.float(), [size, size], antialias=True).round_().clamp_(0, 255).to(torch.uint8)
         else:

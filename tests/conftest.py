@@ -102,7 +102,7 @@ def hub_folder(tmp_path):
 def write_image_folder(root: Path, per_class=(6, 3)) -> Path:
     for split, n, seed in (("train", per_class[0], 1), ("test", per_class[1], 2)):
         images, labels = split_rows(n, seed)
-        for i, (image, label) in enumerate(zip(images, labels)):
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
             folder = root / split / CLASSES[label]
             folder.mkdir(parents=True, exist_ok=True)
             image.save(folder / f"{i:04d}.jpg")
@@ -131,7 +131,7 @@ def devkit_folder(tmp_path):
         images, labels = split_rows(n, seed)
         (base / f"cars_{split}").mkdir()
         records = []
-        for i, (image, label) in enumerate(zip(images, labels)):
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
             fname = f"{i + 1:05d}.jpg"
             image.save(base / f"cars_{split}" / fname)
             records.append((0, 0, image.width, image.height, label + 1, fname))  # devkit classes count from 1

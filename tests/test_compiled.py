@@ -21,7 +21,7 @@ from cars.config import Config, load_saved, resolve
 from cars.data import load_splits
 from cars.engine import Device, train_step
 from cars.errors import UserError
-from cars.finetune import plain_objective
+from cars.methods import plain_objective
 
 
 def bench_module(name: str):

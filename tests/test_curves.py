@@ -8,13 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 from conftest import write_hub_folder
 from test_models import place_in_torchvision_cache
 
 import curves as curves_tool
-from cars import curves
+from cars import curves, data
 from cars.errors import UserError
 from cars.runs import read_summary
 
@@ -83,7 +84,7 @@ def test_the_report_says_where_pretraining_s_advantage_falls_under_5_points(tmp_
     rows = [
         {"method": name, "shots": shots, "seed": seed, "test_acc": acc + (1 if seed else -1)}
         for name, accs in means.items()
-        for shots, acc in zip(grid.shots, accs)
+        for shots, acc in zip(grid.shots, accs, strict=True)
         for seed in grid.seeds
     ]
     assert curves.mean_and_sd(rows, "fine-tune", 4) == (70, pytest.approx(2**0.5), 2)
@@ -98,6 +99,10 @@ def test_the_report_says_where_pretraining_s_advantage_falls_under_5_points(tmp_
         "190 labelled images."
     )
     assert "advantage" not in scratch
+    grid.shots = [4]  # one shots value (the shift lesson's grids): said once
+    assert curves.sentences(grid, rows, None)[0] == (
+        "- **fine-tune** (fine-tune.toml): 70.0 ± 1.4 % test accuracy with 4 images per class (40 labelled images)."
+    )
 
 
 def test_a_killed_curves_worker_resumes_without_training_a_finished_cell_again(curves_dir, tmp_path):
@@ -144,12 +149,113 @@ def test_a_killed_curves_worker_resumes_without_training_a_finished_cell_again(c
     assert (out / "curves.png").stat().st_size > 10_000
 
 
+SHIFT_ARMS = ["first stage", "middle stage", "last stage", "BN-only", "LoRA", "head alone", "everything"]
+
+
 def test_the_curves_presets_load():
     """Every method of every shipped curves file is a valid run at both ends of its shots; the demo's shots fit its
     data (Stanford Cars is not opened offline)."""
-    for path in sorted((ROOT / "configs" / "curves").glob("*.toml")):
-        grid = curves.read_curves(str(path))
-        assert [m.name for m in grid.methods] == ["fine-tune", "linear probe", "scratch"], path
+    for name in ("demo", "r50"):
+        grid = curves.read_curves(str(ROOT / "configs" / "curves" / f"{name}.toml"))
+        assert [m.name for m in grid.methods] == ["fine-tune", "linear probe", "scratch"], name
         assert curves.scratch_method(grid).name == "scratch" and len(grid.seeds) >= 3
     demo = curves.load_curves(str(ROOT / "configs" / "curves" / "demo.toml"))
     assert demo.labelled == {1: 10, 2: 20, 4: 40, 8: 80, 16: 160, "all": 190} and demo.classes == 10
+    # the shift lesson: one grid per shift, the same seven arms over three seeds, from the demo's fine-tuned model
+    shifts = sorted((ROOT / "configs" / "curves").glob("shift_*.toml"))
+    assert [p.stem for p in shifts] == ["shift_input_demo", "shift_output_demo"]
+    for path in shifts:
+        grid = curves.read_curves(str(path))
+        assert [m.name for m in grid.methods] == SHIFT_ARMS and grid.shots == [5] and grid.seeds == [0, 1, 2]
+        assert {m.knobs["weights"] for m in grid.methods} == {"runs/demo/best.pt"}
+
+
+def test_the_shift_lesson_s_targets_are_the_demo_s_images_shifted_one_way_each():
+    """The input-level shift keeps every label and changes every image; the output-level shift keeps every image
+    (the same JPEG bytes) and calls each car by the next class's name."""
+    plain, noisy, relabelled = (data.open_source(d) for d in ("demo", "demo-input-shift", "demo-output-shift"))
+    assert plain[-1] == noisy[-1] == relabelled[-1]  # the class names
+    for split in (0, 1):  # train, test
+        clean, shifted, renamed = plain[split], noisy[split], relabelled[split]
+        assert shifted.labels == clean.labels
+        assert renamed.labels == [(y + 1) % 10 for y in clean.labels]
+        for i in (0, len(clean) - 1):
+            assert renamed.dataset[i]["image"]["bytes"] == clean.dataset[i]["image"]["bytes"]
+            pixels = [np.asarray(s.open(i).convert("RGB"), dtype=np.float32) for s in (clean, shifted)]
+            assert pixels[0].shape == pixels[1].shape and np.abs(pixels[0] - pixels[1]).mean() > 20
+
+
+@pytest.mark.parametrize(
+    "seeds, extra, message",
+    [
+        # D8: a method that holds out another validation split draws its cells from another pool of images
+        ("[0, 1]", "other = { base = 'scratch.toml', val_split = 0.5 }\n", "hold out different validation splits"),
+        # D13: every seed is checked, not only the first and the last
+        ("[0, 4294967296, 1]", "", "seed 4294967296 is outside 0..4294967295"),
+        # D14: a name with no letter or digit gives no folder
+        ("[0, 1]", '"!!!" = "scratch.toml"\n', "the method name '!!!' has no letter or digit"),
+    ],
+)
+def test_curves_files_that_could_not_make_one_curve_are_refused_naming_the_file(
+    curves_dir, tmp_path, seeds, extra, message
+):
+    path = curves_file(curves_dir, "refused", "[1, 2]", extra, seeds=seeds)
+    with pytest.raises(UserError, match=message) as refused:
+        curves_tool.main(["--config", str(path), "--out", str(tmp_path / "out")])
+    assert str(path) in str(refused.value)
+    assert not (tmp_path / "out").exists()
+
+
+def diverged_cell(folder: Path, *, selected_on: str, accuracies: list[float] | None) -> None:
+    """A cell's run folder as train.py leaves a run that diverged after these evaluated epochs (none: in its first)."""
+    from cars.report import METRIC_COLUMNS, write_csv, write_json
+
+    folder.mkdir(parents=True)
+    write_json(folder / "summary.json", {"status": "diverged", "selected_on": selected_on, "epochs_done": 3})
+    if accuracies is not None:
+        rows = [
+            dict(epoch=i + 1, lr=0.1, train_loss=1.0, train_acc=50.0, eval_loss=1.0, eval_acc=acc, seconds=1.0)
+            for i, acc in enumerate(accuracies)
+        ]
+        write_csv(folder / "metrics.csv", rows, METRIC_COLUMNS)
+
+
+def test_a_diverged_cell_is_never_scored_on_an_epoch_chosen_on_test_and_dropped_cells_are_counted(tmp_path):
+    """Known numbers. Without a validation split, a diverged cell whose test accuracies were 30, 70, 40 scores the 40
+    of its last epoch, not the 70 that test would choose; with one, it keeps its best validation accuracy and has no
+    test accuracy; a cell that diverged in its first epoch has none and does not stop curves.csv. The mean says on how
+    many seeds it stands."""
+    method = curves.Method("m", tmp_path / "m.toml", {})
+    grid = curves.Curves("known", tmp_path / "known.toml", [method], [1], [0, 1, 2], {1: 3})
+    out = tmp_path / "out"
+    diverged_cell(grid.run_dir(out, ("m", 1, 0)), selected_on="test", accuracies=[30.0, 70.0, 40.0])
+    diverged_cell(grid.run_dir(out, ("m", 1, 1)), selected_on="val", accuracies=[55.0, 60.0, 20.0])
+    diverged_cell(grid.run_dir(out, ("m", 1, 2)), selected_on="test", accuracies=None)
+    rows = [curves.cell_row(grid, out, cell) for cell in grid.cells()]
+    assert [(r["val_acc"], r["test_acc"], r["status"]) for r in rows] == [
+        ("", 40.0, "diverged"),
+        (60.0, "", "diverged"),
+        ("", "", "diverged"),
+    ]
+    rows.append({**rows[0], "seed": 3, "test_acc": 50.0})  # a fourth seed's cell, to give the mean a spread
+    point = curves.mean_and_sd(rows, "m", 1)
+    assert point == (45.0, pytest.approx(50**0.5), 2)
+    assert curves.spread_words(point, 4) == "45.0 ± 7.1 (n=2 of 4)"
+    assert curves.spread_words(point, 2) == "45.0 ± 7.1"
+
+
+def test_a_cell_that_diverges_in_its_first_epoch_does_not_stop_the_curves(curves_dir, tmp_path):
+    """A method at lr 1e30 diverges in its first epoch, before any metrics.csv: the grid still finishes, its cell is
+    in curves.csv without an accuracy, and the table says on how many seeds each mean stands."""
+    place_in_torchvision_cache("resnet18", "IMAGENET1K_V1")
+    extra = "exploding = { base = 'pretrained.toml', lr = 1e30, epochs = 1 }\n"
+    path = curves_file(curves_dir, "exploding", '["all"]', extra, seeds="[0]")
+    path.write_text(path.read_text().replace('scratch = "scratch.toml"\n', ""))
+    out = tmp_path / "out"
+    curves_tool.main(["--config", str(path), "--out", str(out)])
+    rows = {r["method"]: r for r in csv.DictReader((out / "curves.csv").open())}
+    assert rows["exploding"]["status"] == "diverged" and rows["exploding"]["test_acc"] == ""
+    assert not (out / rows["exploding"]["run_dir"] / "metrics.csv").exists()
+    assert rows["fine-tune"]["status"] == "finished" and rows["fine-tune"]["test_acc"] != ""
+    report = (out / "report.md").read_text()
+    assert "**exploding**: no finished cell." in report

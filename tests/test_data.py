@@ -37,7 +37,7 @@ def test_save_to_disk_folder(saved_folder):
 def test_image_folder(image_folder):
     splits = check_source(image_folder, 18, 9, sorted(CLASSES))
     # folder names are the class names; every file's label is its folder's index
-    for path, label in zip(splits.train.paths, splits.train.labels):
+    for path, label in zip(splits.train.paths, splits.train.labels, strict=True):
         assert path.split("/")[-2] == sorted(CLASSES)[label]
 
 

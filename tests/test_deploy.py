@@ -81,7 +81,7 @@ def test_onnx_runtime_predicts_and_evaluates_as_pytorch_does(exported, tmp_path,
     by_pytorch = predictions_of([str(run), *map(str, images), "--json"], capsys)
     for given in (out, out / "model.onnx", run):  # the export folder, the file, or the run folder holding export/
         by_onnx = predictions_of([str(given), *map(str, images), "--json", "--backend", "onnxruntime"], capsys)
-        for a, b in zip(by_pytorch, by_onnx):
+        for a, b in zip(by_pytorch, by_onnx, strict=True):
             assert [p["class"] for p in a["predictions"]] == [p["class"] for p in b["predictions"]]
             assert [p["probability"] for p in a["predictions"]] == pytest.approx(
                 [p["probability"] for p in b["predictions"]], abs=1e-5

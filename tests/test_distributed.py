@@ -185,7 +185,9 @@ def test_with_unreadable_images_every_process_takes_the_same_steps():
             )
         )
         assert [bool(share) for share in shares] == expected
-        assert all(share == batch[rank::2] for share, batch, taken in zip(shares, whole, expected) if taken)
+        assert all(
+            share == batch[rank::2] for share, batch, taken in zip(shares, whole, expected, strict=True) if taken
+        )
 
 
 def test_skip_bad_images_under_torchrun_without_the_cache_is_refused(tmp_path, monkeypatch):

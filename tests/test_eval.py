@@ -71,7 +71,9 @@ def test_numbers_equal_an_independent_computation(trained_run, evaluated):
     predicted = logits.argmax(1).tolist()
     summary = json.loads((evaluated / "summary.json").read_text())
     assert summary["images"] == len(labels) == 15
-    assert summary["top1"] == pytest.approx(100 * sum(p == t for p, t in zip(predicted, labels)) / 15, abs=1e-4)
+    assert summary["top1"] == pytest.approx(
+        100 * sum(p == t for p, t in zip(predicted, labels, strict=True)) / 15, abs=1e-4
+    )
     assert summary["top5"] == pytest.approx(100.0)  # 3 classes: always; test_analysis_helpers_by_hand checks top-5 of 7
 
     rows = read_csv(evaluated / "predictions.csv")
@@ -83,9 +85,9 @@ def test_numbers_equal_an_independent_computation(trained_run, evaluated):
         c = int(row["id"])
         assert row["name"] == CLASSES[c]
         assert int(row["total"]) == labels.count(c)
-        assert int(row["correct"]) == sum(1 for p, t in zip(predicted, labels) if t == c and p == c)
+        assert int(row["correct"]) == sum(1 for p, t in zip(predicted, labels, strict=True) if t == c and p == c)
 
-    counts = Counter(zip(labels, predicted))
+    counts = Counter(zip(labels, predicted, strict=True))
     matrix = read_csv(evaluated / "confusion_matrix.csv")
     for i, row in enumerate(matrix):
         assert row["true \\ predicted"] == CLASSES[i]
@@ -111,9 +113,9 @@ def check_eval_folder(folder: Path, class_names: list[str]) -> dict:
     per_class = read_csv(folder / "per_class.csv")
     assert [r["name"] for r in per_class] == class_names
     for c, row in enumerate(per_class):
-        hits = sum(1 for t, p in zip(true, predicted) if t == c and p == c)
+        hits = sum(1 for t, p in zip(true, predicted, strict=True) if t == c and p == c)
         assert (int(row["correct"]), int(row["total"])) == (hits, true.count(c))
-    counts = Counter(zip(true, predicted))
+    counts = Counter(zip(true, predicted, strict=True))
     matrix = read_csv(folder / "confusion_matrix.csv")
     assert [[int(row[name]) for name in class_names] for row in matrix] == [
         [counts[(i, j)] for j in range(len(class_names))] for i in range(len(class_names))
@@ -357,7 +359,7 @@ def test_predict_top1_matches_eval_and_reports_unreadable_files(tmp_path, traine
     rows = read_csv(evaluated / "predictions.csv")
     check = Familiarity.load(evaluated / "familiarity.safetensors")
     assert [r["image"] for r in results] == paths
-    for result, i in zip(results, (0, 4)):
+    for result, i in zip(results, (0, 4), strict=True):
         assert result["predictions"][0]["index"] == int(rows[i]["predicted"])
         assert result["predictions"][0]["probability"] == pytest.approx(float(rows[i]["confidence"]), abs=1e-3)
         assert len(result["predictions"]) == 2 and Path(result["cam"]).exists()
@@ -496,3 +498,55 @@ def test_an_eval_that_crashed_part_way_is_replaced_with_overwrite(tmp_path, trai
     assert json.loads((out / "summary.json").read_text())["status"] == "running" and (out / "per_class.csv").exists()
     eval_tool.main([str(run_dir), "--out", str(out), "--num-gradcam", "2", "--workers", "0", "--overwrite"])
     assert json.loads((out / "summary.json").read_text())["status"] == "finished" and (out / "report.md").exists()
+
+
+def test_what_pretraining_bought_never_compares_two_test_sets_or_a_missing_one(tmp_path):
+    """Item 6 and D3, D4: a run chosen on validation with --no-final-test has a twin beside it that never read the test
+    split (eval.py died with KeyError); named by --scratch, such a run is refused in one line, and so is a run on
+    other data; and with --resolution another test set is read, so the gain is not computed."""
+    import dataclasses
+
+    from conftest import tiny_args
+    from test_models import place_in_torchvision_cache
+
+    from cars.config import load_saved
+
+    place_in_torchvision_cache("resnet18", "IMAGENET1K_V1")
+    data = write_hub_folder(tmp_path / "data")
+    run_dir = tmp_path / "runs" / "run"
+    flags = ["--weights", "IMAGENET1K_V1", "--epochs", "1", "--val-split", "0.34", "--no-final-test"]
+    train.main(tiny_args(data, run_dir, *flags))
+    recipe = load_saved(run_dir / "config.toml")
+
+    def scratch_run(name: str, summary: dict, **changes) -> Path:
+        folder = tmp_path / "runs" / name
+        folder.mkdir()
+        dataclasses.replace(recipe, weights="none", seed=3, **changes).save(folder / "config.toml")
+        (folder / "summary.json").write_text(json.dumps({"status": "finished", **summary}))
+        return folder
+
+    scratch_run("twin", {"selected_on": "val", "best_eval_acc": 50.0})  # --no-final-test: no test_acc_of_best
+    quick = ["--num-gradcam", "1", "--workers", "0", "--transfer", "off"]
+    eval_tool.main([str(run_dir), *quick])
+    report = (run_dir / "eval" / "report.md").read_text()
+    assert "never read the test split" in report and "pretraining" not in json.loads(
+        (run_dir / "eval" / "summary.json").read_text()
+    )
+
+    for name, summary, changes, message in (
+        ("untested", {"selected_on": "val", "best_eval_acc": 50.0}, {}, "never read the test split"),
+        ("elsewhere", {"selected_on": "test", "best_eval_acc": 50.0}, {"data": "demo"}, "trained on demo, and"),
+    ):
+        other = scratch_run(name, summary, **changes)
+        with pytest.raises(UserError, match=message):
+            eval_tool.main([str(run_dir), "--scratch", str(other), "--out", str(tmp_path / "out"), *quick])
+        assert not (tmp_path / "out").exists()
+
+    tested = scratch_run("tested", {"selected_on": "val", "best_eval_acc": 50.0, "test_acc_of_best": 40.0})
+    eval_tool.main(
+        [str(run_dir), "--scratch", str(tested), "--resolution", "48", "--out", str(tmp_path / "o48"), *quick]
+    )
+    opening = (tmp_path / "o48" / "report.md").read_text()
+    assert "not measured here: this evaluation reads another resolution (48 px)" in opening
+    eval_tool.main([str(run_dir), "--scratch", str(tested), "--out", str(tmp_path / "same"), *quick])
+    assert json.loads((tmp_path / "same" / "summary.json").read_text())["pretraining"]["scratch_acc"] == 40.0

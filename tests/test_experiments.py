@@ -21,8 +21,8 @@ from cars.data import load_splits
 from cars.demo import write_demo
 from cars.engine import Device, train_step
 from cars.errors import UserError
-from cars.finetune import plain_objective
 from cars.loaders import TransformedSplit, make_loader
+from cars.methods import plain_objective
 from cars.models import build_model, head_name
 from cars.optim import make_ema
 from cars.report import read_metrics
@@ -94,6 +94,10 @@ def test_preset_parses_and_runs_a_short_epoch_on_the_demo(tmp_path, tiny_demo, p
                 32,
                 "--batch-size",
                 4,
+                # the batch shrinks from the preset's to 4 and its lr with it (a random EfficientNet-B4 diverges at
+                # lr 0.05 on batches of 4)
+                "--lr-scaling",
+                "linear",
                 "--workers",
                 0,
                 "--run-dir",
@@ -112,6 +116,7 @@ def test_preset_parses_and_runs_a_short_epoch_on_the_demo(tmp_path, tiny_demo, p
         "weights",
         "resolution",
         "batch_size",
+        "lr_scaling",
         "workers",
         "data",
     }:
@@ -153,7 +158,7 @@ def test_a_presets_own_values_reach_the_optimizer_the_schedule_and_the_transform
             assert lrs[epoch * steps] == pytest.approx(lr * cfg.gamma ** (epoch // cfg.step_size)), epoch
     else:
         assert lrs[warm] == pytest.approx(lr) and lrs[-1] < 0.01 * lr
-        assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1 :]))
+        assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1 :], strict=False))
 
     augmentation = TrainAugmentation(cfg)
     areas = [(r - left) * (b - t) for left, t, r, b in (augmentation.draw(0, i, 400, 600)[0] for i in range(300))]
@@ -260,11 +265,11 @@ def test_the_recipe_updates_the_ema_after_every_step(tmp_path, hub_folder):
     train.train_epoch(run, 1)
     expected = seen[0]
     for weights in seen[1:]:
-        expected = [0.7 * e + 0.3 * w for e, w in zip(expected, weights)]
+        expected = [0.7 * e + 0.3 * w for e, w in zip(expected, weights, strict=True)]
     assert len(seen) == 5
-    for averaged, want in zip(run.ema.module.parameters(), expected):
+    for averaged, want in zip(run.ema.module.parameters(), expected, strict=True):
         assert torch.allclose(averaged, want, atol=1e-6)
-    assert not all(torch.allclose(a, b, atol=1e-3) for a, b in zip(run.ema.module.parameters(), seen[-1]))
+    assert not all(torch.allclose(a, b, atol=1e-3) for a, b in zip(run.ema.module.parameters(), seen[-1], strict=True))
 
 
 def linear_model_loss(label_smoothing=0.0, mixer=None):
@@ -375,7 +380,7 @@ def test_compare_rows(three_runs, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = {
-        Path(cells[0]).name: dict(zip(header, cells))
+        Path(cells[0]).name: dict(zip(header, cells, strict=True))
         for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:5])
     }
     assert set(rows) == {"a", "b", "c"}
@@ -393,6 +398,14 @@ def test_compare_rows(three_runs, tmp_path, capsys):
     assert rows["a"]["start"] == "demo-pretrained"
     assert rows["b"]["lr"] == "0.003" and rows["a"]["arch"] == "shufflenet_v2_x0_5"
 
+    every = sum(
+        t.numel()
+        for k, t in load_checkpoint(three_runs / "a" / "best.pt")["model"].items()
+        if "running" not in k and "num_batches" not in k
+    )
+    assert rows["a"]["trained parameters"] == f"{every / 1e6:.2f} M of {every / 1e6:.2f} M, 100.0 %"
+    assert rows["b"]["trained parameters"] == rows["a"]["trained parameters"]  # of the whole run, unfrozen at the end
+    assert rows["c"]["trained parameters"] == "-"  # its summary (written before they were counted) does not say
     assert rows["c"]["status"] == "crashed" and rows["c"]["epochs"] == "1/2"
     assert rows["c"]["augmentation"] == "crop+flip, ls 0.1"
     assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
@@ -409,10 +422,12 @@ def test_compare_without_run_folders_is_one_clear_line(tmp_path):
 
 def test_lr_find_reports_the_suggestion_of_the_curve_it_recorded(tmp_path, tiny_demo, capsys):
     out = tmp_path / "lr"
+    preset = tmp_path / "scaled.toml"  # the demo with the lr scaled by the batch
+    preset.write_text((ROOT / "configs" / "demo.toml").read_text() + 'lr_scaling = "linear"\n')
     lr_find.main(
         [
             "--config",
-            str(ROOT / "configs" / "demo.toml"),
+            str(preset),
             "--arch",
             "resnet18",
             "--weights",
@@ -441,6 +456,8 @@ def test_lr_find_reports_the_suggestion_of_the_curve_it_recorded(tmp_path, tiny_
         f"suggested lr: {expected['valley']:.3g} (valley rule" in printed
         and f"steepest descent at {expected['steepest']:.3g}" in printed
     )
+    # the lr the preset trains at is the scaled one: demo.toml's 0.005 x 8/128
+    assert "your preset's lr: 0.0003125 (--lr 0.005 x batch 8/128, --lr-scaling linear)" in printed
     assert (out / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -530,7 +547,7 @@ def test_compare_verdicts_on_hand_made_metrics(tmp_path, capsys, rows, status, e
     compare.main([str(run_dir)])
     lines = capsys.readouterr().out.splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    cells = dict(zip(header, [c.strip() for c in lines[2].strip("|").split("|")]))
+    cells = dict(zip(header, [c.strip() for c in lines[2].strip("|").split("|")], strict=True))
     last = [r for r in rows if r[2] is not None][-1]
     best = max((r for r in rows if r[2] is not None), key=lambda r: r[2])
     assert cells["verdict"] == expected and cells["status"] == status
@@ -592,7 +609,7 @@ def test_compare_sorts_runs_naturally_and_names_them_from_where_it_runs(tmp_path
     compare.main([f"sweep/{name}" for name in ("trial-10", "trial-2", "trial-1")])
     lines = capsys.readouterr().out.splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    table = [dict(zip(header, [c.strip() for c in line.strip("|").split("|")])) for line in lines[2:5]]
+    table = [dict(zip(header, [c.strip() for c in line.strip("|").split("|")], strict=True)) for line in lines[2:5]]
     assert [(r["run"], r["start"], r["method"]) for r in table] == [
         ("sweep/trial-1", "demo-pretrained", "plain"),
         ("sweep/trial-2", "IMAGENET1K_V2", "L2-SP 0.01"),

@@ -380,3 +380,13 @@ def test_a_crash_leaves_the_run_marked_crashed_not_running(tmp_path, data, monke
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "crashed" and summary["epochs_done"] == 0
     assert torch.load(tmp_path / "run" / "last.pt")["epoch"] == 0  # still resumable from its start
+
+
+def test_a_last_step_that_blows_the_weights_up_is_a_divergence(tmp_path, data):
+    """D12: one step at lr 1e30 leaves a finite training loss and weights that give a NaN evaluation loss: the run
+    diverged, it did not finish with one class predicted everywhere."""
+    run_dir = tmp_path / "run"
+    code, stderr = run(train.main, *tiny_args(data, run_dir, "--epochs", "1", "--batch-size", "18", "--lr", "1e30"))
+    refused((code, stderr), r"training diverged in epoch 1: the test loss became nan after epoch 1")
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "diverged"
+    assert not (run_dir / "best.pt").exists() and (run_dir / "last.pt").exists()

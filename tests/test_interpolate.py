@@ -122,3 +122,46 @@ def test_without_lp_ft_the_start_gets_a_probe_fitted_here(tmp_path):
     report = (tmp_path / "line" / "report.md").read_text()
     assert "a linear-probe head fitted here on the start's features of 18 training images" in report
     assert "The run has no validation split, so the best alpha is chosen on the test split" in report
+
+
+def test_out_is_checked_before_the_slow_part_and_swapped_or_broken_runs_are_named(lp_ft_run, tmp_path, monkeypatch):
+    """D6: an --out that is a file, or under one, is refused before the probe fit (the slow part); D16: an alpha
+    given first is named as swapped; D17: a run that diverged in its first epoch is said to have diverged."""
+    from cars.report import write_json
+
+    def slow_part(args):
+        raise AssertionError("the run was prepared before --out was checked")
+
+    monkeypatch.setattr(interpolate, "prepare", slow_part)
+    (tmp_path / "file").write_text("mine")
+    for out, message in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "sub", "is a file, not a folder")):
+        with pytest.raises(UserError, match=message):
+            interpolate.main([str(lp_ft_run), "--out", str(out), *QUICK])
+    assert (tmp_path / "file").read_text() == "mine"
+    with pytest.raises(UserError, match="the arguments look swapped: 0.5 is an alpha and .* a run"):
+        interpolate.main(["0.5", str(lp_ft_run)])
+    monkeypatch.undo()
+    diverged = tmp_path / "diverged"
+    diverged.mkdir()
+    write_json(diverged / "summary.json", {"status": "diverged", "epochs_done": 0})
+    with pytest.raises(UserError, match="diverged in its first epoch"):
+        interpolate.main([str(diverged), "--out", str(tmp_path / "out"), *QUICK])
+
+
+def test_a_hub_dataset_offline_is_interpolated_without_its_corrupted_copies(tmp_path, monkeypatch, capsys):
+    """A run on a hub id, with the hub unreachable: its train and test files come from the hub's cache (here a local
+    folder stands in for it), the listing of its corrupted copies cannot be had, and the line is drawn without them."""
+    import datasets
+
+    from cars.config import load_saved
+
+    place_in_torchvision_cache("resnet18", "IMAGENET1K_V1")
+    local = write_hub_folder(tmp_path / "hub")
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda location, data_files: real(str(local), data_files=data_files))
+    run = tmp_path / "run"
+    train.main(tiny_args("nobody/offline_cars", run, "--weights", "IMAGENET1K_V1", "--epochs", "1"))
+    assert load_saved(run / "config.toml").data == "nobody/offline_cars"
+    interpolate.main([str(run), "--alphas", "0,1", "--out", str(tmp_path / "line"), *QUICK])
+    assert "note: no corrupted copies: could not list the files of nobody/offline_cars" in capsys.readouterr().out
+    assert {r["split"] for r in read_rows(tmp_path / "line" / "interpolation.csv")} == {"test"}

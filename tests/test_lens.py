@@ -409,8 +409,8 @@ def test_eval_reports_what_fine_tuning_changed(fine_tuned, demo_pretrained):
     final = probes[-2]  # the last stage's: what the head reads, not a stage chosen on the eval (here the test) split
     assert "## What fine-tuning changed" in report and "![CKA per stage](transfer/cka.png)" in report
     assert (
-        f"frozen final features ({final['layer']}, what the head reads) reaches {float(final['probe_acc']):.1f}%"
-        in (report.replace("\n", " "))
+        f"frozen final features ({final['layer']}, what the head reads), fitted on the 24 images the run trained on, "
+        f"reaches {float(final['probe_acc']):.1f}%" in (report.replace("\n", " "))
     )
     assert f"bought **{summary['top1'] - float(final['probe_acc']):+.1f} points**" in report
     assert lens["start_matches_run"] is True and len(lens["start_fingerprint"]) == 16
@@ -544,3 +544,24 @@ def test_a_stage_without_a_cka_is_neither_the_closest_nor_the_furthest():
         closest, furthest = transfer.closest_and_furthest(order)
         assert (closest["layer"], furthest["layer"]) == ("a", "c")
     assert transfer.closest_and_furthest([dict(layer="stem", cka=nan)]) == (None, None)
+
+
+def test_the_probes_are_fitted_on_the_images_the_run_trained_on(demo_pretrained, tmp_path):
+    """A run on 2 images a class, its epoch chosen on a validation split: the probe behind "what fine-tuning bought"
+    reads those 6 images, not the dataset's whole training split (validation images included), and says so."""
+    data = write_kinds(tmp_path / "data", SOURCE_KINDS[:3], per_class=(8, 4), seed=5, paints=list(demo.PAINTS.values()))
+    run_dir = tmp_path / "run"
+    recipe = f"--arch {ARCH} --weights demo-pretrained --resolution 48 --batch-size 6 --epochs 1 --workers 0"
+    train.main(
+        ["--data", str(data), "--run-dir", str(run_dir), *recipe.split()]
+        + ["--train-per-class", "2", "--val-split", "0.25"]
+    )
+    eval_tool.main([str(run_dir), "--num-gradcam", "1", "--workers", "0", "--batch-size", "6"])
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert summary["transfer"]["forward_passes"]["train"] == 6
+    words = (
+        "the 6 images the run trained on (2 training images per class, drawn after its validation split was held out; "
+        "subset.csv)"
+    )
+    assert summary["transfer"]["probe_fitted_on"] == words
+    assert f"fitted on {words}, reaches" in (run_dir / "eval" / "report.md").read_text().replace("\n", " ")

@@ -132,7 +132,7 @@ def test_a_frozen_backbone_keeps_its_norm_statistics_and_the_head_trains_as_usua
     """Only the backbone's normalisation statistics stop: every dropout, the head's included, stays
     in training mode, so a frozen epoch trains the head exactly as an unfrozen one would."""
     from cars.config import Config
-    from cars.finetune import set_trainable
+    from cars.methods import set_trainable
 
     cfg = Config()
     model = build_model(arch, "none", num_classes=5, dropout=0.5).train()

@@ -360,7 +360,7 @@ def test_extending_a_step_schedule_never_raises_the_lr_after_warmup(tmp_path):
     lrs = [row["lr"] for row in read_metrics(run_dir / "metrics.csv")]
     assert len(lrs) == 5 and lrs[0] < lrs[1]  # warmup
     assert (
-        all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+        all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False))
         and lrs[1] == pytest.approx(0.01)
         and lrs[4] == pytest.approx(0.0025)
     )

@@ -74,3 +74,44 @@ def test_runs_of_other_starts_or_networks_are_one_line_and_nothing_is_written(ru
         with pytest.raises(UserError, match=message):
             soup.main([str(a), str(run), "--out", str(tmp_path / "out"), *QUICK])
         assert not (tmp_path / "out").exists()
+
+
+def test_a_soup_refuses_to_empty_its_inputs_or_mix_splits_diverged_or_broken_runs(runs, tmp_path):
+    """D1: --out naming an input is refused before anything is deleted; D5 and item 3: a run chosen on another
+    validation split, or on test, does not go into a soup chosen on validation; D2 and D17: NaN weights and a run that
+    diverged in its first epoch are named as such."""
+    import shutil
+
+    from cars.checkpoint import save_checkpoint
+    from cars.report import write_json
+
+    root, data, (a, b) = runs
+    mine = tmp_path / "mine"
+    shutil.copytree(a, mine)
+    before = sorted(p.name for p in mine.iterdir())
+    with pytest.raises(UserError, match="is the input run .* which would be emptied"):
+        soup.main([str(mine), str(b), "--out", str(mine), "--overwrite", *QUICK])
+    assert sorted(p.name for p in mine.iterdir()) == before and weights(mine)
+
+    place_in_torchvision_cache("resnet18", "IMAGENET1K_V1")
+    for name, flags, message in (
+        ("other-split", ["--val-split", "0.34", "--split-seed", "1"], r"--split-seed 1\), .* on a validation split"),
+        ("on-test", [], r"the test split of .* \(no validation split\)"),
+    ):
+        train.main(tiny_args(data, tmp_path / name, "--weights", "IMAGENET1K_V1", "--epochs", "1", *flags))
+        with pytest.raises(UserError, match=message):
+            soup.main([str(a), str(tmp_path / name), "--out", str(tmp_path / "out"), *QUICK])
+        assert not (tmp_path / "out").exists()
+
+    broken = tmp_path / "broken"
+    shutil.copytree(a, broken)
+    checkpoint = load_checkpoint(broken / "best.pt")
+    checkpoint["model"]["fc.weight"][0, 0] = float("nan")
+    save_checkpoint(broken / "best.pt", checkpoint)
+    diverged = tmp_path / "diverged"
+    diverged.mkdir()
+    write_json(diverged / "summary.json", {"status": "diverged", "epochs_done": 0})
+    for run, message in ((broken, "holds NaN or infinite weights"), (diverged, "diverged in its first epoch")):
+        with pytest.raises(UserError, match=message):
+            soup.main([str(a), str(run), "--out", str(tmp_path / "out"), *QUICK])
+        assert not (tmp_path / "out").exists()

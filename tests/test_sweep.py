@@ -539,3 +539,16 @@ def test_the_study_pictures_count_pruned_trials_at_their_last_value(tmp_path):
     ]
     drawn = sweeps.write_study_files(study, tmp_path)
     assert "optimization_history.png" in drawn and "param_importances.png" in drawn
+
+
+def test_a_sweep_whose_every_trial_diverged_ends_in_one_line(sweep_dir, tmp_path):
+    """Item 8: no trial completed (each diverged: pruned), so the study has no best trial; it ended in Optuna's
+    'Record does not exist'."""
+    path = sweep_file(sweep_dir, "all-diverge", trials=2)
+    path.write_text(
+        path.read_text().replace("lr = { low = 1e-4, high = 0.05, log = true }", "lr = { low = 1e6, high = 1e7 }")
+    )
+    out = tmp_path / "all-diverge"
+    with pytest.raises(UserError, match="none of the study's 2 trials finished: every one diverged or was pruned"):
+        sweep_tool.main(["--config", str(path), "--out", str(out)])
+    assert (out / "trials.csv").is_file()

@@ -113,7 +113,10 @@ def test_eval_py_explains_the_demo_run(demo_run):
         f"From random weights, the same recipe (`{demo_run.parent / 'scratch'}`) reaches 42.5% on the test split; "
         f"from `demo-pretrained` this run reaches {top1:.1f}%: pretraining bought **{top1 - 42.5:+.1f} points**."
     )
-    assert f"linear probe on the start's frozen features ({layer}, what the head reads) reaches {probe:.1f}%" in opening
+    assert (
+        f"linear probe on the start's frozen features ({layer}, what the head reads), fitted on the 240 images the run "
+        f"trained on, reaches {probe:.1f}%" in opening
+    )
     assert report["top1"] == pytest.approx(summary["best_eval_acc"], abs=0.01) and report["images"] == 300
     corruptions = report["corruptions"]
     assert list(corruptions["accuracy"]) == ["gaussian_noise", "motion_blur", "pixelate"]

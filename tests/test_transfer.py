@@ -54,8 +54,10 @@ def test_the_source_task_draws_other_things_than_the_cars_and_is_reproducible():
     again, _ = demo.make_split(names[:3], demo.draw_source_class, 2, seed=11)
     other, _ = demo.make_split(names[:3], demo.draw_source_class, 2, seed=12)
     assert labels == [0, 1, 2, 0, 1, 2]
-    assert all(a.tobytes() == b.tobytes() for a, b in zip(first, again)), "the same seed draws the same images"
-    assert any(a.tobytes() != b.tobytes() for a, b in zip(first, other))
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(first, again, strict=True)), (
+        "the same seed draws the same images"
+    )
+    assert any(a.tobytes() != b.tobytes() for a, b in zip(first, other, strict=True))
 
 
 def test_demo_source_is_a_dataset_like_the_demo():
