@@ -16,7 +16,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the
 
 import gradio as gr
 
-from cars import familiarity
+from cars import calibration, familiarity
 from cars.cli import CAM_METHODS
 from cars.data import FileSplit, label_map, load_splits, read_rgb
 from cars.demo import CLASS_NAMES
@@ -38,9 +38,11 @@ ONE_AT_A_TIME = {"concurrency_id": "model", "concurrency_limit": 1}
 def predict_tab(trained: Trained, cam_method: str) -> None:
     transform = eval_transform(trained.resolution)
     check, why_none = familiarity.load_for(trained)  # eval.py's calibration for these weights
+    measured, probabilities = calibration.saved_for(trained)  # eval.py's temperature and abstention curve, if any
+    trained.temperature = measured["temperature"] if measured else 1.0
 
     def answer(
-        photo, method
+        photo, method, abstain_below=0.0
     ):  # the upload as sent (not preprocessed): our reader's message, not Gradio's, for a bad file
         if not photo:
             raise gr.Error("Upload or paste a photo first.")
@@ -75,7 +77,10 @@ def predict_tab(trained: Trained, cam_method: str) -> None:
             if trained.backend == "pytorch"
             else None
         )
-        return top, cam, note
+        if predictions[0]["probability"] < abstain_below:
+            words = calibration.abstention_words(predictions[0]["probability"], abstain_below, measured)
+            note = f"**The model {words}.**\n\n{note}"
+        return top, cam, f"{note}\n\n{probabilities[0].upper()}{probabilities[1:]}."
 
     with gr.Row():
         with gr.Column():
@@ -89,6 +94,9 @@ def predict_tab(trained: Trained, cam_method: str) -> None:
             method = gr.Dropdown(
                 list(CAM_METHODS), value=cam_method, label="CAM method", visible=trained.backend == "pytorch"
             )
+            abstain = gr.Slider(
+                0, 1, value=0, step=0.05, label="Abstain below this probability (0: always answer)", elem_id="abstain"
+            )
             button = gr.Button("Predict", variant="primary", elem_id="predict")
             shipped = sorted(str(p) for p in EXAMPLES.glob("*.png"))
             if shipped and set(trained.class_names) == set(CLASS_NAMES):  # the demo's photos, for the demo's model
@@ -100,9 +108,9 @@ def predict_tab(trained: Trained, cam_method: str) -> None:
             note = gr.Markdown(elem_id="familiarity")
             cam = gr.Image(label="Where the model looked (top class)", interactive=False, elem_id="cam", height=320)
     outputs = [top5, cam, note]
-    button.click(answer, [photo, method], outputs, api_name="predict", preprocess=False, **ONE_AT_A_TIME)
+    button.click(answer, [photo, method, abstain], outputs, api_name="predict", preprocess=False, **ONE_AT_A_TIME)
     # an upload answers at once, too
-    photo.upload(answer, [photo, method], outputs, api_visibility="private", preprocess=False, **ONE_AT_A_TIME)
+    photo.upload(answer, [photo, method, abstain], outputs, api_visibility="private", preprocess=False, **ONE_AT_A_TIME)
 
 
 def read_csv(path: Path) -> list[dict]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cars import analysis, familiarity, finetune, methods, transfer
+from cars import adaptation, analysis, calibration, familiarity, finetune, methods, transfer
 from cars.cli import TTA_SCALES
 from cars.config import from_saved, load_saved
 from cars.data import (
@@ -44,6 +44,8 @@ from cars.report import (
     plot_confusion,
     plot_linear_probe,
     plot_per_class,
+    plot_reliability,
+    plot_risk_coverage,
     plot_weight_change,
     write_csv,
     write_json,
@@ -82,6 +84,7 @@ class Evaluation:
     device: Device
     train_split: object  # the images the run trained on, where its checkpoint says which; else the dataset's train
     train_words: str  # which images those are, in words, for the report
+    val_split: object | None  # the run's validation split, where its checkpoint names one on this data
     test_split: object
     # dataset label -> the model's class index, when the dataset orders the classes otherwise
     to_model: torch.Tensor | None
@@ -118,10 +121,11 @@ class Evaluation:
             dataset, batch_size=self.args.batch_size, shuffle=False, workers=self.workers, seed=self.args.seed
         )
 
-    def logits_of(self, split, resolution: int | None = None, flip: bool = False, cache: str = "off"):
-        """The model's logits for every image of a split, and the true labels as the model's class indices."""
+    def logits_of(self, split, resolution: int | None = None, flip: bool = False, cache: str = "off", model=None):
+        """The model's logits (or `model`'s) for every image of a split, and the true labels as the model's class
+        indices."""
         loader = self.loader_of(split, resolution, flip, cache)
-        logits, labels = collect_logits(self.trained.model, loader, self.device)
+        logits, labels = collect_logits(model or self.trained.model, loader, self.device)
         return logits, labels if self.to_model is None else self.to_model[labels]
 
 
@@ -166,12 +170,30 @@ def main(argv=None) -> None:
     # CAMs need gradients: none from ONNX Runtime
     cams = draw_cams(evaluation, scores) if evaluation.trained.backend == "pytorch" else []
     tta = test_time_augmentation(evaluation, scores, summary) if evaluation.args.tta else ""
-    robustness = corrupted_copies(evaluation, summary) if evaluation.corruptions else ""
-    unfamiliar = calibrate_familiarity(evaluation, summary, held_out=torch.cat(test_features)) if pytorch else ""
+    corrupted = corrupted_splits(evaluation)
+    shifted, shifted_features = {}, {}
+    for name, split in corrupted.items():
+        with kept_head_inputs(evaluation.trained.model) if pytorch else nullcontext([]) as features:
+            shifted[name] = evaluation.logits_of(split)
+        shifted_features[name] = torch.cat(features) if features else None
+    robustness = corrupted_copies(summary, shifted) if shifted else ""
+    calibrated, temperature, measured = calibrate_probabilities(evaluation, scores, summary, shifted)
+    write_predictions(evaluation, scores, temperature)
+    adapted = (
+        adapt_to_shifts(evaluation, scores, summary, corrupted, shifted) if evaluation.args.adapt != "none" else ""
+    )
+    unfamiliar, check = (
+        calibrate_familiarity(evaluation, summary, held_out=torch.cat(test_features)) if pytorch else ("", None)
+    )
+    answers = {
+        "test": (scores.logits, scores.labels, torch.cat(test_features) if pytorch else None),
+        **{name: (*shifted[name], shifted_features[name]) for name in shifted},
+    }
+    abstention = knowing_when_to_abstain(evaluation, summary, answers, temperature, measured, check)
     changed = what_fine_tuning_changed(evaluation, summary)
     bought = what_pretraining_bought(evaluation, summary)
     write_json(evaluation.out / "summary.json", summary)
-    sections = [tta, robustness, unfamiliar, changed]
+    sections = [tta, robustness, calibrated, abstention, adapted, unfamiliar, changed]
     write_report(evaluation, scores=scores, summary=summary, cams=cams, opening=bought, sections=sections)
     print(f"\nreport: {evaluation.out / 'report.md'}")
 
@@ -188,7 +210,7 @@ def start(args) -> Evaluation:
             f"{trained.data} has no corrupted copies of its test split ({', '.join(CORRUPTIONS)}); drop --corruptions"
         )
     train_split, test_split, dataset_names = open_source(trained.data)
-    train_split, train_words = run_training_images(trained, train_split)
+    train_split, train_words, val_split = run_training_images(trained, train_split)
     to_model = label_map(trained.class_names, dataset_names, trained.data)
     if to_model is not None:
         print(
@@ -210,6 +232,7 @@ def start(args) -> Evaluation:
         device,
         train_split,
         train_words,
+        val_split,
         test_split,
         to_model,
         corruptions,
@@ -220,17 +243,21 @@ def start(args) -> Evaluation:
     )
 
 
-def run_training_images(trained: Trained, train_split) -> tuple[object, str]:
+def run_training_images(trained: Trained, train_split) -> tuple[object, str, object | None]:
     """The images the run trained on (its validation split and any --train-per-class or --train-fraction subset taken
-    out, as its saved config draws them), and which they are in words: what the probes and the familiarity check are
-    fitted on. The dataset's whole training split when the checkpoint does not say, or was trained on other data."""
+    out, as its saved config draws them), which they are in words (what the probes and the familiarity check are
+    fitted on), and its validation split (the temperature is fitted on it) or None. The dataset's whole training split
+    and no validation split when the checkpoint does not say, or was trained on other data."""
     cfg = from_saved(trained.recipe)
     if cfg is None or cfg.data != trained.data:
-        return train_split, (
+        return (
+            train_split,
             f"all {len(train_split)} images of the training split (the checkpoint does not say which of them the run "
-            "trained on)"
+            "trained on)",
+            None,
         )
-    own, subset = run_splits(cfg).train, subset_words(cfg)
+    splits, subset = run_splits(cfg), subset_words(cfg)
+    own, val = splits.train, splits.eval if cfg.val_split else None
     held_out = "its validation split held out"
     which = (
         f"{subset}, drawn after its validation split was held out; subset.csv"
@@ -241,7 +268,7 @@ def run_training_images(trained: Trained, train_split) -> tuple[object, str]:
         if cfg.val_split
         else ""
     )
-    return own, f"the {len(own)} images the run trained on" + (f" ({which})" if which else "")
+    return own, f"the {len(own)} images the run trained on" + (f" ({which})" if which else ""), val
 
 
 def find_scratch(args, trained: Trained) -> Path | None:
@@ -339,14 +366,6 @@ def write_scores(evaluation: Evaluation, scores: Scores) -> dict:
         ["id", "name", "correct", "total", "accuracy"],
     )
     write_csv(
-        out / "predictions.csv",
-        [
-            dict(index=i, true=int(t), predicted=int(p), confidence=round(float(c), 4))
-            for i, (t, p, c) in enumerate(zip(labels, scores.predicted, scores.confidence, strict=True))
-        ],
-        ["index", "true", "predicted", "confidence"],
-    )
-    write_csv(
         out / "confused_pairs.csv",
         [dict(true_id=t, true=names[t], predicted_id=p, predicted=names[p], count=n) for t, p, n in scores.pairs],
         ["true_id", "true", "predicted_id", "predicted", "count"],
@@ -370,6 +389,22 @@ def write_scores(evaluation: Evaluation, scores: Scores) -> dict:
         + scores.pair_table()
     )
     return summary
+
+
+def write_predictions(evaluation: Evaluation, scores: Scores, temperature: float) -> None:
+    """predictions.csv: every test image's true and predicted class, and the top class's probability as the network
+    gives it and calibrated (what predict.py shows)."""
+    calibrated = (scores.logits.double() / temperature).softmax(1).max(1).values
+    write_csv(
+        evaluation.out / "predictions.csv",
+        [
+            dict(index=i, true=int(t), predicted=int(p), confidence=round(float(c), 4), calibrated=round(float(k), 4))
+            for i, (t, p, c, k) in enumerate(
+                zip(scores.labels, scores.predicted, scores.confidence, calibrated, strict=True)
+            )
+        ],
+        ["index", "true", "predicted", "confidence", "calibrated"],
+    )
 
 
 def draw_cams(evaluation: Evaluation, scores: Scores) -> list[str]:
@@ -443,15 +478,76 @@ def test_time_augmentation(evaluation: Evaluation, scores: Scores, summary: dict
     )
 
 
-def corrupted_copies(evaluation: Evaluation, summary: dict) -> str:
-    """Robustness: the accuracy on each of the dataset's corrupted copies of the test split. Returns the report's
-    section."""
+def corrupted_splits(evaluation: Evaluation) -> dict:
+    """The dataset's corrupted copies of the test split that eval.py reads, by name ({} without --corruptions)."""
+    if not evaluation.corruptions:
+        return {}
     data = evaluation.trained.data
     splits = open_hub_dataset(dataset_location(data), data, splits=evaluation.corruptions)[:-1]
-    accuracy = {
-        name: analysis.topk_accuracy(*evaluation.logits_of(split), 1)
-        for name, split in zip(evaluation.corruptions, splits, strict=True)
-    }
+    return dict(zip(evaluation.corruptions, splits, strict=True))
+
+
+def halves(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded half of `count` images and the other half, each in order: one fits or adapts, the other is scored."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    return order[: count // 2].sort().values, order[count // 2 :].sort().values
+
+
+def adapt_to_shifts(evaluation: Evaluation, scores: Scores, summary: dict, corrupted: dict, shifted: dict) -> str:
+    """--adapt: per corrupted copy (and the clean split, for what adaptation costs where nothing shifted), a copy of
+    the network adapted on a seeded half of it without labels (cars/adaptation.py), and the accuracy of the other half
+    before and after. Returns the report's section."""
+    how, trained = evaluation.args.adapt, evaluation.trained
+    title = "## Adapting without labels\n\n"
+    norms = adaptation.batch_norms(trained.model) if trained.backend == "pytorch" else []
+    if not norms:
+        why = (
+            "ONNX Runtime gives no BatchNorm to adapt"
+            if trained.backend != "pytorch"
+            else (f"{trained.arch} has no BatchNorm layer to adapt")
+        )
+        print(f"\nadaptation (--adapt {how}): skipped, {why}")
+        return f"{title}--adapt {how}: skipped, {why}.\n"
+    results = {}
+    for name, split, (before_logits, labels) in [
+        ("test (clean)", evaluation.test_split, (scores.logits, scores.labels)),
+        *((n, corrupted[n], shifted[n]) for n in corrupted),
+    ]:
+        adapt_on, measured = halves(len(labels), evaluation.args.seed)
+        batches = evaluation.device.batches(evaluation.loader_of(SubsetSplit(split, adapt_on.tolist(), name)))
+        model = adaptation.adapted(trained.model, batches, how)
+        after_logits, after_labels = evaluation.logits_of(SubsetSplit(split, measured.tolist(), name), model=model)
+        results[name] = {
+            "images": len(measured),
+            "before": analysis.topk_accuracy(before_logits[measured], labels[measured], 1),
+            "after": analysis.topk_accuracy(after_logits, after_labels, 1),
+        }
+    clean, shifts = results.pop("test (clean)"), results
+    mean = {key: sum(r[key] for r in shifts.values()) / len(shifts) for key in ("before", "after")}
+    summary["adaptation"] = {"method": how, "clean": clean, "corruptions": shifts, "mean": mean}
+    shown = [*shifts.items(), ("**mean of the corrupted copies**", {"images": "", **mean}), ("test (clean)", clean)]
+    rows = [
+        [name, str(r["images"]), f"{r['before']:.2f}%", f"{r['after']:.2f}%", f"{r['after'] - r['before']:+.2f}"]
+        for name, r in shown
+    ]
+    table = markdown_table(["split", "images scored", "before", f"after --adapt {how}", "change"], rows)
+    print(f"\nadaptation (--adapt {how}):\n{table}")
+    words = {
+        "bn": "its BatchNorm statistics estimated again on them",
+        "tent": "its BatchNorm statistics estimated again and its BatchNorm scales and shifts trained to make the "
+        "predictions confident (the mean entropy, by SGD, one pass; Tent, Wang et al. 2021)",
+    }[how]
+    return (
+        f"{title}Each split was halved by the seed: a copy of the network adapted on one half, without its labels, "
+        f"{words}; the other half is scored, before and after. The clean split says what adaptation costs where "
+        f"nothing shifted.\n\n{table}\n"
+    )
+
+
+def corrupted_copies(summary: dict, shifted: dict) -> str:
+    """Robustness: the accuracy on each of the dataset's corrupted copies of the test split. Returns the report's
+    section."""
+    accuracy = {name: analysis.topk_accuracy(logits, labels, 1) for name, (logits, labels) in shifted.items()}
     mean = sum(accuracy.values()) / len(accuracy)
     summary["corruptions"] = {
         "accuracy": accuracy,
@@ -625,10 +721,131 @@ def what_fine_tuning_changed(evaluation: Evaluation, summary: dict) -> str:
     )
 
 
-def calibrate_familiarity(evaluation: Evaluation, summary: dict, *, held_out: torch.Tensor) -> str:
+def calibrate_probabilities(
+    evaluation: Evaluation, scores: Scores, summary: dict, shifted: dict
+) -> tuple[str, float, torch.Tensor]:
+    """One temperature fitted on the run's validation split (or, without one, on a seeded half of the test split),
+    and the probabilities' ECE, NLL and Brier score before and after it on the test split (its other half) and on
+    each corrupted copy (the same images): calibration.json, reliability.png. Returns the report's section, the
+    temperature and the test images it was measured on."""
+    logits, labels = scores.logits, scores.labels
+    if evaluation.val_split is not None:
+        fit_logits, fit_labels = evaluation.logits_of(evaluation.val_split, cache=evaluation.args.cache)
+        fitted_on, measured = f"the run's validation split ({len(fit_labels)} images)", torch.arange(len(labels))
+    else:  # half of the test split fits the temperature; it is measured on the other half only
+        fitting, measured = halves(len(labels), evaluation.args.seed)
+        fit_logits, fit_labels = logits[fitting], labels[fitting]
+        fitted_on = f"a seeded half of the test split ({len(fitting)} images; measured on the other {len(measured)})"
+    temperature = calibration.fit_temperature(fit_logits, fit_labels)
+
+    def measured_on(split_logits, split_labels) -> dict:
+        if len(split_labels) == len(labels):  # a corrupted copy holds the test split's images, in its order
+            split_logits, split_labels = split_logits[measured], split_labels[measured]
+        before, after = (calibration.scores(split_logits, split_labels, t) for t in (1.0, temperature))
+        return {
+            "images": len(split_labels),
+            **before,
+            **{f"{key}_calibrated": value for key, value in after.items()},
+        }
+
+    result = {
+        "temperature": temperature,
+        "fitted_on": fitted_on,
+        "weights": evaluation.trained.weights_fingerprint,  # predict.py uses the temperature for these weights only
+        **measured_on(logits, labels),
+    }
+    if shifted:
+        result["corruptions"] = {name: measured_on(*pair) for name, pair in shifted.items()}
+    # what predict.py --abstain-below says of a threshold: the calibrated confidence of every measured test image
+    confidence, predicted = (logits[measured].double() / temperature).softmax(1).max(1)
+    result["abstention"] = {
+        "confidence": [round(float(c), 6) for c in confidence],
+        "correct": [int(c) for c in predicted == labels[measured]],
+    }
+    write_json(evaluation.out / calibration.FILE, result)
+    summary_result = {k: v for k, v in result.items() if k != "abstention"}
+    summary["calibration"] = summary_result
+    plot_reliability(
+        calibration.reliability(logits[measured], labels[measured]),
+        calibration.reliability(logits[measured], labels[measured], temperature),
+        evaluation.out / "reliability.png",
+        title=f"{evaluation.trained.arch}: test split, temperature {temperature:.2f}",
+    )
+    rows = [
+        [
+            name,
+            str(row["images"]),
+            f"{row['ece']:.1f} % -> {row['ece_calibrated']:.1f} %",
+            f"{row['nll']:.3f} -> {row['nll_calibrated']:.3f}",
+            f"{row['brier']:.3f} -> {row['brier_calibrated']:.3f}",
+        ]
+        for name, row in [("test", result), *result.get("corruptions", {}).items()]
+    ]
+    table = markdown_table(["split", "images", "ECE", "NLL", "Brier"], rows)
+    print(f"\ncalibration: temperature {temperature:.3f}, fitted on {fitted_on}\n{table}")
+    section = (
+        "## Calibration\n\n"
+        f"Does a probability of 0.8 mean right 8 times in 10? One temperature T, fitted on {fitted_on} by minimising "
+        f"the negative log-likelihood of softmax(logits / T), is **{temperature:.2f}** "
+        + (
+            "(above 1: the network was overconfident)"
+            if temperature > 1
+            else "(below 1: the network was underconfident)"
+        )
+        + ". Before -> after it: the expected calibration error (ECE: the mean gap between confidence and accuracy "
+        f"over {calibration.BINS} equal-width bins of the top confidence), the negative log-likelihood (NLL) and the "
+        "Brier score; lower is better for all three, and the temperature never changes which class wins.\n\n"
+        + table
+        + f"\n\n![reliability diagram before and after the temperature](reliability.png)\n\n[{calibration.FILE}]"
+        f"({calibration.FILE}) holds the numbers; predict.py and the web page use the temperature.\n"
+    )
+    return section, temperature, measured
+
+
+def knowing_when_to_abstain(
+    evaluation: Evaluation, summary: dict, answers: dict, temperature: float, measured: torch.Tensor, check
+) -> str:
+    """Risk-coverage curves and their area (AURC) on the test split and each corrupted copy (the images the
+    calibration was measured on), for three scores of how sure the model is: its softmax confidence, the calibrated
+    confidence, and the familiarity score (nearer the training images: surer). risk_coverage.png; returns the report's
+    section."""
+    curves, areas = {}, {}
+    for name, (logits, labels, features) in answers.items():
+        if len(labels) == len(answers["test"][1]):  # a corrupted copy holds the test split's images, in its order
+            logits, labels = logits[measured], labels[measured]
+            features = features[measured] if features is not None else None
+        correct = logits.argmax(1) == labels
+        scores_of = {
+            "softmax confidence": logits.double().softmax(1).max(1).values,
+            "calibrated confidence": (logits.double() / temperature).softmax(1).max(1).values,
+        }
+        if check is not None and features is not None:
+            scores_of["familiarity"] = -check.scores(features)  # a smaller distance: surer
+        curves[name] = {score: calibration.risk_coverage(value, correct) for score, value in scores_of.items()}
+        areas[name] = {score: curve[2] for score, curve in curves[name].items()}
+        areas[name]["error"] = 1 - float(correct.double().mean())
+    summary["abstention"] = areas
+    plot_risk_coverage(curves, evaluation.out / "risk_coverage.png", title=evaluation.trained.arch)
+    names = [score for score in areas["test"] if score != "error"]
+    rows = [[name, f"{100 * a['error']:.1f} %", *(f"{100 * a[s]:.1f} %" for s in names)] for name, a in areas.items()]
+    table = markdown_table(["split", "error (all answered)", *(f"AURC, {s}" for s in names)], rows)
+    print(f"\nknowing when to abstain (AURC, lower is better):\n{table}")
+    return (
+        "## Knowing when to abstain\n\n"
+        "Answer only the images the model is surest of, and the error among them falls: the risk-coverage curve "
+        "draws that error against the share answered, for three ways to rank the images, and its area (AURC, the "
+        "mean error over every share) says how well each ranks right answers first; lower is better, and a ranking "
+        "that knows nothing scores the error rate itself. predict.py --abstain-below P and the page's slider abstain "
+        "below a calibrated probability and say what accuracy was measured at it.\n\n"
+        + table
+        + "\n\n![risk against coverage](risk_coverage.png)\n"
+    )
+
+
+def calibrate_familiarity(evaluation: Evaluation, summary: dict, *, held_out: torch.Tensor) -> tuple[str, Familiarity]:
     """The unfamiliar-input check that predict.py and app.py apply: fitted on the features of the training images
     (centre crops), its threshold calibrated on the test split's (`held_out`, kept from the scoring pass), written to
-    familiarity.safetensors. Returns the report's section."""
+    familiarity.safetensors. Returns the report's section and the check."""
     model, device, args = evaluation.trained.model, evaluation.device, evaluation.args
     train = evaluation.loader_of(evaluation.train_split, cache=args.cache, skip_bad_images=True)
     features, labels = finetune.head_inputs(model, train, device, description="familiarity: train")
@@ -639,7 +856,7 @@ def calibrate_familiarity(evaluation: Evaluation, summary: dict, *, held_out: to
     check.save(evaluation.out / familiarity.FILE)
     summary["familiarity"] = calibration
     rate = calibration["false_alarms"]
-    return (
+    section = (
         "## Unfamiliar inputs\n\n"
         f"predict.py and app.py flag a photo as unlike the training data when the features the head reads are further "
         f"from every class's training images than {100 * (1 - familiarity.FALSE_ALARMS):g} % of test images are "
@@ -650,6 +867,7 @@ def calibrate_familiarity(evaluation: Evaluation, summary: dict, *, held_out: to
         + f": the false-alarm rate. The check is in [{familiarity.FILE}]({familiarity.FILE}); docs/explanation/"
         "unfamiliar-inputs.md says what it can and cannot tell.\n"
     )
+    return section, check
 
 
 def test_accuracy(summary: dict) -> float | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from cars import familiarity
+from cars import calibration, familiarity
 from cars.data import FileSplit, read_rgb
 from cars.errors import UserError, message_of, printable, run_cli
 from cars.explain import cam_picture
@@ -50,6 +50,9 @@ def main(argv=None) -> None:
     check, why_none = familiarity.load_for(trained)  # eval.py's calibration for these weights
     if why_none:
         print(f"note: {why_none}", file=sys.stderr)
+    measured, probabilities = calibration.saved_for(trained)  # eval.py's temperature and abstention curve, if any
+    trained.temperature = measured["temperature"] if measured else 1.0
+    print(f"note: {probabilities}", file=sys.stderr)
 
     results, failures = [], 0
     for i, path in enumerate(args.images):
@@ -61,7 +64,9 @@ def main(argv=None) -> None:
             failures += 1
             continue
         predictions, verdict = familiarity.judged(trained, check, pixels, args.topk)
-        result = {"image": path, "predictions": predictions, **verdict}
+        result = {"image": path, "predictions": predictions, "temperature": trained.temperature, **verdict}
+        if args.abstain_below:
+            result["abstained"] = predictions[0]["probability"] < args.abstain_below
         if cam_dir:
             result["cam"] = str(cam_dir / cam_names[i])
             try:
@@ -81,6 +86,10 @@ def main(argv=None) -> None:
                 print(f"  {rank}. {prediction['class']:<48} {100 * prediction['probability']:6.2f}%")
             if result["unfamiliar"]:
                 print(f"  ! {familiarity.in_words(result, check)}")
+            if result.get("abstained"):
+                print(
+                    f"  ! {calibration.abstention_words(predictions[0]['probability'], args.abstain_below, measured)}"
+                )
     if args.json:
         print(json.dumps(results, indent=2))
     if failures:

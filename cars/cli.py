@@ -215,6 +215,15 @@ def eval_parser() -> argparse.ArgumentParser:
         help="also evaluate the dataset's corrupted copies of the test split (default: off)",
     )
     parser.add_argument(
+        "--adapt",
+        default="none",
+        choices=["none", "bn", "tent"],
+        help="with --corruptions, adapt to each corrupted copy without its labels, on a seeded half of it, and score "
+        "the other half: bn estimates the BatchNorm statistics again, tent also trains the BatchNorm scales and "
+        "shifts to make the predictions confident (Wang et al. 2021); the clean split too, for what it costs "
+        "(default: none)",
+    )
+    parser.add_argument(
         "--transfer",
         default="on",
         choices=["on", "off"],
@@ -239,7 +248,12 @@ def eval_parser() -> argparse.ArgumentParser:
         "decoded",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, metavar="N", help="chooses the GradCAM sample images (default: 0)"
+        "--seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="chooses the GradCAM sample images, and the halves of a split where one half fits the temperature (no "
+        "validation split) or adapts (--adapt) (default: 0)",
     )
     add_backend_flag(parser)
     return parser
@@ -249,6 +263,8 @@ def parse_eval(argv=None) -> argparse.Namespace:
     args = eval_parser().parse_args(argv)
     if args.batch_size < 1 or args.num_gradcam < 0 or (args.num_classes is not None and args.num_classes < 2):
         raise UserError("--batch-size must be positive, --num-gradcam not negative, --num-classes at least 2")
+    if args.adapt != "none" and not args.corruptions:
+        raise UserError(f"--adapt {args.adapt} adapts to the corrupted copies of the test split; add --corruptions")
     return args
 
 
@@ -267,6 +283,14 @@ def predict_parser() -> argparse.ArgumentParser:
         "images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, ...; any size, grayscale or colour)"
     )
     parser.add_argument("--topk", type=int, default=5, metavar="N", help="classes to show per image (default: 5)")
+    parser.add_argument(
+        "--abstain-below",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="abstain when the top class's probability (calibrated, where eval.py fitted a temperature) is below P, "
+        "and say what accuracy eval.py measured on the test images at or above P (default: 0, always answer)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table (default: a table)")
     parser.add_argument(
         "--cam", metavar="DIR", help="write a CAM overlay of the top class per image into DIR (default: none)"
@@ -293,6 +317,8 @@ def parse_predict(argv=None) -> argparse.Namespace:
         )
     if args.topk < 1:
         raise UserError(f"--topk must be at least 1, got {args.topk}")
+    if not 0 <= args.abstain_below <= 1:
+        raise UserError(f"--abstain-below is a probability between 0 and 1, got {args.abstain_below:g}")
     if args.cam and args.backend == "onnxruntime":
         raise UserError("--cam needs the PyTorch model's gradients; drop --cam or --backend onnxruntime")
     return args

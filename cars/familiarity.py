@@ -17,6 +17,7 @@ import torch
 from cars.errors import UserError
 from cars.files import atomic_write
 from cars.models import kept_head_inputs
+from cars.runs import eval_folders
 
 FALSE_ALARMS = 0.05  # the share of held-out images (like the training data) that may be flagged
 FILE = "familiarity.safetensors"
@@ -132,11 +133,6 @@ def load_for(trained) -> tuple[Familiarity | None, str]:
         f"no unfamiliar-input check: {found[0]} was fitted on other weights than {trained.path.name} holds now (a "
         f"resume changed them since, or eval.py evaluated another checkpoint); run eval.py on {trained.path} again"
     )
-
-
-def eval_folders(checkpoint: Path) -> list[Path]:
-    """Where eval.py writes for a checkpoint: <run>/eval (given the run folder), <run>/eval-<stem> (given the file)."""
-    return [checkpoint.parent / "eval", checkpoint.parent / f"eval-{checkpoint.stem}"]
 
 
 def judged(trained, check: "Familiarity | None", pixels: torch.Tensor, topk: int) -> tuple[list[dict], dict]:

@@ -35,6 +35,7 @@ class Trained:
     start_fingerprint: str | None = None  # finetune.start_fingerprint of those weights, when the run recorded it
     method: str | None = None  # the fine-tuning method, in words (finetune.describe), when the checkpoint says
     recipe: dict | None = None  # the run's whole config as its checkpoint saved it, when it did
+    temperature: float = 1.0  # the logits are divided by it before the softmax (eval.py's calibration)
 
     @functools.cached_property
     def weights_fingerprint(self) -> str | None:
@@ -43,12 +44,14 @@ class Trained:
         return state_fingerprint(self.model.state_dict()) if self.backend == "pytorch" else None
 
     def classify(self, pixels: torch.Tensor, topk: int) -> list[dict]:
-        """The top-k classes for one image's uint8 pixels (as eval_transform gives them), most probable first."""
+        """The top-k classes for one image's uint8 pixels (as eval_transform gives them), most probable first, with
+        their probabilities at the model's temperature."""
         device = next(
             self.model.parameters(), torch.empty(0)
         ).device  # ONNX Runtime's stand-in has no parameters: the CPU
         with torch.no_grad():
-            probabilities = self.model(normalize(pixels)[None].to(device)).float().softmax(1)[0].cpu()
+            logits = self.model(normalize(pixels)[None].to(device)).float()
+            probabilities = (logits / self.temperature).softmax(1)[0].cpu()
         top = probabilities.topk(min(topk, len(probabilities)))
         return [
             {"class": self.class_names[c], "index": int(c), "probability": round(float(p), 6)}

@@ -345,6 +345,58 @@ def plot_linear_probe(rows: list[dict], fine_tuned: float, path: Path, *, title:
     save_figure(fig, path)
 
 
+def plot_reliability(before: list[dict], after: list[dict], path: Path, *, title: str) -> None:
+    """Reliability diagrams before and after the temperature: each bin's accuracy against its mean confidence (on the
+    diagonal: calibrated), bars as wide as the bin, with the images per bin written above."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), sharey=True)
+    for ax, rows, label in ((axes[0], before, "before"), (axes[1], after, "after the temperature")):
+        ax.plot([0, 1], [0, 100], color="gray", ls="--", lw=1, label="calibrated")
+        ax.bar(
+            [r["low"] for r in rows],
+            [100 * r["accuracy"] for r in rows],
+            width=[r["high"] - r["low"] for r in rows],
+            align="edge",
+            color="steelblue",
+            edgecolor="white",
+            label="accuracy in the bin",
+        )
+        ax.plot(
+            [r["confidence"] for r in rows],
+            [100 * r["accuracy"] for r in rows],
+            "o",
+            color="crimson",
+            ms=4,
+            label="at the bin's mean confidence",
+        )
+        for r in rows:
+            ax.text(r["confidence"], 100 * r["accuracy"] + 2, str(r["images"]), ha="center", fontsize=6)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 105)
+        ax.set_xlabel("confidence of the top class")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def plot_risk_coverage(curves: dict, path: Path, *, title: str) -> None:
+    """One panel per split: the error among the answered images against the share answered, one line per score."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.8), sharey=True, squeeze=False)
+    for ax, (split, by_score) in zip(axes[0], curves.items(), strict=True):
+        for score, (coverage, risk, area) in by_score.items():
+            ax.plot(coverage.numpy(), 100 * risk.numpy(), label=f"{score} (AURC {100 * area:.1f} %)")
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("share of images answered (coverage)")
+        ax.set_title(split)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("error among the answered (%)")
+    fig.suptitle(f"{title}: risk against coverage")
+    save_figure(fig, path)
+
+
 def plot_interpolation(rows: list[dict], path: Path, *, title: str) -> None:
     """Accuracy against alpha, one line per split; dashed with BatchNorm statistics estimated again."""
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -41,6 +41,9 @@ OUTPUTS = {
         "gradcam_samples.png",
         "gradcam_worst.png",
         "familiarity.safetensors",
+        "calibration.json",
+        "reliability.png",
+        "risk_coverage.png",
         "transfer",  # the transfer section's files
     },
     "lr_find folder": {"lr_find.csv", "lr_find.png"},
@@ -243,3 +246,8 @@ def scratch_twin(run_dir: Path) -> Path | None:
         if finished and other["weights"].lower() == "none" and not recipe_difference(own, other, also={"weights"}):
             return sibling
     return None
+
+
+def eval_folders(checkpoint: Path) -> list[Path]:
+    """Where eval.py writes for a checkpoint: <run>/eval (given the run folder), <run>/eval-<stem> (given the file)."""
+    return [checkpoint.parent / "eval", checkpoint.parent / f"eval-{checkpoint.stem}"]

@@ -82,6 +82,10 @@ def test_the_page_answers_as_predict_py_and_survives_bad_photos(served, tmp_path
     # eval.py calibrated the unfamiliar-input check: the page says what predict.py's JSON says, in words
     assert isinstance(answer["unfamiliar"], bool) and answer["familiarity_score"] >= 0
     assert note.startswith("**This photo is unlike" if answer["unfamiliar"] else "Like the training images")
+    # and it shows predict.py's probabilities, both divided by eval.py's temperature, and says so
+    assert "Probabilities calibrated by eval.py's temperature" in note and answer["temperature"] != 1
+    shown = {c["label"]: c["confidence"] for c in top5["confidences"]}
+    assert shown == pytest.approx({p["class"]: p["probability"] for p in answer["predictions"]}, abs=1e-6)
     # every class of 3; the CAM computed at the model's 32 px, drawn at 224 px beside the photo as it was
     width, height = Image.open(cam).size
     assert len(top5["confidences"]) == 3 and width >= 2 * 224 and height >= 224

@@ -203,6 +203,19 @@ def test_tta_and_corruption_rows(trained_run, evaluated):
     assert "| **mean** |" in report
 
 
+def test_calibration_scores_an_exact_copy_of_the_test_split_as_the_test_split(evaluated):
+    """Without a validation split the temperature is fitted on a seeded half of the test split and every split is
+    scored on the other half: gaussian_noise, an exact copy of test, must score exactly as test."""
+    saved = json.loads((evaluated / "calibration.json").read_text())
+    assert saved["fitted_on"] == "a seeded half of the test split (7 images; measured on the other 8)"
+    copy = saved["corruptions"]["gaussian_noise"]
+    for key in ("images", "ece", "ece_calibrated", "nll", "nll_calibrated", "brier", "brier_calibrated"):
+        assert copy[key] == pytest.approx(saved[key], abs=1e-9), key
+    assert saved["temperature"] > 0 and saved["corruptions"]["motion_blur"]["images"] == 8
+    areas = json.loads((evaluated / "summary.json").read_text())["abstention"]
+    assert areas["gaussian_noise"] == pytest.approx(areas["test"], abs=1e-9)  # the same images, ranked the same
+
+
 def test_eval_output_is_not_overwritten_without_flag(trained_run, evaluated, capsys):
     before = (evaluated / "summary.json").read_bytes()
     with pytest.raises(SystemExit) as exit:
@@ -353,7 +366,7 @@ def test_predict_top1_matches_eval_and_reports_unreadable_files(tmp_path, traine
         )
     assert exit.value.code == 1
     captured = capsys.readouterr()
-    errors = captured.err.strip().splitlines()
+    errors = [line for line in captured.err.strip().splitlines() if not line.startswith("note: probabilities")]
     assert len(errors) == 1 and errors[0].startswith("error: cannot read image") and "broken.jpg" in errors[0]
     results = json.loads(captured.out)
     rows = read_csv(evaluated / "predictions.csv")
@@ -361,7 +374,7 @@ def test_predict_top1_matches_eval_and_reports_unreadable_files(tmp_path, traine
     assert [r["image"] for r in results] == paths
     for result, i in zip(results, (0, 4), strict=True):
         assert result["predictions"][0]["index"] == int(rows[i]["predicted"])
-        assert result["predictions"][0]["probability"] == pytest.approx(float(rows[i]["confidence"]), abs=1e-3)
+        assert result["predictions"][0]["probability"] == pytest.approx(float(rows[i]["calibrated"]), abs=1e-3)
         assert len(result["predictions"]) == 2 and Path(result["cam"]).exists()
         with PIL.Image.open(result["cam"]) as picture:  # the photo and the map over it, each 224 px or more
             assert picture.width >= 2 * 224 and picture.height >= 224
@@ -550,3 +563,31 @@ def test_what_pretraining_bought_never_compares_two_test_sets_or_a_missing_one(t
     assert "not measured here: this evaluation reads another resolution (48 px)" in opening
     eval_tool.main([str(run_dir), "--scratch", str(tested), "--out", str(tmp_path / "same"), *quick])
     assert json.loads((tmp_path / "same" / "summary.json").read_text())["pretraining"]["scratch_acc"] == 40.0
+
+
+def test_eval_adapting_to_an_exact_copy_of_the_test_split_scores_it_as_the_clean_split(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    out = tmp_path / "adapted"
+    eval_tool.main(
+        [
+            str(run_dir),
+            "--corruptions",
+            "--adapt",
+            "bn",
+            "--transfer",
+            "off",
+            "--num-gradcam",
+            "0",
+            "--workers",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
+    adapted = json.loads((out / "summary.json").read_text())["adaptation"]
+    assert adapted["method"] == "bn" and adapted["clean"]["images"] == 8  # the 7 others adapted the copy
+    assert adapted["corruptions"]["gaussian_noise"] == adapted["clean"]  # gaussian_noise is the test split itself
+    assert "## Adapting without labels" in (out / "report.md").read_text()
+    with pytest.raises(UserError, match="--adapt tent adapts to the corrupted copies of the test split; add "):
+        eval_tool.main([str(run_dir), "--adapt", "tent", "--out", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()

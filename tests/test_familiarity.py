@@ -64,8 +64,9 @@ def test_features_far_from_the_origin_score_as_near_it():
 
 
 def test_the_check_belongs_to_the_weights_it_was_fitted_on(tmp_path, capsys):
-    """D15: after best.pt changes (a resume), predict.py does not judge the new weights with the old check: it says
-    so in one line; eval.py of that very checkpoint file writes eval-best/, whose check predict.py then uses."""
+    """D15: after best.pt changes (a resume), predict.py does not judge the new weights with the old check, nor
+    scale their logits with the old temperature: it says so, one line each; eval.py of that very checkpoint file
+    writes eval-best/, whose check and temperature predict.py then uses."""
     import json
 
     from conftest import tiny_args, write_hub_folder
@@ -92,16 +93,21 @@ def test_the_check_belongs_to_the_weights_it_was_fitted_on(tmp_path, capsys):
         out, err = capsys.readouterr()
         return json.loads(out)[0], err
 
+    calibrated = "note: probabilities calibrated by eval.py's temperature"
+    temperature = json.loads((run / "eval" / "calibration.json").read_text())["temperature"]
     answer, note = judged(run)
-    assert isinstance(answer["unfamiliar"], bool) and not note
+    assert isinstance(answer["unfamiliar"], bool) and note.startswith(calibrated) and note.count("\n") == 1
+    assert answer["temperature"] == temperature != 1
 
     checkpoint = load_checkpoint(run / "best.pt")  # other weights, as a resume would leave them
     checkpoint["model"]["fc.bias"] += 1.0
     save_checkpoint(run / "best.pt", checkpoint)
     answer, note = judged(run)
-    assert answer["unfamiliar"] is None and answer["familiarity_score"] is None
-    assert "fitted on other weights than best.pt holds now" in note and note.count("\n") == 1
+    assert answer["unfamiliar"] is None and answer["familiarity_score"] is None and answer["temperature"] == 1
+    assert "no unfamiliar-input check: " in note and "probabilities not calibrated: " in note
+    assert note.count("fitted on other weights than best.pt holds now") == 2 and note.count("\n") == 2
 
     eval_tool.main([str(run / "best.pt"), *quick])  # eval of that file: into run/eval-best
     answer, note = judged(run / "best.pt")
-    assert isinstance(answer["unfamiliar"], bool) and not note
+    assert isinstance(answer["unfamiliar"], bool) and note.startswith(calibrated) and note.count("\n") == 1
+    assert answer["temperature"] == json.loads((run / "eval-best" / "calibration.json").read_text())["temperature"]
