@@ -153,6 +153,7 @@ def row(run: ComparedRun) -> list[str]:
         gap_text,
         verdict(run.status, metrics),
         test_text,
+        f"{summary['test_ece_of_best']:.1f} %" if "test_ece_of_best" in summary else "-",
         trained_parameter_words(summary),
         minutes,
     ]
@@ -177,6 +178,7 @@ HEADER = [
     "train-eval gap",
     "verdict",
     "test of best",
+    "test ECE",
     "trained parameters",
     "time",
 ]
@@ -200,7 +202,8 @@ def main(argv=None) -> None:
     notes = (
         "The best epoch is chosen on the split in brackets; chosen on test (the original experiments' practice), it "
         "flatters the result: the final-epoch column is the honest one. With --val-split the test column is the test "
-        "accuracy of the epoch chosen on val. " + VERDICT_RULE
+        "accuracy of the epoch chosen on val, and test ECE its expected calibration error (before a temperature; "
+        "eval.py fits one). " + VERDICT_RULE
     )
     print(table + "\n\n" + notes)
     if skipped:

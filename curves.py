@@ -29,7 +29,7 @@ from cars.report import markdown_table, plot_data_curves, write_csv, write_text
 from cars.run_state import raise_interrupt
 from cars.runs import read_summary, run_status
 
-COLUMNS = ["method", "shots", "images", "seed", "val_acc", "test_acc", "status", "run_dir"]
+COLUMNS = ["method", "shots", "images", "seed", "val_acc", "test_acc", "test_ece", "status", "run_dir"]
 
 
 def main(argv=None) -> None:
@@ -171,22 +171,16 @@ def write_results(curves: data_curves.Curves, out: Path) -> list[str]:
         title=f"{curves.name}: test accuracy against labelled data",
     )
     scratch = data_curves.scratch_method(curves)
-    table = markdown_table(
-        ["method", *[str(s) for s in curves.shots]],
-        [
-            [
-                m.name,
-                *[
-                    data_curves.spread_words(p, len(curves.seeds))
-                    if (p := data_curves.mean_and_sd(rows, m.name, s))
-                    else ""
-                    for s in curves.shots
-                ],
-            ]
-            for m in curves.methods
-        ],
-    )
     validated = any(r["val_acc"] != "" for r in rows)
+    calibration = (
+        [
+            "Expected calibration error on the test split (%, before a temperature: eval.py fits one), mean ± sd, by "
+            "training images per class:",
+            spread_table(curves, rows, "test_ece"),
+        ]
+        if any(r["test_ece"] != "" for r in rows)
+        else []
+    )
     write_text(
         out / "report.md",
         "\n\n".join(
@@ -202,7 +196,8 @@ def write_results(curves: data_curves.Curves, out: Path) -> list[str]:
                 ),
                 "![accuracy against training images per class](curves.png)",
                 "Test accuracy (%), mean ± sd over the seeds, by training images per class:",
-                table,
+                spread_table(curves, rows, "test_acc"),
+                *calibration,
                 *(
                     []
                     if scratch
@@ -216,6 +211,25 @@ def write_results(curves: data_curves.Curves, out: Path) -> list[str]:
         + "\n",
     )
     return ["curves.csv", "curves.png", "report.md"]
+
+
+def spread_table(curves: data_curves.Curves, rows: list[dict], key: str) -> str:
+    """A method per row, a shots value per column: the mean ± sd over the seeds of the column `key` of curves.csv."""
+    return markdown_table(
+        ["method", *[str(s) for s in curves.shots]],
+        [
+            [
+                m.name,
+                *[
+                    data_curves.spread_words(p, len(curves.seeds))
+                    if (p := data_curves.mean_and_sd(rows, m.name, s, key))
+                    else ""
+                    for s in curves.shots
+                ],
+            ]
+            for m in curves.methods
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-from cars import finetune, transfer
+from cars import calibration, finetune, transfer
+from cars.analysis import topk_accuracy
 from cars.averaging import (
-    accuracy_on,
     fine_tune_of,
     interpolated,
+    logits_on,
     out_apart_from,
     recalibrate_batch_norm,
     scored_splits,
@@ -66,7 +67,7 @@ def main(argv=None) -> None:
     check_writable(out)
     line = prepare(args)
     prepare_folder(out, args.overwrite, "interpolate folder", "--out")
-    columns = ["alpha", "batch_norm", "split", "accuracy"]
+    columns = ["alpha", "batch_norm", "split", "accuracy", "ece"]
     write_csv(out / "interpolation.csv", [], columns)  # first: a crash part way leaves a folder --overwrite replaces
     modes = ["interpolated", "recalibrated"] if args.recalibrate_bn else ["interpolated"]
     rows = []
@@ -76,9 +77,9 @@ def main(argv=None) -> None:
             if statistics == "recalibrated":
                 recalibrate_batch_norm(line.model, line.train_images, line.device)
             for name, split in line.splits.items():
-                accuracy = evaluate(line, split, args)
-                rows.append(dict(alpha=alpha, batch_norm=statistics, split=name, accuracy=accuracy))
-                print(f"alpha {alpha:.2f} ({statistics} BatchNorm statistics) {name}: {accuracy:.2f}%")
+                accuracy, ece = evaluate(line, split, args)
+                rows.append(dict(alpha=alpha, batch_norm=statistics, split=name, accuracy=accuracy, ece=ece))
+                print(f"alpha {alpha:.2f} ({statistics} BatchNorm statistics) {name}: {accuracy:.2f}%, ECE {ece:.1f} %")
     write_csv(out / "interpolation.csv", rows, columns)
     plot_interpolation(rows, out / "interpolation.png", title=f"{line.cfg.arch}: start (0) to fine-tuned (1)")
     summary = write_report(line, rows, out)
@@ -150,8 +151,9 @@ def prepare(args) -> Line:
     )
 
 
-def evaluate(line: Line, split, args) -> float:
-    return accuracy_on(
+def evaluate(line: Line, split, args) -> tuple[float, float]:
+    """The accuracy and the expected calibration error (before a temperature) of the model at a point of the line."""
+    logits, labels = logits_on(
         line.model,
         split,
         resolution=line.cfg.resolution,
@@ -161,6 +163,7 @@ def evaluate(line: Line, split, args) -> float:
         device=line.device,
         to_model=line.to_model,
     )
+    return topk_accuracy(logits, labels, 1), calibration.scores(logits, labels)["ece"]
 
 
 def write_report(line: Line, rows: list[dict], out: Path) -> dict:
@@ -202,8 +205,18 @@ def write_report(line: Line, rows: list[dict], out: Path) -> dict:
     header = ["alpha", *[f"{split} ({mode})" for mode in modes for split in line.splits]]
     table = [[f"{a:g}", *[f"{at[a, mode, split]:.2f}%" for mode in modes for split in line.splits]] for a in alphas]
     lines.append(markdown_table(header, table))
+    # WiSE-FT's other claim: the points between the ends are better calibrated, under shift too
+    ece = {(r["alpha"], r["batch_norm"], r["split"]): r["ece"] for r in rows}
+    lines.append(
+        "Expected calibration error (%, 15 bins, before a temperature) along the line; lower is better:\n\n"
+        + markdown_table(
+            header,
+            [[f"{a:g}", *[f"{ece[a, mode, split]:.1f}" for mode in modes for split in line.splits]] for a in alphas],
+        )
+    )
+    summary["ece"] = {f"{a:g}": {s: ece[a, modes[0], s] for s in line.splits} for a in alphas}
     write_text(out / "report.md", "\n\n".join(lines) + "\n")
-    print("\n" + "\n".join(lines[3:-1]))
+    print("\n" + "\n".join(lines[3:-2]))
     return summary
 
 

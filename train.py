@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from cars import demo, methods
+from cars import analysis, calibration, demo, methods
 from cars.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from cars.config import Config, config_flags
 from cars.data import run_splits
@@ -38,6 +38,7 @@ from cars.engine import (
     Progress,
     RunningTotals,
     average_over_processes,
+    collect_logits,
     evaluate,
     train_step,
 )
@@ -396,9 +397,12 @@ def finish(run: Run, train_result: EpochResult, eval_result: EpochResult) -> dic
         best_model = methods.merged(best_model) if methods.is_adapted(best_model) else best_model  # as best.pt is
         best_model.load_state_dict(load_checkpoint(run.run_dir / "best.pt")["model"])
         test_batches = run_eval_loader(run.splits.test, cfg, workers=run.workers, device_type=run.device.type)
-        test = evaluate(best_model, test_batches, run.device, description="test")
-        summary["test_acc_of_best"] = test.accuracy
-        log(f"test accuracy of the best epoch (chosen on val): {test.accuracy:.2f}%")
+        logits, labels = collect_logits(best_model, test_batches, run.device, description="test")
+        summary["test_acc_of_best"] = analysis.topk_accuracy(logits, labels, 1) if len(labels) else 0.0
+        log(f"test accuracy of the best epoch (chosen on val): {summary['test_acc_of_best']:.2f}%")
+        if len(labels):  # how far its probabilities are from their accuracy, before a temperature (eval.py fits one)
+            summary["test_ece_of_best"] = calibration.scores(logits, labels)["ece"]
+            log(f"expected calibration error on the test split: {summary['test_ece_of_best']:.1f} %")
     adapter = run.run_dir / ADAPTER
     if adapter.is_file():  # what a LoRA run trained, alone: the adapters and the head
         megabytes = {path.name: path.stat().st_size / 2**20 for path in (adapter, run.run_dir / "best.pt")}

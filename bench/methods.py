@@ -4,9 +4,10 @@
 
 Trains every configs/methods/demo/*.toml once per seed (a finished run is not trained again), each choosing its epoch
 on a quarter of the training images and reading the test split once. Prints one row per method: validation and test
-accuracy of the chosen epoch (mean +- standard deviation over the seeds), the mean relative weight change of the
-early and of the late blocks (the first and the last third of the blocks before the head), and the linear CKA of the
-last stage's features to the start's on the test images, from the transfer lens's own functions.
+accuracy of the chosen epoch (mean +- standard deviation over the seeds), its expected calibration error on the test
+split, the mean relative weight change of the early and of the late blocks (the first and the last third of the
+blocks before the head), and the linear CKA of the last stage's features to the start's on the test images, from the
+transfer lens's own functions; and the share of the parameters each method trains.
 """
 
 import argparse
@@ -21,11 +22,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from cars import finetune, transfer  # noqa: E402
+from cars import calibration, finetune, transfer  # noqa: E402
 from cars.checkpoint import load_checkpoint  # noqa: E402
 from cars.config import load_saved  # noqa: E402
 from cars.data import run_splits  # noqa: E402
-from cars.engine import Device  # noqa: E402
+from cars.engine import Device, collect_logits  # noqa: E402
 from cars.loaders import eval_loader  # noqa: E402
 from cars.models import build_model  # noqa: E402
 
@@ -43,13 +44,14 @@ def main() -> None:
     seeds = " ".join(map(str, args.seeds))
     print(f"\nmean +- standard deviation over seeds {seeds}\n")
     print(
-        "| method | validation | test | change, early blocks | change, late blocks | CKA last stage | trained "
-        "parameters | seconds |"
+        "| method | validation | test | test ECE | change, early blocks | change, late blocks | CKA last stage | "
+        "trained parameters | seconds |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, results in rows:
         columns = list(zip(*results, strict=True))
-        cells = [spread(columns[0], "%"), spread(columns[1], "%"), spread(columns[2], ""), spread(columns[3], "")]
+        cells = [spread(columns[0], "%"), spread(columns[1], "%"), spread(columns[7], "%")]
+        cells += [spread(columns[2], ""), spread(columns[3], "")]
         cells += [spread(columns[4], ""), f"{100 * columns[6][0]:.1f} %", f"{statistics.mean(columns[5]):.0f}"]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
@@ -69,14 +71,15 @@ def train_once(config: Path, run_dir: Path, seed: int) -> tuple[float, ...]:
         command = [sys.executable, str(ROOT / "train.py"), "--config", str(config), "--seed", str(seed)]
         subprocess.run([*command, "--run-dir", str(run_dir), "--overwrite"], check=True, stdout=subprocess.DEVNULL)
     summary = json.loads(summary_file.read_text())
-    early, late, cka = lens(run_dir)
+    early, late, cka, ece = lens(run_dir)
     share = summary["trainable_parameters"] / summary["parameters"]
-    return summary["best_eval_acc"], summary["test_acc_of_best"], early, late, cka, summary["seconds"], share
+    return summary["best_eval_acc"], summary["test_acc_of_best"], early, late, cka, summary["seconds"], share, ece
 
 
-def lens(run_dir: Path) -> tuple[float, float, float]:
+def lens(run_dir: Path) -> tuple[float, float, float, float]:
     """What the transfer lens says of the chosen epoch's weights: the mean relative change of the early and late
-    blocks, and the minibatch CKA of the last stage to the start on the test images."""
+    blocks, and the minibatch CKA of the last stage to the start on the test images; and the expected calibration
+    error of the chosen epoch on them (as train.py measures it with the test accuracy)."""
     cfg = load_saved(run_dir / "config.toml")
     splits = run_splits(cfg)
     num_classes = len(splits.class_names)
@@ -95,7 +98,8 @@ def lens(run_dir: Path) -> tuple[float, float, float]:
     with torch.random.fork_rng():
         control = transfer.random_network(cfg.arch, num_classes, seed=0)
     cka = transfer.minibatch_cka(start, tuned, control, stage_list=last_stage, loader=loader, device=device)
-    return early, late, cka[last_stage[0][0]][0]
+    ece = calibration.scores(*collect_logits(tuned, loader, device))["ece"]
+    return early, late, cka[last_stage[0][0]][0], ece
 
 
 if __name__ == "__main__":

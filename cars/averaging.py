@@ -81,10 +81,15 @@ def recalibrate_batch_norm(model: nn.Module, loader, device) -> None:
     model.eval()
 
 
-def accuracy_on(model, split, *, resolution: int, cache: str, batch_size: int, workers: int, device, to_model=None):
-    """Top-1 accuracy of `model` on a split, fed as eval.py feeds it (the cache at the trained resolution, in
-    batches), so that a model scored here and by eval.py gets the same number. `to_model` maps dataset labels to the
-    model's classes when the dataset orders them otherwise."""
+def accuracy_on(model, split, **feeding) -> float:
+    """Top-1 accuracy of `model` on a split, fed as logits_on feeds it."""
+    return topk_accuracy(*logits_on(model, split, **feeding), 1)
+
+
+def logits_on(model, split, *, resolution: int, cache: str, batch_size: int, workers: int, device, to_model=None):
+    """The logits of `model` on a split and its labels, fed as eval.py feeds it (the cache at the trained resolution,
+    in batches), so that a model scored here and by eval.py gets the same numbers. `to_model` maps dataset labels to
+    the model's classes when the dataset orders them otherwise."""
     loader = eval_loader(
         split,
         resolution=resolution,
@@ -95,7 +100,7 @@ def accuracy_on(model, split, *, resolution: int, cache: str, batch_size: int, w
         device_type=device.type,
     )
     logits, labels = collect_logits(model, loader, device, description=split.name)
-    return topk_accuracy(logits, labels if to_model is None else to_model[labels], 1)
+    return logits, labels if to_model is None else to_model[labels]
 
 
 def scored_splits(cfg) -> tuple[dict, str]:

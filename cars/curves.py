@@ -216,7 +216,7 @@ def cell_row(curves: Curves, out: Path, cell: tuple) -> dict:
     run_dir = curves.run_dir(out, cell)
     summary = read_summary(run_dir)
     validated = summary.get("selected_on") == "val"
-    val_acc, test_acc = None, None
+    val_acc, test_acc, test_ece = None, None, None
     if summary.get("status") == "diverged":
         metrics = run_dir / "metrics.csv"
         evaluated_rows = evaluated(read_metrics(metrics)) if metrics.is_file() else []
@@ -227,6 +227,7 @@ def cell_row(curves: Curves, out: Path, cell: tuple) -> dict:
                 test_acc = evaluated_rows[-1]["eval_acc"]
     elif validated:
         val_acc, test_acc = summary.get("best_eval_acc"), summary.get("test_acc_of_best")
+        test_ece = summary.get("test_ece_of_best")  # read with the test accuracy, once
     else:
         test_acc = summary.get("final_eval_acc")
     return {
@@ -236,17 +237,19 @@ def cell_row(curves: Curves, out: Path, cell: tuple) -> dict:
         "seed": seed,
         "val_acc": rounded(val_acc),
         "test_acc": rounded(test_acc),
+        "test_ece": rounded(test_ece),
         "status": summary.get("status", ""),
         "run_dir": str(run_dir.relative_to(out)),
     }
 
 
-def rounded(accuracy: float | None):
-    return "" if accuracy is None else round(accuracy, 2)
+def rounded(percent: float | None):
+    return "" if percent is None else round(percent, 2)
 
 
-def mean_and_sd(rows: list[dict], name: str, shots) -> tuple[float, float, int] | None:
-    values = [r["test_acc"] for r in rows if r["method"] == name and r["shots"] == shots and r["test_acc"] != ""]
+def mean_and_sd(rows: list[dict], name: str, shots, key: str = "test_acc") -> tuple[float, float, int] | None:
+    """A method's mean and sd over its seeds at one shots value, of the column `key`, and how many seeds have it."""
+    values = [r[key] for r in rows if r["method"] == name and r["shots"] == shots and r[key] != ""]
     if not values:
         return None
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)

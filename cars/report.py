@@ -398,24 +398,29 @@ def plot_risk_coverage(curves: dict, path: Path, *, title: str) -> None:
 
 
 def plot_interpolation(rows: list[dict], path: Path, *, title: str) -> None:
-    """Accuracy against alpha, one line per split; dashed with BatchNorm statistics estimated again."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    """Accuracy and expected calibration error against alpha, one line per split; dashed with BatchNorm statistics
+    estimated again."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     keys = list(dict.fromkeys((r["split"], r["batch_norm"]) for r in rows))
     colours = {split: f"C{i}" for i, split in enumerate(dict.fromkeys(r["split"] for r in rows))}
-    for split, statistics in keys:
-        points = [(r["alpha"], r["accuracy"]) for r in rows if r["split"] == split and r["batch_norm"] == statistics]
-        ax.plot(
-            *zip(*points, strict=True),
-            marker="o",
-            color=colours[split],
-            linestyle="--" if statistics == "recalibrated" else "-",
-            label=split + (" (BatchNorm statistics estimated again)" if statistics == "recalibrated" else ""),
-        )
-    ax.set_xlabel("alpha: 0 = the start with a probe head, 1 = the fine-tuned network")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax, measure, label in (
+        (axes[0], "accuracy", "accuracy (%)"),
+        (axes[1], "ece", "expected calibration error (%)"),
+    ):
+        for split, statistics in keys:
+            points = [(r["alpha"], r[measure]) for r in rows if r["split"] == split and r["batch_norm"] == statistics]
+            ax.plot(
+                *zip(*points, strict=True),
+                marker="o",
+                color=colours[split],
+                linestyle="--" if statistics == "recalibrated" else "-",
+                label=split + (" (BatchNorm statistics estimated again)" if statistics == "recalibrated" else ""),
+            )
+        ax.set_xlabel("alpha: 0 = the start with a probe head, 1 = the fine-tuned network")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
     save_figure(fig, path)
 
 

@@ -141,11 +141,14 @@ def test_a_killed_curves_worker_resumes_without_training_a_finished_cell_again(c
     rows = list(csv.DictReader((out / "curves.csv").open()))
     assert [(r["method"], r["shots"], r["seed"]) for r in rows] == [(m, str(s), str(d)) for m, s, d in grid.cells()]
     assert all(r["status"] == "finished" and 0 <= float(r["test_acc"]) <= 100 and r["val_acc"] for r in rows)
+    for row in rows:  # each cell's expected calibration error, as its train.py measured it on the test split
+        assert float(row["test_ece"]) == round(read_summary(out / row["run_dir"])["test_ece_of_best"], 2)
     assert {(r["shots"], r["images"], r["seed"]) for r in rows} == {("1", "3", "1"), ("all", "18", "1")}
     resumed = [r for r in rows if "resuming after epoch 1" in (out / r["run_dir"] / "train.log").read_text()]
     assert len(resumed) == 1, "the killed cell went on from its last.pt"
     report = (out / "report.md").read_text()
     assert "Its advantage over scratch" in report and "1 image per class (3 labelled images)" in report
+    assert "Expected calibration error on the test split" in report
     assert (out / "curves.png").stat().st_size > 10_000
 
 

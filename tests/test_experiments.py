@@ -394,6 +394,8 @@ def test_compare_rows(three_runs, tmp_path, capsys):
         assert rows[name]["final epoch"] == f"{metrics[-1]['eval_acc']:.2f}%"
     test_of_best = json.loads((three_runs / "b" / "summary.json").read_text())["test_acc_of_best"]
     assert rows["b"]["test of best"] == f"{test_of_best:.2f}%" and rows["a"]["test of best"] == "(= best)"
+    ece = json.loads((three_runs / "b" / "summary.json").read_text())["test_ece_of_best"]
+    assert rows["b"]["test ECE"] == f"{ece:.1f} %" and rows["a"]["test ECE"] == "-"  # measured with the test of best
     assert rows["b"]["method"] == "head only for 1 epoch" and rows["a"]["method"] == "plain"
     assert rows["a"]["start"] == "demo-pretrained"
     assert rows["b"]["lr"] == "0.003" and rows["a"]["arch"] == "shufflenet_v2_x0_5"

@@ -12,7 +12,7 @@ from test_models import place_in_torchvision_cache
 import eval as eval_tool
 import interpolate
 import train
-from cars import analysis, finetune
+from cars import analysis, calibration, finetune
 from cars.averaging import averaged, interpolated
 from cars.checkpoint import load_checkpoint
 from cars.data import load_splits
@@ -51,7 +51,11 @@ def test_the_ends_are_the_fine_tune_and_the_start_with_its_probe_head(lp_ft_run,
 
     # alpha = 1 is the fine-tune: exactly eval.py's test accuracy
     eval_tool.main([str(lp_ft_run), "--out", str(tmp_path / "eval"), "--num-gradcam", "1", "--transfer", "off", *QUICK])
-    assert accuracy[1.0, "test"] == json.loads((tmp_path / "eval" / "summary.json").read_text())["top1"]
+    evaluated = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert accuracy[1.0, "test"] == evaluated["top1"]
+    ece = {(float(r["alpha"]), r["split"]): float(r["ece"]) for r in rows}  # and its calibration error, eval.py's too
+    assert ece[1.0, "test"] == pytest.approx(evaluated["calibration"]["ece"], abs=1e-4)
+    assert "Expected calibration error (%, 15 bins" in (out / "report.md").read_text()
 
     # alpha = 0 is the start's backbone with the run's own probe head (LP-FT), scored by hand
     checkpoint = load_checkpoint(lp_ft_run / "best.pt")
@@ -61,6 +65,7 @@ def test_the_ends_are_the_fine_tune_and_the_start_with_its_probe_head(lp_ft_run,
     loader = eval_loader(splits.test, resolution=32, cache="auto", skip_bad_images=False, batch_size=8, workers=0)
     logits, labels = collect_logits(start, loader, Device("cpu"))
     assert accuracy[0.0, "test"] == analysis.topk_accuracy(logits, labels, 1)
+    assert ece[0.0, "test"] == pytest.approx(calibration.scores(logits, labels)["ece"], abs=1e-4)
     assert "the run's own linear-probe head" in (out / "report.md").read_text()
 
     # the saved point is the weighted sum of the two ends, tensor by tensor, and eval.py reads it as a run

@@ -182,6 +182,10 @@ def test_val_split_selects_on_val_and_reports_test(tmp_path, hub_folder):
     eval_tool.main([str(run_dir), "--out", str(tmp_path / "eval"), "--num-gradcam", "0"])
     report = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert report["images"] == 9 and summary["test_acc_of_best"] == pytest.approx(report["top1"], abs=1e-4)
+    # its expected calibration error too: eval.py fits the temperature on the same validation split, and measures
+    # the uncalibrated ECE on the same whole test split
+    assert report["calibration"]["images"] == 9
+    assert summary["test_ece_of_best"] == pytest.approx(report["calibration"]["ece"], abs=1e-3)
 
 
 def test_freeze_epochs_keep_backbone_then_release_it(tmp_path, hub_folder):
