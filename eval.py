@@ -504,7 +504,7 @@ def adapt_to_shifts(evaluation: Evaluation, scores: Scores, summary: dict, corru
         why = (
             "ONNX Runtime gives no BatchNorm to adapt"
             if trained.backend != "pytorch"
-            else (f"{trained.arch} has no BatchNorm layer to adapt")
+            else f"{trained.arch} has no BatchNorm layer to adapt"
         )
         print(f"\nadaptation (--adapt {how}): skipped, {why}")
         return f"{title}--adapt {how}: skipped, {why}.\n"
@@ -852,16 +852,16 @@ def calibrate_familiarity(evaluation: Evaluation, summary: dict, *, held_out: to
     if evaluation.to_model is not None:
         labels = evaluation.to_model[labels]
     check = Familiarity.fit(features, labels, weights=evaluation.trained.weights_fingerprint)
-    calibration = check.calibrate(held_out)
+    calibrated = check.calibrate(held_out)
     check.save(evaluation.out / familiarity.FILE)
-    summary["familiarity"] = calibration
-    rate = calibration["false_alarms"]
+    summary["familiarity"] = calibrated
+    rate = calibrated["false_alarms"]
     section = (
         "## Unfamiliar inputs\n\n"
         f"predict.py and app.py flag a photo as unlike the training data when the features the head reads are further "
         f"from every class's training images than {100 * (1 - familiarity.FALSE_ALARMS):g} % of test images are "
-        f"(Mahalanobis distance to the nearest class mean above {calibration['threshold']:.1f}, chosen on "
-        f"{calibration['calibration_images']} test images). On the other {calibration['measured_images']} test "
+        f"(Mahalanobis distance to the nearest class mean above {calibrated['threshold']:.1f}, chosen on "
+        f"{calibrated['calibration_images']} test images). On the other {calibrated['measured_images']} test "
         "images it flags "
         + (f"{100 * rate:.1f} %" if rate is not None else "none (too few images to measure)")
         + f": the false-alarm rate. The check is in [{familiarity.FILE}]({familiarity.FILE}); docs/explanation/"

@@ -414,31 +414,42 @@ LORA_KINDS = (nn.Conv2d, nn.Linear)  # the layers peft's LoRA adapts and merges 
 
 
 def lora_candidates(model: nn.Module) -> list[str]:
-    """The layers LoRA can adapt here, by dotted name: the backbone's linear layers and ungrouped convolutions."""
+    """The layers LoRA can adapt here, by dotted name: the backbone's linear layers and ungrouped convolutions. Not the
+    output projection of an nn.MultiheadAttention (a torchvision ViT's): its forward reads that weight itself, past the
+    adapter, which would train without changing anything."""
     head = head_name(model)
+    attention = {name for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)}
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(module, LORA_KINDS) and name != head and getattr(module, "groups", 1) == 1
+        if isinstance(module, LORA_KINDS)
+        and name != head
+        and getattr(module, "groups", 1) == 1
+        and name.rpartition(".")[0] not in attention
     ]
 
 
 def lora_targets(cfg, model: nn.Module) -> list[str]:
     """The layers --lora-targets names: every adaptable layer inside the named blocks or stages (as --train-blocks
-    names them) or a layer by its own name; by default those of the last two stages before the head (a CNN's late
-    convolutions, which transfer least as they are; a transformer's last blocks)."""
+    names them) or a layer by its own name; by default those of the last two stages after the stem that hold any (a
+    CNN's late convolutions, which transfer least as they are; a transformer's encoder blocks, which its stages hold
+    in one stack, its final norm holding none)."""
     candidates = lora_candidates(model)
+
+    def inside(name: str) -> list[str]:
+        try:
+            blocks = chosen_blocks(model, name)
+        except UserError:
+            blocks = set()
+        return [c for c in candidates if c == name or any(c.startswith(b + ".") for b in blocks)]
+
     if not cfg.lora_targets.strip():
-        names = [label for label, _ in stage_runs(model)[-2:]]
+        names = [label for label, _ in stage_runs(model)[1:] if inside(label)][-2:]
     else:
         names = list(filter(None, re.split(r"[,\s]+", cfg.lora_targets)))
     chosen = []
     for name in names:
-        try:
-            inside = chosen_blocks(model, name)
-        except UserError:
-            inside = set()
-        found = [c for c in candidates if c == name or any(c.startswith(b + ".") for b in inside)]
+        found = inside(name)
         if not found:
             raise UserError(
                 f"--lora-targets: {name!r} holds no layer LoRA can adapt in {type(model).__name__} (a linear layer or "

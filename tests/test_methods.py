@@ -374,6 +374,10 @@ def test_a_torchvision_vit_sets_up_with_each_encoder_layer_its_own_block():
     stem = {id(p) for p in groups["conv_proj"]["params"]}
     assert id(model.class_token) in stem and id(model.encoder.pos_embedding) in stem
     assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
+    # LoRA's default places: the MLPs of every encoder layer (the final norm holds no layer; the attention's output
+    # projection is read past any adapter by nn.MultiheadAttention, so it is no candidate)
+    targets = methods.lora_targets(Config(arch="vit_b_16", weights="none", lora=4), model)
+    assert targets == [f"encoder.layers.encoder_layer_{i}.mlp.{j}" for i in range(12) for j in (0, 3)]
 
 
 def test_a_vit_run_sets_up(tmp_path, data):
