@@ -189,7 +189,9 @@ def main(argv=None) -> None:
         "test": (scores.logits, scores.labels, torch.cat(test_features) if pytorch else None),
         **{name: (*shifted[name], shifted_features[name]) for name in shifted},
     }
-    abstention = knowing_when_to_abstain(evaluation, summary, answers, temperature, measured, check)
+    abstention = knowing_when_to_abstain(
+        evaluation, summary, answers=answers, temperature=temperature, measured=measured, check=check
+    )
     changed = what_fine_tuning_changed(evaluation, summary)
     bought = what_pretraining_bought(evaluation, summary)
     write_json(evaluation.out / "summary.json", summary)
@@ -394,7 +396,7 @@ def write_scores(evaluation: Evaluation, scores: Scores) -> dict:
 def write_predictions(evaluation: Evaluation, scores: Scores, temperature: float) -> None:
     """predictions.csv: every test image's true and predicted class, and the top class's probability as the network
     gives it and calibrated (what predict.py shows)."""
-    calibrated = (scores.logits.double() / temperature).softmax(1).max(1).values
+    calibrated, _ = calibration.confidences(scores.logits, scores.labels, temperature)
     write_csv(
         evaluation.out / "predictions.csv",
         [
@@ -757,11 +759,8 @@ def calibrate_probabilities(
     if shifted:
         result["corruptions"] = {name: measured_on(*pair) for name, pair in shifted.items()}
     # what predict.py --abstain-below says of a threshold: the calibrated confidence of every measured test image
-    confidence, predicted = (logits[measured].double() / temperature).softmax(1).max(1)
-    result["abstention"] = {
-        "confidence": [round(float(c), 6) for c in confidence],
-        "correct": [int(c) for c in predicted == labels[measured]],
-    }
+    confidence, correct = calibration.confidences(logits[measured], labels[measured], temperature)
+    result["abstention"] = {"confidence": [round(float(c), 6) for c in confidence], "correct": correct.tolist()}
     write_json(evaluation.out / calibration.FILE, result)
     summary_result = {k: v for k, v in result.items() if k != "abstention"}
     summary["calibration"] = summary_result
@@ -803,7 +802,7 @@ def calibrate_probabilities(
 
 
 def knowing_when_to_abstain(
-    evaluation: Evaluation, summary: dict, answers: dict, temperature: float, measured: torch.Tensor, check
+    evaluation: Evaluation, summary: dict, *, answers: dict, temperature: float, measured: torch.Tensor, check
 ) -> str:
     """Risk-coverage curves and their area (AURC) on the test split and each corrupted copy (the images the
     calibration was measured on), for three scores of how sure the model is: its softmax confidence, the calibrated
@@ -814,16 +813,16 @@ def knowing_when_to_abstain(
         if len(labels) == len(answers["test"][1]):  # a corrupted copy holds the test split's images, in its order
             logits, labels = logits[measured], labels[measured]
             features = features[measured] if features is not None else None
-        correct = logits.argmax(1) == labels
+        confidence, correct = calibration.confidences(logits, labels)
         scores_of = {
-            "softmax confidence": logits.double().softmax(1).max(1).values,
-            "calibrated confidence": (logits.double() / temperature).softmax(1).max(1).values,
+            "softmax confidence": confidence,
+            "calibrated confidence": calibration.confidences(logits, labels, temperature)[0],
         }
         if check is not None and features is not None:
-            scores_of["familiarity"] = -check.scores(features)  # a smaller distance: surer
+            scores_of["familiarity"] = -check.scores(features).numpy()  # a smaller distance: surer
         curves[name] = {score: calibration.risk_coverage(value, correct) for score, value in scores_of.items()}
         areas[name] = {score: curve[2] for score, curve in curves[name].items()}
-        areas[name]["error"] = 1 - float(correct.double().mean())
+        areas[name]["error"] = 1 - float(correct.mean())
     summary["abstention"] = areas
     plot_risk_coverage(curves, evaluation.out / "risk_coverage.png", title=evaluation.trained.arch)
     names = [score for score in areas["test"] if score != "error"]

@@ -4,8 +4,8 @@ top label's confidence, torchmetrics' MulticlassCalibrationError), the negative 
 
 import json
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cars.errors import UserError
 from cars.runs import eval_folders
@@ -13,84 +13,104 @@ from cars.runs import eval_folders
 BINS = 15  # Guo et al.'s bins of the confidence
 FILE = "calibration.json"  # in an eval folder: the temperature predict.py and the page use, and the scores
 
+# The sums below run in NumPy's float64 on the host: exact enough for a fit to 1e-6, and no float64 tensor is made
+# (a Mac's MPS device has none; tests/test_device_dtypes.py refuses them).
+
+
+def host(logits: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (half precision made float32 first: NumPy has no bfloat16) and labels as NumPy arrays of float64 and
+    int64."""
+    logits = logits.detach().cpu()
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return logits.numpy().astype(np.float64), labels.detach().cpu().numpy().astype(np.int64)
+
+
+def log_probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
+    from scipy.special import log_softmax
+
+    return log_softmax(logits / temperature, axis=1)
+
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The T > 0 that minimises the negative log-likelihood of softmax(logits / T) on these images: the one number
-    temperature scaling learns. Logits k times larger get a temperature k times larger, the same calibrated
-    probabilities (the loss depends on logits / T only)."""
-    logits, labels = logits.double(), labels.long()
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)  # T = exp(log_t) stays positive
-    optimizer = torch.optim.LBFGS(
-        [log_t], lr=0.5, max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14, line_search_fn="strong_wolfe"
+    temperature scaling learns (a bounded search over log T, scipy's). Logits k times larger get a temperature k
+    times larger, the same calibrated probabilities (the loss depends on logits / T only)."""
+    from scipy.optimize import minimize_scalar
+
+    z, y = host(logits, labels)
+    rows = np.arange(len(y))
+    found = minimize_scalar(
+        lambda log_t: -log_probabilities(z, np.exp(log_t))[rows, y].mean(),
+        bounds=(-10.0, 10.0),
+        method="bounded",
+        options={"xatol": 1e-10},
     )
-
-    def loss():
-        optimizer.zero_grad()
-        value = F.cross_entropy(logits / log_t.exp(), labels)
-        value.backward()
-        return value
-
-    optimizer.step(loss)
-    return float(log_t.detach().exp())
+    return float(np.exp(found.x))
 
 
 def scores(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> dict:
-    """ECE (in %, top label, BINS equal-width bins), NLL and Brier score (the squared distance of the probabilities
-    to the one-hot label, summed over classes, averaged over images) of softmax(logits / temperature)."""
+    """ECE (in %, top label, BINS equal-width bins, torchmetrics'), NLL and Brier score (the squared distance of the
+    probabilities to the one-hot label, summed over classes, averaged over images) of softmax(logits / temperature)."""
     from torchmetrics.functional.classification import multiclass_calibration_error
 
-    probabilities = (logits.double() / temperature).softmax(1)
-    labels = labels.long()
-    ece = multiclass_calibration_error(probabilities.float(), labels, logits.shape[1], n_bins=BINS, norm="l1")
-    brier = ((probabilities - F.one_hot(labels, logits.shape[1]).double()) ** 2).sum(1).mean()
+    z, y = host(logits, labels)
+    log_p = log_probabilities(z, temperature)
+    probabilities = np.exp(log_p)
+    ece = multiclass_calibration_error(
+        torch.from_numpy(probabilities.astype(np.float32)), labels.long().cpu(), z.shape[1], n_bins=BINS, norm="l1"
+    )
+    one_hot = np.eye(z.shape[1])[y]
     return {
         "ece": 100 * float(ece),
-        "nll": float(F.cross_entropy(logits.double() / temperature, labels)),
-        "brier": float(brier),
+        "nll": float(-log_p[np.arange(len(y)), y].mean()),
+        "brier": float(((probabilities - one_hot) ** 2).sum(1).mean()),
     }
+
+
+def confidences(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's top probability at the temperature, and whether its top class is right."""
+    z, y = host(logits, labels)
+    log_p = log_probabilities(z, temperature)
+    return np.exp(log_p.max(1)), log_p.argmax(1) == y
 
 
 def reliability(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> list[dict]:
     """The reliability diagram's bins: per equal-width bin of the top confidence, its images, mean confidence and
     accuracy (bins without an image are left out)."""
-    probabilities = (logits.double() / temperature).softmax(1)
-    confidence, predicted = probabilities.max(1)
-    correct = (predicted == labels).double()
-    which = torch.clamp((confidence * BINS).ceil().long() - 1, 0, BINS - 1)
-    rows = []
-    for b in range(BINS):
-        inside = which == b
-        if inside.any():
-            rows.append(
-                dict(
-                    low=b / BINS,
-                    high=(b + 1) / BINS,
-                    images=int(inside.sum()),
-                    confidence=float(confidence[inside].mean()),
-                    accuracy=float(correct[inside].mean()),
-                )
-            )
-    return rows
+    confidence, correct = confidences(logits, labels, temperature)
+    which = np.clip(np.ceil(confidence * BINS).astype(int) - 1, 0, BINS - 1)
+    return [
+        dict(
+            low=b / BINS,
+            high=(b + 1) / BINS,
+            images=int((which == b).sum()),
+            confidence=float(confidence[which == b].mean()),
+            accuracy=float(correct[which == b].mean()),
+        )
+        for b in range(BINS)
+        if (which == b).any()
+    ]
 
 
-def risk_coverage(score: torch.Tensor, correct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+def risk_coverage(score, correct) -> tuple[np.ndarray, np.ndarray, float]:
     """Answering only the images a score is most sure of: for k = 1..n, the share of images answered (coverage k/n)
     and the error among the k with the highest score (the risk); and the area under that curve (AURC, the mean risk
     over every k: lower is better, the error rate itself for a score that knows nothing)."""
-    order = torch.argsort(score.double(), descending=True, stable=True)
-    errors = 1 - correct[order].double()
-    answered = torch.arange(1, len(order) + 1, dtype=torch.float64)
-    risk = errors.cumsum(0) / answered
+    score, correct = np.asarray(score, dtype=np.float64), np.asarray(correct, dtype=bool)
+    order = np.argsort(-score, kind="stable")
+    answered = np.arange(1, len(order) + 1)
+    risk = np.cumsum(~correct[order]) / answered
     return answered / len(order), risk, float(risk.mean())
 
 
 def at_threshold(saved: dict, threshold: float) -> tuple[float, float | None]:
     """From calibration.json's measured images: the share whose calibrated confidence is at least `threshold`, and
     the accuracy on them (None when none is)."""
-    confidence = torch.tensor(saved["abstention"]["confidence"], dtype=torch.float64)
-    correct = torch.tensor(saved["abstention"]["correct"], dtype=torch.float64)
+    confidence = np.asarray(saved["abstention"]["confidence"], dtype=np.float64)
+    correct = np.asarray(saved["abstention"]["correct"], dtype=np.float64)
     kept = confidence >= threshold
-    return float(kept.double().mean()), (float(correct[kept].mean()) if kept.any() else None)
+    return float(kept.mean()), (float(correct[kept].mean()) if kept.any() else None)
 
 
 def abstention_words(probability: float, threshold: float, measured: dict | None) -> str:

@@ -9,8 +9,8 @@ import signal
 import sys
 import textwrap
 
-from cars.config import DEVICES, Config, add_config_flags, flag
-from cars.errors import UserError, run_cli
+from cars.config import DEVICES, Config, add_config_flags
+from cars.errors import UserError, flag, run_cli
 
 # the CAM methods eval.py and predict.py offer (cars.explain maps each to its pytorch_grad_cam class)
 CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "scorecam", "eigencam", "finercam")

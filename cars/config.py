@@ -15,7 +15,7 @@ from pathlib import Path
 
 import tomli_w
 
-from cars.errors import UserError
+from cars.errors import UserError, flag
 from cars.files import atomic_write
 
 # amp, compile, channels_last: auto is on with CUDA, where they pay, and off elsewhere (on a CPU compiling
@@ -450,10 +450,6 @@ APPLIES_ONLY = [  # (knob, whether it has an effect in a config, what it needs)
     ("subset_seed", lambda c: c.train_per_class or c.train_fraction < 1, "--train-per-class or --train-fraction"),
     ("final_test", lambda c: c.val_split > 0, "--val-split"),
 ]
-
-
-def flag(name: str) -> str:
-    return name.replace("_", "-")
 
 
 def config_flags(values: dict) -> list[str]:

@@ -9,6 +9,11 @@ class UserError(Exception):
     """Bad input: the message says what is wrong and what to do. Printed as one line."""
 
 
+def flag(name: str) -> str:
+    """The command-line flag of a knob, without its dashes: train_blocks -> train-blocks."""
+    return name.replace("_", "-")
+
+
 def message_of(error: BaseException) -> str:
     """The user-facing line of an error, also when it crossed a DataLoader worker.
 

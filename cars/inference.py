@@ -11,9 +11,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from cars.checkpoint import clean_state_dict, load_checkpoint, state_dict_of, state_fingerprint
+from cars.config import from_saved
 from cars.data import label_map, open_source
 from cars.errors import UserError
-from cars.methods import describe_saved
+from cars.methods import describe_with_subset
 from cars.models import build_model, check_resolution, head_name, load_checked
 from cars.transforms import normalize
 
@@ -97,7 +98,7 @@ def read_model_file(path: Path) -> tuple[dict, dict]:
         **{k: config.get(k) for k in ("arch", "resolution", "data", "weights")},
         "class_names": names,
         "start_fingerprint": loaded.get("start_fingerprint"),
-        "method": describe_saved(config),
+        "method": describe_with_subset(cfg) if (cfg := from_saved(config)) else None,
         "config": config or None,
     }
 

@@ -16,19 +16,21 @@ Adding a method is one `Method(...)` in REGISTRY (with its Term, if it adds to t
 and its test: docs/explanation/design.md walks through one.
 """
 
+from __future__ import annotations
+
 import copy
 import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cars.config import Config, flag, from_saved
 from cars.data import spread_sample
-from cars.errors import UserError
+from cars.errors import UserError, flag
 from cars.finetune import (
     STEM,
     ProbeHead,
@@ -42,6 +44,9 @@ from cars.finetune import (
     stages,
 )
 from cars.models import build_with_own_head, head_name, on_head_input
+
+if TYPE_CHECKING:  # for the annotations only: cars.config imports this module to check a config's methods
+    from cars.config import Config
 
 # --- the declaration ---------------------------------------------------------------------------------------------
 
@@ -77,7 +82,7 @@ class Method:
     def is_on(self, cfg) -> bool:
         if self.on is not None:
             return self.on(cfg)
-        return getattr(cfg, self.knob) != knob_default(self.knob)
+        return getattr(cfg, self.knob) != knob_default(cfg, self.knob)
 
     def describe(self, cfg) -> str:
         return self.words(cfg) if self.words else f"{self.title} {getattr(cfg, self.knob):g}"
@@ -928,7 +933,7 @@ def check(cfg) -> None:
     methods = active(cfg)
     for method in methods:
         for knob, why in method.excludes.items():
-            if getattr(cfg, knob) != knob_default(knob):
+            if getattr(cfg, knob) != knob_default(cfg, knob):
                 raise UserError(f"--{flag(method.knob)} and --{flag(knob)} {why}; use one of them")
     if cfg.weights.lower() == "none":
         first = next((m for m in methods if m.needs_pretrained), None)
@@ -947,8 +952,9 @@ def check(cfg) -> None:
             )
 
 
-def knob_default(knob: str):
-    return next(f.default for f in dataclasses.fields(Config) if f.name == knob)
+def knob_default(cfg, knob: str):
+    """The value of `knob` that leaves it off: its default in the config's class."""
+    return next(f.default for f in dataclasses.fields(type(cfg)) if f.name == knob)
 
 
 # --- a run's method, built -------------------------------------------------------------------------------------
@@ -1051,11 +1057,7 @@ def subset_words(cfg) -> str:
     return ""
 
 
-def describe_saved(config: dict) -> str | None:
-    """`describe` of a checkpoint's saved config, with the training subset when there was one; None when it is not a
-    whole config of this version."""
-    cfg = from_saved(config)
-    if cfg is None:
-        return None
+def describe_with_subset(cfg) -> str:
+    """`describe`, with the training subset when there was one: what a report says of a run's training."""
     subset = subset_words(cfg)
     return describe(cfg) + (f", on {subset} only (subset.csv)" if subset else "")

@@ -386,7 +386,7 @@ def plot_risk_coverage(curves: dict, path: Path, *, title: str) -> None:
     fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.8), sharey=True, squeeze=False)
     for ax, (split, by_score) in zip(axes[0], curves.items(), strict=True):
         for score, (coverage, risk, area) in by_score.items():
-            ax.plot(coverage.numpy(), 100 * risk.numpy(), label=f"{score} (AURC {100 * area:.1f} %)")
+            ax.plot(coverage, 100 * risk, label=f"{score} (AURC {100 * area:.1f} %)")
         ax.set_xlim(0, 1)
         ax.set_xlabel("share of images answered (coverage)")
         ax.set_title(split)

@@ -13,9 +13,14 @@ TOOLS = sorted(p.name for p in ROOT.glob("*.py"))
 
 
 def imports_of(path: Path) -> set[str]:
-    """Every module a file imports, at the top or inside a function (`from cars import x` names cars.x)."""
+    """Every module a file imports when it runs, at the top or inside a function (`from cars import x` names cars.x);
+    not those under `if TYPE_CHECKING:`, which only annotations read."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            node.body = []
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module:
             found |= {f"cars.{alias.name}" for alias in node.names} if node.module == "cars" else {node.module}
         elif isinstance(node, ast.Import):
