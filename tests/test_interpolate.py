@@ -15,6 +15,7 @@ import train
 from cars import analysis, calibration, finetune
 from cars.averaging import averaged, interpolated
 from cars.checkpoint import load_checkpoint
+from cars.cli import interpolate_parser
 from cars.data import load_splits
 from cars.engine import Device, collect_logits
 from cars.errors import UserError
@@ -74,6 +75,9 @@ def test_the_ends_are_the_fine_tune_and_the_start_with_its_probe_head(lp_ft_run,
     assert all(torch.equal(saved[k], expected[k]) for k in expected)
     eval_tool.main([str(out / "model"), "--num-gradcam", "1", "--transfer", "off", *QUICK])
     assert json.loads((out / "model" / "eval" / "summary.json").read_text())["top1"] == accuracy[0.5, "test"]
+    # D7: --save-alpha's help names the folder it writes
+    help_of = {action.dest: action.help for action in interpolate_parser()._actions}
+    assert "as a run folder <out>/model" in help_of["save_alpha"]
 
 
 def test_batchnorm_statistics_estimated_again_are_a_second_line(lp_ft_run, tmp_path):
