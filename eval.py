@@ -17,7 +17,7 @@ import torch
 
 from cars import adaptation, analysis, calibration, familiarity, finetune, methods, transfer
 from cars.cli import TTA_SCALES
-from cars.config import from_saved, load_saved
+from cars.config import load_saved
 from cars.data import (
     CORRUPTIONS,
     SubsetSplit,
@@ -164,31 +164,23 @@ def main(argv=None) -> None:
     evaluation = start(parse_eval(argv))
     pytorch = evaluation.trained.backend == "pytorch"
     # the features the head reads, kept from the scoring pass: the familiarity check is calibrated on them
-    with kept_head_inputs(evaluation.trained.model) if pytorch else nullcontext([]) as test_features:
-        scores = Scores(*evaluation.logits_of(evaluation.test_split, cache=evaluation.args.cache), evaluation.names)
+    logits, labels, test_features = answered(evaluation, evaluation.test_split, cache=evaluation.args.cache)
+    scores = Scores(logits, labels, evaluation.names)
     summary = write_scores(evaluation, scores)
     # CAMs need gradients: none from ONNX Runtime
     cams = draw_cams(evaluation, scores) if evaluation.trained.backend == "pytorch" else []
     tta = test_time_augmentation(evaluation, scores, summary) if evaluation.args.tta else ""
     corrupted = corrupted_splits(evaluation)
-    shifted, shifted_features = {}, {}
-    for name, split in corrupted.items():
-        with kept_head_inputs(evaluation.trained.model) if pytorch else nullcontext([]) as features:
-            shifted[name] = evaluation.logits_of(split)
-        shifted_features[name] = torch.cat(features) if features else None
+    shifted_answers = {name: answered(evaluation, split) for name, split in corrupted.items()}
+    shifted = {name: (logits, labels) for name, (logits, labels, _) in shifted_answers.items()}
     robustness = corrupted_copies(summary, shifted) if shifted else ""
     calibrated, temperature, measured = calibrate_probabilities(evaluation, scores, summary, shifted)
     write_predictions(evaluation, scores, temperature)
     adapted = (
         adapt_to_shifts(evaluation, scores, summary, corrupted, shifted) if evaluation.args.adapt != "none" else ""
     )
-    unfamiliar, check = (
-        calibrate_familiarity(evaluation, summary, held_out=torch.cat(test_features)) if pytorch else ("", None)
-    )
-    answers = {
-        "test": (scores.logits, scores.labels, torch.cat(test_features) if pytorch else None),
-        **{name: (*shifted[name], shifted_features[name]) for name in shifted},
-    }
+    unfamiliar, check = calibrate_familiarity(evaluation, summary, held_out=test_features) if pytorch else ("", None)
+    answers = {"test": (scores.logits, scores.labels, test_features), **shifted_answers}
     abstention = knowing_when_to_abstain(
         evaluation, summary, answers=answers, temperature=temperature, measured=measured, check=check
     )
@@ -198,6 +190,17 @@ def main(argv=None) -> None:
     sections = [tta, robustness, calibrated, abstention, adapted, unfamiliar, changed]
     write_report(evaluation, scores=scores, summary=summary, cams=cams, opening=bought, sections=sections)
     print(f"\nreport: {evaluation.out / 'report.md'}")
+
+
+def answered(
+    evaluation: Evaluation, split, cache: str = "off"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The model's logits for a split, its labels, and the features its head read in that same pass (None from ONNX
+    Runtime, which gives none)."""
+    pytorch = evaluation.trained.backend == "pytorch"
+    with kept_head_inputs(evaluation.trained.model) if pytorch else nullcontext([]) as features:
+        logits, labels = evaluation.logits_of(split, cache=cache)
+    return logits, labels, torch.cat(features) if features else None
 
 
 def start(args) -> Evaluation:
@@ -250,7 +253,7 @@ def run_training_images(trained: Trained, train_split) -> tuple[object, str, obj
     out, as its saved config draws them), which they are in words (what the probes and the familiarity check are
     fitted on), and its validation split (the temperature is fitted on it) or None. The dataset's whole training split
     and no validation split when the checkpoint does not say, or was trained on other data."""
-    cfg = from_saved(trained.recipe)
+    cfg = trained.config
     if cfg is None or cfg.data != trained.data:
         return (
             train_split,
@@ -289,7 +292,7 @@ def find_scratch(args, trained: Trained) -> Path | None:
                 "(--no-final-test), so it has no test accuracy to compare; evaluate it first (uv run eval.py "
                 f"{scratch}) and train it again without --no-final-test, or name another run"
             )
-        own_data = (from_saved(trained.recipe) or trained).data  # the run's own, whatever --data evaluates on
+        own_data = (trained.config or trained).data  # the run's own, whatever --data evaluates on
         if scratch_cfg.data != own_data:
             raise UserError(
                 f"--scratch {scratch} trained on {scratch_cfg.data}, and {trained.path} on {own_data}: their test "
@@ -647,7 +650,7 @@ def what_fine_tuning_changed(evaluation: Evaluation, summary: dict) -> str:
         "forward_passes": {"train": len(train_y), "test": len(test_y), "cka": 3 * len(subset)},
         "seconds": round(seconds, 2),
     }
-    own = from_saved(trained.recipe)
+    own = trained.config
     # LoRA's promise, measured: each adapted layer moved by a matrix of rank at most --lora
     ranks = transfer.change_ranks(start.model, tuned, methods.lora_targets(own, tuned)) if own and own.lora else {}
     if ranks:
@@ -878,7 +881,7 @@ def test_accuracy(summary: dict) -> float | None:
 def changed_test_set(evaluation: Evaluation) -> str:
     """How --data or --resolution make this evaluation's test images other than the run's own, in words ('' when they
     do not)."""
-    own = from_saved(evaluation.trained.recipe)
+    own = evaluation.trained.config
     if own is None:
         return ""
     changes = [f"another dataset ({evaluation.trained.data})"] if own.data != evaluation.trained.data else []

@@ -191,11 +191,7 @@ def training_subset(train, class_names: list[str], *, per_class: int, fraction: 
     order: the same on any machine, and nested (the 4-image subset is inside the 8-image one of the same seed), so
     points of a curve differ only by the images added. A class with fewer than `per_class` images is refused: a curve
     point that claims K images per class must have them."""
-    parent = train.parent if isinstance(train, SubsetSplit) else train
-    rows = train.indices if isinstance(train, SubsetSplit) else list(range(len(train)))
-    by_class = defaultdict(list)
-    for row in rows:
-        by_class[parent.labels[row]].append(row)
+    parent, by_class = rows_by_class(train)
     chosen = []
     for label in range(len(class_names)):
         indices = sorted(by_class[label])
@@ -216,20 +212,27 @@ def spread_sample(split, count: int, seed: int) -> SubsetSplit:
     """`count` images of a split spread over its classes as evenly as they allow: every class gives one image before
     any class gives a second, each class's images taken in an order drawn from (seed, class). The stored order (an
     ImageFolder lists class after class) never decides which classes are seen. Fewer images when the split has fewer."""
-    parent = split.parent if isinstance(split, SubsetSplit) else split
-    rows = split.indices if isinstance(split, SubsetSplit) else list(range(len(split)))
-    by_class = defaultdict(list)
-    for row in rows:
-        by_class[parent.labels[row]].append(row)
+    parent, by_class = rows_by_class(split)
     for label, indices in by_class.items():
         random.Random(f"sample {seed} class {label}").shuffle(indices)  # a str seed: the same on every machine
-    chosen, depth, wanted = [], 0, min(count, len(rows))
+    chosen, depth, wanted = [], 0, min(count, len(split))
     while len(chosen) < wanted:
         round_ = [indices[depth] for _, indices in sorted(by_class.items()) if depth < len(indices)]
         random.Random(f"sample {seed} round {depth}").shuffle(round_)  # a last, partial round: classes drawn too
         chosen += round_[: wanted - len(chosen)]
         depth += 1
     return SubsetSplit(parent, sorted(chosen), split.name)
+
+
+def rows_by_class(split) -> tuple[object, dict[int, list[int]]]:
+    """The split a split's images are rows of (itself, or a subset's parent), and those rows by class, in their
+    order."""
+    parent = split.parent if isinstance(split, SubsetSplit) else split
+    rows = split.indices if isinstance(split, SubsetSplit) else range(len(split))
+    by_class = defaultdict(list)
+    for row in rows:
+        by_class[parent.labels[row]].append(row)
+    return parent, by_class
 
 
 def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -11,7 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from cars.checkpoint import clean_state_dict, load_checkpoint, state_dict_of, state_fingerprint
-from cars.config import from_saved
+from cars.config import Config, from_saved
 from cars.data import label_map, open_source
 from cars.errors import UserError
 from cars.methods import describe_with_subset
@@ -37,6 +37,11 @@ class Trained:
     method: str | None = None  # the fine-tuning method, in words (finetune.describe), when the checkpoint says
     recipe: dict | None = None  # the run's whole config as its checkpoint saved it, when it did
     temperature: float = 1.0  # the logits are divided by it before the softmax (eval.py's calibration)
+
+    @functools.cached_property
+    def config(self) -> Config | None:
+        """The run's config, when its checkpoint saved a whole one of this version (else None)."""
+        return from_saved(self.recipe)
 
     @functools.cached_property
     def weights_fingerprint(self) -> str | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -204,6 +205,12 @@ def depth_below_head(model: nn.Module) -> dict[str, int]:
     return {b: head - position[b] for b in order}
 
 
+def lr_scale(cfg, depth: int) -> float:
+    """The lr of a block `depth` >= 1 blocks below the head, as a multiple of the head's: what the methods that set it
+    (layer decay, differential lr) give, multiplied."""
+    return math.prod(method.lr_per_block(cfg, depth) for method in active(cfg) if method.lr_per_block)
+
+
 def undecayed(model: nn.Module) -> set[int]:
     """The ids of the normalisation layers' weights and of every bias: what --norm-weight-decay decays. Decay pulls
     a weight towards 0; a BatchNorm scale or a bias is not a weight that overfits by growing, and shrinking it only
@@ -218,23 +225,19 @@ def param_groups(cfg, model: nn.Module, *, extra: list[dict] = ()) -> list[dict]
     normalisation weights and biases with their own decay. A method that pulls the backbone to its start (L2-SP,
     DELTA) replaces the backbone's decay, as in the papers: the head keeps it. `extra` are the methods' own groups
     (Co-Tuning's source head). The head's group is named "head": the recipe reads the lr there (optim.head_lr)."""
-    methods = active(cfg)
     lr, depth, names, head = base_lr(cfg), depth_below_head(model), blocks(model), head_block(model)
-    scales = [method.lr_per_block for method in methods if method.lr_per_block]
-    per_block = any(method.knob == "layer_decay" for method in methods)
-    pulled_to_start = any(method.replaces_decay for method in methods)
+    scale = {block: lr_scale(cfg, depth[block]) if block != head else 1.0 for block in names}
+    per_block = len({scale[block] for block in names if block != head}) > 1  # the blocks' lrs differ: a group each
+    pulled_to_start = any(method.replaces_decay for method in active(cfg))
     split_norms, norms_and_biases = cfg.norm_weight_decay >= 0, undecayed(model)
     groups: dict[str, dict] = {}
     for name, p in trained_parameters(cfg, model):
         block = block_of(name, names)
         key = "head" if block == head else block if per_block else "backbone"
-        scale = 1.0
-        for per in scales if key != "head" else ():
-            scale *= per(cfg, depth[block])
         decay = 0.0 if pulled_to_start and key != "head" else cfg.weight_decay
         if split_norms and id(p) in norms_and_biases:
             key, decay = f"{key} norm and bias", 0.0 if pulled_to_start and key != "head" else cfg.norm_weight_decay
-        group = groups.setdefault(key, {"params": [], "lr": lr * scale, "weight_decay": decay, "name": key})
+        group = groups.setdefault(key, {"params": [], "lr": lr * scale[block], "weight_decay": decay, "name": key})
         group["params"].append(p)
     return [*groups.values(), *extra]
 
@@ -816,13 +819,10 @@ class CoTuning(Term):
     def param_groups(self, cfg) -> list[dict]:
         """The source head at the lr of the backbone's top (as the Transfer-Learning-Library trains it: it sits on the
         pretrained features, as the backbone's own head did) and the head's decay."""
-        top = 1.0
-        for method in active(cfg):
-            top *= method.lr_per_block(cfg, 1) if method.lr_per_block else 1.0
         return [
             {
                 "params": list(self.source_head.parameters()),
-                "lr": base_lr(cfg) * top,
+                "lr": base_lr(cfg) * lr_scale(cfg, 1),
                 "weight_decay": cfg.weight_decay,
                 "name": "co-tuning source head",
             }
