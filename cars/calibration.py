@@ -9,6 +9,7 @@ import torch
 
 from cars.errors import UserError
 from cars.runs import eval_folders
+from cars.transfer import host
 
 BINS = 15  # Guo et al.'s bins of the confidence
 FILE = "calibration.json"  # in an eval folder: the temperature predict.py and the page use, and the scores
@@ -17,13 +18,9 @@ FILE = "calibration.json"  # in an eval folder: the temperature predict.py and t
 # (a Mac's MPS device has none; tests/test_device_dtypes.py refuses them).
 
 
-def host(logits: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (half precision made float32 first: NumPy has no bfloat16) and labels as NumPy arrays of float64 and
-    int64."""
-    logits = logits.detach().cpu()
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return logits.numpy().astype(np.float64), labels.detach().cpu().numpy().astype(np.int64)
+def on_host(logits: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels as NumPy arrays of float64 and int64 (transfer.host's cast)."""
+    return host(logits), labels.detach().cpu().numpy().astype(np.int64)
 
 
 def log_probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -38,7 +35,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     times larger, the same calibrated probabilities (the loss depends on logits / T only)."""
     from scipy.optimize import minimize_scalar
 
-    z, y = host(logits, labels)
+    z, y = on_host(logits, labels)
     rows = np.arange(len(y))
     found = minimize_scalar(
         lambda log_t: -log_probabilities(z, np.exp(log_t))[rows, y].mean(),
@@ -54,7 +51,7 @@ def scores(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0)
     probabilities to the one-hot label, summed over classes, averaged over images) of softmax(logits / temperature)."""
     from torchmetrics.functional.classification import multiclass_calibration_error
 
-    z, y = host(logits, labels)
+    z, y = on_host(logits, labels)
     log_p = log_probabilities(z, temperature)
     probabilities = np.exp(log_p)
     ece = multiclass_calibration_error(
@@ -70,7 +67,7 @@ def scores(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0)
 
 def confidences(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Each image's top probability at the temperature, and whether its top class is right."""
-    z, y = host(logits, labels)
+    z, y = on_host(logits, labels)
     log_p = log_probabilities(z, temperature)
     return np.exp(log_p.max(1)), log_p.argmax(1) == y
 

@@ -56,12 +56,11 @@ def weight_change(start: nn.Module, tuned: nn.Module, *, head_is_new: bool) -> l
 
 def change_ranks(start: nn.Module, tuned: nn.Module, layers: list[str]) -> dict[str, int]:
     """Per layer, the numerical rank of its weight change W - W0 (out x everything else, as LoRA's B A is): the
-    singular values above 1e-4 of the largest (in float64). A layer that did not move has rank 0."""
+    singular values above 1e-4 of the largest (in float64, on the host). A layer that did not move has rank 0."""
     ranks = {}
     for layer in layers:
-        before = start.get_submodule(layer).weight.detach().double().cpu()
-        change = (tuned.get_submodule(layer).weight.detach().double().cpu() - before).flatten(1)
-        singular = torch.linalg.svdvals(change)
+        change = host(tuned.get_submodule(layer).weight) - host(start.get_submodule(layer).weight)
+        singular = np.linalg.svd(change.reshape(len(change), -1), compute_uv=False)
         ranks[layer] = int((singular > 1e-4 * singular[0]).sum()) if singular[0] > 0 else 0
     return ranks
 

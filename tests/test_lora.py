@@ -9,6 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import tiny_args, write_hub_folder
+from test_device_dtypes import DtypeRecorder
 
 import compare
 import eval as eval_tool
@@ -100,7 +101,9 @@ def test_a_resumed_lora_run_is_the_uninterrupted_one(lora_runs):
 def test_every_tool_takes_a_lora_run(lora_runs, tmp_path, capsys):
     root, _ = lora_runs
     run = root / "whole"
-    eval_tool.main([str(run), "--num-gradcam", "1", *QUICK])
+    with DtypeRecorder() as recorder:  # the lens's rank of each change too: float64 on the host only
+        eval_tool.main([str(run), "--num-gradcam", "1", *QUICK])
+    assert recorder.float64 == []
     report = (run / "eval" / "report.md").read_text()
     assert "Method: LoRA rank 4 (alpha 4)" in report
     assert "did not move at all, as the method froze them: conv1, stage2.0" in report  # only the adapted blocks moved
