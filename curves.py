@@ -14,6 +14,7 @@ from cars.cli import check_command_line, parse_curves
 check_command_line(__name__, parse_curves)  # --help and mistakes answer before the imports below load torch
 
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,7 +30,18 @@ from cars.report import markdown_table, plot_data_curves, write_csv, write_text
 from cars.run_state import raise_interrupt
 from cars.runs import read_summary, run_status
 
-COLUMNS = ["method", "shots", "images", "seed", "val_acc", "test_acc", "test_ece", "status", "run_dir"]
+COLUMNS = [
+    "method",
+    "shots",
+    "images",
+    "seed",
+    "val_acc",
+    "test_acc",
+    "test_ece",
+    "trained_parameters",
+    "status",
+    "run_dir",
+]
 
 
 def main(argv=None) -> None:
@@ -133,6 +145,9 @@ def run_cell(trial, *, study, curves: data_curves.Curves, out: Path) -> float:
         trial.set_user_attr("note", f"skipped: trial {taken[0]} has this cell")
         raise optuna.TrialPruned("duplicate")
     method, run_dir = curves.method(cell[0]), curves.run_dir(out, cell)
+    if not curves.runs_at(method, cell[1]):  # no labelled image, and the method trains: nothing to run
+        trial.set_user_attr("note", "needs labelled images")
+        return 0.0
     trial.set_user_attr("run_dir", str(run_dir))
     trial.set_user_attr("worker", sweeps.worker_name())
     status = run_status(read_summary(run_dir))
@@ -148,6 +163,8 @@ def run_cell(trial, *, study, curves: data_curves.Curves, out: Path) -> float:
             if read_summary(run_dir).get("status") != "diverged":
                 raise
             trial.set_user_attr("note", "diverged")  # a result of the cell all the same (data_curves.cell_row)
+    if method.wise_ft is not None and read_summary(run_dir).get("status") == "finished":
+        mix_with_start(run_dir, method.wise_ft)
     row = data_curves.cell_row(curves, out, cell)
     value = row["val_acc"] if row["val_acc"] != "" else row["test_acc"]
     if value == "":  # diverged before its first evaluation: done, with no accuracy (curves.csv says so)
@@ -156,12 +173,27 @@ def run_cell(trial, *, study, curves: data_curves.Curves, out: Path) -> float:
     return value
 
 
+def mix_with_start(run_dir: Path, alpha: float) -> None:
+    """A WiSE-FT cell: interpolate.py on its fine-tune at alpha (and at the two ends, which its report compares),
+    into the run folder's wise-ft/; once (a folder a crash left half-written is written again)."""
+    folder = run_dir / data_curves.WISE_FT_FOLDER
+    if (folder / "summary.json").is_file():
+        return
+    mix = [str(run_dir), "--alphas", f"0,{alpha:g},1", "--out", str(folder), "--workers", "0"]
+    # its own process: a tool runs another tool's main only for train.py (tests/test_layout.py)
+    interpolate = [sys.executable, str(Path(__file__).resolve().parent / "interpolate.py")]
+    if subprocess.run([*interpolate, *mix, *(["--overwrite"] if folder.exists() else [])]).returncode:
+        raise UserError(f"interpolate.py could not mix {run_dir} with its start (its line above says why)")
+
+
 def write_results(curves: data_curves.Curves, out: Path) -> list[str]:
     """curves.csv (one row per cell, from its run folder), curves.png and report.md."""
     rows = [data_curves.cell_row(curves, out, cell) for cell in curves.cells()]
     write_csv(out / "curves.csv", rows, COLUMNS)
     series = {
-        m.name: [(s, *p[:2]) for s in curves.shots if (p := data_curves.mean_and_sd(rows, m.name, s))]
+        legend_name(m.name, rows): [
+            (s, *p[:2]) for s in curves.shots if (p := data_curves.mean_and_sd(rows, m.name, s))
+        ]
         for m in curves.methods
     }
     plot_data_curves(
@@ -211,6 +243,15 @@ def write_results(curves: data_curves.Curves, out: Path) -> list[str]:
         + "\n",
     )
     return ["curves.csv", "curves.png", "report.md"]
+
+
+def legend_name(name: str, rows: list[dict]) -> str:
+    """A method's name with the parameters its cells trained (the most any of them did): what its accuracy cost."""
+    trained = [r["trained_parameters"] for r in rows if r["method"] == name and r["trained_parameters"] != ""]
+    if not trained:
+        return name
+    count = max(trained)
+    return f"{name} ({count / 1e6:.2f} M trained)" if count >= 1e5 else f"{name} ({count:,} trained)"
 
 
 def spread_table(curves: data_curves.Curves, rows: list[dict], key: str) -> str:

@@ -310,6 +310,10 @@ def find_start(args, trained: Trained) -> transfer.Start | str:
     --start-weights must load; a run's own that are not on this machine only skip the section."""
     if args.transfer == "off":
         return "skipped (--transfer off)"
+    if trained.untrained and not args.start_weights:
+        return (
+            "skipped: no image was trained on (--epochs 0): the network is its start, with a head made without training"
+        )
     if trained.backend != "pytorch":
         return "skipped: it compares the model's weights, which ONNX Runtime does not give (use --backend pytorch)"
     if args.start_weights is not None and not args.start_weights.strip():
@@ -329,7 +333,9 @@ def find_start(args, trained: Trained) -> transfer.Start | str:
             "--start-weights to compare it with other weights"
         )
     try:
-        start = transfer.starting_network(trained.arch, weights, len(trained.class_names))
+        start = transfer.starting_network(
+            trained.arch, weights, len(trained.class_names), resolution=trained.resolution
+        )
         if not all(torch.isfinite(t).all() for t in start.model.state_dict().values() if t.is_floating_point()):
             raise UserError(f"the start weights {weights} hold NaN or infinite values; give weights that trained")
     except UserError as error:
@@ -581,7 +587,9 @@ def what_fine_tuning_changed(evaluation: Evaluation, summary: dict) -> str:
     out, device, tuned = evaluation.out / "transfer", evaluation.device, trained.model
     out.mkdir(exist_ok=True)
     start.model.to(device.type)
-    control = transfer.random_network(trained.arch, len(trained.class_names), args.seed).to(device.type)
+    control = transfer.random_network(
+        trained.arch, len(trained.class_names), args.seed, resolution=trained.resolution
+    ).to(device.type)
     stage_list = finetune.stages(tuned)
 
     changes = transfer.weight_change(start.model, tuned, head_is_new=start.head_is_new)
@@ -956,7 +964,8 @@ def write_report(
         f"# Evaluation of `{trained.path}`",
         f"{trained.arch} at {trained.resolution} px on the test split of `{trained.data}` ({len(scores.labels)} "
         f"images, {len(scores.names)} classes)"
-        + (f". Method: {trained.method}; started from `{trained.start_weights}`." if trained.method else "."),
+        + (f". Method: {trained.method}; started from `{trained.start_weights}`." if trained.method else ".")
+        + (" **No image was trained on** (--epochs 0): this is the start as it is." if trained.untrained else ""),
         f"**Top-1 {summary['top1']:.2f}%**, top-5 {summary['top5']:.2f}%; mean per-class accuracy "
         f"{np.nanmean([c.accuracy for c in scores.classes]):.2f}%.",
         *([opening] if opening else []),

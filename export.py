@@ -69,7 +69,7 @@ def run_export(fmt: str, path: Path, trained: Trained, images: torch.Tensor) -> 
     if fmt == "safetensors":
         from safetensors.torch import load_file
 
-        model = build_model(trained.arch, "none", len(trained.class_names))
+        model = build_model(trained.arch, "none", len(trained.class_names), resolution=trained.resolution)
         model.load_state_dict(load_file(str(path)))
         return model.eval()(images)
     if fmt == "onnx":

@@ -363,7 +363,7 @@ def rank_models(candidates, split, *, resolution: int, device: str, workers: int
         try:
             with torch.random.fork_rng():
                 torch.manual_seed(0)  # 'none': the same random network every time
-                model = build_with_own_head(arch, weights)
+                model = build_with_own_head(arch, weights, resolution=resolution)
         except UserError as error:
             skipped[name] = str(error)
             print(f"--rank-models: skipped {name}: {error}")

@@ -103,7 +103,7 @@ def prepare(args) -> Line:
     if cfg.weights.lower() == "none":
         raise UserError(f"{run} started from random weights (--weights none): there is no start to interpolate from")
     class_names = checkpoint["class_names"]
-    start = transfer.starting_network(cfg.arch, cfg.weights, len(class_names))
+    start = transfer.starting_network(cfg.arch, cfg.weights, len(class_names), resolution=cfg.resolution)
     recorded = checkpoint.get("start_fingerprint")
     if recorded and start.fingerprint != recorded:
         raise UserError(
@@ -114,8 +114,19 @@ def prepare(args) -> Line:
     workers = worker_count(args.workers)
     train_images = training_images(cfg, cache=args.cache, batch_size=args.batch_size, workers=workers, device=device)
     start_model = start.model.to(device.type)
-    if checkpoint.get("probe_head"):
-        head, probe_source = checkpoint["probe_head"], "the run's own linear-probe head (it was trained with LP-FT)"
+    # the head the run's method wrote before training (LP-FT's probe, a zero-shot or prototypes head); "probe_head"
+    # in the runs made before there were other kinds
+    own = checkpoint.get("start_head") or checkpoint.get("probe_head")
+    if own:
+        kind = own.get("kind", "LP-FT")
+        head, probe_source = (
+            own,
+            (
+                "the run's own linear-probe head (it was trained with LP-FT)"
+                if kind == "LP-FT"
+                else f"the run's own {kind} (the head its fine-tune started from)"
+            ),
+        )
     else:
         probe = finetune.fit_probe_head(start_model, train_images, device, len(class_names))
         head = dict(weight=probe.weight, bias=probe.bias)
@@ -134,7 +145,7 @@ def prepare(args) -> Line:
     if corrupted:
         copies = open_hub_dataset(dataset_location(cfg.data), cfg.data, splits=corrupted)[:-1]
         chosen.update(zip(corrupted, copies, strict=True))
-    model = build_model(cfg.arch, "none", len(class_names)).to(device.type).eval()
+    model = build_model(cfg.arch, "none", len(class_names), resolution=cfg.resolution).to(device.type).eval()
     return Line(
         run=run,
         cfg=cfg,

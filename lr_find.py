@@ -114,7 +114,7 @@ def main(argv=None) -> None:
     device = Device.for_run(cfg, device_type)
     seed_everything(cfg.seed)
     splits = run_splits(cfg)
-    model = build_model(cfg.arch, cfg.weights, len(splits.class_names), cfg.dropout)
+    model = build_model(cfg.arch, cfg.weights, len(splits.class_names), cfg.dropout, resolution=cfg.resolution)
     check_resolution(model, cfg.arch, cfg.resolution)
     workers = worker_count(cfg.workers)
     loader = train_loader(splits.train, cfg, workers=workers, device_type=device_type)

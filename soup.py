@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     device = Device(pick_device(args.device))
     workers = worker_count(args.workers)
     scored, chooser = scored_splits(cfg)
-    model = build_model(cfg.arch, "none", len(first["class_names"])).to(device.type).eval()
+    model = build_model(cfg.arch, "none", len(first["class_names"]), resolution=cfg.resolution).to(device.type).eval()
     train_images = training_images(cfg, cache=args.cache, batch_size=args.batch_size, workers=workers, device=device)
 
     def score(state: dict, recalibrate: bool) -> dict:
@@ -92,7 +92,11 @@ def main(argv=None) -> None:
     write_csv(out / "soup.csv", table, ["model", "val_acc", "test_acc", "in_soup"])
     save_checkpoint(
         out / "best.pt",
-        {**{k: v for k, v in first.items() if k != "probe_head"}, "model": chosen, "soup": args.recipe},
+        {
+            **{k: v for k, v in first.items() if k not in ("start_head", "probe_head")},
+            "model": chosen,
+            "soup": args.recipe,
+        },
     )
     cfg.save(out / "config.toml")
     write_report(out, rows, chooser=chooser, recipe=args.recipe, recalibrated=args.recalibrate_bn)

@@ -13,7 +13,6 @@ from cars.cli import check_command_line, parse_train
 
 check_command_line(__name__, parse_train)  # --help and mistakes answer before the imports below load torch
 
-import fcntl
 import math
 import os
 import sys
@@ -25,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from cars import analysis, calibration, demo, methods
+from cars import analysis, calibration, demo, demo_clip, methods
 from cars.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from cars.config import Config, config_flags
 from cars.data import run_splits
@@ -43,6 +42,7 @@ from cars.engine import (
     train_step,
 )
 from cars.errors import UserError, run_cli
+from cars.files import made_once
 from cars.finetune import check_start
 from cars.loaders import run_eval_loader, start_epoch, train_loader
 from cars.methods import PARAM_GROUP_COLUMNS, needs_start, param_group_rows, set_trainable
@@ -66,7 +66,7 @@ def main(argv=None, *, after_evaluation=None, resume_advice: str | None = None) 
     # the command that reproduces the run, also when another tool calls main (sweep.py's trials)
     run = setup(args, command=[Path(sys.argv[0]).name, *sys.argv[1:]] if argv is None else ["train.py", *argv])
     with supervised(run, resume_advice=resume_advice):
-        train_result, eval_result, stopped = train(run, after_evaluation)
+        train_result, eval_result, stopped = train(run, after_evaluation) if run.cfg.epochs else untrained(run)
     summary = finish(run, train_result, eval_result)
     if stopped:
         summary.update(status=stopped, epochs_done=run.epoch)
@@ -177,6 +177,27 @@ def train(run: Run, after_evaluation=None) -> tuple[EpochResult, EpochResult | N
     return train_result, eval_result, None
 
 
+def untrained(run: Run) -> tuple[EpochResult, EpochResult, None]:
+    """--epochs 0: the network as setup made it (its start, with a zero-shot or prototypes head) evaluated once as
+    epoch 0 and saved as best.pt. No image is trained on; eval.py, predict.py and the page read the folder like any
+    run's."""
+    began, eval_name = time.time(), run.splits.eval_name
+    eval_result = evaluate(
+        run.eval_model, run.eval_batches, run.device, description=eval_name, world=run.world, pad_to=run.eval_pad_to
+    )
+    row = dict(epoch=0, lr=0.0, train_loss=None, train_acc=None, seconds=round(time.time() - began, 2))
+    run.rows.append({**row, "eval_loss": eval_result.loss, "eval_acc": eval_result.accuracy})
+    save_best(run, 0)
+    save_last(run, 0)
+    if run.world.main:
+        write_csv(run.run_dir / "metrics.csv", run.rows, [*METRIC_COLUMNS, *run.objective.names])
+    run.log(
+        f"epoch 0 (--epochs 0: no image trained on) | {eval_name} loss {eval_result.loss:.4f} acc "
+        f"{eval_result.accuracy:5.2f}%"
+    )
+    return EpochResult(loss=0.0, accuracy=0.0, images=0), eval_result, None
+
+
 def train_epoch(run: Run, epoch: int) -> Progress:
     """The step loop: one pass over the training batches (the rest of them, after a mid-epoch checkpoint). The
     scheduler and the EMA advance every step. A step never makes the host wait for the device: the loss and the
@@ -261,7 +282,13 @@ def setup(args, *, command: list[str]) -> Run:
         check_same_classes(resumed, splits.class_names, data=cfg.data, run_dir=run_dir)
     # a resumed run gets its weights from last.pt; it rebuilds its start only when the loss reads it (L2-SP, DELTA)
     from_start = not resumed or needs_start(cfg)
-    raw_model = build_model(cfg.arch, cfg.weights if from_start else "none", len(splits.class_names), cfg.dropout)
+    raw_model = build_model(
+        cfg.arch,
+        cfg.weights if from_start else "none",
+        len(splits.class_names),
+        cfg.dropout,
+        resolution=cfg.resolution,
+    )
     check_resolution(raw_model, cfg.arch, cfg.resolution)
     # what the run started from, recorded in its checkpoints (a resume takes it from last.pt, and checks it)
     fingerprint = None
@@ -287,6 +314,7 @@ def setup(args, *, command: list[str]) -> Run:
         cfg,
         raw_model,
         train_split=splits.train,
+        class_names=splits.class_names,
         eval_loader=lambda split: run_eval_loader(split, cfg, workers=workers, device_type=device_type),
         device=device,
         learned=resumed.get("method", {}) if resumed else None,
@@ -328,7 +356,7 @@ def setup(args, *, command: list[str]) -> Run:
         workers=workers,
         objective=method.objective,
         start_fingerprint=fingerprint,
-        probe_head=method.probe_head,
+        start_head=method.start_head,
         parameters=methods.parameter_counts(cfg, raw_model),
     )
     if resumed:
@@ -380,7 +408,7 @@ def finish(run: Run, train_result: EpochResult, eval_result: EpochResult) -> dic
     }
     # the last epoch's count: of the images it drew (a ragged last batch is not drawn), those that could not be read
     skipped = {
-        "train": run.train_batches.batch_sampler.images_per_epoch - train_result.images,
+        "train": run.train_batches.batch_sampler.images_per_epoch - train_result.images if cfg.epochs else 0,
         eval_name: len(run.splits.eval) - eval_result.images,
     }
     if any(skipped.values()):
@@ -416,6 +444,8 @@ def pretrain_on_demo_source(cfg: Config) -> None:
     """Make the demo-pretrained weights of `cfg.arch`, once: train it from scratch with configs/demo_source.toml on
     the source task (on the fine-tune's device, cache and workers), then keep its final weights as a plain state dict
     in torchvision's form, with their own head. An interrupted pretraining goes on where it stopped next time."""
+    if cfg.arch == demo.DEMO_CLIP_ARCH:  # a CLIP, made by a recipe of its own: contrastive, on captioned drawings
+        return demo_clip.ensure_made()
     arch, weights_file = cfg.arch, demo_pretrained_path(cfg.arch)
     if weights_file.is_file():
         return
@@ -425,17 +455,8 @@ def pretrain_on_demo_source(cfg: Config) -> None:
             f"--arch {arch} once without torchrun (it makes them in {weights_file.parent}), then torchrun again"
         )
     run_dir = demo.demo_pretraining_run(arch)
-    try:
-        weights_file.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(weights_file.with_name(f"{weights_file.stem}.lock"), "w")
-    except OSError as error:
-        raise UserError(
-            f"cannot write the demo-pretrained weights into {weights_file.parent}: {error.strerror}; set CARS_CACHE "
-            "to a folder you may write"
-        ) from None
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process pretraining (a second sweep worker): wait for it
-        if weights_file.is_file():
+    with made_once(weights_file, "the demo-pretrained weights") as to_make:
+        if not to_make:
             return
         speed = config_flags({"device": cfg.device, "cache": cfg.cache, "workers": cfg.workers})
         again = "run the interrupted command again: the pretraining goes on where it stopped, then the fine-tune starts"

@@ -539,11 +539,20 @@ def parse_inspect(argv=None) -> argparse.Namespace:
 
 
 def candidates(text: str) -> list[tuple[str, str]]:
-    """--rank-models resnet50,resnet18:none -> [(resnet50, DEFAULT), (resnet18, none)], each once."""
+    """--rank-models resnet50,resnet18:none -> [(resnet50, DEFAULT), (resnet18, none)], each once. A timm or
+    open_clip name keeps its own colons: its WEIGHTS, when given, is none, DEFAULT, demo-pretrained or a file."""
     found = []
     for item in text.split(","):
-        arch, _, weights = item.strip().partition(":")
-        if not arch or (":" in item and not weights):
+        item = item.strip()
+        if item.startswith(("timm:", "open_clip:")):
+            named, _, last = item.rpartition(":")
+            given = last in ("none", "DEFAULT", "demo-pretrained") or last.endswith((".pt", ".pth", ".bin", ".ckpt"))
+            arch, weights = (named, last) if given else (item, "")
+        else:
+            arch, _, weights = item.partition(":")
+            if ":" in item and not weights:
+                arch = ""
+        if not arch:
             raise UserError(f"--rank-models takes ARCH[:WEIGHTS],... (e.g. resnet50,resnet18:none), got {text!r}")
         found.append((arch, weights or "DEFAULT"))
     return list(dict.fromkeys(found))

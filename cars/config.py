@@ -92,17 +92,28 @@ class Config:
     arch: str = knob(
         "model",
         "resnet50",
-        "any torchvision classification model, e.g. resnet18/34/50/101, efficientnet_b0..b4",
+        "any torchvision classification model, e.g. resnet18/34/50/101, efficientnet_b0..b4; timm:NAME, any timm "
+        "model with its weights tag (timm:convnext_tiny.fb_in22k); open_clip:MODEL/PRETRAINED, a CLIP's image tower "
+        "(open_clip:ViT-B-16/openai; the demo's own small CLIP: open_clip:demo-clip)",
         metavar="ARCH",
     )
     weights: str = knob(
         "model",
         "DEFAULT",
-        "torchvision weights name (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT), 'demo-pretrained' (pretrained offline on "
-        "the demo's source task), 'none', or a state-dict file",
+        "torchvision weights name (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT; for a timm or open_clip start DEFAULT is "
+        "the weights its name gives), 'demo-pretrained' (pretrained offline on the demo's source task), 'none', or a "
+        "state-dict file",
         metavar="WEIGHTS",
     )
     dropout: float = knob("model", 0.0, "dropout probability before the new classification head", metavar="P")
+    head: str = knob(
+        "model",
+        "new",
+        "the head the run starts with: new (random), zero-shot (a CLIP start's text embeddings of the class names), "
+        "prototypes (the class means of the start's features on the training images); with --epochs 0 it is the "
+        "model, no image trained on",
+        ["new", "zero-shot", "prototypes"],
+    )
     optimizer: str = knob("optimisation", "sgd", "optimizer", ["sgd", "adamw"])
     lr: float = knob("optimisation", 0.1, "learning rate (of the head when --backbone-lr-mult is not 1)", metavar="LR")
     batch_size: int = knob(
@@ -327,7 +338,7 @@ class Config:
             )
         if not self.cache.strip():
             raise UserError("--cache is empty; give auto, a folder, or off")
-        positive = ["epochs", "batch_size", "resolution", "lr", "step_size", "eval_every", "ema_half_life"]
+        positive = ["batch_size", "resolution", "lr", "step_size", "eval_every", "ema_half_life"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
@@ -335,6 +346,7 @@ class Config:
             "momentum",
             "weight_decay",
             "gamma",
+            "epochs",
             "freeze_epochs",
             "backbone_lr_mult",
             "color_jitter",
@@ -366,9 +378,14 @@ class Config:
         for name in ("dropout", "label_smoothing", "random_erasing", "ema_decay"):
             if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"--{flag(name)} must be in [0, 1), got {getattr(self, name)}")
-        if self.warmup_epochs >= self.epochs:
+        if self.epochs == 0 and self.head == "new":
+            raise UserError(
+                "--epochs 0 trains nothing, and a new head is random; give it a head that needs no training, "
+                "--head zero-shot or --head prototypes, or train for some epochs"
+            )
+        if self.warmup_epochs and self.warmup_epochs >= self.epochs:
             raise UserError(f"--warmup-epochs ({self.warmup_epochs}) must be smaller than --epochs ({self.epochs})")
-        if self.freeze_epochs >= self.epochs:
+        if self.freeze_epochs and self.freeze_epochs >= self.epochs:
             raise UserError(
                 f"--freeze-epochs ({self.freeze_epochs}) must be smaller than --epochs ({self.epochs}), or nothing but "
                 "the head is ever trained"

@@ -12,8 +12,14 @@ A curves file names the methods (each a preset, optionally with knobs over it), 
     fine-tune = "../demo.toml"
     "linear probe" = { base = "../demo.toml", train_blocks = "head" }
     scratch = "../demo_scratch.toml"  # a method from random weights: the reference of pretraining's advantage
+
+The ladder from no labels to a full fine-tune (configs/curves/ladder_demo.toml) adds two things: shots 0 (no
+labelled image: only a method that reads no training image runs there, a zero-shot head with epochs = 0; the others
+have no cell result at 0), and a WiSE-FT method, `{ base = ..., wise_ft = 0.5 }`: each cell's fine-tune mixed with
+its start at that alpha by interpolate.py, and the mixture scored.
 """
 
+import csv
 import dataclasses
 import re
 import statistics
@@ -28,6 +34,7 @@ from cars.runs import best_row, evaluated, read_summary
 # set by curves.py for every cell
 PER_CELL = {"train_per_class", "train_fraction", "subset_seed", "seed", "run_dir", "sweep", "trial", "overwrite"}
 ADVANTAGE = 5.0  # points: where pretraining's advantage is said to fall away
+WISE_FT_FOLDER = "wise-ft"  # a WiSE-FT cell's interpolate.py output, inside its run folder
 
 
 @dataclass
@@ -35,6 +42,7 @@ class Method:
     name: str
     base: Path  # the preset
     knobs: dict  # over the preset: the curves file's [fixed], then the method's own
+    wise_ft: float | None = None  # WiSE-FT: each cell's fine-tune mixed with its start at this alpha, and scored
 
     @property
     def folder(self) -> str:
@@ -57,7 +65,7 @@ class Curves:
         return {**preset, **self.cell_knobs(method, shots, seed)}
 
     def cell_knobs(self, method: Method, shots, seed: int) -> dict:
-        if shots == "all":  # every training image: nothing to draw
+        if shots in ("all", 0):  # every training image, or none read: nothing to draw
             return {**method.knobs, "seed": seed}
         return {**method.knobs, "train_per_class": shots, "subset_seed": seed, "seed": seed}
 
@@ -66,6 +74,10 @@ class Curves:
 
     def method(self, name: str) -> Method:
         return next(m for m in self.methods if m.name == name)
+
+    def runs_at(self, method: Method, shots) -> bool:
+        """Whether a method has cells at these shots: at 0 only a method that reads no training image."""
+        return shots != 0 or not reads_images(Config(**self.values(method, "all", self.seeds[0])))
 
     def run_dir(self, out: Path, cell: tuple) -> Path:
         name, shots, seed = cell
@@ -135,7 +147,7 @@ def read_curves(path: str) -> Curves:
             "from different pools and be chosen on different images. Set val_split (and split_seed) once in [fixed]"
         )
     for m in methods:
-        for count in shots:
+        for count in [s for s in shots if curves.runs_at(m, s)]:
             try:
                 Config(**curves.values(m, count, seeds[0])).validate()
             except UserError as error:
@@ -148,6 +160,13 @@ def method(name: str, spec, fixed: dict, where: Path) -> Method:
     source = f"{where} [methods] {name}"
     if isinstance(spec, str):
         spec = {"base": spec}
+    wise_ft = spec.get("wise_ft") if isinstance(spec, dict) else None
+    if wise_ft is not None and (
+        isinstance(wise_ft, bool) or not isinstance(wise_ft, int | float) or not 0 < wise_ft < 1
+    ):
+        raise UserError(
+            f"{source}: wise_ft is the mixing alpha, a number between 0 and 1 (WiSE-FT's 0.5), got {wise_ft!r}"
+        )
     if not isinstance(spec, dict) or not isinstance(spec.get("base"), str):
         raise UserError(
             f'{source}: a method is a preset, e.g. "../demo.toml", or a table with base and knobs, e.g. '
@@ -156,22 +175,27 @@ def method(name: str, spec, fixed: dict, where: Path) -> Method:
     base = (where.parent / spec["base"]).resolve()
     if not base.is_file():
         raise UserError(f"{source}: preset {spec['base']} ({base}) does not exist")
-    knobs = {**fixed, **from_dict({k: v for k, v in spec.items() if k != "base"}, source)}
+    knobs = {**fixed, **from_dict({k: v for k, v in spec.items() if k not in ("base", "wise_ft")}, source)}
     set_per_cell = sorted(set(knobs) & PER_CELL)
     if set_per_cell:
         raise UserError(
             f"{source}: {set_per_cell[0]} is set by curves.py for every cell (shots and seeds); leave it out"
         )
-    return Method(name, base, knobs)
+    return Method(name, base, knobs, wise_ft)
+
+
+def reads_images(cfg: Config) -> bool:
+    """Whether a run reads its training images: one that trains, or whose head is their prototypes."""
+    return cfg.epochs > 0 or cfg.head == "prototypes"
 
 
 def check_shots(shots, path) -> list:
-    example = 'e.g. shots = [1, 2, 4, 8, 16, "all"]'
+    example = 'e.g. shots = [1, 2, 4, 8, 16, "all"] (0: no labelled image, for zero-shot)'
     if not isinstance(shots, list) or not shots:
         raise UserError(f"{path}: shots must list training images per class, {example}")
     counts = [s for s in shots if s != "all"]
-    if not all(type(s) is int and s > 0 for s in counts) or shots.count("all") > 1:
-        raise UserError(f'{path}: shots are whole numbers > 0 and at most one "all", {example}; got {shots!r}')
+    if not all(type(s) is int and s >= 0 for s in counts) or shots.count("all") > 1:
+        raise UserError(f'{path}: shots are whole numbers >= 0 and at most one "all", {example}; got {shots!r}')
     if counts != sorted(set(counts)) or ("all" in shots and shots[-1] != "all"):
         raise UserError(f'{path}: shots must rise, each once, with "all" last, {example}; got {shots!r}')
     return shots
@@ -196,6 +220,11 @@ def labelled_images(curves: Curves) -> tuple[dict, int]:
                 f'list shots up to {min(per_class)}, and "all"'
             )
         totals[m.name] = {s: len(labels) if s == "all" else s * len(per_class) for s in curves.shots}
+    if 0 in curves.shots and not any(curves.runs_at(m, 0) for m in curves.methods):
+        raise UserError(
+            f"{curves.path}: shots 0 (no labelled image) needs a method that reads no training image, e.g. "
+            '{ base = "../demo_clip.toml" } (a zero-shot head, epochs = 0); every method here trains'
+        )
     first = next(iter(totals.values()))
     if any(t != first for t in totals.values()):
         raise UserError(f"{curves.path}: the methods train on different data; a curve compares methods on the same")
@@ -217,7 +246,12 @@ def cell_row(curves: Curves, out: Path, cell: tuple) -> dict:
     summary = read_summary(run_dir)
     validated = summary.get("selected_on") == "val"
     val_acc, test_acc, test_ece = None, None, None
-    if summary.get("status") == "diverged":
+    method = curves.method(name)
+    if not curves.runs_at(method, shots):
+        summary = {"status": "needs labelled images"}
+    elif method.wise_ft is not None and summary.get("status") == "finished":
+        val_acc, test_acc, test_ece = mixed_scores(run_dir, method.wise_ft)
+    elif summary.get("status") == "diverged":
         metrics = run_dir / "metrics.csv"
         evaluated_rows = evaluated(read_metrics(metrics)) if metrics.is_file() else []
         if evaluated_rows:
@@ -238,9 +272,24 @@ def cell_row(curves: Curves, out: Path, cell: tuple) -> dict:
         "val_acc": rounded(val_acc),
         "test_acc": rounded(test_acc),
         "test_ece": rounded(test_ece),
+        "trained_parameters": summary.get("trainable_parameters", ""),
         "status": summary.get("status", ""),
         "run_dir": str(run_dir.relative_to(out)),
     }
+
+
+def mixed_scores(run_dir: Path, alpha: float) -> tuple:
+    """A WiSE-FT cell's validation accuracy, test accuracy and test ECE at `alpha` (its BatchNorm statistics
+    interpolated too), from interpolate.py's interpolation.csv in the run folder: (None, None, None) before it ran."""
+    found = {}
+    table = run_dir / WISE_FT_FOLDER / "interpolation.csv"
+    if table.is_file():
+        with open(table, newline="") as file:
+            for row in csv.DictReader(file):
+                if float(row["alpha"]) == alpha and row["batch_norm"] == "interpolated":
+                    found[row["split"]] = (float(row["accuracy"]), float(row["ece"]))
+    test = found.get("test", (None, None))
+    return found.get("val", (None,))[0], test[0], test[1]
 
 
 def rounded(percent: float | None):
@@ -263,6 +312,8 @@ def spread_words(point: tuple[float, float, int], seeds: int) -> str:
 
 
 def per_class_words(curves: Curves, shots) -> str:
+    if shots == 0:
+        return "no labelled image"
     if shots == "all":
         return f"all {curves.labelled['all']} labelled images"
     return f"{shots} image{'s' if shots > 1 else ''} per class ({curves.labelled[shots]} labelled images)"

@@ -54,6 +54,9 @@ SOURCE_COLOURS = {
 SOURCE_CLASS_NAMES = [f"{kind} {colour}" for kind in SOURCE_KINDS for colour in SOURCE_COLOURS]
 SOURCE_VERSION = "v1"  # bump whenever the source images change: the data and the pretrained weights are named after it
 DEMO_PRETRAINED = "demo-pretrained"  # the --weights name of the backbone pretrained on the source task
+DEMO_CLIP_ARCH = (
+    "open_clip:demo-clip"  # the demo's own small CLIP, pretrained on captioned drawings (cars/demo_clip.py)
+)
 SOURCE_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "demo_source.toml"  # how they are made
 
 
@@ -67,7 +70,8 @@ def source_root() -> Path:
 
 def demo_pretrained_path(arch: str) -> Path:
     """Where `--weights demo-pretrained` is kept for `arch`: a torchvision-form state dict with a 40-way head, named
-    after what it is made from (`source_recipe_key`), so that an edited recipe never finds the old weights."""
+    after what it is made from (`source_recipe_key`), so that an edited recipe never finds the old weights. The demo's
+    CLIP is made by another recipe: its weights are at cars.demo_clip.weights_path()."""
     return cache_home() / "demo-pretrained" / f"{arch}-{source_recipe_key(arch)}.pth"
 
 
@@ -128,10 +132,11 @@ def box(draw, at, corners, fill):
     draw.polygon([at(x0, y0), at(x1, y0), at(x1, y1), at(x0, y1)], fill=fill)
 
 
-def draw_car(body: str, paint: str, rng: random.Random) -> Image.Image:
-    image, draw, at, car_w = scene(rng)
+def draw_car(body: str, paint: str, rng: random.Random, *, rgb=None, size=(0.5, 0.7)) -> Image.Image:
+    """A car of `body` painted about PAINTS[paint] (or `rgb`), `size` of the image's width wide."""
+    image, draw, at, car_w = scene(rng, size=size)
     top, cabin, wheel_size = BODIES[body]
-    colour = jitter(PAINTS[paint], rng)
+    colour = jitter(rgb or PAINTS[paint], rng)
     box(draw, at, (0, top, 1, 0.5), colour)
     draw.polygon([at(x, y) for x, y in cabin], fill=colour)
     glass = jitter((180, 210, 235), rng, 20)

@@ -5,6 +5,8 @@ no autocast; every image gets its own target (fewer targets silently give blank 
 object serves a whole grid; maps are drawn over the displayed, un-normalised image.
 """
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from torch import nn
 
 from cars.checkpoint import unwrap
 from cars.errors import UserError
+from cars.starts import LibraryNetwork
 from cars.transforms import eval_transform, normalize
 
 DISPLAY_SIDE = 224  # the smallest side a CAM is drawn at, whatever the model's resolution
@@ -33,7 +36,13 @@ CAM_METHODS = {
 
 
 def target_layer(model: nn.Module) -> nn.Module:
-    """`layer4[-1]` for ResNets; the last feature block for other architectures."""
+    """`layer4[-1]` for ResNets; the last feature block for other architectures; a timm or open_clip ViT's last
+    transformer block (its tokens made a grid again by `token_grid`)."""
+    if isinstance(model, LibraryNetwork):
+        stack = next((s for s in ("blocks", "transformer.resblocks", "stages") if has_submodule(model.body, s)), None)
+        if stack and isinstance(model.body.get_submodule(stack), nn.Sequential | nn.ModuleList):
+            return model.body.get_submodule(stack)[-1]
+        model = model.body
     for name in ("layer4", "features", "conv5", "trunk_output"):
         block = getattr(model, name, None)
         if block is not None:
@@ -42,6 +51,30 @@ def target_layer(model: nn.Module) -> nn.Module:
     if not convolutions:
         raise UserError(f"{type(model).__name__} has no convolutional layer to compute a CAM on")
     return convolutions[-1]
+
+
+def has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def token_grid(model: nn.Module):
+    """For a ViT, what makes its block's output (images x tokens x channels) a map again: the class (and register)
+    tokens dropped and the patches laid out on their square grid, channels first. None for a network of maps."""
+    if not isinstance(model, LibraryNetwork) or not model.prefix_tokens:
+        return None
+
+    def reshape(tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dim() != 3:  # a map already (a ConvNeXt stage)
+            return tokens
+        patches = tokens[:, model.prefix_tokens :]
+        side = math.isqrt(patches.shape[1])
+        return patches.reshape(len(patches), side, side, -1).permute(0, 3, 1, 2)
+
+    return reshape
 
 
 def class_activation_maps(
@@ -55,7 +88,9 @@ def class_activation_maps(
     model = unwrap(model).float().eval()
     images = images.float().to(next(model.parameters()).device)
     with torch.enable_grad(), torch.autocast(images.device.type, enabled=False):
-        with CAM_METHODS[method](model=model, target_layers=[target_layer(model)]) as cam:
+        with CAM_METHODS[method](
+            model=model, target_layers=[target_layer(model)], reshape_transform=token_grid(model)
+        ) as cam:
             if method == "scorecam":
                 cam.batch_size = 32
             if method == "finercam":

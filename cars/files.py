@@ -1,9 +1,11 @@
 """Files the project writes: whole or not at all, with the permissions the user's umask gives."""
 
 import ctypes
+import fcntl
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from cars.errors import UserError
@@ -84,3 +86,19 @@ def recover_folder(folder: Path) -> None:
             shutil.rmtree(aside(folder))
         else:
             os.rename(aside(folder), folder)
+
+
+@contextmanager
+def made_once(path: Path, what: str):
+    """While the block runs, this process alone makes `path` (a file in the cache): another process making it too
+    waits here (a second sweep worker), then finds it made. Yields whether it is still to be made."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_name(f"{path.stem}.lock"), "w")
+    except OSError as error:
+        raise UserError(
+            f"cannot write {what} into {path.parent}: {error.strerror}; set CARS_CACHE to a folder you may write"
+        ) from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield not path.is_file()

@@ -13,6 +13,7 @@ from torch import nn
 from cars.checkpoint import state_fingerprint
 from cars.errors import UserError
 from cars.models import head_name, kept_head_inputs
+from cars.starts import LibraryNetwork
 
 STEM = "stem"  # --train-blocks' name for the first stage, whatever the architecture calls it
 ONE_THREAD_FITS = 1e9  # images x features x classes below which a logistic regression is fitted on one BLAS thread
@@ -46,7 +47,15 @@ def blocks(model: nn.Module) -> list[str]:
             ]
         return [name] if any(True for _ in module.parameters()) else []
 
-    return [found for name, child in model.named_children() for found in opened(name, child)]
+    return [found for name, child in parts(model) for found in opened(name, child)]
+
+
+def parts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's top-level parts by dotted name: its children; for a timm or open_clip start, its library network's
+    children (`body.blocks`, ...) and its head, since the library's network is the model."""
+    if isinstance(model, LibraryNetwork):
+        return [*((f"body.{name}", child) for name, child in model.body.named_children()), ("fc", model.fc)]
+    return list(model.named_children())
 
 
 def repeated_blocks(module: nn.Module) -> bool:
@@ -193,6 +202,26 @@ def fit_probe_head(model: nn.Module, loader, device, num_classes: int) -> ProbeH
     bias = torch.from_numpy(regression.intercept_).float() - weight @ mean
     accuracy = 100 * float((classifier.predict(features.numpy()) == labels.numpy()).mean())
     return ProbeHead(weight, bias, accuracy, converged, len(labels))
+
+
+def prototype_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nearest class mean written as a linear layer (weight, bias): logit_c = -|x - m_c|^2 / (2 s^2) up to a term
+    every class shares, = (x . m_c - |m_c|^2 / 2) / s^2, with m_c the mean of class c's features. The largest logit is
+    the nearest mean. s^2, a temperature, is the images' mean squared distance to their own class's mean: a typical
+    image is one unit from its class, whatever the features' scale and number. With one image per class there is no
+    distance within a class: s^2 is then the images' mean squared distance to their overall mean."""
+    present = torch.bincount(labels, minlength=num_classes)
+    if (present == 0).any():
+        raise UserError(
+            f"the prototypes head needs training images of every class; {int((present == 0).sum())} of {num_classes} "
+            "classes have none readable"
+        )
+    features = features.double()
+    means = torch.zeros(num_classes, features.shape[1], dtype=torch.float64).index_add_(0, labels, features)
+    means /= present[:, None]
+    spread = features - means[labels] if len(labels) > num_classes else features - features.mean(0)
+    variance = spread.pow(2).sum(1).mean().clamp_min(1e-12)
+    return (means / variance).float(), (-means.pow(2).sum(1) / (2 * variance)).float()
 
 
 def set_head(model: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:

@@ -43,6 +43,11 @@ class Trained:
         """The run's config, when its checkpoint saved a whole one of this version (else None)."""
         return from_saved(self.recipe)
 
+    @property
+    def untrained(self) -> bool:
+        """Whether no image was trained on (--epochs 0): the start, with a head that needed no training."""
+        return bool(self.config and self.config.epochs == 0)
+
     @functools.cached_property
     def weights_fingerprint(self) -> str | None:
         """checkpoint.state_fingerprint of the model's weights (None for ONNX Runtime, which gives none): what eval.py's
@@ -194,10 +199,10 @@ def load_trained(path, *, arch=None, num_classes=None, resolution=None, data=Non
         class_names = open_source(data)[2]
     if num_classes is None:
         num_classes = len(class_names) if class_names else None
-    model = build_model(arch, "none", num_classes or 1000)
+    model = build_model(arch, "none", num_classes or 1000, resolution=resolution)
     if num_classes is None:  # a bare state dict without --num-classes: its head says how many
         num_classes = state.get(head_name(model) + ".weight", torch.empty(1000)).shape[0]
-        model = build_model(arch, "none", num_classes)
+        model = build_model(arch, "none", num_classes, resolution=resolution)
     class_names = class_names or [f"class {i}" for i in range(num_classes)]
     if len(class_names) != num_classes:
         raise UserError(

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cars import starts
 from cars.data import spread_sample
 from cars.errors import UserError, flag
 from cars.finetune import (
@@ -39,12 +40,14 @@ from cars.finetune import (
     blocks,
     fit_probe_head,
     head_block,
+    head_inputs,
     head_parameters,
+    prototype_head,
     set_head,
     stage_runs,
     stages,
 )
-from cars.models import build_with_own_head, head_name, on_head_input
+from cars.models import build_with_own_head, head_name, on_head_input, resolve_weights
 
 if TYPE_CHECKING:  # for the annotations only: cars.config imports this module to check a config's methods
     from cars.config import Config
@@ -76,6 +79,7 @@ class Method:
     trains: Callable[[Config, nn.Module], set[int]] | None = None  # the ids of the only backbone parameters that train
     keeps_statistics: bool = False  # the backbone's BatchNorm statistics stay the start's (its weights barely move)
     begin: Callable[["Setup"], None] | None = None  # done once before the first epoch (not again on resume)
+    writes_head: bool = False  # its begin writes the head the run starts from (kept: interpolate.py's alpha 0)
     term: Callable[["Setup"], "Term"] | None = None  # its loss term, built in setup (on resume from what last.pt kept)
     adapt: Callable[[Config, nn.Module], None] | None = None  # its change to the network, made right after it is built
     excludes: dict[str, str] = dataclasses.field(default_factory=dict)  # knobs it cannot go with, and why
@@ -99,6 +103,7 @@ class Setup:
     start: nn.Module | None  # a frozen copy of where it started (methods with needs_start)
     probe: ProbeHead | None  # the linear probe on the start (methods with needs_probe)
     train_split: object  # the run's training images, for what a method measures on them
+    class_names: list[str]
     train_images: object | None  # those images as evaluated, centre crops (methods with needs_train_images)
     eval_loader: Callable  # split -> its loader as the run evaluates it (the run's resolution, cache, batch)
     device: object
@@ -181,8 +186,10 @@ def set_trainable(cfg, model: nn.Module, *, backbone_frozen: bool = False) -> No
 
 
 def parameter_counts(cfg, model: nn.Module) -> tuple[int, int]:
-    """(every parameter of the network, those that train): what summary.json and train.log report."""
-    return sum(p.numel() for p in model.parameters()), sum(p.numel() for _, p in trained_parameters(cfg, model))
+    """(every parameter of the network, those that train): what summary.json and train.log report. With --epochs 0
+    none does."""
+    trained = sum(p.numel() for _, p in trained_parameters(cfg, model)) if cfg.epochs else 0
+    return sum(p.numel() for p in model.parameters()), trained
 
 
 # --- the lr and decay of each group ------------------------------------------------------------------------------
@@ -355,6 +362,48 @@ LP_FT = Method(
     needs_probe=True,
     needs_train_images=True,
     begin=probe_as_head,
+    writes_head=True,
+)
+
+
+# --- heads that need no training ---------------------------------------------------------------------------------
+
+
+def zero_shot_as_head(setup: Setup) -> None:
+    """The class names through the start's text tower (CLIP's prompts for cars, averaged) as the head."""
+    source = resolve_weights(setup.cfg.arch, setup.cfg.weights)
+    weight = starts.zero_shot_head(setup.cfg.arch, setup.class_names, source=source)
+    set_head(setup.model, weight, torch.zeros(len(weight)))
+
+
+def prototypes_as_head(setup: Setup) -> None:
+    """The class means of the start's features of the training images (centre crops) as the head."""
+    features, labels = head_inputs(setup.model, setup.train_images, setup.device, description="prototype features")
+    set_head(setup.model, *prototype_head(features, labels, len(setup.class_names)))
+
+
+ZERO_SHOT = Method(
+    title="zero-shot head",
+    knob="head",
+    paper="Radford et al. 2021 (CLIP); WiSE-FT, Wortsman et al. 2022",
+    on=lambda cfg: cfg.head == "zero-shot",
+    words=lambda cfg: "zero-shot head (the class names through CLIP's text tower)",
+    needs_pretrained=True,
+    begin=zero_shot_as_head,
+    writes_head=True,
+    excludes={"probe_init": "both write the head the run starts from"},
+)
+PROTOTYPES = Method(
+    title="prototypes head",
+    knob="head",
+    paper="Snell et al. 2017; SimpleShot, Wang et al. 2019",
+    on=lambda cfg: cfg.head == "prototypes",
+    words=lambda cfg: "prototypes head (the class means of the start's features)",
+    needs_pretrained=True,
+    needs_train_images=True,
+    begin=prototypes_as_head,
+    writes_head=True,
+    excludes={"probe_init": "both write the head the run starts from"},
 )
 
 
@@ -836,7 +885,7 @@ def source_head_of(cfg) -> tuple[nn.Module, nn.Linear]:
     """The start with its own head (ImageNet's 1000 classes, the demo source's 40), and a fresh Linear of that head's
     shape: Co-Tuning's source head."""
     try:
-        own = build_with_own_head(cfg.arch, cfg.weights)
+        own = build_with_own_head(cfg.arch, cfg.weights, resolution=cfg.resolution)
     except UserError as error:
         raise UserError(
             f"--co-tuning needs the start's source-task head, and {cfg.weights} has none ({str(error).split(';')[0]}); "
@@ -896,6 +945,8 @@ CO_TUNING = Method(
 
 # every method, in the order train.log and the reports name them; the loss terms' order is metrics.csv's
 REGISTRY = [
+    ZERO_SHOT,
+    PROTOTYPES,
     LP_FT,
     TWO_STAGES,
     LAYER_DECAY,
@@ -942,6 +993,12 @@ def check(cfg) -> None:
                 f"--{flag(first.knob)} needs a pretrained start ({first.title} uses the start's weights), and "
                 "--weights none starts from random weights; drop it or pass --weights"
             )
+    if ZERO_SHOT in methods and not starts.has_text_tower(cfg.arch):
+        raise UserError(
+            f"--head zero-shot reads the class names with a text tower, and {cfg.arch} has none; start from a CLIP "
+            "(open_clip:MODEL/PRETRAINED, e.g. open_clip:ViT-B-16/openai, or the demo's open_clip:demo-clip with "
+            "--weights demo-pretrained), or use --head prototypes"
+        )
     if LINEAR_PROBE in methods:
         first = next((m for m in methods if m.needs_backbone), None)
         if first:
@@ -973,12 +1030,20 @@ class Prepared:
     """What setup builds of a run's method."""
 
     objective: Objective
-    probe_head: dict | None  # LP-FT's probe head (weight and bias) the fine-tune started from: interpolate.py's alpha 0
+    start_head: dict | None  # the head a method wrote before training (weight, bias, kind): interpolate.py's alpha 0
     log: list[str]  # what train.log says of it
 
 
 def prepare(
-    cfg, model: nn.Module, *, train_split, eval_loader, device, learned: dict | None, world_size: int
+    cfg,
+    model: nn.Module,
+    *,
+    train_split,
+    class_names: list[str],
+    eval_loader,
+    device,
+    learned: dict | None,
+    world_size: int,
 ) -> Prepared:
     """A run's method, built once in setup on the network that trains (on its device, adapted): the frozen start
     copy, the training images and the probe the methods need, what they do before training, and the loss with their
@@ -1002,6 +1067,7 @@ def prepare(
         start=start,
         probe=probe,
         train_split=train_split,
+        class_names=class_names,
         train_images=train_images,
         eval_loader=eval_loader,
         device=device,
@@ -1023,8 +1089,13 @@ def prepare(
             + ("" if probe.converged else " (not converged)")
             + ("; it is the head the fine-tune starts from (LP-FT)" if LP_FT in methods else f"; {readers[0]} reads it")
         )
-    probe_head = dict(weight=probe.weight, bias=probe.bias) if probe and LP_FT in methods else None
-    return Prepared(Objective(model, label_smoothing=cfg.label_smoothing, terms=terms), probe_head, log)
+    writer = next((m for m in methods if m.writes_head), None)
+    start_head = None
+    if fresh and writer:
+        head = model.get_submodule(head_name(model))
+        start_head = dict(weight=head.weight.detach().cpu().clone(), bias=head.bias.detach().cpu().clone())
+        start_head["kind"] = writer.title
+    return Prepared(Objective(model, label_smoothing=cfg.label_smoothing, terms=terms), start_head, log)
 
 
 # --- in words ------------------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ import torch
 import torchvision
 from torch import nn
 
+from cars import demo_clip, starts
 from cars.checkpoint import read_state_dict
-from cars.demo import DEMO_PRETRAINED, demo_pretrained_path
+from cars.demo import DEMO_CLIP_ARCH, DEMO_PRETRAINED, demo_pretrained_path
 from cars.errors import UserError
 
 
@@ -66,11 +67,12 @@ def replace_head(model: nn.Module, num_classes: int, dropout: float) -> None:
 
 
 def resolve_weights(arch: str, weights: str):
-    """A torchvision weights enum for `arch`, None for 'none', or a Path to a state-dict file."""
+    """A torchvision weights enum for `arch`, None for 'none', a Path to a state-dict file, or for a timm or open_clip
+    start 'DEFAULT': the weights its name gives."""
     if weights.lower() == "none":
         return None
     if weights == DEMO_PRETRAINED:  # a state-dict file like any other, made by train.py on the demo's source task
-        path = demo_pretrained_path(arch)
+        path = demo_clip.weights_path() if arch == DEMO_CLIP_ARCH else demo_pretrained_path(arch)
         if not path.is_file():
             raise UserError(
                 f"the demo-pretrained weights for {arch} are not made yet ({path}); train.py makes them once: "
@@ -87,6 +89,13 @@ def resolve_weights(arch: str, weights: str):
         if not path.is_file():
             raise UserError(f"weights file {weights} does not exist")
         return path
+    if starts.is_library(arch):
+        if weights == "DEFAULT":
+            return weights
+        raise UserError(
+            f"{arch} takes its weights from its name (timm's tag, open_clip's /PRETRAINED); pass --weights DEFAULT, "
+            f"'{DEMO_PRETRAINED}', 'none' or a state-dict file, not {weights!r}"
+        )
     enum = torchvision.models.get_model_weights(arch)
     try:
         return enum[weights] if weights != "DEFAULT" else enum.DEFAULT
@@ -112,6 +121,8 @@ UNSUPPORTED = {
 
 
 def check_arch(arch: str) -> None:
+    if starts.is_library(arch):
+        return starts.check(arch)
     if arch in UNSUPPORTED:
         raise UserError(f"{arch} is not supported: {UNSUPPORTED[arch]}; choose another architecture, e.g. resnet50")
     archs = classification_archs()
@@ -121,32 +132,48 @@ def check_arch(arch: str) -> None:
         raise UserError(f"unknown architecture {arch!r}{hint}")
 
 
-def build_model(arch: str, weights: str, num_classes: int, dropout: float = 0.0) -> nn.Module:
-    """A pretrained model (ImageNet, demo-pretrained, or a file) whose head is replaced by a fresh `num_classes`-way
-    one; a file's head is kept when it already fits (a fine-tuned model).
+def build_model(
+    arch: str, weights: str, num_classes: int, dropout: float = 0.0, *, resolution: int | None = None
+) -> nn.Module:
+    """A pretrained model (ImageNet, a timm or open_clip start, demo-pretrained, or a file) whose head is replaced by
+    a fresh `num_classes`-way one; a file's head is kept when it already fits (a fine-tuned model). `resolution`: the
+    size a timm or open_clip ViT is built for (torchvision's are built for one size, see check_resolution).
 
     torchvision refuses num_classes != 1000 together with ImageNet weights, so the model is
     built as published and the head swapped afterwards.
     """
     check_arch(arch)
     resolved = resolve_weights(arch, weights)
+    if starts.is_library(arch):
+        whole_clip = isinstance(resolved, Path) and starts.is_clip_checkpoint(read_state_dict(resolved))
+        source = resolved if resolved == "DEFAULT" or whole_clip else None  # else this project's own file, below
+        built = starts.build(arch, source=source, resolution=resolution)
+        model = starts.wrap(built, DropoutLinear(built.features, num_classes, dropout))
+        if isinstance(resolved, Path) and not whole_clip:
+            load_start_file(model, resolved, arch=arch, weights=weights)
+        return model
     if isinstance(resolved, Path):
         model = torchvision.models.get_model(arch, weights=None)
         replace_head(model, num_classes, dropout)
-        try:
-            load_weights_file(model, resolved, arch)
-        except UserError as error:
-            if weights != DEMO_PRETRAINED:
-                raise
-            problem = str(error).split(";")[0]
-            raise UserError(
-                f"{resolved} is this project's own demo-pretrained weights file for {arch}, and it cannot be used "
-                f"({problem}); delete it, and the next run with --weights {DEMO_PRETRAINED} makes it again"
-            ) from None
+        load_start_file(model, resolved, arch=arch, weights=weights)
         return model
     model = published(arch, resolved)
     replace_head(model, num_classes, dropout)
     return model
+
+
+def load_start_file(model: nn.Module, resolved: Path, *, arch: str, weights: str) -> None:
+    """A weights file loaded into the network: a state-dict file, or the demo-pretrained one (which says so)."""
+    try:
+        load_weights_file(model, resolved, arch)
+    except UserError as error:
+        if weights != DEMO_PRETRAINED:
+            raise
+        problem = str(error).split(";")[0]
+        raise UserError(
+            f"{resolved} is this project's own demo-pretrained weights file for {arch}, and it cannot be used "
+            f"({problem}); delete it, and the next run with --weights {DEMO_PRETRAINED} makes it again"
+        ) from None
 
 
 def published(arch: str, weights) -> nn.Module:
@@ -161,15 +188,26 @@ def published(arch: str, weights) -> nn.Module:
         ) from None
 
 
-def build_with_own_head(arch: str, weights: str) -> nn.Module:
+def build_with_own_head(arch: str, weights: str, *, resolution: int | None = None) -> nn.Module:
     """A pretrained model as it was trained, its source task's head kept (ImageNet's 1000 classes, the demo source's
     40): what LEEP and NCE read. 'none' is torchvision's random initialisation, with a random 1000-way head."""
     check_arch(arch)
     resolved = resolve_weights(arch, weights)
+    if starts.has_text_tower(arch):
+        raise UserError(f"{arch} has no head of its source task (a CLIP has its text tower instead)")
+    if starts.is_library(arch) and not isinstance(resolved, Path):
+        built = starts.build(arch, source=resolved, resolution=resolution)
+        if built.own_head is None:
+            raise UserError(f"{arch} has no linear head of its source task to score with")
+        return starts.wrap(built, built.own_head)
     if not isinstance(resolved, Path):
         return published(arch, resolved)
     state = read_state_dict(resolved)
-    model = torchvision.models.get_model(arch, weights=None)
+    if starts.is_library(arch):
+        built = starts.build(arch, source=None, resolution=resolution)
+        model = starts.wrap(built, nn.Linear(built.features, 1))
+    else:
+        model = torchvision.models.get_model(arch, weights=None)
     head = head_name(model)
     if f"{head}.weight" not in state:
         raise UserError(f"weights file {resolved} has no {head} head; scoring it needs the head of its source task")

@@ -426,11 +426,12 @@ def plot_interpolation(rows: list[dict], path: Path, *, title: str) -> None:
 
 def plot_data_curves(series: dict[str, list[tuple]], path: Path, *, all_at: float, title: str) -> None:
     """Test accuracy against training images per class (log axis), per method: the mean over seeds, and a band of
-    one standard deviation. `series` maps a method to (shots, mean, sd) points; "all" is drawn at `all_at` images."""
+    one standard deviation. `series` maps a method to (shots, mean, sd) points; "all" is drawn at `all_at` images, 0
+    (no labelled image) at half an image, the log axis's left end."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ticks = {}
     for i, (name, points) in enumerate(series.items()):
-        xs = [all_at if shots == "all" else shots for shots, _, _ in points]
+        xs = [all_at if shots == "all" else shots or 0.5 for shots, _, _ in points]
         means, sds = [m for _, m, _ in points], [s for _, _, s in points]
         ax.plot(xs, means, marker="o", color=f"C{i}", label=name)
         ax.fill_between(

@@ -70,8 +70,9 @@ class Run:
     # finetune.start_fingerprint of the weights the run started from (None from random weights): eval.py's transfer
     # lens checks that the start it rebuilds is this one
     start_fingerprint: str | None = None
-    # LP-FT's probe head (weight and bias) the fine-tune started from: interpolate.py's alpha = 0 end uses it
-    probe_head: dict | None = None
+    # the head a method wrote before training (LP-FT's probe, a zero-shot or prototypes head: weight, bias, kind):
+    # interpolate.py's alpha = 0 end uses it
+    start_head: dict | None = None
     parameters: tuple[int, int] = (0, 0)  # (all of the network's, those that train): summary.json and compare.py
 
     @property
@@ -113,7 +114,7 @@ def best_checkpoint(run: Run, epoch: int) -> dict:
         "metric": run.rows[-1]["eval_acc"] if run.rows else None,
         "metric_name": f"{run.splits.eval_name}_acc",
         "start_fingerprint": run.start_fingerprint,
-        "probe_head": run.probe_head,
+        "start_head": run.start_head,
     }
 
 
@@ -164,7 +165,7 @@ def restore(run: Run, checkpoint: dict) -> None:
         run.rows = checkpoint["history"]
         run.group_rows = checkpoint.get("param_groups", [])
         run.start_fingerprint = checkpoint.get("start_fingerprint")
-        run.probe_head = checkpoint.get("probe_head")
+        run.start_head = checkpoint.get("start_head")
         run.first_epoch = run.epoch = checkpoint["epoch"] + 1
         run.saved = (checkpoint["epoch"], (checkpoint.get("progress") or {}).get("steps") or 0)
         run.progress = Progress(**checkpoint["progress"]) if checkpoint.get("progress") else None  # a mid-epoch one

@@ -252,19 +252,19 @@ class Start:
     matches_run: bool | None = None  # whether they are the ones the run recorded starting from (None: not recorded)
 
 
-def starting_network(arch: str, weights: str, num_classes: int) -> Start:
+def starting_network(arch: str, weights: str, num_classes: int, *, resolution: int | None = None) -> Start:
     """The start rebuilt as train.py built it, from the same weights; a fresh head made as train.py makes one (its
     values are not the run's: only a head that came with the weights is compared)."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = build_model(arch, weights, num_classes)
+        model = build_model(arch, weights, num_classes, resolution=resolution)
     resolved = resolve_weights(arch, weights)
     loaded_head = isinstance(resolved, Path) and head_fits(model, read_state_dict(resolved))
     return Start(model.eval(), weights, head_is_new=not loaded_head, fingerprint=start_fingerprint(model))
 
 
-def random_network(arch: str, num_classes: int, seed: int) -> nn.Module:
+def random_network(arch: str, num_classes: int, seed: int, *, resolution: int | None = None) -> nn.Module:
     """The control: the architecture with torchvision's random initialisation."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return build_model(arch, "none", num_classes).eval()
+        return build_model(arch, "none", num_classes, resolution=resolution).eval()

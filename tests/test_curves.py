@@ -62,7 +62,9 @@ def curves_file(folder: Path, name: str, shots: str = '[1, "all"]', extra: str =
         ("[1, 7]", "", "shots 7 is more than the 6 training images of the smallest class"),
         ("[4, 2]", "", "shots must rise, each once"),
         ('["all", 2]', "", 'with "all" last'),
-        ("[0]", "", "whole numbers > 0"),
+        ("[-1]", "", "whole numbers >= 0"),
+        ("[0]", "", "needs a method that reads no training image"),
+        ("[1]", "probe = { base = 'scratch.toml', wise_ft = 2 }\n", "wise_ft is the mixing alpha"),
         ("[1]", "probe = { base = 'scratch.toml', seed = 3 }\n", "seed is set by curves.py for every cell"),
         ("[1]", "typo = 'nowhere.toml'\n", "preset nowhere.toml"),
         ("[1]", "probe = { base = 'scratch.toml', lr = 'fast' }\n", "lr must be float"),
@@ -153,6 +155,46 @@ def test_a_killed_curves_worker_resumes_without_training_a_finished_cell_again(c
 
 
 SHIFT_ARMS = ["first stage", "middle stage", "last stage", "BN-only", "LoRA", "head alone", "everything"]
+
+
+def test_the_ladder_has_a_zero_shot_rung_at_no_labels_and_a_wise_ft_rung(curves_dir, tmp_path):
+    """A random CLIP (the demo CLIP's shape, a whole-CLIP checkpoint) as the start: its zero-shot rung runs at 0 and
+    at 1 labelled image a class with the same result (it reads none), a training rung has no result at 0, and the
+    WiSE-FT rung scores its fine-tune mixed halfway with the zero-shot start, as interpolate.py measured it."""
+    import torch
+
+    from cars.starts import clip_model
+
+    torch.manual_seed(0)
+    torch.save(clip_model("open_clip:demo-clip", source=None).state_dict(), tmp_path / "clip.pth")
+    preset = PRESET.format(data=curves_dir / "data", weights=tmp_path / "clip.pth").replace(
+        'arch = "resnet18"', 'arch = "open_clip:demo-clip"\nhead = "zero-shot"'
+    )
+    (tmp_path / "clip.toml").write_text(
+        preset.replace("resolution = 32", "resolution = 64").replace("epochs = 2", "epochs = 0")
+    )
+    (tmp_path / "ladder.toml").write_text(
+        "shots = [0, 1]\nseeds = [0]\n[fixed]\nval_split = 0.25\n[methods]\nzero-shot = 'clip.toml'\n"
+        "fine-tune = { base = 'clip.toml', epochs = 1 }\nWiSE-FT = { base = 'clip.toml', epochs = 1, wise_ft = 0.5 }\n"
+    )
+    out = tmp_path / "out"
+    curves_tool.main(["--config", str(tmp_path / "ladder.toml"), "--out", str(out)])
+    with open(out / "curves.csv", newline="") as file:
+        rows = {(r["method"], r["shots"]): r for r in csv.DictReader(file)}
+    zero = rows["zero-shot", "0"]
+    assert zero["test_acc"] != "" and zero["test_acc"] == rows["zero-shot", "1"]["test_acc"]
+    assert zero["trained_parameters"] == "0" and zero["status"] == "finished"
+    assert rows["fine-tune", "0"]["status"] == "needs labelled images" and rows["fine-tune", "0"]["test_acc"] == ""
+    assert not (out / "fine-tune" / "0-shot").exists()
+    mixed = out / rows["WiSE-FT", "1"]["run_dir"] / "wise-ft" / "interpolation.csv"
+    with open(mixed, newline="") as file:
+        halfway = next(
+            r
+            for r in csv.DictReader(file)
+            if r["alpha"] == "0.5" and r["split"] == "test" and r["batch_norm"] == "interpolated"
+        )
+    assert float(rows["WiSE-FT", "1"]["test_acc"]) == round(float(halfway["accuracy"]), 2)
+    assert (out / "curves.png").is_file() and "zero-shot" in (out / "report.md").read_text()
 
 
 def test_the_curves_presets_load():

@@ -61,7 +61,7 @@ def test_the_ends_are_the_fine_tune_and_the_start_with_its_probe_head(lp_ft_run,
     # alpha = 0 is the start's backbone with the run's own probe head (LP-FT), scored by hand
     checkpoint = load_checkpoint(lp_ft_run / "best.pt")
     start = build_model("resnet18", "IMAGENET1K_V1", 3).eval()
-    finetune.set_head(start, checkpoint["probe_head"]["weight"], checkpoint["probe_head"]["bias"])
+    finetune.set_head(start, checkpoint["start_head"]["weight"], checkpoint["start_head"]["bias"])
     splits = load_splits(checkpoint["config"]["data"], 0.34, 0)
     loader = eval_loader(splits.test, resolution=32, cache="auto", skip_bad_images=False, batch_size=8, workers=0)
     logits, labels = collect_logits(start, loader, Device("cpu"))

@@ -522,7 +522,13 @@ def test_a_start_that_is_not_on_this_machine_skips_the_section_unless_it_was_ask
     from types import SimpleNamespace
 
     trained = SimpleNamespace(
-        backend="pytorch", arch="resnet34", class_names=["a", "b"], start_weights="IMAGENET1K_V1", path="best.pt"
+        backend="pytorch",
+        arch="resnet34",
+        class_names=["a", "b"],
+        start_weights="IMAGENET1K_V1",
+        path="best.pt",
+        resolution=224,
+        untrained=False,
     )
     args = eval_tool.parse_eval(["best.pt"])
     assert eval_tool.find_start(args, trained).startswith(
