@@ -28,7 +28,7 @@ from cars.data import UNREADABLE, load_splits, read_rgb, to_rgb, upright
 from cars.engine import Device
 from cars.errors import UserError, run_cli
 from cars.loaders import TransformedSplit, make_loader
-from cars.models import build_with_own_head, check_arch, resolve_weights
+from cars.models import build_model, build_with_own_head, check_arch, resolve_weights
 from cars.report import (
     markdown_table,
     plot_class_counts,
@@ -41,6 +41,7 @@ from cars.report import (
 )
 from cars.runs import check_folder_free, prepare_folder
 from cars.runtime import pick_device, worker_count
+from cars.starts import has_text_tower
 from cars.transforms import TrainAugmentation, eval_transform, normalize
 
 HASH_SIZE = 16  # a 16 x 16 = 256-bit perceptual hash: 64 bits cannot tell look-alike pictures (the demo's) apart
@@ -360,10 +361,14 @@ def rank_models(candidates, split, *, resolution: int, device: str, workers: int
     rows, skipped, scored = [], {}, 0
     for arch, weights in candidates:
         name = f"{arch}:{weights}"
+        own_head = not has_text_tower(arch)  # a CLIP has none: LogME and H-score read its features alone
         try:
             with torch.random.fork_rng():
                 torch.manual_seed(0)  # 'none': the same random network every time
-                model = build_with_own_head(arch, weights, resolution=resolution)
+                if own_head:
+                    model = build_with_own_head(arch, weights, resolution=resolution)
+                else:
+                    model = build_model(arch, weights, 1, resolution=resolution)
         except UserError as error:
             skipped[name] = str(error)
             print(f"--rank-models: skipped {name}: {error}")
@@ -376,7 +381,7 @@ def rank_models(candidates, split, *, resolution: int, device: str, workers: int
             skipped[name] = "its outputs hold NaN or infinite values: the weights are damaged"
             print(f"--rank-models: skipped {name}: {skipped[name]}")
             continue
-        rows.append({"model": name, **transferability.scores(features, probabilities, labels)})
+        rows.append({"model": name, **transferability.scores(features, probabilities if own_head else None, labels)})
         scored = len(labels)
     rows.sort(key=lambda r: -r["logme"])
     write_csv(out / "transferability.csv", rows, ["model", "logme", "nce", "leep", "hscore"])
@@ -388,7 +393,11 @@ def rank_models(candidates, split, *, resolution: int, device: str, workers: int
 def transferability_table(rows: list[dict]) -> str:
     return markdown_table(
         ["model", "LogME", "NCE", "LEEP", "H-score"],
-        [[r["model"], f"{r['logme']:.4f}", f"{r['nce']:.4f}", f"{r['leep']:.4f}", f"{r['hscore']:.3f}"] for r in rows],
+        [
+            [r["model"], f"{r['logme']:.4f}", *(f"{r[k]:.4f}" if r[k] is not None else "" for k in ("nce", "leep"))]
+            + [f"{r['hscore']:.3f}"]
+            for r in rows
+        ],
     )
 
 

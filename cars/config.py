@@ -383,9 +383,10 @@ class Config:
                 "--epochs 0 trains nothing, and a new head is random; give it a head that needs no training, "
                 "--head zero-shot or --head prototypes, or train for some epochs"
             )
-        if self.warmup_epochs and self.warmup_epochs >= self.epochs:
+        # with --epochs 0 nothing trains: a preset's warmup and frozen epochs have nothing to act on
+        if self.epochs and self.warmup_epochs >= self.epochs:
             raise UserError(f"--warmup-epochs ({self.warmup_epochs}) must be smaller than --epochs ({self.epochs})")
-        if self.freeze_epochs and self.freeze_epochs >= self.epochs:
+        if self.epochs and self.freeze_epochs >= self.epochs:
             raise UserError(
                 f"--freeze-epochs ({self.freeze_epochs}) must be smaller than --epochs ({self.epochs}), or nothing but "
                 "the head is ever trained"

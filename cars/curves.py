@@ -88,7 +88,8 @@ class Curves:
 
         def recipe(method: Method) -> dict:
             values = dataclasses.asdict(Config(**self.values(method, "all", 0)))
-            return {k: v for k, v in values.items() if k not in PER_CELL}
+            mixed = {} if method.wise_ft is None else {"wise_ft": method.wise_ft}  # a rung scored after the run
+            return {**{k: v for k, v in values.items() if k not in PER_CELL}, **mixed}
 
         return {
             "methods": {m.name: recipe(m) for m in self.methods},

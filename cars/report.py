@@ -428,7 +428,7 @@ def plot_data_curves(series: dict[str, list[tuple]], path: Path, *, all_at: floa
     """Test accuracy against training images per class (log axis), per method: the mean over seeds, and a band of
     one standard deviation. `series` maps a method to (shots, mean, sd) points; "all" is drawn at `all_at` images, 0
     (no labelled image) at half an image, the log axis's left end."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     ticks = {}
     for i, (name, points) in enumerate(series.items()):
         xs = [all_at if shots == "all" else shots or 0.5 for shots, _, _ in points]
@@ -455,5 +455,5 @@ def plot_data_curves(series: dict[str, list[tuple]], path: Path, *, all_at: floa
     ax.set_ylabel("test accuracy (%): mean over seeds, band ±1 sd")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside: the lines fill the plot
     save_figure(fig, path)

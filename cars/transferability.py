@@ -133,10 +133,11 @@ def features_and_source_probabilities(model, loader, device) -> tuple[np.ndarray
     return torch.cat(taken).numpy(), torch.cat(probabilities).numpy(), torch.cat(labels).numpy()
 
 
-def scores(features: np.ndarray, source_probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def scores(features: np.ndarray, source_probabilities: np.ndarray | None, labels: np.ndarray) -> dict:
+    """The four scores; NCE and LEEP are None for a start without a source head (a CLIP)."""
     return {
         "logme": logme(features, labels),
-        "nce": nce(source_probabilities, labels),
-        "leep": leep(source_probabilities, labels),
+        "nce": nce(source_probabilities, labels) if source_probabilities is not None else None,
+        "leep": leep(source_probabilities, labels) if source_probabilities is not None else None,
         "hscore": hscore(features, labels),
     }

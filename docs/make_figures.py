@@ -5,6 +5,7 @@ output files are copied into docs/figures/.
                                                 # exist (a fresh machine adds their 2 minutes)
     uv run docs/make_figures.py --sweep         # also the demo sweep's history (4 more minutes)
     uv run docs/make_figures.py --curves        # also the demo's data-efficiency curves (about 20 more minutes)
+    uv run docs/make_figures.py --ladder        # also the demo's ladder, no labels to a fine-tune (about 7 more)
 
 The tools run in a work folder (`--work`, default: a new temporary one) so that the run folders are `runs/demo` and
 the pages show what yours will. The web page and TensorBoard are photographed in headless Chromium (Debian's
@@ -115,6 +116,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="where the tools run (default: a new temporary folder)")
     parser.add_argument("--sweep", action="store_true", help="also run the demo sweep for its history plot")
     parser.add_argument("--curves", action="store_true", help="also run the demo's data-efficiency curves")
+    parser.add_argument("--ladder", action="store_true", help="also run the demo's ladder, no labels to a fine-tune")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="cars-figures-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -172,6 +174,9 @@ def main() -> None:
     if args.curves:
         run(work, "curves.py", "--config", str(ROOT / "configs" / "curves" / "demo.toml"))
         keep(work / "runs/curves/demo/curves.png", "data-curves.png")
+    if args.ladder:
+        run(work, "curves.py", "--config", str(ROOT / "configs" / "curves" / "ladder_demo.toml"))
+        keep(work / "runs/curves/ladder_demo/curves.png", "ladder.png")
     print(f"done; every tool's console output is in {work / 'console.log'}")
 
 

@@ -206,6 +206,15 @@ def test_the_curves_presets_load():
         assert curves.scratch_method(grid).name == "scratch" and len(grid.seeds) >= 3
     demo = curves.load_curves(str(ROOT / "configs" / "curves" / "demo.toml"))
     assert demo.labelled == {1: 10, 2: 20, 4: 40, 8: 80, 16: 160, "all": 190} and demo.classes == 10
+    # the ladder: the same seven rungs on the demo's CLIP and on CLIP ViT-B/16, from no labelled image
+    rungs = ["zero-shot", "prototypes", "linear probe", "LoRA", "LP-FT", "full fine-tune", "WiSE-FT"]
+    for name in ("ladder_demo", "ladder_clip"):
+        grid = curves.read_curves(str(ROOT / "configs" / "curves" / f"{name}.toml"))
+        assert [m.name for m in grid.methods] == rungs and grid.shots[0] == 0, name
+        assert [m.name for m in grid.methods if grid.runs_at(m, 0)] == ["zero-shot"]
+        assert grid.method("WiSE-FT").wise_ft == 0.5
+    ladder = curves.load_curves(str(ROOT / "configs" / "curves" / "ladder_demo.toml"))
+    assert ladder.labelled == {0: 0, 1: 10, 4: 40, 16: 160}
     # the shift lesson: one grid per shift, the same seven arms over three seeds, from the demo's fine-tuned model
     shifts = sorted((ROOT / "configs" / "curves").glob("shift_*.toml"))
     assert [p.stem for p in shifts] == ["shift_input_demo", "shift_output_demo"]

@@ -263,3 +263,17 @@ def test_rank_models_reads_library_names_with_their_colons(tmp_path):
         ("open_clip:ViT-B-16/openai", "DEFAULT"),
         ("timm:test_resnet.r160_in1k", "none"),
     ]
+
+
+def test_a_clip_is_ranked_on_its_features_alone():
+    """LogME and H-score read features; NCE and LEEP read a source head, which a CLIP has not: left empty."""
+    import numpy as np
+
+    from cars import transferability
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 10)
+    features = rng.normal(size=(30, 8)) + labels[:, None]
+    scores = transferability.scores(features, None, labels)
+    assert scores["nce"] is None and scores["leep"] is None
+    assert np.isfinite(scores["logme"]) and np.isfinite(scores["hscore"])
