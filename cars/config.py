@@ -236,7 +236,10 @@ class Config:
         "schedule", 0, "stop after N evaluations without a better eval accuracy (0: off); the run stays resumable"
     )
     resolution: int = knob(
-        "augmentation", 224, "training crop size in px; eval resizes to resolution*256/224 and centre-crops"
+        "augmentation",
+        224,
+        "training crop size in px; eval resizes to resolution*256/224 and centre-crops; a timm or open_clip start "
+        "takes its own size when neither the preset nor this flag sets one",
     )
     train_crop: str = knob(
         "augmentation",
@@ -589,6 +592,12 @@ def resolve(args: argparse.Namespace) -> tuple[Config, str]:
         name = Path(args.config).stem
     names = {f.name for f in dataclasses.fields(Config)}
     values.update({k: v for k, v in vars(args).items() if k in names})
+    if "resolution" not in values:  # neither the preset nor a flag sets it: a timm or open_clip start's own size
+        from cars import starts
+
+        arch = values.get("arch", Config.arch)
+        if starts.is_library(arch):
+            values["resolution"] = starts.own_resolution(arch)
     return Config(**values).validate(), name
 
 

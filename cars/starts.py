@@ -144,6 +144,25 @@ def check(arch: str) -> None:
         raise UserError(f"open_clip has no model {model!r}{hint}")
 
 
+def own_resolution(arch: str) -> int:
+    """The input size the start's weights were trained at, from its pretrained config (no weights are read): timm's
+    input_size, open_clip's image_size; 224 where the config is not on this machine (an open_clip hub name)."""
+    check(arch)
+    if arch.startswith(TIMM):
+        import timm
+
+        config = timm.models.get_pretrained_cfg(arch.removeprefix(TIMM))
+        return int(config.input_size[-1]) if config else 224
+    import open_clip
+
+    model, _ = open_clip_name(arch)
+    try:
+        size = (open_clip.get_model_config(model) or {}).get("vision_cfg", {}).get("image_size", 224)
+    except (OSError, RuntimeError, ValueError):
+        return 224
+    return int(size if isinstance(size, int) else size[-1])
+
+
 def open_clip_models() -> list[str]:
     import open_clip
 

@@ -277,3 +277,17 @@ def test_a_clip_is_ranked_on_its_features_alone():
     scores = transferability.scores(features, None, labels)
     assert scores["nce"] is None and scores["leep"] is None
     assert np.isfinite(scores["logme"]) and np.isfinite(scores["hscore"])
+
+
+def test_a_library_start_takes_its_own_size_unless_the_preset_or_a_flag_sets_one():
+    from cars import config
+    from cars.cli import parse_train
+
+    def resolution(*argv):
+        return config.resolve(parse_train(list(argv)))[0].resolution
+
+    assert resolution("--arch", TIMM_VIT) == 160  # its pretrained config's input size
+    assert resolution("--arch", TIMM_VIT, "--resolution", "32") == 32
+    assert resolution("--arch", "open_clip:demo-clip") == 64
+    assert resolution("--arch", "resnet18") == 224  # torchvision's: the default, as before
+    assert resolution("--config", str(ROOT / "configs" / "demo.toml"), "--arch", TIMM_VIT) == 48  # the preset's
