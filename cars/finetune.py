@@ -216,12 +216,15 @@ def prototype_head(features: torch.Tensor, labels: torch.Tensor, num_classes: in
             f"the prototypes head needs training images of every class; {int((present == 0).sum())} of {num_classes} "
             "classes have none readable"
         )
-    features = features.double()
-    means = torch.zeros(num_classes, features.shape[1], dtype=torch.float64).index_add_(0, labels, features)
-    means /= present[:, None]
-    spread = features - means[labels] if len(labels) > num_classes else features - features.mean(0)
-    variance = spread.pow(2).sum(1).mean().clamp_min(1e-12)
-    return (means / variance).float(), (-means.pow(2).sum(1) / (2 * variance)).float()
+    # float64 sums on the host, in NumPy: no float64 tensor (a Mac's MPS has none)
+    x, y = features.detach().cpu().numpy().astype(np.float64), labels.cpu().numpy()
+    means = np.zeros((num_classes, x.shape[1]))
+    np.add.at(means, y, x)
+    means /= present.cpu().numpy()[:, None]
+    spread = x - means[y] if len(y) > num_classes else x - x.mean(0)
+    variance = max(float((spread**2).sum(1).mean()), 1e-12)
+    weight, bias = means / variance, -(means**2).sum(1) / (2 * variance)
+    return torch.from_numpy(weight.astype(np.float32)), torch.from_numpy(bias.astype(np.float32))
 
 
 def set_head(model: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:

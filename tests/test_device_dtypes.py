@@ -45,6 +45,19 @@ def test_training_and_evaluation_make_no_float64_tensor(tmp_path, hub_folder, au
     assert recorder.float64 == []
 
 
+def test_a_prototypes_head_is_made_without_a_float64_tensor(tmp_path, hub_folder):
+    """The class means and their temperature (float64 sums on the host, in NumPy), with no image trained on."""
+    from cars.models import build_model
+
+    start = tmp_path / "start.pth"
+    torch.save(build_model("resnet18", "none", 3).state_dict(), start)
+    run_dir = tmp_path / "run"
+    with DtypeRecorder() as recorder:
+        train.main(tiny_args(hub_folder, run_dir, "--weights", str(start), "--head", "prototypes", "--epochs", "0"))
+    assert recorder.float64 == []
+    assert read_summary(run_dir)["trainable_parameters"] == 0
+
+
 def test_eval_and_its_cams_make_no_float64_tensor(tmp_path, hub_folder):
     run_dir = tmp_path / "run"
     train.main(tiny_args(hub_folder, run_dir, "--epochs", "1"))
