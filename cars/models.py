@@ -145,12 +145,13 @@ def build_model(
     check_arch(arch)
     resolved = resolve_weights(arch, weights)
     if starts.is_library(arch):
-        whole_clip = isinstance(resolved, Path) and starts.is_clip_checkpoint(read_state_dict(resolved))
+        state = read_state_dict(resolved) if isinstance(resolved, Path) else None  # read once, whatever it holds
+        whole_clip = state is not None and starts.is_clip_checkpoint(state)
         source = resolved if resolved == "DEFAULT" or whole_clip else None  # else this project's own file, below
         built = starts.build(arch, source=source, resolution=resolution)
         model = starts.wrap(built, DropoutLinear(built.features, num_classes, dropout))
-        if isinstance(resolved, Path) and not whole_clip:
-            load_start_file(model, resolved, arch=arch, weights=weights)
+        if state is not None and not whole_clip:
+            load_start_file(model, resolved, arch=arch, weights=weights, state=state)
         return model
     if isinstance(resolved, Path):
         model = torchvision.models.get_model(arch, weights=None)
@@ -162,10 +163,11 @@ def build_model(
     return model
 
 
-def load_start_file(model: nn.Module, resolved: Path, *, arch: str, weights: str) -> None:
-    """A weights file loaded into the network: a state-dict file, or the demo-pretrained one (which says so)."""
+def load_start_file(model: nn.Module, resolved: Path, *, arch: str, weights: str, state: dict | None = None) -> None:
+    """A weights file loaded into the network: a state-dict file, or the demo-pretrained one (which says so).
+    `state`: the file's state dict, when the caller read it already."""
     try:
-        load_weights_file(model, resolved, arch)
+        load_weights_file(model, resolved, arch, state=state)
     except UserError as error:
         if weights != DEMO_PRETRAINED:
             raise
@@ -223,9 +225,10 @@ def head_fits(model: nn.Module, state: dict) -> bool:
     return all(k in state and state[k].shape == own[k].shape for k in head_keys)
 
 
-def load_weights_file(model: nn.Module, path: Path, arch: str) -> None:
-    """Load a state dict into the backbone; the head too when its shape fits (a fine-tuned model)."""
-    state = read_state_dict(path)
+def load_weights_file(model: nn.Module, path: Path, arch: str, *, state: dict | None = None) -> None:
+    """Load a state dict into the backbone; the head too when its shape fits (a fine-tuned model). `state`: the
+    file's, when the caller read it already."""
+    state = read_state_dict(path) if state is None else state
     if not head_fits(model, state):  # e.g. an ImageNet 1000-way head
         head = head_name(model) + "."
         state = {k: v for k, v in state.items() if not k.startswith(head)}

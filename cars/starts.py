@@ -110,8 +110,7 @@ def build(arch: str, *, source: "str | Path | None", resolution: int | None) -> 
     """The library's network for `arch`, built for `resolution` px where it is made for one size (a ViT: its position
     embeddings resized as the library resizes them), with the weights of `source`: 'DEFAULT', those its name gives
     (through the library's hub code and cache); for open_clip a whole CLIP's checkpoint file (the demo's CLIP); None,
-    the library's random initialisation."""
-    check(arch)
+    the library's random initialisation. The name is checked by the caller (models.check_arch)."""
     if arch.startswith(TIMM):
         return build_timm(arch.removeprefix(TIMM), pretrained=source == "DEFAULT", resolution=resolution)
     return build_open_clip(arch, source=source, resolution=resolution)
@@ -153,14 +152,19 @@ def own_resolution(arch: str) -> int:
 
         config = timm.models.get_pretrained_cfg(arch.removeprefix(TIMM))
         return int(config.input_size[-1]) if config else 224
+    size = vision_config(open_clip_name(arch)[0]).get("image_size", 224)
+    return int(size if isinstance(size, int) else size[-1])
+
+
+def vision_config(model: str) -> dict:
+    """open_clip's config of a model's image tower ({} for a hub config that is not on this machine: create_model
+    says so when it is built)."""
     import open_clip
 
-    model, _ = open_clip_name(arch)
     try:
-        size = (open_clip.get_model_config(model) or {}).get("vision_cfg", {}).get("image_size", 224)
+        return (open_clip.get_model_config(model) or {}).get("vision_cfg", {})
     except (OSError, RuntimeError, ValueError):
-        return 224
-    return int(size if isinstance(size, int) else size[-1])
+        return {}
 
 
 def open_clip_models() -> list[str]:
@@ -249,10 +253,7 @@ def clip_model(arch: str, *, source: "str | Path | None", resolution: int | None
         raise UserError(f"open_clip has no weights {tag!r} for {model}; its tags: {tags}")
     # the activation the weights were trained with (OpenAI's and DFN's QuickGELU), as open_clip's -quickgelu names do
     quick_gelu = bool(tag and open_clip.get_pretrained_cfg(model, tag).get("quick_gelu", False))
-    try:
-        vision = (open_clip.get_model_config(model) or {}).get("vision_cfg", {})
-    except (OSError, RuntimeError, ValueError):  # a hub config not in the cache: create_model says so below
-        vision = {}
+    vision = vision_config(model)
     if resolution and not vision.get("patch_size") and vision.get("image_size", resolution) != resolution:
         # a ViT's position embeddings are resized; a ResNet tower's attention pooling has a fixed grid
         raise UserError(f"{arch} takes {vision['image_size']} px images only; pass --resolution {vision['image_size']}")
