@@ -11,6 +11,7 @@ import textwrap
 
 from cars.config import DEVICES, Config, add_config_flags
 from cars.errors import UserError, flag, run_cli
+from cars.paths import WEIGHTS_FILE_SUFFIXES
 
 # the CAM methods eval.py and predict.py offer (cars.explain maps each to its pytorch_grad_cam class)
 CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "scorecam", "eigencam", "finercam")
@@ -546,7 +547,7 @@ def candidates(text: str) -> list[tuple[str, str]]:
         item = item.strip()
         if item.startswith(("timm:", "open_clip:")):
             named, _, last = item.rpartition(":")
-            given = last in ("none", "DEFAULT", "demo-pretrained") or last.endswith((".pt", ".pth", ".bin", ".ckpt"))
+            given = last in ("none", "DEFAULT", "demo-pretrained") or last.endswith(WEIGHTS_FILE_SUFFIXES)
             arch, weights = (named, last) if given else (item, "")
         else:
             arch, _, weights = item.partition(":")

@@ -14,6 +14,7 @@ from cars import demo_clip, starts
 from cars.checkpoint import read_state_dict
 from cars.demo import DEMO_CLIP_ARCH, DEMO_PRETRAINED, demo_pretrained_path
 from cars.errors import UserError
+from cars.paths import WEIGHTS_FILE_SUFFIXES
 
 
 class DropoutLinear(nn.Linear):
@@ -79,7 +80,7 @@ def resolve_weights(arch: str, weights: str):
                 f"uv run train.py --config configs/demo.toml --arch {arch}"
             )
         return path
-    if weights.endswith((".pt", ".pth", ".bin", ".ckpt")) or "/" in weights or Path(weights).exists():
+    if weights.endswith(WEIGHTS_FILE_SUFFIXES) or "/" in weights or Path(weights).exists():
         path = Path(weights).expanduser()
         if path.is_dir():
             raise UserError(

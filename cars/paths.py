@@ -3,6 +3,8 @@
 import os
 from pathlib import Path
 
+WEIGHTS_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")  # a --weights value ending so names a file
+
 
 def cache_home() -> Path:
     """$CARS_CACHE, or ~/.cache/transfer-stanford-cars (the demo dataset lives here too)."""
