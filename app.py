@@ -36,7 +36,7 @@ ONE_AT_A_TIME = {"concurrency_id": "model", "concurrency_limit": 1}
 
 
 def predict_tab(trained: Trained, cam_method: str) -> None:
-    transform = eval_transform(trained.resolution)
+    transform = eval_transform(trained.resolution, interpolation=trained.interpolation)
     check, why_none = familiarity.load_for(trained)  # eval.py's calibration for these weights
     measured, probabilities = calibration.saved_for(trained)  # eval.py's temperature and abstention curve, if any
     trained.temperature = measured["temperature"] if measured else 1.0
@@ -72,7 +72,12 @@ def predict_tab(trained: Trained, cam_method: str) -> None:
             note = f"Like the training images (familiarity score {verdict['familiarity_score']:.1f})."
         cam = (
             cam_picture(
-                trained.model, image, resolution=trained.resolution, target=predictions[0]["index"], method=method
+                trained.model,
+                image,
+                resolution=trained.resolution,
+                interpolation=trained.interpolation,
+                target=predictions[0]["index"],
+                method=method,
             )
             if trained.backend == "pytorch"
             else None
@@ -134,7 +139,14 @@ def evaluation_tab(trained: Trained, eval_dir: Path, cam_method: str) -> tuple:
     def with_cam(split, index: int, target: int, caption: str):
         photo = read_rgb(split, index)
         image = (
-            cam_picture(trained.model, photo, resolution=trained.resolution, target=target, method=cam_method)
+            cam_picture(
+                trained.model,
+                photo,
+                resolution=trained.resolution,
+                interpolation=trained.interpolation,
+                target=target,
+                method=cam_method,
+            )
             if trained.backend == "pytorch"
             else display_pixels(photo, trained.resolution)
         )

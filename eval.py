@@ -103,17 +103,19 @@ class Evaluation:
     ):
         """A split's images as the model sees them, in order (the unreadable ones left out with skip_bad_images)."""
         resolution = resolution or self.trained.resolution
+        interpolation = self.trained.interpolation
         if cache != "off":  # at the trained resolution: what train.py cached, so usually no decoding at all
             return eval_loader(
                 split,
                 resolution=resolution,
+                interpolation=interpolation,
                 cache=cache,
                 skip_bad_images=skip_bad_images,
                 batch_size=self.args.batch_size,
                 workers=self.workers,
                 device_type=self.device.type,
             )
-        transform = eval_transform(resolution)
+        transform = eval_transform(resolution, interpolation=interpolation)
         dataset = TransformedSplit(
             split, (lambda image: transform(image).flip(-1)) if flip else transform, skip_bad_images
         )
@@ -444,6 +446,7 @@ def draw_cams(evaluation: Evaluation, scores: Scores) -> list[str]:
                 confidence=scores.confidence,
                 names=scores.names,
                 resolution=evaluation.trained.resolution,
+                interpolation=evaluation.trained.interpolation,
                 method=args.cam_method,
             )
             plot_cam_grid(tiles, evaluation.out / filename, title)
@@ -998,9 +1001,11 @@ def write_report(
     write_text(evaluation.out / "report.md", "\n\n".join(report) + "\n\n" + tail)
 
 
-def cam_tiles(model, split, *, indices, predicted, labels, confidence, names, resolution, method) -> list[dict]:
+def cam_tiles(
+    model, split, *, indices, predicted, labels, confidence, names, resolution, interpolation, method
+) -> list[dict]:
     """CAM overlays of the predicted class for some images of a split, one CAM object for all."""
-    transform = eval_transform(resolution)
+    transform = eval_transform(resolution, interpolation=interpolation)
     photos = [read_rgb(split, i) for i in indices]
     pixels = torch.stack([transform(photo) for photo in photos])
     maps = class_activation_maps(model, normalize(pixels), [int(predicted[i]) for i in indices], method)

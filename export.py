@@ -34,7 +34,7 @@ TOLERANCE = 1e-4
 def check_inputs(trained: Trained, count: int) -> tuple[torch.Tensor, str]:
     """The model's input for `count` test images of its dataset, as eval.py feeds them; random pixels when there is
     no dataset or it cannot be read."""
-    transform = eval_transform(trained.resolution)
+    transform = eval_transform(trained.resolution, interpolation=trained.interpolation)
     why = "no dataset known: pass --data for test images"
     if trained.data:
         try:
@@ -149,6 +149,7 @@ def export_info(trained: Trained) -> dict:
         "arch": trained.arch,
         "resolution": trained.resolution,
         "eval_resize": eval_resize(trained.resolution),
+        "interpolation": trained.interpolation,  # the filter of that resize (antialiased, as PIL's)
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
         "num_classes": len(trained.class_names),

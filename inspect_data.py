@@ -156,7 +156,7 @@ def imagenet_check(by_split: dict, sample: list[tuple[str, int]], cfg: Config, d
             "$TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch/hub/checkpoints/), or run once with a network"
         }
     categories = weights.meta["categories"]
-    transform = eval_transform(cfg.resolution)
+    transform = eval_transform(cfg.resolution, interpolation=cfg.interpolation)
     predictions = []
     with torch.no_grad():
         for start in range(0, len(sample), 32):
@@ -186,7 +186,7 @@ def size_stats(values: list[int]) -> dict:
     }
 
 
-SAMPLE_KNOBS = ("resolution", "train_crop", "crop_scale", "augment", "color_jitter", "random_erasing")
+SAMPLE_KNOBS = ("resolution", "interpolation", "train_crop", "crop_scale", "augment", "color_jitter", "random_erasing")
 
 
 def main(argv=None) -> None:
@@ -287,7 +287,7 @@ def main(argv=None) -> None:
                 names[c],
                 image,
                 [augmentation(image, epoch, i) for epoch in range(3)],
-                eval_transform(cfg.resolution)(image),
+                eval_transform(cfg.resolution, interpolation=cfg.interpolation)(image),
             )
         )
     plot_samples(rows, cfg.resolution, out / "samples.png")
@@ -329,7 +329,13 @@ def main(argv=None) -> None:
         print("--rank-models: no training image can be read, so no candidate can be scored")
     elif args.rank_models:
         data["transferability"] = rank_models(
-            args.rank_models, splits.train, resolution=cfg.resolution, device=args.device, workers=workers, out=out
+            args.rank_models,
+            splits.train,
+            resolution=cfg.resolution,
+            interpolation=cfg.interpolation,
+            device=args.device,
+            workers=workers,
+            out=out,
         )
     write_json(out / "data.json", data)
     write_text(out / "report.md", report(data, names, per_class, pairs))
@@ -347,12 +353,14 @@ def main(argv=None) -> None:
     print(f"report: {out / 'report.md'}")
 
 
-def rank_models(candidates, split, *, resolution: int, device: str, workers: int, out: Path) -> dict:
+def rank_models(
+    candidates, split, *, resolution: int, interpolation: str, device: str, workers: int, out: Path
+) -> dict:
     """Each candidate's transferability scores from one forward pass over the training split (its eval crop), best
     LogME first, in transferability.csv; candidates whose weights are not on this machine are skipped, one line each."""
     device = Device(pick_device(device))
     loader = make_loader(
-        TransformedSplit(split, eval_transform(resolution), skip_bad_images=True),
+        TransformedSplit(split, eval_transform(resolution, interpolation=interpolation), skip_bad_images=True),
         batch_size=64,
         shuffle=False,
         workers=workers,

@@ -168,6 +168,7 @@ def evaluate(line: Line, split, args) -> tuple[float, float]:
         line.model,
         split,
         resolution=line.cfg.resolution,
+        interpolation=line.cfg.interpolation,
         cache=args.cache,
         batch_size=args.batch_size,
         workers=worker_count(args.workers),

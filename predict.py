@@ -36,7 +36,7 @@ def main(argv=None) -> None:
     trained = load_trained_from(args)
     device_type = pick_device(args.device)
     trained.model.to(device_type)
-    transform = eval_transform(trained.resolution)
+    transform = eval_transform(trained.resolution, interpolation=trained.interpolation)
     images = FileSplit([(path, -1) for path in args.images], "input")
     cam_dir = Path(args.cam) if args.cam else None
     if cam_dir:
@@ -72,7 +72,12 @@ def main(argv=None) -> None:
             try:
                 target = result["predictions"][0]["index"]
                 picture = cam_picture(
-                    trained.model, image, resolution=trained.resolution, target=target, method=args.cam_method
+                    trained.model,
+                    image,
+                    resolution=trained.resolution,
+                    interpolation=trained.interpolation,
+                    target=target,
+                    method=args.cam_method,
                 )
                 Image.fromarray(picture).save(result["cam"])
             except OSError as error:

@@ -49,7 +49,13 @@ def main(argv=None) -> None:
         model.load_state_dict(state)
         if recalibrate and args.recalibrate_bn:
             recalibrate_batch_norm(model, train_images, device)
-        common = dict(resolution=cfg.resolution, cache=args.cache, batch_size=args.batch_size, workers=workers)
+        common = dict(
+            resolution=cfg.resolution,
+            interpolation=cfg.interpolation,
+            cache=args.cache,
+            batch_size=args.batch_size,
+            workers=workers,
+        )
         return {name: accuracy_on(model, split, **common, device=device) for name, split in scored.items()}
 
     prepare_folder(out, args.overwrite, "soup folder", "--out")

@@ -97,14 +97,20 @@ def train_fidelity(
         x0, y0, x1, y1 = pixel_box(box, images[i].height, images[i].width)
         decoded = torch.from_numpy(np.array(images[i])).permute(2, 0, 1)[:, y0:y1, x0:x1]
         results["noise floor: torch's resize of the decoded full-size crop"].append(
-            psnr(resize_crops([decoded], [False], resolution)[0], original)
+            psnr(resize_crops([decoded], [False], resolution, interpolation="bilinear")[0], original)
         )
         region = native.regions([i], boxes)[0].permute(2, 0, 1)
-        results["cache, CPU"].append(psnr(resize_crops([region], [False], resolution)[0], original))
-        on_device = resize_crops([region.to(device)], [False], resolution, in_float=True)[0].cpu()
+        results["cache, CPU"].append(
+            psnr(resize_crops([region], [False], resolution, interpolation="bilinear")[0], original)
+        )
+        on_device = resize_crops([region.to(device)], [False], resolution, interpolation="bilinear", in_float=True)[
+            0
+        ].cpu()
         results[f"cache, device ops ({device})"].append(psnr(on_device, original))
         small = lossy.regions([i], boxes)[0].permute(2, 0, 1)
-        results["lossy --cache-side 336, CPU"].append(psnr(resize_crops([small], [False], resolution)[0], original))
+        results["lossy --cache-side 336, CPU"].append(
+            psnr(resize_crops([small], [False], resolution, interpolation="bilinear")[0], original)
+        )
     return results
 
 
@@ -115,7 +121,7 @@ def eval_fidelity(images: list[Image.Image], resolution: int, cache_dir: Path) -
         split,
         "eval",
         size=resolution,
-        transform=eval_transform(resolution),
+        transform=eval_transform(resolution, interpolation="bilinear"),
         root=cache_dir / "cache",
         log=lambda line: None,
     )
@@ -130,7 +136,7 @@ def eval_fidelity(images: list[Image.Image], resolution: int, cache_dir: Path) -
             original = torch.from_numpy(
                 np.array(v1.Compose([v1.Resize(eval_resize(size)), v1.CenterCrop(size)])(image))
             ).permute(2, 0, 1)
-            ours = cache[i] if key == "eval cache" else eval_transform(size)(image)
+            ours = cache[i] if key == "eval cache" else eval_transform(size, interpolation="bilinear")(image)
             results[key].append(psnr(ours, original))
     return results
 

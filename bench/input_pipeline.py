@@ -131,6 +131,7 @@ def main() -> None:
             "eval": eval_loader(
                 splits.eval,
                 resolution=cfg.resolution,
+                interpolation=cfg.interpolation,
                 cache=cfg.cache,
                 skip_bad_images=False,
                 batch_size=cfg.batch_size,

@@ -93,7 +93,13 @@ def lens(run_dir: Path) -> tuple[float, float, float, float]:
     last_stage = finetune.stages(tuned)[-1:]
     device = Device("cpu", show_progress=False)
     loader = eval_loader(
-        splits.test, resolution=cfg.resolution, cache=cfg.cache, skip_bad_images=False, batch_size=64, workers=0
+        splits.test,
+        resolution=cfg.resolution,
+        interpolation=cfg.interpolation,
+        cache=cfg.cache,
+        skip_bad_images=False,
+        batch_size=64,
+        workers=0,
     )
     with torch.random.fork_rng():
         control = transfer.random_network(cfg.arch, num_classes, seed=0)

@@ -40,7 +40,13 @@ def main() -> None:
     for name, data in (("demo test (familiar)", "demo"), ("demo-source test (unfamiliar)", "demo-source")):
         split = load_splits(data).eval
         loader = eval_loader(
-            split, resolution=trained.resolution, cache="off", skip_bad_images=False, batch_size=64, workers=0
+            split,
+            resolution=trained.resolution,
+            interpolation=trained.interpolation,
+            cache="off",
+            skip_bad_images=False,
+            batch_size=64,
+            workers=0,
         )
         features, _ = finetune.head_inputs(trained.model, loader, device, description=name)
         scores[name] = check.scores(features)

@@ -86,13 +86,25 @@ def accuracy_on(model, split, **feeding) -> float:
     return topk_accuracy(*logits_on(model, split, **feeding), 1)
 
 
-def logits_on(model, split, *, resolution: int, cache: str, batch_size: int, workers: int, device, to_model=None):
+def logits_on(
+    model,
+    split,
+    *,
+    resolution: int,
+    interpolation: str,
+    cache: str,
+    batch_size: int,
+    workers: int,
+    device,
+    to_model=None,
+):
     """The logits of `model` on a split and its labels, fed as eval.py feeds it (the cache at the trained resolution,
     in batches), so that a model scored here and by eval.py gets the same numbers. `to_model` maps dataset labels to
     the model's classes when the dataset orders them otherwise."""
     loader = eval_loader(
         split,
         resolution=resolution,
+        interpolation=interpolation,
         cache=cache,
         skip_bad_images=False,
         batch_size=batch_size,
@@ -118,6 +130,7 @@ def training_images(cfg, *, cache: str, batch_size: int, workers: int, device):
     return eval_loader(
         run_splits(cfg).train,
         resolution=cfg.resolution,
+        interpolation=cfg.interpolation,
         cache=cache,
         skip_bad_images=True,
         batch_size=batch_size,

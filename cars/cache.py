@@ -185,13 +185,17 @@ def build(
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))  # last: marks the cache complete
 
 
-def cached_pixels(split, kind: str, *, size: int, transform, root: Path, workers: int = 0, log=print) -> PixelCache:
+def cached_pixels(
+    split, kind: str, *, size: int, transform, root: Path, workers: int = 0, interpolation="bilinear", log=print
+) -> PixelCache:
     """The cache of `split` made by `transform`, built first if it does not exist yet: kind 'eval'
-    holds size x size images, kind 'train' every image at its native size (size 0) or with its longer
-    side at most `size`. A subset of a split (--val-split) shares its parent's cache."""
+    holds size x size images (resized with `interpolation`), kind 'train' every image at its native size (size 0)
+    or with its longer side at most `size`. A subset of a split (--val-split) shares its parent's cache."""
     rows = getattr(split, "indices", None)
     base = split.parent if rows is not None else split
     meta = {"version": VERSION, "fingerprint": fingerprint(base), "split": base.name, "kind": kind, "size": size}
+    if interpolation != "bilinear":  # another filter, another cache; the bilinear caches built before keep their key
+        meta["interpolation"] = interpolation
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     folder = root / f"{base.name}-{kind}{size}-{key}"
     if not is_complete(folder):
@@ -207,7 +211,7 @@ def cached_pixels(split, kind: str, *, size: int, transform, root: Path, workers
                     partial = root / f"{folder.name}.partial"
                     shutil.rmtree(partial, ignore_errors=True)
                     what = f"{kind} images of the {base.name} split " + (
-                        f"({size} x {size} px)"
+                        f"({size} x {size} px, {interpolation})"
                         if kind == "eval"
                         else f"(longer side at most {size} px)"
                         if size

@@ -241,6 +241,13 @@ class Config:
         "training crop size in px; eval resizes to resolution*256/224 and centre-crops; a timm or open_clip start "
         "takes its own size when neither the preset nor this flag sets one",
     )
+    interpolation: str = knob(
+        "augmentation",
+        "bilinear",
+        "the filter every resize uses (training crops and eval), antialiased as PIL's; a timm or open_clip start takes "
+        "the one its weights were trained with when neither the preset nor this flag sets one",
+        ["bilinear", "bicubic"],
+    )
     train_crop: str = knob(
         "augmentation",
         "random-resized",
@@ -592,12 +599,11 @@ def resolve(args: argparse.Namespace) -> tuple[Config, str]:
         name = Path(args.config).stem
     names = {f.name for f in dataclasses.fields(Config)}
     values.update({k: v for k, v in vars(args).items() if k in names})
-    if "resolution" not in values:  # neither the preset nor a flag sets it: a timm or open_clip start's own size
-        from cars import starts
+    from cars import starts
 
-        arch = values.get("arch", Config.arch)
-        if starts.is_library(arch):
-            values["resolution"] = starts.own_resolution(arch)
+    arch = values.get("arch", Config.arch)
+    if starts.is_library(arch):  # what neither the preset nor a flag sets: the start's own size and filter
+        values = {**starts.own_preprocessing(arch), **values}
     return Config(**values).validate(), name
 
 

@@ -224,7 +224,7 @@ def labelled_images(curves: Curves) -> tuple[dict, int]:
     if 0 in curves.shots and not any(curves.runs_at(m, 0) for m in curves.methods):
         raise UserError(
             f"{curves.path}: shots 0 (no labelled image) needs a method that reads no training image, e.g. "
-            '{ base = "../demo_clip.toml" } (a zero-shot head, epochs = 0); every method here trains'
+            '{ base = "../demo_zero_shot.toml" } (a zero-shot head, epochs = 0); every method here trains'
         )
     first = next(iter(totals.values()))
     if any(t != first for t in totals.values()):

@@ -23,7 +23,7 @@ from cars.checkpoint import save_checkpoint
 from cars.files import made_once
 from cars.paths import cache_home
 from cars.runtime import seed_everything
-from cars.starts import DEMO_CLIP_CONFIG, Renormalise, clip_model, quiet_libraries
+from cars.starts import DEMO_CLIP_CONFIG, DEMO_CLIP_INTERPOLATION, Renormalise, clip_model, quiet_libraries
 from cars.transforms import eval_transform, normalize
 
 CAPTIONS_VERSION = "v1"  # bump whenever the pictures or their captions change
@@ -76,7 +76,7 @@ def pretrain() -> dict:
     seed_everything(RECIPE["seed"])
     rng = random.Random(SEED)
     pictures, captions, things = captioned_pictures(rng)
-    resize = eval_transform(RECIPE["resolution"])
+    resize = eval_transform(RECIPE["resolution"], interpolation=DEMO_CLIP_INTERPOLATION)
     pixels = torch.stack([resize(picture.convert("RGB")) for picture in pictures])
     clip = clip_model(demo.DEMO_CLIP_ARCH, source=None)
     preprocess = open_clip.get_model_preprocess_cfg(clip)

@@ -129,17 +129,20 @@ def beside(shown: np.ndarray, cam: np.ndarray) -> np.ndarray:
 
 def display_pixels(image, resolution: int) -> np.ndarray:
     """What the model saw of a PIL image (the same centre crop), at DISPLAY_SIDE px or more: HxWx3 uint8. The map of a
-    48 px model is drawn over the photo's own detail, not over the 48 px it was shown."""
-    return eval_transform(max(DISPLAY_SIDE, resolution))(image).permute(1, 2, 0).numpy()
+    48 px model is drawn over the photo's own detail, not over the 48 px it was shown (a picture for people: the
+    model's resize filter does not matter to it)."""
+    return eval_transform(max(DISPLAY_SIDE, resolution), interpolation="bilinear")(image).permute(1, 2, 0).numpy()
 
 
-def cam_picture(model: nn.Module, image, *, resolution: int, target: int, method: str = "gradcam") -> np.ndarray:
+def cam_picture(
+    model: nn.Module, image, *, resolution: int, interpolation: str, target: int, method: str = "gradcam"
+) -> np.ndarray:
     """The CAM of class `target` for a PIL image: computed at the model's resolution, drawn at DISPLAY_SIDE px or more,
     the untinted image beside the overlay, and a colour bar that says what the colours mean. HxWx3 uint8, composed
     with PIL: a web page draws one per request, and a matplotlib figure costs ten times as long."""
     from PIL import Image, ImageDraw
 
-    pixels = eval_transform(resolution)(image)
+    pixels = eval_transform(resolution, interpolation=interpolation)(image)
     cam = class_activation_maps(model, normalize(pixels)[None], [target], method)[0]
     panels = beside(display_pixels(image, resolution), cam)
     height, width = panels.shape[:2]

@@ -16,7 +16,7 @@ from cars.data import label_map, open_source
 from cars.errors import UserError
 from cars.methods import describe_with_subset
 from cars.models import build_model, check_resolution, head_name, load_checked
-from cars.transforms import normalize
+from cars.transforms import FILTERS, normalize
 
 
 @dataclass
@@ -32,6 +32,7 @@ class Trained:
     backend: str = (
         "pytorch"  # or onnxruntime: an exported model.onnx, called like the PyTorch model (no gradients, so no CAMs)
     )
+    interpolation: str = "bilinear"  # the resize filter it was trained with (--interpolation): its eval_transform's
     start_weights: str | None = None  # the --weights its fine-tune started from, when known
     start_fingerprint: str | None = None  # finetune.start_fingerprint of those weights, when the run recorded it
     method: str | None = None  # the fine-tuning method, in words (finetune.describe), when the checkpoint says
@@ -105,7 +106,7 @@ def read_model_file(path: Path) -> tuple[dict, dict]:
     config = loaded.get("config") if isinstance(loaded.get("config"), dict) else {}
     names = loaded.get("class_names") if isinstance(loaded.get("class_names"), list) else None
     return state_dict_of(loaded, path), {
-        **{k: config.get(k) for k in ("arch", "resolution", "data", "weights")},
+        **{k: config.get(k) for k in ("arch", "resolution", "interpolation", "data", "weights")},
         "class_names": names,
         "start_fingerprint": loaded.get("start_fingerprint"),
         "method": describe_with_subset(cfg) if (cfg := from_saved(config)) else None,
@@ -127,6 +128,7 @@ def read_model_json(path: Path) -> dict:
         or not (names is None or isinstance(names, list) and all(isinstance(n, str) for n in names))
         or not isinstance(info.get("arch", ""), str)
         or not isinstance(info.get("resolution", 0), int)
+        or info.get("interpolation", "bilinear") not in FILTERS
     ):
         raise UserError(
             f"{path} is not an export's model.json (expected arch, resolution and class_names); export the model again"
@@ -168,7 +170,16 @@ def load_onnx(path, resolution=None, data=None) -> Trained:
         raise UserError(
             f"{path}: the model has {num_classes} classes but the class names number {len(class_names)}; check --data"
         )
-    return Trained(model, info.get("arch") or "onnx", resolution, class_names, data, path, backend="onnxruntime")
+    return Trained(
+        model,
+        info.get("arch") or "onnx",
+        resolution,
+        class_names,
+        data,
+        path,
+        backend="onnxruntime",
+        interpolation=info.get("interpolation", "bilinear"),
+    )
 
 
 def load_trained(path, *, arch=None, num_classes=None, resolution=None, data=None) -> Trained:
@@ -218,6 +229,7 @@ def load_trained(path, *, arch=None, num_classes=None, resolution=None, data=Non
         class_names,
         data,
         path,
+        interpolation=info.get("interpolation") or "bilinear",  # a run from before --interpolation: bilinear
         start_weights=info.get("weights"),
         start_fingerprint=info.get("start_fingerprint"),
         method=info.get("method"),

@@ -227,7 +227,8 @@ class CachedLoader:
             return pixels.permute(0, 3, 1, 2), labels
         sizes = [height * width * 3 for height, width, _ in shapes]
         regions = [part.view(shape).permute(2, 0, 1) for part, shape in zip(pixels.split(sizes), shapes, strict=True)]
-        crops = resize_crops(regions, flips.tolist(), self.dataset.augmentation.resolution)
+        augmentation = self.dataset.augmentation
+        crops = resize_crops(regions, flips.tolist(), augmentation.resolution, interpolation=augmentation.interpolation)
         return apply_steps(crops, steps), labels
 
 
@@ -284,10 +285,11 @@ def start_epoch(train_batches, *, epoch: int, seed: int, done_steps: int = 0) ->
 
 
 def run_eval_loader(split, cfg, *, workers: int, device_type: str, rank: int = 0, world: int = 1):
-    """eval_loader with a run's resolution, cache, batch size and --skip-bad-images."""
+    """eval_loader with a run's resolution, interpolation, cache, batch size and --skip-bad-images."""
     return eval_loader(
         split,
         resolution=cfg.resolution,
+        interpolation=cfg.interpolation,
         cache=cfg.cache,
         skip_bad_images=cfg.skip_bad_images,
         batch_size=cfg.batch_size,
@@ -302,6 +304,7 @@ def eval_loader(
     split,
     *,
     resolution: int,
+    interpolation: str,
     cache: str,
     skip_bad_images: bool,
     batch_size: int,
@@ -312,8 +315,9 @@ def eval_loader(
 ):
     """The images as evaluation sees them; the cache holds them finished, so nothing is left to do per epoch."""
     root = cache_root(cache)
+    transform = eval_transform(resolution, interpolation=interpolation)
     if root is None:
-        dataset = TransformedSplit(split, eval_transform(resolution), skip_bad_images)
+        dataset = TransformedSplit(split, transform, skip_bad_images)
         return make_loader(
             dataset,
             batch_size=batch_size,
@@ -325,7 +329,15 @@ def eval_loader(
             world=world,
         )
     pixels = checked(
-        cached_pixels(split, "eval", size=resolution, transform=eval_transform(resolution), root=root, workers=workers),
+        cached_pixels(
+            split,
+            "eval",
+            size=resolution,
+            transform=transform,
+            root=root,
+            workers=workers,
+            interpolation=interpolation,
+        ),
         skip_bad_images,
     )
     return CachedLoader(

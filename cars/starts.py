@@ -27,6 +27,7 @@ from cars.transforms import IMAGENET_MEAN, IMAGENET_STD
 TIMM, OPEN_CLIP = "timm:", "open_clip:"
 DEMO_CLIP = "demo-clip"  # the demo's own small CLIP (cars/demo_clip.py), a model open_clip builds from its config
 DEMO_CLIP_CONFIG = Path(__file__).resolve().parents[1] / "configs" / f"{DEMO_CLIP}.json"
+DEMO_CLIP_INTERPOLATION = "bilinear"  # the filter of its pretraining's pictures: this project's classic pipeline's
 
 # CLIP's prompts for Stanford Cars (Radford et al. 2021, the prompts of its zero-shot evaluation; CLIP_benchmark's
 # "cars" templates): the head of a class is the mean of its name's embeddings in these sentences
@@ -143,17 +144,35 @@ def check(arch: str) -> None:
         raise UserError(f"open_clip has no model {model!r}{hint}")
 
 
-def own_resolution(arch: str) -> int:
-    """The input size the start's weights were trained at, from its pretrained config (no weights are read): timm's
-    input_size, open_clip's image_size; 224 where the config is not on this machine (an open_clip hub name)."""
+def own_preprocessing(arch: str) -> dict:
+    """The input size and resize filter the start's weights were trained with, from its pretrained config (no weights
+    are read): timm's input_size and interpolation, open_clip's image_size and its tag's interpolation; the library's
+    defaults (224, bicubic) where the config is not on this machine (an open_clip hub name)."""
     check(arch)
     if arch.startswith(TIMM):
         import timm
 
         config = timm.models.get_pretrained_cfg(arch.removeprefix(TIMM))
-        return int(config.input_size[-1]) if config else 224
-    size = vision_config(open_clip_name(arch)[0]).get("image_size", 224)
-    return int(size if isinstance(size, int) else size[-1])
+        if not config:
+            return {"resolution": 224, "interpolation": "bicubic"}
+        return {"resolution": int(config.input_size[-1]), "interpolation": pipeline_filter(config.interpolation)}
+    import open_clip
+
+    model, tag = open_clip_name(arch)
+    size = vision_config(model).get("image_size", 224)
+    if model == DEMO_CLIP:
+        interpolation = DEMO_CLIP_INTERPOLATION
+    else:
+        interpolation = ((tag and open_clip.get_pretrained_cfg(model, tag)) or {}).get("interpolation", "bicubic")
+    return {
+        "resolution": int(size if isinstance(size, int) else size[-1]),
+        "interpolation": pipeline_filter(interpolation),
+    }
+
+
+def pipeline_filter(interpolation: str) -> str:
+    """A library's resize filter as one of this pipeline's two (a start trained with a rare third gets bicubic)."""
+    return "bilinear" if interpolation == "bilinear" else "bicubic"
 
 
 def vision_config(model: str) -> dict:

@@ -242,6 +242,8 @@ def claim_study(study, fingerprint: dict, *, labels: dict, storage: str, earlier
     (`earlier`) is refused too, as their names would collide."""
     fingerprint = json.loads(json.dumps(fingerprint))  # as the storage gives it back (lists, not tuples)
     known = study.user_attrs.get("fingerprint")
+    if known is not None:
+        known = with_new_knobs(known, fingerprint)
     if known is None:
         if earlier and not study.get_trials(deepcopy=False):
             raise UserError(
@@ -255,6 +257,17 @@ def claim_study(study, fingerprint: dict, *, labels: dict, storage: str, earlier
             f"the study {study.study_name!r} in {shown(storage)} was made from another recipe: "
             f"{difference(known, fingerprint, labels)}; its results would not be comparable. {rename}"
         )
+
+
+def with_new_knobs(known, now):
+    """The fingerprint a study recorded, with the knobs added to this project since then filled in where `now` has
+    them at their defaults: the study ran at those, the only behaviour there was (a new knob's default is the old
+    behaviour), so a study made by an earlier version stays joinable."""
+    if not isinstance(known, dict) or not isinstance(now, dict):
+        return known
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    added = {k: v for k, v in now.items() if k not in known and k in defaults and v == defaults[k]}
+    return {**{k: with_new_knobs(v, now.get(k)) for k, v in known.items()}, **added}
 
 
 def difference(known: dict, now: dict, labels: dict[str, str]) -> str:

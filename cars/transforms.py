@@ -14,7 +14,7 @@ import math
 import random
 
 import torch
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
 from cars.augment import Step, apply_steps, draw_steps, group_steps
@@ -24,6 +24,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # erased regions get it: 0 once normalised, as in the classic pipeline
 MEAN_PIXEL = [round(255 * m) for m in IMAGENET_MEAN]
+# --interpolation: the classic pipeline's bilinear, or the bicubic most timm and CLIP weights were trained with
+FILTERS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
 
 def eval_resize(resolution: int) -> int:
@@ -42,7 +44,7 @@ class TrainAugmentation:
     image, with the same kernels: the same pixels."""
 
     def __init__(self, cfg):
-        self.cfg, self.seed, self.resolution = cfg, cfg.seed, cfg.resolution
+        self.cfg, self.seed, self.resolution, self.interpolation = cfg, cfg.seed, cfg.resolution, cfg.interpolation
         # torchvision's transforms, for their parameters; run batched by cars.augment
         self.extra = extra_augmentation(cfg)
 
@@ -68,7 +70,8 @@ class TrainAugmentation:
         box, flip = self.draw(epoch, i, image.height, image.width)
         x0, y0, x1, y1 = pixel_box(box, image.height, image.width)
         region = F.pil_to_tensor(image.crop((x0, y0, x1, y1)))
-        return apply_steps(resize_crops([region], [flip], self.resolution), self.extra_steps(epoch, [i]))[0]
+        crops = resize_crops([region], [flip], self.resolution, interpolation=self.interpolation)
+        return apply_steps(crops, self.extra_steps(epoch, [i]))[0]
 
 
 def extra_augmentation(cfg) -> list:
@@ -122,17 +125,21 @@ def pixel_box(box, height: int, width: int) -> tuple[int, int, int, int]:
     return x0, y0, max(x0 + 1, round(right * width)), max(y0 + 1, round(bottom * height))
 
 
-def resize_crops(regions: list[torch.Tensor], flips, size: int, in_float: bool | None = None) -> torch.Tensor:
-    """Each crop region (uint8 CHW, any size) resized to size x size with an antialiased bilinear
-    filter, the way PIL resizes (the original pipeline), mirrored where flips[k]; uint8 NCHW out, on the
-    regions' device. On a CPU torch's uint8 kernel (PIL's fixed-point arithmetic); on a GPU in float
-    (`in_float` chooses, to measure one path on the other's device)."""
+def resize_crops(
+    regions: list[torch.Tensor], flips, size: int, *, interpolation: str, in_float: bool | None = None
+) -> torch.Tensor:
+    """Each crop region (uint8 CHW, any size) resized to size x size with an antialiased filter (FILTERS), the way
+    PIL resizes (the original pipeline), mirrored where flips[k]; uint8 NCHW out, on the regions' device. On a CPU
+    torch's uint8 kernel (PIL's fixed-point arithmetic); on a GPU in float (`in_float` chooses, to measure one path
+    on the other's device)."""
+    mode = FILTERS[interpolation]
     crops = []
     for region, flip in zip(regions, flips, strict=True):
         if region.device.type != "cpu" if in_float is None else in_float:
-            crop = F.resize(region.float(), [size, size], antialias=True).round_().clamp_(0, 255).to(torch.uint8)
+            crop = F.resize(region.float(), [size, size], mode, antialias=True).round_().clamp_(0, 255)
+            crop = crop.to(torch.uint8)
         else:
-            crop = F.resize(region, [size, size], antialias=True)
+            crop = F.resize(region, [size, size], mode, antialias=True)
         crops.append(crop.flip(-1) if flip else crop)
     return torch.stack(crops)
 
@@ -166,9 +173,10 @@ def batch_mixer(mixup: float, cutmix: float, num_classes: int, seed: int = 0) ->
     return BatchMixer(v2.RandomChoice(mixers) if len(mixers) > 1 else mixers[0], seed)
 
 
-def eval_transform(resolution: int) -> v2.Compose:
+def eval_transform(resolution: int, *, interpolation: str) -> v2.Compose:
     """What the model is shown at evaluation, as uint8 pixels a person can look at too."""
-    return v2.Compose([v2.Resize(eval_resize(resolution), antialias=True), v2.CenterCrop(resolution), v2.PILToTensor()])
+    resize = v2.Resize(eval_resize(resolution), FILTERS[interpolation], antialias=True)
+    return v2.Compose([resize, v2.CenterCrop(resolution), v2.PILToTensor()])
 
 
 def keep_for_cache(image, side: int = 0) -> torch.Tensor:

@@ -44,28 +44,37 @@ def noisy_hub(tmp_path):
     return write_hub_folder(tmp_path / "hub", rows=rows)
 
 
-def test_cached_eval_batches_match_the_seeds_pil_pipeline(noisy_hub, tmp_path):
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_cached_eval_batches_match_the_seeds_pil_pipeline(noisy_hub, tmp_path, interpolation):
     """The original eval path (PIL Resize + CenterCrop, ToTensor, Normalize) against ours: cache ->
-    DataLoader -> uint8 batch -> normalised on the device. Within 1/255 per pixel."""
+    DataLoader -> uint8 batch -> normalised on the device. Within 1/255 per pixel, with either filter (and the other
+    filter's pixels are not those)."""
     resolution = 64
-    seed_transform = v1.Compose(
-        [
-            v1.Resize(eval_resize(resolution)),
-            v1.CenterCrop(resolution),
-            v1.ToTensor(),
-            v1.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+
+    def seed_transform(filter):
+        resize = v1.Resize(eval_resize(resolution), getattr(v1.InterpolationMode, filter.upper()))
+        return v1.Compose([resize, v1.CenterCrop(resolution), v1.ToTensor(), v1.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
     test = load_splits(str(noisy_hub)).eval
-    expected = torch.stack([seed_transform(read_rgb(test, i)) for i in range(len(test))])
+    expected, other = (
+        torch.stack([seed_transform(filter)(read_rgb(test, i)) for i in range(len(test))])
+        for filter in (interpolation, {"bilinear": "bicubic", "bicubic": "bilinear"}[interpolation])
+    )
     loader = eval_loader(
-        test, resolution=resolution, cache=str(tmp_path / "cache"), skip_bad_images=False, batch_size=16, workers=0
+        test,
+        resolution=resolution,
+        interpolation=interpolation,
+        cache=str(tmp_path / "cache"),
+        skip_bad_images=False,
+        batch_size=16,
+        workers=0,
     )
     assert isinstance(loader, CachedLoader)  # really the cached path
     images, labels = Device("cpu").put(*next(iter(loader)))
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     assert images.shape == expected.shape == (6, 3, resolution, resolution)
     assert ((images - expected) * std).abs().max().item() <= 1 / 255 + 1e-6
+    assert ((images - other) * std).abs().max().item() > 8 / 255
     assert labels.tolist() == test.labels
 
 
@@ -173,9 +182,17 @@ def test_cache_is_reused_until_the_data_or_a_parameter_changes(tmp_path, monkeyp
 
     hub = write_hub_folder(tmp_path / "hub")
     test_split = load_splits(str(hub)).eval
-    eval_cache = cached_pixels(test_split, "eval", size=32, transform=eval_transform(32), root=root)
+    eval_cache = cached_pixels(
+        test_split, "eval", size=32, transform=eval_transform(32, interpolation="bilinear"), root=root
+    )
     assert folder_of(
-        cached_pixels(load_splits(str(hub)).eval, "eval", size=32, transform=eval_transform(32), root=root)
+        cached_pixels(
+            load_splits(str(hub)).eval,
+            "eval",
+            size=32,
+            transform=eval_transform(32, interpolation="bilinear"),
+            root=root,
+        )
     ) == folder_of(eval_cache)
     assert len(builds) == 4  # the hub dataset's fingerprint is the same when it is loaded again
 
@@ -183,7 +200,7 @@ def test_cache_is_reused_until_the_data_or_a_parameter_changes(tmp_path, monkeyp
 def test_interrupted_or_truncated_cache_is_detected_and_rebuilt(hub_folder, tmp_path, monkeypatch, capsys):
     root = tmp_path / "cache"
     test = load_splits(str(hub_folder)).eval
-    transform = eval_transform(32)
+    transform = eval_transform(32, interpolation="bilinear")
     expected = torch.stack([transform(read_rgb(test, i)) for i in range(len(test))])
     real_getitem = cars.cache.Preprocessed.__getitem__
 
@@ -218,7 +235,9 @@ def test_two_processes_starting_at_once_build_the_cache_once(hub_folder, tmp_pat
     threads = [
         threading.Thread(
             target=lambda: results.append(
-                cached_pixels(test, "eval", size=32, transform=eval_transform(32), root=tmp_path / "c")
+                cached_pixels(
+                    test, "eval", size=32, transform=eval_transform(32, interpolation="bilinear"), root=tmp_path / "c"
+                )
             )
         )
         for _ in range(3)
@@ -300,18 +319,24 @@ def test_training_crops_have_the_seeds_pixels():
     )
 
 
-def test_float_and_uint8_resizes_agree_and_flip():
+@pytest.mark.parametrize("interpolation, apart", [("bilinear", 1), ("bicubic", 2)])
+def test_float_and_uint8_resizes_agree_and_flip(interpolation, apart):
+    """Both resizes of a training crop are PIL's resize with that filter: the uint8 one within a rounding step, the
+    float one (a GPU's) within one more for bicubic, whose overshoot each clamps in its own arithmetic."""
     rng = np.random.default_rng(0)
     smooth = torch.from_numpy(rng.integers(0, 256, (3, 12, 18), dtype=np.uint8)).float()[None]
     region = (
         torch.nn.functional.interpolate(smooth, size=(90, 130), mode="bicubic").clamp(0, 255).round().to(torch.uint8)[0]
     )
     exact, in_float = (
-        resize_crops([region, region], [False, True], 32),
-        resize_crops([region, region], [False, True], 32, in_float=True),
+        resize_crops([region, region], [False, True], 32, interpolation=interpolation),
+        resize_crops([region, region], [False, True], 32, interpolation=interpolation, in_float=True),
     )
+    pil_filter = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}[interpolation]
+    pil = torch.from_numpy(np.array(Image.fromarray(region.permute(1, 2, 0).numpy()).resize((32, 32), pil_filter)))
     assert exact.shape == in_float.shape == (2, 3, 32, 32) and exact.dtype == in_float.dtype == torch.uint8
-    assert (exact.float() - in_float.float()).abs().max() <= 1  # one rounding step apart
+    assert (exact[0].float() - pil.permute(2, 0, 1).float()).abs().max() <= 1
+    assert (in_float[0].float() - pil.permute(2, 0, 1).float()).abs().max() <= apart
     assert torch.equal(exact[1], exact[0].flip(-1))
 
 
@@ -351,8 +376,8 @@ def test_both_pipelines_draw_the_same_crop_of_each_image(tmp_path):
 
 @pytest.mark.parametrize(
     "extra",
-    [dict(augment="heavy"), dict(augment="trivialaugment", random_erasing=0.5)],
-    ids=["heavy", "trivialaugment"],
+    [dict(augment="heavy"), dict(augment="trivialaugment", random_erasing=0.5), dict(interpolation="bicubic")],
+    ids=["heavy", "trivialaugment", "bicubic"],
 )
 def test_both_pipelines_give_the_same_augmented_pixels(noisy_hub, tmp_path, extra):
     """The extra augmentation runs on the cached pipeline's whole batch, and with --cache off on each

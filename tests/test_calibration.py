@@ -138,7 +138,9 @@ def test_predict_divides_the_logits_by_the_temperature(evaluated_twice, tmp_path
     assert "not calibrated: eval.py fits a temperature for them" in note
     trained = load_trained(run / "best.pt")  # the logits, as predict.py computes them
     with torch.no_grad():
-        pixels = eval_transform(trained.resolution)(read_rgb(FileSplit([(photo, -1)], "photo"), 0))
+        pixels = eval_transform(trained.resolution, interpolation=trained.interpolation)(
+            read_rgb(FileSplit([(photo, -1)], "photo"), 0)
+        )
         logits = trained.model(normalize(pixels)[None])[0].double()
     expected = (logits / plain["temperature"]).softmax(0)[[p["index"] for p in calibrated["predictions"]]]
     assert [p["index"] for p in calibrated["predictions"]] == [p["index"] for p in raw["predictions"]]

@@ -63,7 +63,9 @@ def predict_label(run, image) -> str:
     from cars.transforms import eval_transform
 
     trained = load_trained(run)
-    return trained.classify(eval_transform(trained.resolution)(Image.open(image).convert("RGB")), 1)[0]["class"]
+    return trained.classify(
+        eval_transform(trained.resolution, interpolation=trained.interpolation)(Image.open(image).convert("RGB")), 1
+    )[0]["class"]
 
 
 def predictions_of(args, capsys) -> list[dict]:

@@ -53,7 +53,7 @@ def independent_predictions(run_dir: Path, data: Path):
     model.load_state_dict(read_state_dict(run_dir / "best.pt"))
     model.eval()
     test = load_splits(str(data)).eval
-    transform = eval_transform(64)
+    transform = eval_transform(64, interpolation="bilinear")
     with torch.no_grad():
         logits = torch.stack([model(normalize(transform(read_rgb(test, i)))[None])[0] for i in range(len(test))])
     return logits, test.labels
@@ -168,7 +168,7 @@ def test_tta_equals_an_independent_computation(trained_run, evaluated):
     with torch.no_grad():
         for i in range(len(test)):
             image = read_rgb(test, i)
-            views = [eval_transform(size)(image) for size in (56, 64, 72)]
+            views = [eval_transform(size, interpolation="bilinear")(image) for size in (56, 64, 72)]
             logits = (
                 sum(
                     model(normalize(view.flip(-1) if flip else view)[None])[0]

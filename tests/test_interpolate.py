@@ -63,7 +63,15 @@ def test_the_ends_are_the_fine_tune_and_the_start_with_its_probe_head(lp_ft_run,
     start = build_model("resnet18", "IMAGENET1K_V1", 3).eval()
     finetune.set_head(start, checkpoint["start_head"]["weight"], checkpoint["start_head"]["bias"])
     splits = load_splits(checkpoint["config"]["data"], 0.34, 0)
-    loader = eval_loader(splits.test, resolution=32, cache="auto", skip_bad_images=False, batch_size=8, workers=0)
+    loader = eval_loader(
+        splits.test,
+        resolution=32,
+        interpolation="bilinear",
+        cache="auto",
+        skip_bad_images=False,
+        batch_size=8,
+        workers=0,
+    )
     logits, labels = collect_logits(start, loader, Device("cpu"))
     assert accuracy[0.0, "test"] == analysis.topk_accuracy(logits, labels, 1)
     assert ece[0.0, "test"] == pytest.approx(calibration.scores(logits, labels)["ece"], abs=1e-4)

@@ -212,7 +212,13 @@ def test_the_probe_head_is_the_fitted_probe(tmp_path, data):
     run = tiny_run(data, tmp_path / "run", "--weights", "IMAGENET1K_V1", "--probe-init")
     start = build_model("resnet18", "IMAGENET1K_V1", 3)
     loader = eval_loader(
-        run.splits.train, resolution=32, cache=run.cfg.cache, skip_bad_images=False, batch_size=6, workers=0
+        run.splits.train,
+        resolution=32,
+        interpolation="bilinear",
+        cache=run.cfg.cache,
+        skip_bad_images=False,
+        batch_size=6,
+        workers=0,
     )
     features, labels = finetune.head_inputs(start, loader, run.device, description="features")
     x = features.numpy().astype(np.float64)

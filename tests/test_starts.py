@@ -14,6 +14,7 @@ import torch
 
 from cars import finetune, starts
 from cars.checkpoint import read_state_dict
+from cars.inference import load_trained
 from cars.models import build_model
 from tests.conftest import ROOT
 
@@ -86,6 +87,9 @@ def test_a_timm_vit_run_is_exported_with_parity_and_predicted(timm_run, tmp_path
     run_dir = timm_run[0]
     export.main([str(run_dir), "--format", "onnx"])
     assert "top-1 agrees on 100.0%" in capsys.readouterr().out
+    # fed as it was trained: with the start's own filter, which the export tells whoever feeds it
+    assert load_trained(run_dir).interpolation == "bicubic"
+    assert json.loads((run_dir / "export" / "model.json").read_text())["interpolation"] == "bicubic"
     image = tmp_path / "car.png"
     shutil.copyfile(ROOT / "examples" / "car.png", image)
     predict.main([str(run_dir), str(image), "--json", "--topk", "3"])
@@ -279,15 +283,26 @@ def test_a_clip_is_ranked_on_its_features_alone():
     assert np.isfinite(scores["logme"]) and np.isfinite(scores["hscore"])
 
 
-def test_a_library_start_takes_its_own_size_unless_the_preset_or_a_flag_sets_one():
+def test_a_library_start_takes_its_own_size_and_filter_unless_the_preset_or_a_flag_sets_one():
     from cars import config
     from cars.cli import parse_train
 
     def resolution(*argv):
         return config.resolve(parse_train(list(argv)))[0].resolution
 
+    def interpolation(*argv):
+        return config.resolve(parse_train(list(argv)))[0].interpolation
+
     assert resolution("--arch", TIMM_VIT) == 160  # its pretrained config's input size
     assert resolution("--arch", TIMM_VIT, "--resolution", "32") == 32
     assert resolution("--arch", "open_clip:demo-clip") == 64
     assert resolution("--arch", "resnet18") == 224  # torchvision's: the default, as before
     assert resolution("--config", str(ROOT / "configs" / "demo.toml"), "--arch", TIMM_VIT) == 48  # the preset's
+    # the resize filter its weights were trained with: timm's interpolation, an open_clip tag's
+    assert interpolation("--arch", TIMM_VIT) == "bicubic"
+    assert interpolation("--arch", "timm:resnet18.tv_in1k") == "bilinear"  # torchvision's weights, in timm
+    assert interpolation("--arch", TIMM_VIT, "--interpolation", "bilinear") == "bilinear"
+    assert interpolation("--arch", "open_clip:RN50/openai") == "bicubic"
+    assert interpolation("--arch", "open_clip:demo-clip") == "bilinear"  # pretrained through this project's pipeline
+    assert interpolation("--arch", "resnet18") == "bilinear"  # torchvision's: the default, as before
+    assert interpolation("--config", str(ROOT / "configs" / "demo.toml"), "--arch", TIMM_VIT) == "bicubic"

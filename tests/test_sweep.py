@@ -215,6 +215,16 @@ def test_another_recipe_cannot_join_a_study(sweep_dir, tmp_path):
     (folder / "base.toml").write_text((folder / "base.toml").read_text().replace("lr = 0.01", "lr = 0.02"))
     with pytest.raises(UserError, match="another recipe: the trials' recipe's lr was 0.01, now 0.02"):
         join()
+    # a study made before a knob existed ran at the knob's default: joinable at it, refused away from it
+    (folder / "base.toml").write_text((folder / "base.toml").read_text().replace("lr = 0.02", "lr = 0.01"))
+    study = join()
+    recorded = study.user_attrs["fingerprint"]
+    del recorded["recipe"]["interpolation"]
+    study.set_user_attr("fingerprint", recorded)
+    join()
+    (folder / "base.toml").write_text((folder / "base.toml").read_text() + 'interpolation = "bicubic"\n')
+    with pytest.raises(UserError, match="the trials' recipe's interpolation was None, now 'bicubic'"):
+        join()
 
 
 def test_a_new_study_never_writes_into_an_earlier_study_s_trial_folders(sweep_dir, tmp_path):
