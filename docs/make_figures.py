@@ -5,7 +5,7 @@ output files are copied into docs/figures/.
                                                 # exist (a fresh machine adds their 2 minutes)
     uv run docs/make_figures.py --sweep         # also the demo sweep's history (4 more minutes)
     uv run docs/make_figures.py --curves        # also the demo's data-efficiency curves (about 20 more minutes)
-    uv run docs/make_figures.py --ladder        # also the demo's ladder, no labels to a fine-tune (about 7 more)
+    uv run docs/make_figures.py --ladder        # also the demo's ladder, no labels to a fine-tune (about 13 more)
 
 The tools run in a work folder (`--work`, default: a new temporary one) so that the run folders are `runs/demo` and
 the pages show what yours will. The web page and TensorBoard are photographed in headless Chromium (Debian's
