@@ -186,7 +186,7 @@ def build(
 
 
 def cached_pixels(
-    split, kind: str, *, size: int, transform, root: Path, workers: int = 0, interpolation="bilinear", log=print
+    split, kind: str, *, size: int, transform, root: Path, workers: int = 0, interpolation: str = "bilinear", log=print
 ) -> PixelCache:
     """The cache of `split` made by `transform`, built first if it does not exist yet: kind 'eval'
     holds size x size images (resized with `interpolation`), kind 'train' every image at its native size (size 0)

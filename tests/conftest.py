@@ -6,9 +6,14 @@ import random
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
-import torch
-from PIL import Image
+# pyproject's addopts run the suite in one process per core (pytest -n auto): each computes on one thread, so that
+# they share the cores instead of fighting over them, and the tools the tests start inherit it
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 CLASSES = ["AM General Hummer SUV 2000", "Audi S5 Coupe 2012", "BMW M3 Coupe 2012"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,21 +221,32 @@ def demo_pretrained(tmp_path_factory, offline_caches):
     """The demo-pretrained file for shufflenet_v2_x0_5 in the session's cache, made by train.py's own pretraining
     (pretrain_on_demo_source) on a 4-class source task in seconds, instead of configs/demo_source.toml's minutes; then
     placed where --weights demo-pretrained looks for the real recipe's weights."""
+    import shutil
+
     import train
     from cars import demo
     from cars.config import Config
+    from cars.files import made_once
 
-    root = tmp_path_factory.mktemp("source")
-    data = write_kinds(
-        root / "data", SOURCE_KINDS, per_class=(40, 10), seed=1, paints=list(demo.SOURCE_COLOURS.values())
-    )
-    recipe = root / "tiny_source.toml"
-    recipe.write_text(TINY_SOURCE_RECIPE.format(data=data, epochs=8))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(demo, "SOURCE_RECIPE", recipe)
-        train.pretrain_on_demo_source(Config(arch="shufflenet_v2_x0_5", workers=0))
-        made = demo.demo_pretrained_path("shufflenet_v2_x0_5")
-    return place_demo_pretrained(made)
+    # made once for the whole run: pytest -n's processes share a folder above their own
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
+    kept = shared / "demo-pretrained" / "shufflenet_v2_x0_5.pth"
+    with made_once(kept, "the tests' demo-pretrained weights") as to_make:
+        if to_make:
+            root = tmp_path_factory.mktemp("source")
+            data = write_kinds(
+                root / "data", SOURCE_KINDS, per_class=(40, 10), seed=1, paints=list(demo.SOURCE_COLOURS.values())
+            )
+            recipe = root / "tiny_source.toml"
+            recipe.write_text(TINY_SOURCE_RECIPE.format(data=data, epochs=8))
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(demo, "SOURCE_RECIPE", recipe)
+                train.pretrain_on_demo_source(Config(arch="shufflenet_v2_x0_5", workers=0))
+                made = demo.demo_pretrained_path("shufflenet_v2_x0_5")  # named after the recipe it was made by
+            shutil.copyfile(made, kept.with_suffix(".partial"))
+            kept.with_suffix(".partial").rename(kept)  # whole, or not there
+    return place_demo_pretrained(kept)
 
 
 def place_demo_pretrained(weights_file: Path) -> Path:
