@@ -6,10 +6,12 @@ import random
 from pathlib import Path
 from types import SimpleNamespace
 
-# pyproject's addopts run the suite in one process per core (pytest -n auto): each computes on one thread, so that
-# they share the cores instead of fighting over them, and the tools the tests start inherit it
+# pyproject's addopts run the suite in one process per core (pytest -n auto): each computes on its share of the
+# cores (one thread on a 2-core machine), so that they do not fight over them; the tools the tests start inherit it
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    share = max(1, cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ.setdefault("OMP_NUM_THREADS", str(share))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
