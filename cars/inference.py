@@ -32,7 +32,9 @@ class Trained:
     backend: str = (
         "pytorch"  # or onnxruntime: an exported model.onnx, called like the PyTorch model (no gradients, so no CAMs)
     )
-    interpolation: str = "bilinear"  # the resize filter it was trained with (--interpolation): its eval_transform's
+    # the resize filter it was trained with (--interpolation), its eval_transform's; a model from before the knob had
+    # the knob's default
+    interpolation: str = Config.interpolation
     start_weights: str | None = None  # the --weights its fine-tune started from, when known
     start_fingerprint: str | None = None  # finetune.start_fingerprint of those weights, when the run recorded it
     method: str | None = None  # the fine-tuning method, in words (finetune.describe), when the checkpoint says
@@ -128,7 +130,7 @@ def read_model_json(path: Path) -> dict:
         or not (names is None or isinstance(names, list) and all(isinstance(n, str) for n in names))
         or not isinstance(info.get("arch", ""), str)
         or not isinstance(info.get("resolution", 0), int)
-        or info.get("interpolation", "bilinear") not in FILTERS
+        or info.get("interpolation", Config.interpolation) not in FILTERS
     ):
         raise UserError(
             f"{path} is not an export's model.json (expected arch, resolution and class_names); export the model again"
@@ -178,7 +180,7 @@ def load_onnx(path, resolution=None, data=None) -> Trained:
         data,
         path,
         backend="onnxruntime",
-        interpolation=info.get("interpolation", "bilinear"),
+        interpolation=info.get("interpolation", Config.interpolation),
     )
 
 
@@ -229,7 +231,7 @@ def load_trained(path, *, arch=None, num_classes=None, resolution=None, data=Non
         class_names,
         data,
         path,
-        interpolation=info.get("interpolation") or "bilinear",  # a run from before --interpolation: bilinear
+        interpolation=info.get("interpolation") or Config.interpolation,
         start_weights=info.get("weights"),
         start_fingerprint=info.get("start_fingerprint"),
         method=info.get("method"),
