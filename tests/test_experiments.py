@@ -70,7 +70,9 @@ def test_preset_parses_and_runs_a_short_epoch_on_the_demo(tmp_path, tiny_demo, p
     assert text.startswith("#") and "%" in text.split("\n\n")[0], "a preset's comment names its source and accuracy"
     values = tomllib.loads(text)
     Config(**values).validate()
-    epochs = 2 if values.get("freeze_epochs") or values.get("warmup_epochs") else 1
+    # two epochs where the preset freezes the backbone first, to see it released; a warmup is left out (the schedule's
+    # tests run it): a second epoch of CLIP ViT-B/16 wrote 2 GB of checkpoints for nothing more
+    epochs = 2 if values.get("freeze_epochs") else 1
     # from random weights, a head written from the start (zero-shot, prototypes) cannot be had: a new one instead
     shrink = ["--head", "new"] if values.get("head", "new") != "new" else []
     shrink += [
@@ -79,7 +81,7 @@ def test_preset_parses_and_runs_a_short_epoch_on_the_demo(tmp_path, tiny_demo, p
         "--freeze-epochs",
         min(values.get("freeze_epochs", 0), 1),
         "--warmup-epochs",
-        min(values.get("warmup_epochs", 0), 1),
+        0,
     ]
     run_dir = tmp_path / preset.stem
     train.main(
