@@ -11,9 +11,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib import colormaps
-from pytorch_grad_cam import EigenCAM, FinerCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM, XGradCAM
-from pytorch_grad_cam.utils.image import show_cam_on_image
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget, FinerWeightedTarget
 from torch import nn
 
 from cars.checkpoint import unwrap
@@ -23,15 +20,17 @@ from cars.transforms import eval_transform, normalize
 
 DISPLAY_SIDE = 224  # the smallest side a CAM is drawn at, whatever the model's resolution
 
+# each --cam-method's class in pytorch_grad_cam, imported when a map is made: the library imports scikit-learn, which
+# took 2.6 s of eval.py's and predict.py's start-up
 CAM_METHODS = {
-    "gradcam": GradCAM,
-    "gradcam++": GradCAMPlusPlus,
-    "hirescam": HiResCAM,
-    "xgradcam": XGradCAM,
-    "layercam": LayerCAM,
-    "scorecam": ScoreCAM,
-    "eigencam": EigenCAM,
-    "finercam": FinerCAM,  # contrasts the class with its most similar classes: made for fine-grained data
+    "gradcam": "GradCAM",
+    "gradcam++": "GradCAMPlusPlus",
+    "hirescam": "HiResCAM",
+    "xgradcam": "XGradCAM",
+    "layercam": "LayerCAM",
+    "scorecam": "ScoreCAM",
+    "eigencam": "EigenCAM",
+    "finercam": "FinerCAM",  # contrasts the class with its most similar classes: made for fine-grained data
 }
 
 
@@ -85,10 +84,13 @@ def class_activation_maps(
         raise UserError(f"unknown --cam-method {method!r}; choose one of {', '.join(CAM_METHODS)}")
     if len(classes) != len(images):
         raise ValueError("one target class per image")
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
     model = unwrap(model).float().eval()
     images = images.float().to(next(model.parameters()).device)
     with torch.enable_grad(), torch.autocast(images.device.type, enabled=False):
-        with CAM_METHODS[method](
+        with getattr(pytorch_grad_cam, CAM_METHODS[method])(
             model=model, target_layers=[target_layer(model)], reshape_transform=token_grid(model)
         ) as cam:
             if method == "scorecam":
@@ -102,6 +104,8 @@ def class_activation_maps(
 
 def finer_targets(model: nn.Module, images: torch.Tensor, classes: list[int], similar: int = 3) -> list:
     """FinerCAM's targets: each class against the classes whose logits are closest to it."""
+    from pytorch_grad_cam.utils.model_targets import FinerWeightedTarget
+
     with torch.no_grad():
         logits = model(images)
     targets = []
@@ -114,6 +118,8 @@ def finer_targets(model: nn.Module, images: torch.Tensor, classes: list[int], si
 
 def overlay(display_image: np.ndarray, cam: np.ndarray) -> np.ndarray:
     """The heatmap blended over an HxWx3 uint8 image, the map resized to the image; returns uint8."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
     if cam.shape != display_image.shape[:2]:  # computed at the model's resolution, drawn at the display's
         cam = F.interpolate(torch.from_numpy(cam)[None, None], size=display_image.shape[:2], mode="bilinear")[0, 0]
         cam = cam.clamp(0, 1).numpy()

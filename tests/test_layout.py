@@ -95,10 +95,13 @@ def test_help_answers_before_torch_is_imported(script):
 
 
 def test_the_cam_methods_offered_are_the_ones_explained():
+    import pytorch_grad_cam
+
     from cars.cli import CAM_METHODS
     from cars.explain import CAM_METHODS as CLASSES
 
     assert tuple(CLASSES) == CAM_METHODS
+    assert all(isinstance(getattr(pytorch_grad_cam, name, None), type) for name in CLASSES.values())
 
 
 POSITIONAL_AT_MOST = 5  # a wider signature takes the rest by keyword, so that a call says what each value is
