@@ -50,7 +50,19 @@ def reference_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("resume")
     data = write_hub_folder(root / "data")
-    args = tiny_args(data, root / "reference", "--epochs", "4", "--augment", "heavy", "--dropout", "0.2")
+    # a ShuffleNet V2 x0.5, not the tiny runs' ResNet-18: the tests below resume it a dozen times, each half as long
+    args = tiny_args(
+        data,
+        root / "reference",
+        "--arch",
+        "shufflenet_v2_x0_5",
+        "--epochs",
+        "4",
+        "--augment",
+        "heavy",
+        "--dropout",
+        "0.2",
+    )
     train.main(args)
     return root, data, args
 
@@ -280,7 +292,7 @@ def test_export_safetensors_loads_in_predict_and_eval(reference_run, tmp_path, c
     reference = reference_run[0] / "reference"
     export.main([str(reference), "--out", str(tmp_path / "export")])
     info = json.loads((tmp_path / "export" / "model.json").read_text())
-    assert info["arch"] == "resnet18" and info["resolution"] == 32 and len(info["class_names"]) == 3
+    assert info["arch"] == "shufflenet_v2_x0_5" and info["resolution"] == 32 and len(info["class_names"]) == 3
     assert info["mean"] == [0.485, 0.456, 0.406]
     with pytest.raises(UserError, match="export folder .* already exists; pass --overwrite"):
         export.main([str(reference), "--out", str(tmp_path / "export")])
