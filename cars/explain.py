@@ -21,7 +21,7 @@ from cars.transforms import eval_transform, normalize
 DISPLAY_SIDE = 224  # the smallest side a CAM is drawn at, whatever the model's resolution
 
 # each --cam-method's class in pytorch_grad_cam, imported when a map is made: the library imports scikit-learn, which
-# took 2.6 s of eval.py's and predict.py's start-up
+# took 2-3 s of eval.py's and predict.py's start-up on 2 cores
 CAM_METHODS = {
     "gradcam": "GradCAM",
     "gradcam++": "GradCAMPlusPlus",

@@ -266,7 +266,7 @@ def place_demo_pretrained(weights_file: Path) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def no_fsync():
     """fsync makes a file survive a power cut, which no test simulates (a killed process leaves the page cache
-    behind); without it a run's checkpoints cost a third less to write."""
+    behind); without it a tiny run's checkpoints take half as long to write."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(os, "fsync", lambda fd: None)
         yield

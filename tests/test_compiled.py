@@ -123,8 +123,8 @@ def test_a_compiled_mixed_precision_channels_last_run_resumes_exactly_and_loads_
 ):
     """torch.compile, bfloat16 autocast, channels-last: an uninterrupted run, and one stopped after its first
     epoch and resumed, end bit-identical. Compiled by dynamo and AOT autograd, as train.py compiles, but with their
-    eager backend: inductor's C++ kernels took 90-110 s of g++ on an empty cache here, a fifth of the suite's time
-    on 2 cores (bench/compiled_resume.py runs this check with inductor itself)."""
+    eager backend: inductor's C++ kernels took 90-110 s of g++ on an empty cache on 2 cores, by far the suite's
+    slowest test (bench/compiled_resume.py runs this check with inductor itself)."""
     torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     speed = ["--compile", "--amp", "--channels-last", "--epochs", "2"]

@@ -51,18 +51,8 @@ def reference_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     data = write_hub_folder(root / "data")
     # a ShuffleNet V2 x0.5, not the tiny runs' ResNet-18: the tests below resume it a dozen times, each half as long
-    args = tiny_args(
-        data,
-        root / "reference",
-        "--arch",
-        "shufflenet_v2_x0_5",
-        "--epochs",
-        "4",
-        "--augment",
-        "heavy",
-        "--dropout",
-        "0.2",
-    )
+    extra = "--arch shufflenet_v2_x0_5 --epochs 4 --augment heavy --dropout 0.2".split()
+    args = tiny_args(data, root / "reference", *extra)
     train.main(args)
     return root, data, args
 
