@@ -1,5 +1,5 @@
 """Inductor's own C++ kernels on a CPU: a compiled, bfloat16, channels-last run stopped after its first epoch and
-resumed ends bit-identical to an uninterrupted one (offline, about two minutes on 2 cores, most of it g++):
+resumed ends bit-identical to an uninterrupted one (offline, 2.5 minutes on 2 cores, most of it g++):
 
     uv run python bench/compiled_resume.py
 
