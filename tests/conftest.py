@@ -6,8 +6,9 @@ import random
 from pathlib import Path
 from types import SimpleNamespace
 
-# pyproject's addopts run the suite in one process per core (pytest -n auto): each computes on its share of the
-# cores (one thread on a 2-core machine), so that they do not fight over them; the tools the tests start inherit it
+# pyproject's addopts run the suite in several processes (pytest -n auto: the cores and one more, see the hook at the
+# end): each computes on its share of the cores (one thread under -n auto), so that they do not fight over them; the
+# tools the tests start inherit it
 if os.environ.get("PYTEST_XDIST_WORKER"):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     share = max(1, cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
