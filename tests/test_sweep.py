@@ -461,13 +461,19 @@ def test_two_workers_on_postgresql_finish_exactly_the_trials_though_one_is_kille
     """Two workers share a study on a real PostgreSQL server; one is killed (kill -9) at a random moment of a trial.
     Optuna's heartbeats show its trial silent, and the other worker, running the same command, runs it again and
     finishes exactly --trials trials."""
-    path, out = sweep_file(sweep_dir, "shared", trials=4), tmp_path / "shared"
-    survivor, doomed = worker(path, out, postgres, 4), worker(path, out, postgres, 4)
-    killed, killed_output = stop_in_a_trial(doomed, random.Random(0), signal.SIGKILL)
-    output = survivor.communicate(timeout=900)[0]
+    for attempt in range(3):
+        name = f"shared{attempt}"
+        path, out = sweep_file(sweep_dir, name, trials=4), tmp_path / name
+        survivor, doomed = worker(path, out, postgres, 4), worker(path, out, postgres, 4)
+        killed, killed_output = stop_in_a_trial(doomed, random.Random(attempt), signal.SIGKILL)
+        output = survivor.communicate(timeout=900)[0]
+        if read_summary(out / f"trial-{killed}").get("status") != "finished":
+            break
+        # the kill came after the worker's last trial had ended (this process read its line late on a loaded
+        # machine): set up again
     assert survivor.returncode == 0, output
-    check_shared_study(postgres, "shared", out, [output, killed_output], 4, stopped={killed})
-    notes = [t.user_attrs.get("note", "") for t in load_study("shared", postgres).trials]
+    check_shared_study(postgres, name, out, [output, killed_output], 4, stopped={killed})
+    notes = [t.user_attrs.get("note", "") for t in load_study(name, postgres).trials]
     assert f"runs trial {killed} again: its worker stopped" in notes
 
 
