@@ -6,12 +6,16 @@ import random
 from pathlib import Path
 from types import SimpleNamespace
 
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 # pyproject's addopts run the suite in several processes (pytest -n auto: the cores and one more, see the hook at the
 # end): each computes on its share of the cores (one thread under -n auto), so that they do not fight over them; the
 # tools the tests start inherit it
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    share = max(1, cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    share = max(1, usable_cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
     os.environ.setdefault("OMP_NUM_THREADS", str(share))
 
 import pytest  # noqa: E402
@@ -276,5 +280,4 @@ def no_fsync():
 def pytest_xdist_auto_num_workers(config):
     """pytest -n auto: one process more than the cores. A test waits part of its time (on the tools it starts, on
     the disk): two processes on two cores left a sixth of the CPU idle."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return cores + 1
+    return usable_cores() + 1
