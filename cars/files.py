@@ -4,7 +4,9 @@ import ctypes
 import fcntl
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,19 +29,42 @@ def make_folder(folder: Path, elsewhere: str = "--out") -> None:
         raise UserError(f"cannot write {folder}: {error.strerror or error}; choose another {elsewhere}") from None
 
 
+@contextmanager
+def interrupts_held():
+    """Ctrl-C or SIGTERM in the block is raised when the block ends, not inside it. An interrupt in the middle of
+    torch.save's C++ writer came out as that writer's error (exit 1, the run marked crashed) or aborted the process;
+    held, the file is finished and the run stops as any interrupted run does (exit 130). Nested blocks hold it until
+    the outermost ends. Only the main thread receives signals; elsewhere this does nothing."""
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, kinds):
+        yield  # None: a handler set outside Python, which could not be put back
+        return
+    received = []
+    previous = {kind: signal.signal(kind, lambda signum, frame: received.append(signum)) for kind in kinds}
+    try:
+        yield
+    finally:
+        for kind, handler in previous.items():
+            signal.signal(kind, handler)
+        if received:
+            signal.raise_signal(received[0])  # to the handler it was meant for, now that the block is done
+
+
 def atomic_write(path: Path, write) -> None:
     """write(file) into a temporary file beside `path`, fsync, then rename over `path`:
-    a crash at any instant leaves either the old file or the new one, never half of one."""
+    a crash at any instant leaves either the old file or the new one, never half of one; an interrupt waits for the
+    file (interrupts_held)."""
     path = Path(path)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.fchmod(fd, default_mode())  # shared like any file the user writes, not private like a temporary one
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
+        with interrupts_held():
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            os.fchmod(fd, default_mode())  # shared like any file the user writes, not private like a temporary one
+            with os.fdopen(fd, "wb") as file:
+                write(file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, path)
     except BaseException as error:
         if tmp:
             Path(tmp).unlink(missing_ok=True)

@@ -22,7 +22,7 @@ from cars.data import Splits
 from cars.distributed import World, shutdown
 from cars.engine import Device, Diverged, Progress
 from cars.errors import UserError
-from cars.files import atomic_write
+from cars.files import atomic_write, interrupts_held
 from cars.loaders import CachedLoader
 from cars.methods import adapter_state, base_lr, is_adapted, merged_state, subset_words
 from cars.optim import ema_decay, load_scaler_state
@@ -146,9 +146,10 @@ def save_last(run: Run, epoch: int, progress: Progress | None = None) -> None:
         state["raw_model"] = run.raw_model.state_dict()
     if run.ema:
         state["ema"] = run.ema.state_dict()
-    if run.world.main:
-        save_checkpoint(run.run_dir / "last.pt", {**best_checkpoint(run, epoch), **state})
-    run.saved = (epoch, progress.steps if progress else 0)
+    with interrupts_held():  # an interrupt then reports the epoch last.pt holds
+        if run.world.main:
+            save_checkpoint(run.run_dir / "last.pt", {**best_checkpoint(run, epoch), **state})
+        run.saved = (epoch, progress.steps if progress else 0)
 
 
 def restore(run: Run, checkpoint: dict) -> None:

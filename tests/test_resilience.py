@@ -27,6 +27,7 @@ from cars.files import atomic_write
 from cars.report import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
+ARCH = "shufflenet_v2_x0_5"  # nothing here depends on the network: the fastest one for tiny runs (conftest.tiny_args)
 
 
 def comparable(run_dir: Path):
@@ -50,7 +51,7 @@ def reference_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("resume")
     data = write_hub_folder(root / "data")
-    args = tiny_args(data, root / "reference", "--epochs", "4", "--augment", "heavy", "--dropout", "0.2")
+    args = tiny_args(data, root / "reference", "--epochs", "4", "--augment", "heavy", "--dropout", "0.2", arch=ARCH)
     train.main(args)
     return root, data, args
 
@@ -192,6 +193,60 @@ def test_interrupted_atomic_write_keeps_the_old_file(tmp_path):
     assert os.listdir(tmp_path) == ["metrics.csv"], "no temporary file left behind"
 
 
+def test_a_sigterm_during_a_write_waits_for_the_whole_file(tmp_path):
+    target = tmp_path / "metrics.csv"
+
+    def signalled_midway(file):
+        file.write(b"first half, ")
+        os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler at its next line: inside this write
+        file.write(b"second half")
+
+    handler = signal.signal(signal.SIGTERM, run_state.raise_interrupt)  # as a training run handles SIGTERM
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            atomic_write(target, signalled_midway)
+        assert signal.getsignal(signal.SIGTERM) is run_state.raise_interrupt, "the run's handler is back"
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert target.read_text() == "first half, second half"
+    assert os.listdir(tmp_path) == ["metrics.csv"]
+
+
+def test_a_sigterm_inside_torch_save_stops_the_run_as_an_interrupt(tmp_path, hub_folder, monkeypatch):
+    """A scheduler's SIGTERM that lands while torch.save's C++ writer is writing last.pt. It used to cut the write
+    short (here last.pt stayed at epoch 0); a train.py so stopped once exited 1 with the writer's own error
+    ("unexpected pos"), its run marked crashed, and once aborted. Now last.pt is finished first, and the run stops
+    as an interrupted one."""
+    real_save = torch.save
+
+    class Signalling:  # the file torch.save writes to, which sends SIGTERM from inside the writer's first write
+        def __init__(self, file):
+            self.file, self.sent = file, False
+
+        def write(self, data):
+            if not self.sent:
+                self.sent = True
+                os.kill(os.getpid(), signal.SIGTERM)
+            return self.file.write(data)
+
+        def flush(self):
+            self.file.flush()
+
+    def save(checkpoint, file, *args, **kwargs):
+        if checkpoint.get("epoch") == 1 and "optimizer" in checkpoint:  # last.pt of epoch 1
+            file = Signalling(file)
+        real_save(checkpoint, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        train.main(tiny_args(hub_folder, run_dir, "--epochs", "2", arch=ARCH))
+    assert stopped.value.code == 130
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1
+    assert "interrupted in epoch 1; last.pt holds epoch 1. Resume" in (run_dir / "train.log").read_text()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+
+
 def test_full_disk_is_one_clear_line_and_keeps_checkpoints(tmp_path, monkeypatch):
     save_checkpoint(tmp_path / "last.pt", {"epoch": 3})
 
@@ -245,7 +300,7 @@ def test_every_image_mode_and_size_becomes_rgb(tmp_path):
 def test_training_skips_and_counts_broken_images(tmp_path):
     data = hostile_folder(tmp_path / "hostile")
     run_dir = tmp_path / "run"
-    train.main(tiny_args(data, run_dir, "--epochs", "1", "--skip-bad-images"))
+    train.main(tiny_args(data, run_dir, "--epochs", "1", "--skip-bad-images", arch=ARCH))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["skipped_images"] == {"train": 2, "test": 0}
 
@@ -280,7 +335,7 @@ def test_export_safetensors_loads_in_predict_and_eval(reference_run, tmp_path, c
     reference = reference_run[0] / "reference"
     export.main([str(reference), "--out", str(tmp_path / "export")])
     info = json.loads((tmp_path / "export" / "model.json").read_text())
-    assert info["arch"] == "resnet18" and info["resolution"] == 32 and len(info["class_names"]) == 3
+    assert info["arch"] == ARCH and info["resolution"] == 32 and len(info["class_names"]) == 3
     assert info["mean"] == [0.485, 0.456, 0.406]
     with pytest.raises(UserError, match="export folder .* already exists; pass --overwrite"):
         export.main([str(reference), "--out", str(tmp_path / "export")])
@@ -337,7 +392,7 @@ def test_resume_refuses_to_stretch_a_cosine_schedule(tmp_path, capsys):
 
     data = write_hub_folder(tmp_path / "data")
     run_dir = tmp_path / "cosine"
-    train.main(tiny_args(data, run_dir, "--scheduler", "cosine"))
+    train.main(tiny_args(data, run_dir, "--scheduler", "cosine", arch=ARCH))
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     with pytest.raises(SystemExit) as exit:
         run_cli(train.main, ["--resume", str(run_dir), "--epochs", "3"])
@@ -355,7 +410,11 @@ def test_extending_a_step_schedule_never_raises_the_lr_after_warmup(tmp_path):
 
     data = write_hub_folder(tmp_path / "data")
     run_dir = tmp_path / "step"
-    train.main(tiny_args(data, run_dir, "--warmup-epochs", "1", "--step-size", "2", "--gamma", "0.5", "--epochs", "3"))
+    train.main(
+        tiny_args(
+            data, run_dir, "--warmup-epochs", "1", "--step-size", "2", "--gamma", "0.5", "--epochs", "3", arch=ARCH
+        )
+    )
     train.main(["--resume", str(run_dir), "--epochs", "5"])
     lrs = [row["lr"] for row in read_metrics(run_dir / "metrics.csv")]
     assert len(lrs) == 5 and lrs[0] < lrs[1]  # warmup
@@ -392,7 +451,7 @@ def test_written_files_and_folders_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
         run_dir = tmp_path / "run"
-        train.main(tiny_args(data, run_dir, "--epochs", "1"))
+        train.main(tiny_args(data, run_dir, "--epochs", "1", arch=ARCH))
         modes = {p.name: p.stat().st_mode & 0o777 for p in run_dir.iterdir()}
         assert {"best.pt", "last.pt", "metrics.csv", "summary.json", "config.toml", "curves.png"} <= set(modes)
         assert set(modes.values()) == {0o644}, modes
@@ -432,7 +491,7 @@ def test_best_pt_never_falls_behind_the_records(tmp_path, hub_folder, monkeypatc
     monkeypatch.setattr(run_state, "save_checkpoint", save)
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit):
-        train.main(tiny_args(hub_folder, run_dir, "--epochs", "3"))
+        train.main(tiny_args(hub_folder, run_dir, "--epochs", "3", arch=ARCH))
     last, best = load_checkpoint(run_dir / "last.pt"), load_checkpoint(run_dir / "best.pt")
     history_best = max(last["history"], key=lambda r: r["eval_acc"])["epoch"]
     assert best["epoch"] == history_best or best["epoch"] > last["epoch"], (best["epoch"], history_best, last["epoch"])
@@ -459,7 +518,7 @@ def test_the_interrupt_message_names_the_epoch_last_pt_holds(tmp_path, hub_folde
     monkeypatch.setattr(train, "plot_curves", interrupted)
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit):
-        train.main(tiny_args(hub_folder, run_dir, "--epochs", "2"))
+        train.main(tiny_args(hub_folder, run_dir, "--epochs", "2", arch=ARCH))
     assert load_checkpoint(run_dir / "last.pt")["epoch"] == 2
     assert "interrupted in epoch 2; last.pt holds epoch 2. Resume" in (run_dir / "train.log").read_text()
     assert json.loads((run_dir / "summary.json").read_text())["epochs_done"] == 2
@@ -469,15 +528,15 @@ def test_a_resume_that_switches_the_cache_is_exact(tmp_path, hub_folder):
     """--cache off and the cache draw the same batches in the same order for a seed: switching on resume changes
     nothing."""
     reference, switched = tmp_path / "reference", tmp_path / "switched"
-    train.main(tiny_args(hub_folder, reference, "--epochs", "2", "--augment", "heavy"))
-    train.main(tiny_args(hub_folder, switched, "--epochs", "1", "--augment", "heavy", "--cache", "off"))
+    train.main(tiny_args(hub_folder, reference, "--epochs", "2", "--augment", "heavy", arch=ARCH))
+    train.main(tiny_args(hub_folder, switched, "--epochs", "1", "--augment", "heavy", "--cache", "off", arch=ARCH))
     train.main(["--resume", str(switched), "--epochs", "2", "--cache", "auto"])
     assert_same_run(reference, switched)
 
 
 def test_a_resume_that_fails_changes_nothing_in_the_run_folder(tmp_path, hub_folder):
     run_dir = tmp_path / "run"
-    train.main(tiny_args(hub_folder, run_dir, "--epochs", "1"))
+    train.main(tiny_args(hub_folder, run_dir, "--epochs", "1", arch=ARCH))
     last = load_checkpoint(run_dir / "last.pt")
     del last["model"]["fc.weight"]  # the weights of another model, or a damaged file
     save_checkpoint(run_dir / "last.pt", last)
