@@ -215,8 +215,8 @@ def test_a_sigterm_during_a_write_waits_for_the_whole_file(tmp_path):
 def test_a_sigterm_inside_torch_save_stops_the_run_as_an_interrupt(tmp_path, hub_folder, monkeypatch):
     """A scheduler's SIGTERM that lands while torch.save's C++ writer is writing last.pt. It used to cut the write
     short (here last.pt stayed at epoch 0); a train.py so stopped once exited 1 with the writer's own error
-    ("unexpected pos"), its run marked crashed, and once aborted. Now last.pt is finished first, and the run stops
-    as an interrupted one."""
+    ("unexpected pos"), its run marked crashed (and probably this was the abort seen once). Now last.pt is finished
+    first, and the run stops as an interrupted one."""
     real_save = torch.save
 
     class Signalling:  # the file torch.save writes to, which sends SIGTERM from inside the writer's first write
