@@ -5,6 +5,7 @@ import pytest
 import torch
 import torchvision
 
+from cars import models
 from cars.checkpoint import clean_state_dict, load_checkpoint, read_state_dict, save_checkpoint
 from cars.errors import UserError
 from cars.finetune import backbone_parameters, head_parameters
@@ -70,10 +71,16 @@ def test_weights_file_with_imagenet_head_loads_backbone(tmp_path):
     assert model.fc.out_features == 3
 
 
-def test_weights_file_for_another_arch_is_one_clear_line(tmp_path):
+def test_weights_file_for_another_arch_is_one_clear_line(tmp_path, monkeypatch):
+    """Named after building the architectures named most like the one asked for, not all 63 torchvision has."""
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    models.backbone_shapes.cache_clear()  # built afresh here, and counted
+    built, get_model = [], torchvision.models.get_model
+    monkeypatch.setattr(torchvision.models, "get_model", lambda arch, **kw: built.append(arch) or get_model(arch, **kw))
     with pytest.raises(UserError, match=r"holds a resnet18 model, not resnet34; pass --arch resnet18"):
         build_model("resnet34", str(tmp_path / "r18.pth"), num_classes=3)
+    # the model asked for, then the guesses, the closest names first: resnet34 (on the meta device), then resnet18
+    assert built[0] == "resnet34" and "resnet18" in built[:4] and len(built) <= 4, built
 
 
 def test_unknown_arch_and_weights_names():
