@@ -268,7 +268,10 @@ def guess_arch(state: dict, *, near: str) -> str | None:
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     for arch in sorted(classification_archs(), key=lambda name: -difflib.SequenceMatcher(None, name, near).ratio()):
         found = backbone_shapes(arch)
-        if found and found[1] == {k: v for k, v in shapes.items() if not k.startswith(found[0])}:
+        if found is None:
+            continue
+        head, own = found
+        if own == {k: v for k, v in shapes.items() if not k.startswith(head)}:
             return arch
     return None
 

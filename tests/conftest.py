@@ -163,10 +163,14 @@ def saved_folder(tmp_path, hub_folder):
     return path
 
 
+# the demo's network: a tiny run in half a ResNet-18's time, for tests where nothing depends on the network (but
+# longer in torch.compile and the exporters: more, smaller operations; docs/benchmarks.md)
+FAST_ARCH = "shufflenet_v2_x0_5"
+
+
 def tiny_args(data, run_dir, *extra, arch: str = "resnet18") -> list[str]:
-    """Flags for a run that takes a second or two on a CPU. A ResNet-18 by default, whose layers the tests name; the
-    demo's shufflenet_v2_x0_5 takes half its time where nothing depends on the network (but longer in torch.compile
-    and the exporters: more, smaller operations; docs/benchmarks.md)."""
+    """Flags for a run that takes a second or two on a CPU. A ResNet-18 by default, whose layers the tests name;
+    `arch=FAST_ARCH` where nothing depends on the network."""
     recipe = f"--arch {arch} --weights none --resolution 32 --batch-size 6 --epochs 2 --workers 0 --lr 0.01"
     return ["--data", str(data), "--run-dir", str(run_dir), *recipe.split(), *extra]
 

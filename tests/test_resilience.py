@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_args
+from conftest import FAST_ARCH, tiny_args
 from PIL import Image
 
 import train
@@ -27,7 +27,6 @@ from cars.files import atomic_write
 from cars.report import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCH = "shufflenet_v2_x0_5"  # nothing here depends on the network: the fastest one for tiny runs (conftest.tiny_args)
 
 
 def comparable(run_dir: Path):
@@ -51,7 +50,9 @@ def reference_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("resume")
     data = write_hub_folder(root / "data")
-    args = tiny_args(data, root / "reference", "--epochs", "4", "--augment", "heavy", "--dropout", "0.2", arch=ARCH)
+    args = tiny_args(
+        data, root / "reference", "--epochs", "4", "--augment", "heavy", "--dropout", "0.2", arch=FAST_ARCH
+    )
     train.main(args)
     return root, data, args
 
@@ -240,7 +241,7 @@ def test_a_sigterm_inside_torch_save_stops_the_run_as_an_interrupt(tmp_path, hub
     monkeypatch.setattr(torch, "save", save)
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as stopped:
-        train.main(tiny_args(hub_folder, run_dir, "--epochs", "2", arch=ARCH))
+        train.main(tiny_args(hub_folder, run_dir, "--epochs", "2", arch=FAST_ARCH))
     assert stopped.value.code == 130
     assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1
     assert "interrupted in epoch 1; last.pt holds epoch 1. Resume" in (run_dir / "train.log").read_text()
@@ -300,7 +301,7 @@ def test_every_image_mode_and_size_becomes_rgb(tmp_path):
 def test_training_skips_and_counts_broken_images(tmp_path):
     data = hostile_folder(tmp_path / "hostile")
     run_dir = tmp_path / "run"
-    train.main(tiny_args(data, run_dir, "--epochs", "1", "--skip-bad-images", arch=ARCH))
+    train.main(tiny_args(data, run_dir, "--epochs", "1", "--skip-bad-images", arch=FAST_ARCH))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["skipped_images"] == {"train": 2, "test": 0}
 
@@ -335,7 +336,7 @@ def test_export_safetensors_loads_in_predict_and_eval(reference_run, tmp_path, c
     reference = reference_run[0] / "reference"
     export.main([str(reference), "--out", str(tmp_path / "export")])
     info = json.loads((tmp_path / "export" / "model.json").read_text())
-    assert info["arch"] == ARCH and info["resolution"] == 32 and len(info["class_names"]) == 3
+    assert info["arch"] == FAST_ARCH and info["resolution"] == 32 and len(info["class_names"]) == 3
     assert info["mean"] == [0.485, 0.456, 0.406]
     with pytest.raises(UserError, match="export folder .* already exists; pass --overwrite"):
         export.main([str(reference), "--out", str(tmp_path / "export")])
@@ -392,7 +393,7 @@ def test_resume_refuses_to_stretch_a_cosine_schedule(tmp_path, capsys):
 
     data = write_hub_folder(tmp_path / "data")
     run_dir = tmp_path / "cosine"
-    train.main(tiny_args(data, run_dir, "--scheduler", "cosine", arch=ARCH))
+    train.main(tiny_args(data, run_dir, "--scheduler", "cosine", arch=FAST_ARCH))
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     with pytest.raises(SystemExit) as exit:
         run_cli(train.main, ["--resume", str(run_dir), "--epochs", "3"])
@@ -412,7 +413,7 @@ def test_extending_a_step_schedule_never_raises_the_lr_after_warmup(tmp_path):
     run_dir = tmp_path / "step"
     train.main(
         tiny_args(
-            data, run_dir, "--warmup-epochs", "1", "--step-size", "2", "--gamma", "0.5", "--epochs", "3", arch=ARCH
+            data, run_dir, "--warmup-epochs", "1", "--step-size", "2", "--gamma", "0.5", "--epochs", "3", arch=FAST_ARCH
         )
     )
     train.main(["--resume", str(run_dir), "--epochs", "5"])
@@ -451,7 +452,7 @@ def test_written_files_and_folders_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
         run_dir = tmp_path / "run"
-        train.main(tiny_args(data, run_dir, "--epochs", "1", arch=ARCH))
+        train.main(tiny_args(data, run_dir, "--epochs", "1", arch=FAST_ARCH))
         modes = {p.name: p.stat().st_mode & 0o777 for p in run_dir.iterdir()}
         assert {"best.pt", "last.pt", "metrics.csv", "summary.json", "config.toml", "curves.png"} <= set(modes)
         assert set(modes.values()) == {0o644}, modes
@@ -491,7 +492,7 @@ def test_best_pt_never_falls_behind_the_records(tmp_path, hub_folder, monkeypatc
     monkeypatch.setattr(run_state, "save_checkpoint", save)
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit):
-        train.main(tiny_args(hub_folder, run_dir, "--epochs", "3", arch=ARCH))
+        train.main(tiny_args(hub_folder, run_dir, "--epochs", "3", arch=FAST_ARCH))
     last, best = load_checkpoint(run_dir / "last.pt"), load_checkpoint(run_dir / "best.pt")
     history_best = max(last["history"], key=lambda r: r["eval_acc"])["epoch"]
     assert best["epoch"] == history_best or best["epoch"] > last["epoch"], (best["epoch"], history_best, last["epoch"])
@@ -518,7 +519,7 @@ def test_the_interrupt_message_names_the_epoch_last_pt_holds(tmp_path, hub_folde
     monkeypatch.setattr(train, "plot_curves", interrupted)
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit):
-        train.main(tiny_args(hub_folder, run_dir, "--epochs", "2", arch=ARCH))
+        train.main(tiny_args(hub_folder, run_dir, "--epochs", "2", arch=FAST_ARCH))
     assert load_checkpoint(run_dir / "last.pt")["epoch"] == 2
     assert "interrupted in epoch 2; last.pt holds epoch 2. Resume" in (run_dir / "train.log").read_text()
     assert json.loads((run_dir / "summary.json").read_text())["epochs_done"] == 2
@@ -528,15 +529,15 @@ def test_a_resume_that_switches_the_cache_is_exact(tmp_path, hub_folder):
     """--cache off and the cache draw the same batches in the same order for a seed: switching on resume changes
     nothing."""
     reference, switched = tmp_path / "reference", tmp_path / "switched"
-    train.main(tiny_args(hub_folder, reference, "--epochs", "2", "--augment", "heavy", arch=ARCH))
-    train.main(tiny_args(hub_folder, switched, "--epochs", "1", "--augment", "heavy", "--cache", "off", arch=ARCH))
+    train.main(tiny_args(hub_folder, reference, "--epochs", "2", "--augment", "heavy", arch=FAST_ARCH))
+    train.main(tiny_args(hub_folder, switched, "--epochs", "1", "--augment", "heavy", "--cache", "off", arch=FAST_ARCH))
     train.main(["--resume", str(switched), "--epochs", "2", "--cache", "auto"])
     assert_same_run(reference, switched)
 
 
 def test_a_resume_that_fails_changes_nothing_in_the_run_folder(tmp_path, hub_folder):
     run_dir = tmp_path / "run"
-    train.main(tiny_args(hub_folder, run_dir, "--epochs", "1", arch=ARCH))
+    train.main(tiny_args(hub_folder, run_dir, "--epochs", "1", arch=FAST_ARCH))
     last = load_checkpoint(run_dir / "last.pt")
     del last["model"]["fc.weight"]  # the weights of another model, or a damaged file
     save_checkpoint(run_dir / "last.pt", last)

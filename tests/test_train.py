@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FixedBatches, jpeg_bytes, quick_start, split_rows, tiny_args, tiny_run, write_hub_folder
+from conftest import FAST_ARCH, FixedBatches, jpeg_bytes, quick_start, split_rows, tiny_args, tiny_run, write_hub_folder
 
 import compare
 import train
@@ -21,7 +21,6 @@ from cars.models import build_model
 from cars.report import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCH = "shufflenet_v2_x0_5"  # the tiny runs' network where nothing depends on it (conftest.tiny_args)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +157,7 @@ def test_predict_py_names_the_car_of_a_photo_as_eval_py_did(demo_run, tmp_path, 
 
 def run_tiny(tmp_path, data, *extra):
     run_dir = tmp_path / "run"
-    train.main(tiny_args(data, run_dir, *extra, arch=ARCH))
+    train.main(tiny_args(data, run_dir, *extra, arch=FAST_ARCH))
     return run_dir
 
 
@@ -357,7 +356,7 @@ def corrupt_dataset(tmp_path) -> Path:
 def test_corrupt_image_names_the_image(cli, tmp_path):
     folder = corrupt_dataset(tmp_path)
     # --workers 1: the error crosses a DataLoader worker and still arrives as one line
-    result = cli(*tiny_args(folder, tmp_path / "run", "--workers", "1", arch=ARCH))
+    result = cli(*tiny_args(folder, tmp_path / "run", "--workers", "1", arch=FAST_ARCH))
     assert_clear_error(result, r"cannot read image row (5|8) of the train split: .*--skip-bad-images")
 
 
@@ -370,16 +369,18 @@ def test_skip_bad_images_skips_and_counts(tmp_path):
 def test_existing_run_is_never_overwritten_without_flag(cli, tmp_path, hub_folder):
     run_dir = run_tiny(tmp_path, hub_folder)
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
-    result = cli(*tiny_args(hub_folder, run_dir, "--epochs", "1", arch=ARCH))
+    result = cli(*tiny_args(hub_folder, run_dir, "--epochs", "1", arch=FAST_ARCH))
     assert_clear_error(result, "run folder .* already exists; pass --overwrite")
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
 
     # an input error found later (bad weights) must not cost the run either, even with --overwrite
-    result = cli(*tiny_args(hub_folder, run_dir, "--overwrite", "--weights", str(tmp_path / "missing.pth"), arch=ARCH))
+    result = cli(
+        *tiny_args(hub_folder, run_dir, "--overwrite", "--weights", str(tmp_path / "missing.pth"), arch=FAST_ARCH)
+    )
     assert_clear_error(result, "weights file .*missing.pth does not exist")
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
 
-    train.main(tiny_args(hub_folder, run_dir, "--overwrite", "--epochs", "1", arch=ARCH))
+    train.main(tiny_args(hub_folder, run_dir, "--overwrite", "--epochs", "1", arch=FAST_ARCH))
     assert len(read_metrics(run_dir / "metrics.csv")) == 1
 
 
@@ -402,7 +403,7 @@ def test_two_stage_run_end_to_end(tmp_path, hub_folder):
         "--color-jitter",
         "0.2",
     )
-    model = build_model(ARCH, "none", 3)
+    model = build_model(FAST_ARCH, "none", 3)
     model.load_state_dict(read_state_dict(run_dir / "last.pt"))
 
 
@@ -557,8 +558,8 @@ def test_the_validation_split_stays_put_when_only_the_seed_changes(tmp_path, hub
     monkeypatch.setattr(train, "run_splits", lambda cfg: held_out.append(real(cfg).eval.indices) or real(cfg))
     held = ["--epochs", "1", "--val-split", "0.34"]
     for seed in (0, 1):
-        train.main(tiny_args(hub_folder, tmp_path / f"seed{seed}", *held, "--seed", str(seed), arch=ARCH))
-    train.main(tiny_args(hub_folder, tmp_path / "other", *held, "--split-seed", "5", arch=ARCH))
+        train.main(tiny_args(hub_folder, tmp_path / f"seed{seed}", *held, "--seed", str(seed), arch=FAST_ARCH))
+    train.main(tiny_args(hub_folder, tmp_path / "other", *held, "--split-seed", "5", arch=FAST_ARCH))
     assert held_out[0] == held_out[1] != held_out[2] and len(held_out[0]) == 6  # 2 of each class's 6 images
     assert tomllib.loads((tmp_path / "other" / "config.toml").read_text())["split_seed"] == 5
     # a run saved before --split-seed drew its split with --seed, and keeps it
@@ -570,7 +571,7 @@ def test_the_validation_split_stays_put_when_only_the_seed_changes(tmp_path, hub
 def test_split_seed_without_val_split_is_refused(cli, tmp_path, hub_folder):
     cli(
         train.main,
-        tiny_args(hub_folder, tmp_path / "r", "--split-seed", "3", arch=ARCH),
+        tiny_args(hub_folder, tmp_path / "r", "--split-seed", "3", arch=FAST_ARCH),
         "--split-seed 3 does nothing without --val-split",
     )
 
