@@ -32,10 +32,9 @@ def make_folder(folder: Path, elsewhere: str = "--out") -> None:
 @contextmanager
 def interrupts_held():
     """Ctrl-C or SIGTERM in the block is raised when the block ends, not inside it. An interrupt in the middle of
-    torch.save's C++ writer cut the file short and came out as that writer's error (exit 1, the run marked crashed),
-    and probably aborted the process once; held, the file is finished and the run stops as any interrupted run does
-    (exit 130). Nested blocks hold it until the outermost ends. Only the main thread receives signals; elsewhere this
-    does nothing."""
+    torch.save's C++ writer cut the file short and came out as that writer's error (exit 1, the run marked crashed);
+    held, the file is finished and the run stops as any interrupted run does (exit 130). Nested blocks hold it until
+    the outermost ends. Only the main thread receives signals; elsewhere this does nothing."""
     kinds = (signal.SIGINT, signal.SIGTERM)
     if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, kinds):
         yield  # None: a handler set outside Python, which could not be put back

@@ -188,35 +188,40 @@ class CachedLoader:
 
     def __iter__(self):
         ready, stop = queue.Queue(maxsize=3), threading.Event()
+        consumer = threading.current_thread()
 
-        def offer(item) -> None:  # wait for room, unless the consumer has gone (a break, an error)
-            while not stop.is_set():
+        def offer(item) -> bool:  # wait for room; False once the consumer has gone (a break, an error, its end)
+            while not stop.is_set() and consumer.is_alive():
                 try:
-                    return ready.put(item, timeout=0.1)
+                    ready.put(item, timeout=0.1)
+                    return True
                 except queue.Full:
                     pass
+            return False
 
         def read_ahead():
             try:
                 for indices in self.batch_sampler:
-                    offer(self.read(indices))
+                    if not offer(self.read(indices)):
+                        return
                 offer(StopIteration)
             except BaseException as error:  # handed to the training loop, which raises it
                 offer(error)
 
-        reader = threading.Thread(target=read_ahead, daemon=True, name="batch-reader")
-        reader.start()
+        # Not a daemon: at exit the interpreter waits for it (the main thread counts as gone by then) instead of
+        # stopping it, and a thread stopped inside a torch operation aborts the process ("terminate called without an
+        # active exception", exit 134 instead of 130 after Ctrl-C)
+        reader = threading.Thread(target=read_ahead, name="batch-reader")
         try:
+            reader.start()  # inside the try: Ctrl-C can land while start() waits for the thread to run
             while (batch := ready.get()) is not StopIteration:
                 if isinstance(batch, BaseException):
                     raise batch
                 yield None if batch is None else self.finish(**batch)
         finally:
             stop.set()
-            # wait for the reader to finish its batch: after Ctrl-C the interpreter exits at once, and a thread still
-            # inside a torch operation then aborts the process ("terminate called without an active exception",
-            # exit 134 instead of 130)
-            reader.join(timeout=10)
+            if reader.ident is not None:  # started
+                reader.join(timeout=10)  # the batch it is reading, at most
 
     def finish(self, *, pixels, labels, shapes=None, flips=None, steps=None):
         """On the device: an eval batch made NCHW (channels-last in memory); training crops resized,

@@ -180,6 +180,57 @@ def test_ctrl_c_as_the_first_epoch_starts_leaves_no_reading_thread(reference_run
     assert not [t for t in threading.enumerate() if t.name == "batch-reader" and t.is_alive()]
 
 
+def reading_loader(data: Path, cache: Path):
+    """The cached loader of the test split's 9 images, 2 a batch: more batches than its reader reads ahead (3)."""
+    from cars.loaders import eval_loader
+
+    test = load_splits(str(data)).eval
+    return eval_loader(
+        test, resolution=32, interpolation="bilinear", cache=str(cache), skip_bad_images=False, batch_size=2, workers=0
+    )
+
+
+def readers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "batch-reader" and t.is_alive()]
+
+
+def test_ctrl_c_while_the_reader_starts_stops_it(reference_run, tmp_path, monkeypatch):
+    """Ctrl-C that lands while an epoch's reading thread is being started (where a SIGTERM sent as the previous
+    epoch's line appears lands) stops that thread too. Left reading, it met the interpreter's exit inside a torch
+    operation: train.py said "interrupted", then aborted (exit -6, once in a full suite)."""
+    loader = reading_loader(reference_run[1], tmp_path / "cache")
+    start = threading.Thread.start
+
+    def start_then_interrupt(thread):
+        start(thread)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "start", start_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        next(iter(loader))
+    assert not readers()
+
+
+def test_the_reader_stops_when_the_thread_it_reads_for_ends(reference_run, tmp_path):
+    """A thread that ends without closing its pass over a loader, as the main thread does at exit when the pass
+    outlives it: the reader stops within its 0.1 s wait for room, and the interpreter waits for it (no daemon)
+    rather than stopping it wherever it is."""
+    loader = reading_loader(reference_run[1], tmp_path / "cache")
+    passes = []
+
+    def read_one_batch():
+        passes.append(iter(loader))
+        next(passes[0])
+
+    consumer = threading.Thread(target=read_one_batch)
+    consumer.start()
+    consumer.join()
+    (reader,) = readers()
+    assert not reader.daemon
+    reader.join(timeout=5)
+    assert not reader.is_alive()
+
+
 def test_interrupted_atomic_write_keeps_the_old_file(tmp_path):
     target = tmp_path / "metrics.csv"
     target.write_text("old, complete\n")
