@@ -14,13 +14,13 @@ from cars.cli import check_command_line, parse_curves
 check_command_line(__name__, parse_curves)  # --help and mistakes answer before the imports below load torch
 
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
+import interpolate
 import train
 from cars import curves as data_curves
 from cars import sweeps
@@ -180,10 +180,8 @@ def mix_with_start(run_dir: Path, alpha: float) -> None:
     if (folder / "summary.json").is_file():
         return
     mix = [str(run_dir), "--alphas", f"0,{alpha:g},1", "--out", str(folder), "--workers", "0"]
-    # its own process: a tool runs another tool's main only for train.py (tests/test_layout.py)
-    interpolate = [sys.executable, str(Path(__file__).resolve().parent / "interpolate.py")]
-    if subprocess.run([*interpolate, *mix, *(["--overwrite"] if folder.exists() else [])]).returncode:
-        raise UserError(f"interpolate.py could not mix {run_dir} with its start (its line above says why)")
+    # in this process, as train.py's cells are: a process of its own spent seconds importing torch again
+    interpolate.main([*mix, *(["--overwrite"] if folder.exists() else [])])
 
 
 def write_results(curves: data_curves.Curves, out: Path) -> list[str]:
