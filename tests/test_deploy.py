@@ -269,23 +269,32 @@ def test_a_bare_state_dict_is_checked_on_random_pixels_and_says_so(exported, tmp
 
 
 KILLER = """
-import os, signal, sys
+import json, os, signal, sys
 from cars import files
 import export
 
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
-point = sys.argv[1]
-if point == "while writing":
-    export.check = die
-elif point == "before the swap":
-    export.replace_folder = die
-elif point == "between the moves":  # where a system cannot swap two folders in one step
-    files.exchange = lambda a, b: False
-    rename = os.rename
-    os.rename = lambda a, b: die() if str(a).endswith(".new") else rename(a, b)  # after the old export was moved aside
-export.main(sys.argv[2:])
+def kill_at(point):
+    if point == "while writing":
+        export.check = die
+    elif point == "before the swap":
+        export.replace_folder = die
+    elif point == "between the moves":  # where a system cannot swap two folders in one step
+        files.exchange = lambda a, b: False
+        rename = os.rename
+        os.rename = lambda a, b: die() if str(a).endswith(".new") else rename(a, b)  # after the old export moved aside
+
+# torch imported once, then a child per point, all at once; each child's end (a wait status) printed as JSON
+children = {}
+for point, arguments in json.loads(sys.argv[1]).items():
+    children[point] = os.fork()
+    if children[point] == 0:
+        kill_at(point)
+        export.main(arguments)
+        os._exit(0)  # it was not killed
+print(json.dumps({point: os.waitpid(pid, 0)[1] for point, pid in children.items()}))
 """
 
 
@@ -294,22 +303,24 @@ def test_a_killed_overwrite_leaves_one_whole_export(exported, tmp_path, capsys):
     before the swap, between the two moves where a system cannot swap folders in one step), the folder holds one
     complete export that passes --verify, and nothing of the old one is lost before the new one has passed. The three
     kills run at once, each on its own copy of the export."""
+    import os
     import shutil
     import signal
     import subprocess
     import sys
 
     points = ["while writing", "before the swap", "between the moves"]
-    killers = {}
+    outs, commands = {}, {}
     for i, point in enumerate(points):
-        out = tmp_path / f"kill{i}" / "export"
-        shutil.copytree(exported / "safetensors-only", out)
-        flags = ["--out", str(out), "--format", "safetensors", "--check-images", "4", "--overwrite"]
-        command = [sys.executable, "-c", KILLER, point, str(exported / "run"), *flags]
-        killers[point] = (out, subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-    for point, (out, killer) in killers.items():
-        _, stderr = killer.communicate()
-        assert killer.returncode == -signal.SIGKILL, (point, stderr[-2000:])
+        outs[point] = tmp_path / f"kill{i}" / "export"
+        shutil.copytree(exported / "safetensors-only", outs[point])
+        flags = ["--out", str(outs[point]), "--format", "safetensors", "--check-images", "4", "--overwrite"]
+        commands[point] = [str(exported / "run"), *flags]
+    killers = subprocess.run([sys.executable, "-c", KILLER, json.dumps(commands)], capture_output=True, text=True)
+    assert killers.returncode == 0, killers.stderr[-2000:]
+    ends = json.loads(killers.stdout.splitlines()[-1])
+    for point, out in outs.items():
+        assert os.WIFSIGNALED(ends[point]) and os.WTERMSIG(ends[point]) == signal.SIGKILL, (point, killers.stderr)
         before = json.loads((exported / "safetensors-only" / "model.json").read_text())
         # puts back what a kill moved aside
         capsys.readouterr()

@@ -216,16 +216,17 @@ def test_the_reader_stops_when_the_thread_it_reads_for_ends(reference_run, tmp_p
     outlives it: the reader stops within its 0.1 s wait for room, and the interpreter waits for it (no daemon)
     rather than stopping it wherever it is."""
     loader = reading_loader(reference_run[1], tmp_path / "cache")
-    passes = []
+    passes, seen = [], []
 
     def read_one_batch():
         passes.append(iter(loader))
         next(passes[0])
+        seen.extend(readers())  # while this thread lives, its reader waits for room (5 batches, 3 ahead at most)
 
     consumer = threading.Thread(target=read_one_batch)
     consumer.start()
     consumer.join()
-    (reader,) = readers()
+    (reader,) = seen
     assert not reader.daemon
     reader.join(timeout=5)
     assert not reader.is_alive()

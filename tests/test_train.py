@@ -34,7 +34,7 @@ def demo_run(tmp_path_factory, demo_pretrained):
     return run_dir
 
 
-DEMO = {**tomllib.loads((ROOT / "configs" / "demo.toml").read_text()), "epochs": 8}
+DEMO = {**tomllib.loads((ROOT / "configs" / "demo.toml").read_text()), "epochs": 4}
 
 
 def test_the_demo_is_a_fine_tune_of_the_demo_pretrained_weights(demo_run, demo_pretrained):
