@@ -157,6 +157,10 @@ def test_nan_loss_stops_the_run_and_keeps_best(reference_run, tmp_path, monkeypa
     assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1
 
 
+def readers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "batch-reader" and t.is_alive()]
+
+
 def test_ctrl_c_as_the_first_epoch_starts_leaves_no_reading_thread(reference_run, tmp_path, monkeypatch):
     """Ctrl-C in the first step, while the cache's reading thread is inside a batch: exit 130, and the thread has
     finished before train.py returns. Left running, it met the interpreter's exit inside a torch operation, which
@@ -177,7 +181,7 @@ def test_ctrl_c_as_the_first_epoch_starts_leaves_no_reading_thread(reference_run
     with pytest.raises(SystemExit) as stopped:
         train.main([*run_args(reference_run, tmp_path / "ctrl-c"), "--batch-size", "2"])
     assert stopped.value.code == 130
-    assert not [t for t in threading.enumerate() if t.name == "batch-reader" and t.is_alive()]
+    assert not readers()
 
 
 def reading_loader(data: Path, cache: Path):
@@ -188,10 +192,6 @@ def reading_loader(data: Path, cache: Path):
     return eval_loader(
         test, resolution=32, interpolation="bilinear", cache=str(cache), skip_bad_images=False, batch_size=2, workers=0
     )
-
-
-def readers() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "batch-reader" and t.is_alive()]
 
 
 def test_ctrl_c_while_the_reader_starts_stops_it(reference_run, tmp_path, monkeypatch):
@@ -268,8 +268,8 @@ def test_a_sigterm_during_a_write_waits_for_the_whole_file(tmp_path):
 def test_a_sigterm_inside_torch_save_stops_the_run_as_an_interrupt(tmp_path, hub_folder, monkeypatch):
     """A scheduler's SIGTERM that lands while torch.save's C++ writer is writing last.pt. It used to cut the write
     short (here last.pt stayed at epoch 0); a train.py so stopped once exited 1 with the writer's own error
-    ("unexpected pos"), its run marked crashed (and probably this was the abort seen once). Now last.pt is finished
-    first, and the run stops as an interrupted one."""
+    ("unexpected pos"), its run marked crashed. Now last.pt is finished first, and the run stops as an interrupted
+    one."""
     real_save = torch.save
 
     class Signalling:  # the file torch.save writes to, which sends SIGTERM from inside the writer's first write
